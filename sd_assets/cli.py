@@ -1,0 +1,96 @@
+"""The ``sd-assets`` command: run the demo grid, and search the image catalog across runs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from sd_assets.domain.errors import SdAssetsError
+
+TABLE_COLUMNS = ("subject", "style", "image_index", "seed", "model_id", "run_id", "path")
+
+
+def _search(args: argparse.Namespace) -> int:
+    from sd_assets.definitions import grid_from_environment
+    from sd_assets.domain.catalog import COLUMNS, read_catalog, search
+    from sd_assets.domain.store import open_store
+
+    _grid, storage = grid_from_environment()
+    found = search(
+        read_catalog(open_store(storage)),
+        subject=args.subject,
+        style=args.style,
+        model_id=args.model,
+        run_id=args.run,
+    )
+    if args.json:
+        records = json.loads(found[COLUMNS].to_json(orient="records"))
+        print(json.dumps(records, indent=1, ensure_ascii=False))
+        return 0
+    if found.empty:
+        print("no images match", file=sys.stderr)
+        return 0
+    table = found[list(TABLE_COLUMNS)].astype(str)
+    table["run_id"] = table["run_id"].str[:8]
+    widths = {c: max(len(c), *(len(v) for v in table[c])) for c in TABLE_COLUMNS if c != "path"}
+    header = "  ".join(c.ljust(widths[c]) for c in TABLE_COLUMNS if c != "path") + "  path"
+    print(header)
+    for _, row in table.iterrows():
+        print("  ".join(row[c].ljust(widths[c]) for c in TABLE_COLUMNS if c != "path") + "  " + row["path"])
+    print(f"{len(found)} images", file=sys.stderr)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import os
+
+    import dagster as dg
+
+    from sd_assets.definitions import GENERATE_JOB, build_definitions, grid_from_environment
+    from sd_assets.domain.gallery import INDEX_KEY
+    from sd_assets.domain.store import open_store
+
+    grid, storage = grid_from_environment()
+    job = build_definitions().resolve_job_def(GENERATE_JOB)
+    styles = args.style or grid.styles
+    for style in styles:
+        grid.require_style(style)
+    instance = dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else dg.DagsterInstance.ephemeral()
+    for style in styles:
+        print(f"materializing {style} ...", flush=True)
+        result = job.execute_in_process(partition_key=style, instance=instance, raise_on_error=False)
+        if not result.success:
+            print(f"run {result.run_id} for {style} failed; see its log in the Dagster UI", file=sys.stderr)
+            return 1
+    print("gallery index:")
+    print(open_store(storage).location(INDEX_KEY))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sd-assets", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    search = commands.add_parser("search", help="find images in the catalog (filters: substring, any case, AND)")
+    search.add_argument("--subject")
+    search.add_argument("--style")
+    search.add_argument("--model", help="model id")
+    search.add_argument("--run", help="run id")
+    search.add_argument("--json", action="store_true", help="print one JSON array of catalog rows")
+    search.set_defaults(handler=_search)
+
+    demo = commands.add_parser("demo", help="materialize the grid's styles and print the gallery index path")
+    demo.add_argument("--style", action="append", help="only this style (repeatable)")
+    demo.set_defaults(handler=_demo)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except SdAssetsError as exc:
+        print(f"sd-assets: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""The one Definitions entry point, and the one place where the environment picks resources.
+
+Environment variables read here and nowhere else:
+- ``SD_ASSETS_GRID``: the grid file (default: ``grid.yaml`` in the current directory).
+- ``SD_ASSETS_STORAGE``: overrides the grid's ``storage`` (a folder or s3://bucket/prefix).
+- ``SD_ASSETS_DEVICE``: 'auto' (default), 'cpu', 'cuda' or 'cuda:<i>'.
+- ``SD_ASSETS_MODEL_CACHE``: node-local folder for model copies (default ~/.cache/sd-assets/models).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import dagster as dg
+
+from sd_assets.defs.assets import build_assets
+from sd_assets.defs.resources import ArtifactStoreResource, GeneratorResource, GridResource
+from sd_assets.domain.grid import GridConfig, load_grid
+
+GENERATE_JOB = "generate_images"
+
+
+def grid_from_environment(environ: Mapping[str, str] | None = None) -> tuple[GridConfig, str]:
+    """The grid named by ``SD_ASSETS_GRID`` and the storage URL in force (``SD_ASSETS_STORAGE`` first)."""
+    environ = os.environ if environ is None else environ
+    grid = load_grid(Path(environ.get("SD_ASSETS_GRID", "grid.yaml")))
+    return grid, environ.get("SD_ASSETS_STORAGE") or grid.storage
+
+
+def build_definitions(environ: Mapping[str, str] | None = None) -> dg.Definitions:
+    """Definitions for the grid named by ``environ`` (default: this process's environment)."""
+    environ = os.environ if environ is None else environ
+    grid, storage = grid_from_environment(environ)
+    grid_path = grid.source
+    styles = dg.StaticPartitionsDefinition(grid.styles)
+    assets = build_assets(styles)
+    generate_job = dg.define_asset_job(
+        GENERATE_JOB,
+        selection=dg.AssetSelection.all(),
+        partitions_def=styles,
+        # One process per run: the model loads once and steps pay no process start-up.
+        executor_def=dg.in_process_executor,
+        description="Make a style's missing images, its gallery pages and catalog rows, and refresh the index.",
+    )
+    generator_config = {"device": environ.get("SD_ASSETS_DEVICE", "auto")}
+    if environ.get("SD_ASSETS_MODEL_CACHE"):
+        generator_config["model_cache_dir"] = environ["SD_ASSETS_MODEL_CACHE"]
+    return dg.Definitions(
+        assets=assets,
+        jobs=[generate_job],
+        resources={
+            "grid": GridResource(path=str(grid_path)),
+            "store": ArtifactStoreResource(url=storage),
+            "generator": GeneratorResource(**generator_config),
+        },
+    )

@@ -1,0 +1,292 @@
+"""The asset graph: grid inputs -> model weights -> prompt grid -> images -> catalog -> galleries.
+
+Each asset takes resources, calls domain functions and reports what it did as metadata.
+"""
+
+
+import base64
+import hashlib
+import io
+import warnings
+
+import dagster as dg
+
+from sd_assets.defs.resources import ArtifactStoreResource, GeneratorResource, GridResource
+from sd_assets.domain import catalog as catalog_lib
+from sd_assets.domain import engine, gallery
+from sd_assets.domain.grid import read_subject_lists, unique_subjects
+from sd_assets.domain.models import ensure_model, local_model_folder, read_model_ref
+from sd_assets.domain.generation import make_style_images
+from sd_assets.domain.pngmeta import image_key_path
+from sd_assets.domain.prompts import (
+    GenerationSettings,
+    PromptRow,
+    build_prompt_rows,
+    grid_key,
+    keys_version,
+    rows_from_json,
+    rows_to_json,
+)
+
+GROUP = "stable_diffusion"
+OWNERS = ["team:sd-assets"]
+
+
+def _grid_inputs_asset():
+    """The observable source asset of the grid file and its subject lists."""
+    # observable_source_asset is marked beta; the project relies on it knowingly.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", dg.BetaWarning)
+
+        @dg.observable_source_asset(
+            group_name=GROUP,
+            description="The grid file and its subject lists; a new version marks the prompt grids stale.",
+        )
+        def grid_inputs(grid: GridResource) -> dg.DataVersion:
+            config = grid.load()
+            digest = hashlib.sha256(config.source.read_bytes())
+            for subject_list in read_subject_lists(config):
+                digest.update(f"{subject_list.name}:{subject_list.sha256}".encode())
+            return dg.DataVersion(digest.hexdigest()[:16])
+
+    return grid_inputs
+
+
+def build_assets(styles: dg.StaticPartitionsDefinition) -> list:
+    """The assets, partitioned by the grid's styles."""
+
+    grid_inputs = _grid_inputs_asset()
+
+    @dg.asset(
+        group_name=GROUP,
+        owners=OWNERS,
+        kinds={"pytorch", "diffusers"},
+        code_version="1",
+        description="The Stable Diffusion pipeline the workers load, cached and verified in the store.",
+    )
+    def model_weights(grid: GridResource, store: ArtifactStoreResource) -> dg.MaterializeResult:
+        config = grid.load()
+        artifact_store = store.open()
+        report = ensure_model(artifact_store, config.model)
+        ref = report.ref
+        return dg.MaterializeResult(
+            metadata={
+                "model_id": ref.model_id,
+                "revision": ref.revision,
+                "scheduler": ref.scheduler,
+                "cache": report.action,
+                "bytes_downloaded": report.bytes_downloaded,
+                "bytes_uploaded": report.bytes_uploaded,
+                "files": ref.file_count,
+                "model_bytes": ref.total_bytes,
+                "seconds": round(report.seconds, 3),
+                "rebuilt_because": "; ".join(report.problems) or "-",
+                "location": artifact_store.location(ref.prefix),
+            },
+            data_version=dg.DataVersion(ref.revision),
+        )
+
+    @dg.asset(
+        partitions_def=styles,
+        deps=[grid_inputs, model_weights],
+        group_name=GROUP,
+        owners=OWNERS,
+        kinds={"python"},
+        code_version="1",
+        description="One row per (subject, image) of a style: prompt, per-image seed and content key.",
+    )
+    def prompt_grid(
+        context: dg.AssetExecutionContext, grid: GridResource, store: ArtifactStoreResource
+    ) -> dg.MaterializeResult:
+        config = grid.load()
+        style = config.require_style(context.partition_key)
+        artifact_store = store.open()
+        lists = read_subject_lists(config)
+        subjects = unique_subjects(lists)
+        ref = read_model_ref(artifact_store, config.model)
+        settings = GenerationSettings.from_grid(config, ref.revision, config.inference.scheduler or ref.scheduler)
+        rows = build_prompt_rows(config, style, subjects, settings)
+        artifact_store.write_text(grid_key(style), rows_to_json(rows))
+        preview = "\n".join(f"| {r.subject} | {r.image_index} | {r.seed} | `{r.key[:12]}` |" for r in rows[:10])
+        return dg.MaterializeResult(
+            metadata={
+                "rows": len(rows),
+                "subjects": len(subjects),
+                "subject_lists": ", ".join(sl.name for sl in lists),
+                "model_revision": ref.revision,
+                "preview": dg.MetadataValue.md("| subject | image | seed | key |\n|---|---|---|---|\n" + preview),
+            },
+            data_version=dg.DataVersion(keys_version([r.key for r in rows])),
+        )
+
+    @dg.asset(
+        partitions_def=styles,
+        deps=[prompt_grid],
+        group_name=GROUP,
+        owners=OWNERS,
+        kinds={"pytorch", "diffusers", "png"},
+        code_version="1",
+        pool="gpu",
+        description="The PNGs of a style, named by content key; images that exist are never made again.",
+    )
+    def style_images(
+        context: dg.AssetExecutionContext,
+        grid: GridResource,
+        store: ArtifactStoreResource,
+        generator: GeneratorResource,
+    ) -> dg.MaterializeResult:
+        config = grid.load()
+        style = config.require_style(context.partition_key)
+        artifact_store = store.open()
+        rows = rows_from_json(artifact_store.read_text(grid_key(style)))
+        present = artifact_store.existing([image_key_path(r.key) for r in rows])
+        missing = [r for r in rows if image_key_path(r.key) not in present]
+        metadata: dict = {"images": len(rows), "skipped": len(rows) - len(missing), "generated": 0}
+        if missing:
+            metadata.update(_generate(context, config, style, missing, artifact_store, generator))
+        else:
+            context.log.info(f"{style}: all {len(rows)} images exist; nothing to generate, no model loaded")
+        return dg.MaterializeResult(
+            metadata=metadata, data_version=dg.DataVersion(keys_version([r.key for r in rows]))
+        )
+
+    @dg.asset(
+        partitions_def=styles,
+        deps=[style_images],
+        group_name=GROUP,
+        owners=OWNERS,
+        kinds={"parquet"},
+        code_version="1",
+        description="Parquet catalog of every image of a style ever made, with full provenance.",
+    )
+    def image_catalog(
+        context: dg.AssetExecutionContext, grid: GridResource, store: ArtifactStoreResource
+    ) -> dg.MaterializeResult:
+        style = grid.load().require_style(context.partition_key)
+        artifact_store = store.open()
+        rows = rows_from_json(artifact_store.read_text(grid_key(style)))
+        merged, report = catalog_lib.merge_catalog(artifact_store, style, rows)
+        current = merged[merged["key"].isin({r.key for r in rows})]
+        return dg.MaterializeResult(
+            metadata={
+                "rows": report.rows,
+                "rows_of_current_grid": len(current),
+                "added": report.added_from_records,
+                "recovered_from_png": report.recovered_from_png,
+                "runs": merged["run_id"].nunique(),
+                "path": dg.MetadataValue.path(artifact_store.location(catalog_lib.catalog_key(style))),
+            },
+            data_version=dg.DataVersion(keys_version(list(merged["key"]))),
+        )
+
+    @dg.asset(
+        partitions_def=styles,
+        deps=[image_catalog],
+        group_name=GROUP,
+        owners=OWNERS,
+        kinds={"html"},
+        code_version="1",
+        description="Gallery pages of a style: N images a page, prompt and seed under each.",
+    )
+    def style_gallery(
+        context: dg.AssetExecutionContext, grid: GridResource, store: ArtifactStoreResource
+    ) -> dg.MaterializeResult:
+        style = grid.load().require_style(context.partition_key)
+        artifact_store = store.open()
+        rows = rows_from_json(artifact_store.read_text(grid_key(style)))
+        present = set(catalog_lib.read_style_catalog(artifact_store, style)["key"])
+        keys = gallery.render_style_pages(artifact_store, style, rows, present)
+        return dg.MaterializeResult(
+            metadata={
+                "pages": len(keys),
+                "images_shown": sum(1 for r in rows if r.key in present),
+                "first_page": dg.MetadataValue.path(artifact_store.location(keys[0])),
+            }
+        )
+
+    @dg.asset(
+        deps=[style_gallery],
+        group_name=GROUP,
+        owners=OWNERS,
+        kinds={"html"},
+        code_version="1",
+        description="The gallery's entry point: every style with its counts, and a subject x style contact sheet.",
+    )
+    def gallery_index(grid: GridResource, store: ArtifactStoreResource) -> dg.MaterializeResult:
+        config = grid.load()
+        artifact_store = store.open()
+        rows_by_style: dict[str, list[PromptRow]] = {}
+        for style in config.styles:
+            if artifact_store.exists(grid_key(style)):
+                rows_by_style[style] = rows_from_json(artifact_store.read_text(grid_key(style)))
+        present = set(catalog_lib.read_catalog(artifact_store)["key"])
+        summaries = [
+            gallery.StyleSummary(style, len(rows), sum(1 for r in rows if r.key in present))
+            for style, rows in rows_by_style.items()
+        ]
+        key = gallery.render_index(artifact_store, summaries, rows_by_style, present)
+        return dg.MaterializeResult(
+            metadata={
+                "styles": len(summaries),
+                "images": sum(s.present for s in summaries),
+                "index": dg.MetadataValue.path(artifact_store.location(key)),
+            }
+        )
+
+    return [grid_inputs, model_weights, prompt_grid, style_images, image_catalog, style_gallery, gallery_index]
+
+
+def _generate(
+    context: dg.AssetExecutionContext,
+    config,
+    style: str,
+    missing: list[PromptRow],
+    artifact_store,
+    generator: GeneratorResource,
+) -> dict:
+    """Make the missing images of one style; returns the materialization metadata."""
+    ref = read_model_ref(artifact_store, config.model)
+    inference = config.inference
+    settings = GenerationSettings.from_grid(config, ref.revision, inference.scheduler or ref.scheduler)
+    copy = local_model_folder(artifact_store, ref, generator.model_cache_dir)
+    device = engine.pick_device(generator.device)
+    dtype = engine.pick_dtype(device, inference.dtype)
+    loaded = engine.load_pipeline(
+        copy.folder, device, dtype, inference.scheduler, inference.compile, inference.safety_checker
+    )
+    if inference.batch_size == "auto":
+        batch_size = engine.auto_batch_size(loaded, settings, generator.batch_memory_file, len(missing))
+    else:
+        batch_size = inference.batch_size
+    context.log.info(
+        f"{style}: {len(missing)} images to make on {device} ({dtype}), batch size {batch_size}, "
+        f"model {ref.model_id}@{ref.revision[:10]}"
+    )
+
+    report = make_style_images(
+        artifact_store, loaded, ref, settings, missing,
+        style=style, partition=context.partition_key, run_id=context.run.run_id, batch_size=batch_size,
+        writer_threads=generator.writer_threads, max_pending=generator.max_pending_images, log=context.log.info,
+    )  # fmt: skip
+    return {
+        "generated": report.generated,
+        "images_per_minute": round(report.images_per_minute, 1),
+        "device": device,
+        "dtype": dtype,
+        "batch_size": batch_size,
+        "model_revision": ref.revision,
+        "model_bytes_copied": copy.bytes_copied,
+        "model_load_seconds": round(loaded.load_seconds, 3),
+        "first_batch_seconds": round(report.first_batch_seconds, 3),
+        "writer_peak_pending": report.writer_peak_pending,
+        "previews": dg.MetadataValue.md("\n".join(_thumbnail_markdown(image, row) for row, image in report.previews)),
+    }
+
+
+def _thumbnail_markdown(image, row: PromptRow) -> str:
+    thumbnail = image.copy()
+    thumbnail.thumbnail((96, 96))
+    buffer = io.BytesIO()
+    thumbnail.save(buffer, format="PNG")
+    data = base64.b64encode(buffer.getvalue()).decode()
+    return f"![{row.subject} #{row.image_index + 1}](data:image/png;base64,{data})"

@@ -1,0 +1,1 @@
+"""Domain code: plain Python (no Dagster) for grids, keys, images, stores, galleries and catalogs."""

@@ -1,0 +1,288 @@
+"""The generation engine: a loaded pipeline turning prompt rows into pixels, batch after batch.
+
+Owns device and dtype choice, loading a pipeline once per process, the batch size (given, or
+``auto``: the largest that fits, found once and remembered), one ``torch.Generator`` per image
+(so an image's pixels do not depend on the batch it landed in), and handing finished pixels to a
+bounded background pool that encodes and stores them while the GPU works on the next batch.
+
+torch and diffusers are imported inside functions: a run with nothing to generate never pays
+for them.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sd_assets.domain.errors import ModelError, SdAssetsError
+from sd_assets.domain.prompts import GenerationSettings, PromptRow
+
+_DTYPES = {"float16": "float16", "bfloat16": "bfloat16", "float32": "float32"}
+
+
+def pick_device(requested: str = "auto") -> str:
+    """'auto' -> 'cuda' when a CUDA GPU is visible, else 'cpu'; explicit names pass through."""
+    import torch
+
+    if requested != "auto":
+        if requested.startswith("cuda") and not torch.cuda.is_available():
+            raise SdAssetsError(f"device {requested!r} asked for, but no CUDA GPU is visible to this process")
+        return requested
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def pick_dtype(device: str, requested: str = "auto") -> str:
+    """fp16 on GPUs, fp32 on CPU (half precision is slower there), unless asked otherwise."""
+    if requested != "auto":
+        return _DTYPES[requested]
+    return "float32" if device == "cpu" else "float16"
+
+
+@dataclass
+class LoadedPipeline:
+    """A pipeline on its device, with what it took to get it there."""
+
+    pipeline: Any
+    folder: Path
+    device: str
+    dtype: str
+    scheduler: str
+    compiled: bool
+    load_seconds: float
+    compile_seconds: float | None = None
+    warmed_shapes: set = field(default_factory=set)
+
+
+_PIPELINES: dict[tuple, LoadedPipeline] = {}
+_PIPELINES_LOCK = threading.Lock()
+
+
+def load_pipeline(
+    folder: Path,
+    device: str,
+    dtype: str,
+    scheduler: str | None = None,
+    compile_unet: bool = False,
+    safety_checker: bool = False,
+) -> LoadedPipeline:
+    """Load a diffusers Stable Diffusion folder once per process and configure it for speed.
+
+    Args:
+        folder: a diffusers-format pipeline folder (``model_index.json`` at its root).
+        device: 'cpu', 'cuda' or 'cuda:<i>'.
+        dtype: 'float32', 'float16' or 'bfloat16'.
+        scheduler: a diffusers scheduler class name to use instead of the model's own.
+        compile_unet: wrap the UNet in ``torch.compile`` (first batch of each shape compiles).
+        safety_checker: keep the model's safety checker (off unless asked: it costs a CLIP pass).
+    """
+    cache_key = (str(folder), device, dtype, scheduler, compile_unet, safety_checker)
+    with _PIPELINES_LOCK:
+        if cache_key in _PIPELINES:
+            return _PIPELINES[cache_key]
+        start = time.perf_counter()
+        import diffusers
+        import torch
+
+        kwargs: dict[str, Any] = {"torch_dtype": getattr(torch, dtype)}
+        if not safety_checker:
+            kwargs.update(safety_checker=None, requires_safety_checker=False)
+        try:
+            pipeline = diffusers.StableDiffusionPipeline.from_pretrained(str(folder), **kwargs)
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"cannot load a Stable Diffusion pipeline from {folder}: {exc}") from exc
+        if scheduler:
+            scheduler_class = getattr(diffusers, scheduler, None)
+            if scheduler_class is None or not issubclass(scheduler_class, diffusers.SchedulerMixin):
+                raise ModelError(f"inference.scheduler {scheduler!r} is not a diffusers scheduler class")
+            pipeline.scheduler = scheduler_class.from_config(pipeline.scheduler.config)
+        pipeline.set_progress_bar_config(disable=True)
+        pipeline = pipeline.to(device)
+        if device != "cpu":
+            pipeline.unet.to(memory_format=torch.channels_last)
+            pipeline.vae.to(memory_format=torch.channels_last)
+        if compile_unet:
+            pipeline.unet = torch.compile(pipeline.unet, fullgraph=True)
+        loaded = LoadedPipeline(
+            pipeline=pipeline,
+            folder=Path(folder),
+            device=device,
+            dtype=dtype,
+            scheduler=type(pipeline.scheduler).__name__,
+            compiled=compile_unet,
+            load_seconds=time.perf_counter() - start,
+        )
+        _PIPELINES[cache_key] = loaded
+        return loaded
+
+
+def render_batch(loaded: LoadedPipeline, rows: Sequence[PromptRow], settings: GenerationSettings):
+    """Generate one batch; returns uint8 pixels, shape (len(rows), height, width, 3), on the CPU.
+
+    Each image gets its own generator seeded with its row's seed, so its starting noise, and on
+    CPU its pixels, are the same whichever batch it is in.
+    """
+    import torch
+
+    generator_device = "cpu" if loaded.device == "cpu" else loaded.device
+    generators = [torch.Generator(device=generator_device).manual_seed(row.seed) for row in rows]
+    with torch.inference_mode():
+        output = loaded.pipeline(
+            prompt=[row.prompt for row in rows],
+            negative_prompt=[row.negative_prompt for row in rows] if settings.guidance_scale > 1 else None,
+            num_inference_steps=settings.steps,
+            guidance_scale=settings.guidance_scale,
+            width=settings.width,
+            height=settings.height,
+            generator=generators,
+            output_type="pt",
+        )
+        # Quantise on the device: one small uint8 copy per batch crosses to the host.
+        pixels = (output.images * 255).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+        return pixels.cpu().numpy()
+
+
+class BoundedWriter:
+    """A thread pool whose queue holds at most ``max_pending`` tasks: submit blocks past that.
+
+    Encoding PNGs and uploading them overlaps the next batch on the GPU, while memory stays flat
+    however far generation runs ahead.
+    """
+
+    def __init__(self, workers: int = 4, max_pending: int = 64):
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sd-assets-writer")
+        self._slots = threading.BoundedSemaphore(max_pending)
+        self._futures: list[Future] = []
+        self.max_pending = max_pending
+        self.peak_pending = 0
+        self._pending = 0
+        self._lock = threading.Lock()
+
+    def submit(self, function: Callable[..., Any], *args: Any) -> None:
+        self._slots.acquire()
+        with self._lock:
+            self._pending += 1
+            self.peak_pending = max(self.peak_pending, self._pending)
+        future = self._pool.submit(function, *args)
+        future.add_done_callback(self._release)
+        self._futures = [f for f in self._futures if not f.done() or f.exception() is not None]
+        self._futures.append(future)
+
+    def _release(self, _future: Future) -> None:
+        with self._lock:
+            self._pending -= 1
+        self._slots.release()
+
+    def raise_first_error(self) -> None:
+        for future in self._futures:
+            if future.done() and future.exception() is not None:
+                raise future.exception()
+
+    def close(self) -> None:
+        """Wait for every task; re-raise the first task error."""
+        self._pool.shutdown(wait=True)
+        self.raise_first_error()
+
+    def __enter__(self) -> BoundedWriter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+@dataclass
+class GenerationStats:
+    generated: int = 0
+    seconds: float = 0.0
+    first_batch_seconds: float | None = None
+    batch_size: int = 0
+
+    @property
+    def images_per_second(self) -> float:
+        return self.generated / self.seconds if self.seconds > 0 else 0.0
+
+
+def generate(
+    loaded: LoadedPipeline,
+    rows: Sequence[PromptRow],
+    settings: GenerationSettings,
+    batch_size: int,
+    on_image: Callable[[PromptRow, Any], None],
+    writer: BoundedWriter,
+    on_progress: Callable[[int, int, float], None] | None = None,
+) -> GenerationStats:
+    """Render ``rows`` in batches; each image's pixels go to ``on_image`` on the writer's pool.
+
+    ``on_progress(done, total, elapsed_seconds)`` is called after each batch.
+    """
+    stats = GenerationStats(batch_size=batch_size)
+    start = time.perf_counter()
+    for offset in range(0, len(rows), batch_size):
+        batch = rows[offset : offset + batch_size]
+        batch_start = time.perf_counter()
+        pixels = render_batch(loaded, batch, settings)
+        if stats.first_batch_seconds is None:
+            stats.first_batch_seconds = time.perf_counter() - batch_start
+        for row, image in zip(batch, pixels):
+            writer.submit(on_image, row, image)
+        writer.raise_first_error()
+        stats.generated += len(batch)
+        if on_progress is not None:
+            on_progress(stats.generated, len(rows), time.perf_counter() - start)
+    stats.seconds = time.perf_counter() - start
+    return stats
+
+
+AUTO_BATCH_CANDIDATES = (1, 2, 4, 8, 16, 32, 64)
+
+
+def auto_batch_size(
+    loaded: LoadedPipeline, settings: GenerationSettings, memory_file: Path | None = None, pending: int = 0
+) -> int:
+    """The batch size to use when the grid says ``auto``; remembered per model, size and device.
+
+    CPU: 1 (batching does not speed up a 2-core CPU; it only delays the first image). GPU: the
+    largest candidate whose estimated peak memory fits in 85% of the free memory, estimated
+    from the peak of one batch-1 and one batch-2 step, capped by ``pending`` images when given.
+    """
+    if loaded.device == "cpu":
+        return 1
+    import torch
+
+    remembered_key = f"{loaded.folder.name}|{loaded.device}|{loaded.dtype}|{settings.width}x{settings.height}"
+    remembered: dict = {}
+    if memory_file is not None and memory_file.is_file():
+        try:
+            remembered = json.loads(memory_file.read_text())
+        except ValueError:
+            remembered = {}
+    if remembered_key in remembered:
+        size = int(remembered[remembered_key])
+    else:
+        probe = GenerationSettings(**{**settings.__dict__, "steps": 1})
+        row = PromptRow("probe", "probe", 0, "probe", "", 0, "probe")
+        peaks = []
+        for count in (1, 2):
+            torch.cuda.synchronize(loaded.device)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(loaded.device)
+            base = torch.cuda.memory_allocated(loaded.device)
+            render_batch(loaded, [row] * count, probe)
+            peaks.append(torch.cuda.max_memory_allocated(loaded.device) - base)
+        per_image = max(peaks[1] - peaks[0], 1)
+        fixed = max(peaks[0] - per_image, 0)
+        free, _total = torch.cuda.mem_get_info(loaded.device)
+        budget = free * 0.85 - fixed
+        size = max([c for c in AUTO_BATCH_CANDIDATES if c * per_image <= budget] or [1])
+        if memory_file is not None:
+            remembered[remembered_key] = size
+            memory_file.parent.mkdir(parents=True, exist_ok=True)
+            memory_file.write_text(json.dumps(remembered, indent=1, sort_keys=True))
+    if pending:
+        size = min(size, max(1, pending))
+    return size

@@ -1,0 +1,17 @@
+"""The one exception type users see for mistakes they can fix (bad grid, unknown style, missing model)."""
+
+
+class SdAssetsError(Exception):
+    """A problem the user can act on; the message says what is wrong and what to do."""
+
+
+class GridError(SdAssetsError):
+    """The grid file or a subject list is invalid."""
+
+
+class ModelError(SdAssetsError):
+    """The model cannot be resolved, downloaded, verified or loaded."""
+
+
+class StoreError(SdAssetsError):
+    """The artifact store cannot be read or written."""

@@ -1,0 +1,122 @@
+"""Making a style's missing images: render, encode, store, record, report progress.
+
+Owns the loop a worker runs for one style partition: batches go through the engine, each image
+is encoded as a PNG with its provenance and written to the store on the background pool, and
+catalog records are flushed every few dozen images so a crash loses no provenance (what was not
+flushed is recovered from the PNGs themselves).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+from sd_assets.domain import catalog
+from sd_assets.domain.engine import BoundedWriter, LoadedPipeline, generate
+from sd_assets.domain.models import ModelRef
+from sd_assets.domain.pngmeta import Provenance, encode_png, image_key_path
+from sd_assets.domain.prompts import GenerationSettings, PromptRow
+from sd_assets.domain.store import ArtifactStore
+
+PROGRESS_EVERY_SECONDS = 5.0
+RECORD_FLUSH_EVERY = 64
+PREVIEW_COUNT = 4
+
+
+@dataclass
+class StyleRunReport:
+    """What one pass over a style's missing images did."""
+
+    generated: int
+    seconds: float
+    batch_size: int
+    first_batch_seconds: float
+    writer_peak_pending: int
+    previews: list = field(default_factory=list)
+
+    @property
+    def images_per_minute(self) -> float:
+        return 60 * self.generated / self.seconds if self.seconds > 0 else 0.0
+
+
+def make_style_images(
+    store: ArtifactStore,
+    loaded: LoadedPipeline,
+    ref: ModelRef,
+    settings: GenerationSettings,
+    rows: Sequence[PromptRow],
+    *,
+    style: str,
+    partition: str,
+    run_id: str,
+    batch_size: int,
+    writer_threads: int = 4,
+    max_pending: int = 64,
+    log: Callable[[str], None] = lambda message: None,
+) -> StyleRunReport:
+    """Render ``rows``, write each PNG under its content key, and leave catalog records behind.
+
+    ``log`` receives a progress line (done/total, images/s, time left) every few seconds.
+    """
+    records: list[dict] = []
+    previews: list = []
+    lock = threading.Lock()
+    flushed = 0
+
+    def write_image(row: PromptRow, pixels) -> None:
+        from PIL import Image
+
+        image = Image.fromarray(pixels)
+        provenance = Provenance(
+            key=row.key, subject=row.subject, style=style, image_index=row.image_index, prompt=row.prompt,
+            negative_prompt=row.negative_prompt, seed=row.seed, model_id=ref.model_id,
+            model_revision=ref.revision, scheduler=loaded.scheduler, steps=settings.steps,
+            guidance_scale=settings.guidance_scale, width=settings.width, height=settings.height,
+            run_id=run_id, partition=partition,
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"), device=loaded.device,
+            dtype=loaded.dtype,
+        )  # fmt: skip
+        key = image_key_path(row.key)
+        store.write_bytes(key, encode_png(image, provenance))
+        with lock:
+            records.append(catalog.catalog_record(provenance, store.location(key)))
+            if len(previews) < PREVIEW_COUNT:
+                previews.append((row, image))
+
+    def flush(force: bool = False) -> None:
+        nonlocal flushed
+        with lock:
+            batch = records[flushed:] if force or len(records) - flushed >= RECORD_FLUSH_EVERY else []
+            flushed += len(batch)
+        if batch:
+            catalog.write_pending(store, style, f"{run_id}-{flushed:06d}", batch)
+
+    last_report = 0.0
+
+    def progress(done: int, total: int, elapsed: float) -> None:
+        nonlocal last_report
+        flush()
+        if elapsed - last_report >= PROGRESS_EVERY_SECONDS or done == total:
+            last_report = elapsed
+            rate = done / elapsed if elapsed > 0 else 0.0
+            left = (total - done) / rate if rate > 0 else 0.0
+            log(f"{style}: {done}/{total} images, {rate:.2f} images/s, about {left:.0f} s left")
+
+    writer = BoundedWriter(writer_threads, max_pending)
+    start = time.perf_counter()
+    try:
+        stats = generate(loaded, rows, settings, batch_size, write_image, writer, progress)
+    finally:
+        writer.close()
+        flush(force=True)
+    return StyleRunReport(
+        generated=stats.generated,
+        seconds=time.perf_counter() - start,
+        batch_size=batch_size,
+        first_batch_seconds=stats.first_batch_seconds or 0.0,
+        writer_peak_pending=writer.peak_pending,
+        previews=previews,
+    )

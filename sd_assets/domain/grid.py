@@ -1,0 +1,238 @@
+"""The grid file: what to generate (styles x subjects x images), with which model and settings.
+
+Owns parsing and validating ``grid.yaml`` once, at the edge, and reading the subject lists it
+points to. Every error names the file, the field and the bad value.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import string
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal
+
+import pydantic
+import yaml
+
+from sd_assets.domain.errors import GridError
+
+# Style names become Dagster partition keys, URL segments and file names (through their slug);
+# letters, digits, spaces and a little punctuation are safe in all three.
+_STYLE_PATTERN = re.compile(r"^[^\W_](?:[\w .'&+-]*[\w.'&+-])?$")
+MAX_STYLE_LENGTH = 64
+MAX_SUBJECT_LENGTH = 500
+TINY_MODEL_ID = "tiny-random"
+
+
+def slugify(name: str) -> str:
+    """Lower-case, ASCII-friendly file name for a style: 'Jean-Michel Basquiat' -> 'jean-michel-basquiat'."""
+    slug = re.sub(r"[^\w]+", "-", name.lower(), flags=re.UNICODE).strip("-")
+    return slug
+
+
+class _Strict(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Strict):
+    id: Annotated[str, pydantic.StringConstraints(min_length=1, strip_whitespace=True)]
+    revision: Annotated[str, pydantic.StringConstraints(min_length=1, strip_whitespace=True)] = "main"
+    variant: Literal["fp16", "auto", "none"] = "auto"
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.id == TINY_MODEL_ID
+
+
+class InferenceConfig(_Strict):
+    steps: Annotated[int, pydantic.Field(ge=1, le=1000)] = 50
+    guidance_scale: Annotated[float, pydantic.Field(ge=0.0, le=50.0)] = 7.5
+    width: Annotated[int, pydantic.Field(ge=8, le=4096, multiple_of=8)] = 512
+    height: Annotated[int, pydantic.Field(ge=8, le=4096, multiple_of=8)] = 512
+    negative_prompt: str = ""
+    batch_size: int | Literal["auto"] = "auto"
+    scheduler: str | None = None
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
+    compile: bool = False
+    safety_checker: bool = False
+
+    @pydantic.field_validator("batch_size")
+    @classmethod
+    def _positive_batch(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and not 1 <= value <= 256:
+            raise ValueError("must be 'auto' or an integer from 1 to 256")
+        return value
+
+
+class GridConfig(_Strict):
+    styles: list[str]
+    subjects_dir: Path
+    prompt_template: str = "{subject} by {style}"
+    images_per_prompt: Annotated[int, pydantic.Field(ge=1, le=1000)] = 1
+    seed: Annotated[int, pydantic.Field(ge=0, le=2**63 - 1)] = 0
+    model: ModelConfig
+    inference: InferenceConfig = InferenceConfig()
+    storage: str = "data"
+    max_subjects_per_list: Annotated[int, pydantic.Field(ge=1)] = 10_000
+    source: Path | None = pydantic.Field(default=None, exclude=True)
+
+    @pydantic.field_validator("styles")
+    @classmethod
+    def _valid_styles(cls, styles: list[str]) -> list[str]:
+        if not styles:
+            raise ValueError("needs at least one style")
+        seen: dict[str, str] = {}
+        for style in styles:
+            if len(style) > MAX_STYLE_LENGTH:
+                raise ValueError(f"style {style!r} is longer than {MAX_STYLE_LENGTH} characters")
+            if not _STYLE_PATTERN.match(style):
+                raise ValueError(
+                    f"style {style!r} may hold only letters, digits, spaces and . ' & + - "
+                    "(it becomes a partition key and a file name), and must start and end "
+                    "with a letter, digit or punctuation mark other than a space"
+                )
+            slug = slugify(style)
+            if slug in seen:
+                raise ValueError(f"style {style!r} duplicates {seen[slug]!r} (both file as {slug!r})")
+            seen[slug] = style
+        return styles
+
+    @pydantic.field_validator("prompt_template")
+    @classmethod
+    def _valid_template(cls, template: str) -> str:
+        try:
+            fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+        except ValueError as exc:
+            raise ValueError(f"{template!r} is not a valid template: {exc}") from None
+        unknown = fields - {"subject", "style"}
+        if unknown:
+            raise ValueError(f"{template!r} uses unknown fields {sorted(unknown)}; use {{subject}} and {{style}}")
+        if "subject" not in fields:
+            raise ValueError(f"{template!r} must contain {{subject}}")
+        return template
+
+    @pydantic.field_validator("storage")
+    @classmethod
+    def _valid_storage(cls, storage: str) -> str:
+        if not storage.strip():
+            raise ValueError("must be a folder or s3://bucket/prefix")
+        return storage.strip()
+
+    def prompt(self, subject: str, style: str) -> str:
+        return self.prompt_template.format(subject=subject, style=style)
+
+    def style_for_slug(self) -> dict[str, str]:
+        return {slugify(style): style for style in self.styles}
+
+    def require_style(self, style: str) -> str:
+        if style not in self.styles:
+            raise GridError(f"unknown style {style!r}; the grid {self.source} has {self.styles}")
+        return style
+
+
+def _describe_location(loc: tuple) -> str:
+    return ".".join(str(part) for part in loc) or "(top level)"
+
+
+def load_grid(path: str | Path) -> GridConfig:
+    """Read and validate a grid file; relative paths inside it are relative to the file.
+
+    Raises:
+        GridError: naming the file, the field and the bad value.
+    """
+    path = Path(path).expanduser().resolve()
+    if not path.is_file():
+        raise GridError(f"grid file {path} does not exist (set SD_ASSETS_GRID to a grid.yaml)")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise GridError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise GridError(f"{path}: expected a mapping of fields at the top level, got {type(raw).__name__}")
+    try:
+        grid = GridConfig.model_validate(raw)
+    except pydantic.ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            field = _describe_location(error["loc"])
+            if error["type"] == "extra_forbidden":
+                problems.append(f"{path}: unknown field '{field}'")
+            elif error["type"] == "missing":
+                problems.append(f"{path}: missing field '{field}'")
+            else:
+                message = error["msg"].removeprefix("Value error, ")
+                problems.append(f"{path}: field '{field}' = {error.get('input')!r}: {message}")
+        raise GridError("\n".join(problems)) from None
+    subjects_dir = grid.subjects_dir if grid.subjects_dir.is_absolute() else path.parent / grid.subjects_dir
+    storage = grid.storage
+    if "://" not in storage and not Path(storage).is_absolute():
+        storage = str(path.parent / storage)
+    return grid.model_copy(update={"subjects_dir": subjects_dir.resolve(), "storage": storage, "source": path})
+
+
+@dataclass(frozen=True)
+class SubjectList:
+    """One subject list file: its name, content hash and subjects in file order."""
+
+    name: str
+    sha256: str
+    subjects: tuple[str, ...]
+
+
+def parse_subject_list(name: str, data: bytes, max_subjects: int = 10_000) -> SubjectList:
+    """Parse one list: one subject per line, blank lines and '#' comments ignored.
+
+    Raises:
+        GridError: binary or non-UTF-8 content, no subjects, a line over MAX_SUBJECT_LENGTH
+            characters, or more than ``max_subjects`` subjects.
+    """
+    if b"\0" in data:
+        raise GridError(f"subject list {name}: binary content (a NUL byte); expected UTF-8 text")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise GridError(f"subject list {name}: not UTF-8 text (byte {exc.start}): {exc.reason}") from None
+    subjects: list[str] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        subject = line.strip()
+        if not subject or subject.startswith("#"):
+            continue
+        if len(subject) > MAX_SUBJECT_LENGTH:
+            raise GridError(
+                f"subject list {name}, line {number}: {len(subject)} characters, "
+                f"more than the {MAX_SUBJECT_LENGTH} a subject may have"
+            )
+        subjects.append(subject)
+    if not subjects:
+        raise GridError(f"subject list {name}: no subjects (only blank lines or '#' comments)")
+    if len(subjects) > max_subjects:
+        raise GridError(
+            f"subject list {name}: {len(subjects)} subjects, more than max_subjects_per_list={max_subjects}"
+        )
+    return SubjectList(name=name, sha256=hashlib.sha256(data).hexdigest(), subjects=tuple(subjects))
+
+
+def read_subject_lists(grid: GridConfig) -> list[SubjectList]:
+    """Read every ``*.txt`` list in the grid's subjects folder, sorted by file name.
+
+    Raises:
+        GridError: the folder is missing or holds no lists, or a list is malformed.
+    """
+    folder = grid.subjects_dir
+    if not folder.is_dir():
+        raise GridError(f"{grid.source}: field 'subjects_dir' = {str(folder)!r}: folder does not exist")
+    files = sorted(p for p in folder.glob("*.txt") if p.is_file())
+    if not files:
+        raise GridError(f"{grid.source}: field 'subjects_dir' = {str(folder)!r}: no *.txt subject lists in it")
+    return [parse_subject_list(p.name, p.read_bytes(), grid.max_subjects_per_list) for p in files]
+
+
+def unique_subjects(lists: list[SubjectList]) -> list[str]:
+    """Subjects of all lists, first occurrence wins, so a subject in two lists is generated once."""
+    seen: dict[str, None] = {}
+    for subject_list in lists:
+        for subject in subject_list.subjects:
+            seen.setdefault(subject, None)
+    return list(seen)

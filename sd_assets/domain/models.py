@@ -1,0 +1,252 @@
+"""The model-weights cache in the artifact store, and the node-local copy workers load.
+
+Owns the layout ``models/<id>/<revision>/`` (diffusers format) with a ``manifest.json`` written
+last (path, bytes and sha256 of each file), a ``models/<id>/refs/<name>`` pointer from a revision
+name to the resolved revision, and verification: a cache whose manifest is missing or does not
+match its files is treated as absent, never loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from sd_assets.domain.errors import ModelError
+from sd_assets.domain.grid import ModelConfig
+from sd_assets.domain.store import ArtifactStore
+
+MANIFEST = "manifest.json"
+_CHUNK = 8 * 1024 * 1024
+
+
+def model_dir_name(model_id: str) -> str:
+    """'org/name' -> 'org--name', as the Hugging Face cache names repos."""
+    return model_id.replace("/", "--")
+
+
+def model_prefix(model_id: str, revision: str) -> str:
+    return f"models/{model_dir_name(model_id)}/{revision}/"
+
+
+def ref_key(model_id: str, revision_name: str) -> str:
+    return f"models/{model_dir_name(model_id)}/refs/{revision_name}"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A verified model in the store: id, resolved revision and default scheduler."""
+
+    model_id: str
+    revision: str
+    scheduler: str
+    total_bytes: int
+    file_count: int
+
+    @property
+    def prefix(self) -> str:
+        return model_prefix(self.model_id, self.revision)
+
+    @property
+    def short_hash(self) -> str:
+        """The 10-hex 'Model hash' that Stable Diffusion tools show."""
+        return self.revision[:10]
+
+
+def build_manifest(folder: Path, model_id: str, revision: str) -> dict:
+    files = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        relative = path.relative_to(folder).as_posix()
+        if relative == MANIFEST:
+            continue
+        files.append({"path": relative, "bytes": path.stat().st_size, "sha256": sha256_file(path)})
+    if not any(f["path"] == "model_index.json" for f in files):
+        raise ModelError(f"model {model_id}@{revision}: no model_index.json; not a diffusers pipeline folder")
+    scheduler = json.loads((folder / "model_index.json").read_text())["scheduler"][1]
+    return {"model_id": model_id, "revision": revision, "scheduler": scheduler, "files": files}
+
+
+def _ref_from_manifest(manifest: dict) -> ModelRef:
+    return ModelRef(
+        model_id=manifest["model_id"],
+        revision=manifest["revision"],
+        scheduler=manifest["scheduler"],
+        total_bytes=sum(f["bytes"] for f in manifest["files"]),
+        file_count=len(manifest["files"]),
+    )
+
+
+def read_manifest(store: ArtifactStore, model_id: str, revision: str) -> dict | None:
+    key = model_prefix(model_id, revision) + MANIFEST
+    if not store.exists(key):
+        return None
+    try:
+        manifest = json.loads(store.read_bytes(key))
+        manifest["files"]  # noqa: B018 - a manifest without a file list is corrupt
+        return manifest
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def verify_in_store(store: ArtifactStore, manifest: dict) -> list[str]:
+    """Problems with the store's copy of a model (missing, resized or altered files); [] if sound."""
+    prefix = model_prefix(manifest["model_id"], manifest["revision"])
+    problems = []
+    for entry in manifest["files"]:
+        key = prefix + entry["path"]
+        if not store.exists(key):
+            problems.append(f"{entry['path']}: missing")
+            continue
+        if store.size(key) != entry["bytes"]:
+            problems.append(f"{entry['path']}: {store.size(key)} bytes, manifest says {entry['bytes']}")
+            continue
+        local = store.local_path(key)
+        if local is not None:
+            actual = sha256_file(local)
+        else:
+            actual = hashlib.sha256(store.read_bytes(key)).hexdigest()
+        if actual != entry["sha256"]:
+            problems.append(f"{entry['path']}: sha256 {actual[:12]}..., manifest says {entry['sha256'][:12]}...")
+    return problems
+
+
+@dataclass(frozen=True)
+class CacheReport:
+    """What ``ensure_model`` did: whether it found a sound cache, and the bytes it moved."""
+
+    ref: ModelRef
+    action: str  # "cached", "built" or "downloaded"
+    bytes_downloaded: int
+    bytes_uploaded: int
+    seconds: float
+    problems: tuple[str, ...] = ()
+
+
+def resolve_revision(model: ModelConfig) -> str:
+    """The immutable revision a revision name points to (a commit sha for hub models)."""
+    if model.is_tiny:
+        if model.revision != "main":
+            raise ModelError(f"model tiny-random has only the revision 'main', not {model.revision!r}")
+        from sd_assets.domain.tiny_model import tiny_revision
+
+        return tiny_revision()
+    raise ModelError(
+        f"model {model.id!r}: loading from the Hugging Face hub is not available in this build; "
+        "use model id 'tiny-random'"
+    )
+
+
+def _fetch(model: ModelConfig, revision: str, folder: Path) -> int:
+    """Put the model's files in ``folder``; returns the bytes downloaded from outside."""
+    from sd_assets.domain.tiny_model import save_tiny_model
+
+    save_tiny_model(folder)
+    return 0
+
+
+def ensure_model(store: ArtifactStore, model: ModelConfig) -> CacheReport:
+    """Make sure a verified copy of ``model`` is in the store, building or fetching it if not."""
+    start = time.perf_counter()
+    revision = resolve_revision(model)
+    manifest = read_manifest(store, model.id, revision)
+    problems: list[str] = []
+    if manifest is not None:
+        problems = verify_in_store(store, manifest)
+        if not problems:
+            store.write_text(ref_key(model.id, model.revision), revision)
+            return CacheReport(_ref_from_manifest(manifest), "cached", 0, 0, time.perf_counter() - start)
+    elif any(True for _ in store.list_keys(model_prefix(model.id, revision))):
+        problems = ["manifest.json missing or unreadable"]
+    prefix = model_prefix(model.id, revision)
+    store.delete(prefix + MANIFEST)
+    with tempfile.TemporaryDirectory(prefix="sd-assets-model-") as tmp:
+        folder = Path(tmp)
+        downloaded = _fetch(model, revision, folder)
+        manifest = build_manifest(folder, model.id, revision)
+        for entry in manifest["files"]:
+            store.upload_file(folder / entry["path"], prefix + entry["path"])
+        store.write_text(prefix + MANIFEST, json.dumps(manifest, indent=1))
+    store.write_text(ref_key(model.id, model.revision), revision)
+    uploaded = sum(f["bytes"] for f in manifest["files"])
+    action = "built" if model.is_tiny else "downloaded"
+    return CacheReport(
+        _ref_from_manifest(manifest), action, downloaded, uploaded, time.perf_counter() - start, tuple(problems)
+    )
+
+
+def read_model_ref(store: ArtifactStore, model: ModelConfig) -> ModelRef:
+    """The model that ``model_weights`` last put in the store for this id and revision name."""
+    key = ref_key(model.id, model.revision)
+    if not store.exists(key):
+        raise ModelError(
+            f"model {model.id}@{model.revision} is not in the store {store.location()}; "
+            "materialize the model_weights asset first"
+        )
+    revision = store.read_text(key).strip()
+    manifest = read_manifest(store, model.id, revision)
+    if manifest is None:
+        raise ModelError(
+            f"model {model.id}@{revision} in {store.location()} has no readable manifest; "
+            "materialize model_weights again to rebuild the cache"
+        )
+    return _ref_from_manifest(manifest)
+
+
+@dataclass(frozen=True)
+class LocalCopy:
+    """The node-local folder a worker loads, and how many bytes it took to fill it."""
+
+    folder: Path
+    bytes_copied: int
+    seconds: float
+
+
+def local_model_folder(store: ArtifactStore, ref: ModelRef, cache_dir: Path) -> LocalCopy:
+    """A verified folder on this node holding the model, copied from the store at most once.
+
+    A local-folder store is used in place. Otherwise files go to ``cache_dir/<id>/<revision>/``,
+    each checked against the manifest, and a copy of the manifest is written last, so a copy
+    interrupted half-way is finished on the next call, not trusted.
+    """
+    start = time.perf_counter()
+    manifest_key = ref.prefix + MANIFEST
+    in_place = store.local_path(manifest_key)
+    if in_place is not None:
+        return LocalCopy(in_place.parent, 0, time.perf_counter() - start)
+    manifest = json.loads(store.read_bytes(manifest_key))
+    folder = Path(cache_dir).expanduser() / model_dir_name(ref.model_id) / ref.revision
+    local_manifest = folder / MANIFEST
+    if local_manifest.is_file() and json.loads(local_manifest.read_text()) == manifest:
+        if all((folder / f["path"]).is_file() and (folder / f["path"]).stat().st_size == f["bytes"]
+               for f in manifest["files"]):
+            return LocalCopy(folder, 0, time.perf_counter() - start)
+    local_manifest.unlink(missing_ok=True)
+    copied = 0
+    for entry in manifest["files"]:
+        target = folder / entry["path"]
+        if target.is_file() and target.stat().st_size == entry["bytes"] and sha256_file(target) == entry["sha256"]:
+            continue
+        store.download_file(ref.prefix + entry["path"], target)
+        actual = sha256_file(target)
+        if actual != entry["sha256"]:
+            target.unlink(missing_ok=True)
+            raise ModelError(
+                f"model {ref.model_id}@{ref.revision}: {entry['path']} in {store.location(ref.prefix)} "
+                "does not match its manifest; materialize model_weights again to rebuild the cache"
+            )
+        copied += entry["bytes"]
+    local_manifest.parent.mkdir(parents=True, exist_ok=True)
+    local_manifest.write_text(json.dumps(manifest, indent=1))
+    return LocalCopy(folder, copied, time.perf_counter() - start)
+

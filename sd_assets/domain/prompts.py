@@ -1,0 +1,115 @@
+"""The prompt grid: one row per (subject, image index) of a style, with its seed and content key.
+
+Owns the two identities that make generation reproducible and idempotent:
+- the per-image seed, derived from the base seed, the subject and the image index (not the style,
+  so every style of a subject starts from the same noise, and not the list order, so it is stable
+  when lists grow or are reordered);
+- the content key, a sha256 over everything that determines the pixels, which names the PNG.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+
+from sd_assets.domain.grid import GridConfig, slugify
+
+SEED_BITS = 32
+
+
+def image_seed(base_seed: int, subject: str, image_index: int) -> int:
+    """A 32-bit seed (the range Stable Diffusion tools display) for one image of a subject."""
+    digest = hashlib.sha256(f"{base_seed}\x1f{subject}\x1f{image_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % (2**SEED_BITS)
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """Everything besides prompt and seed that determines an image's pixels."""
+
+    model_id: str
+    model_revision: str
+    scheduler: str
+    steps: int
+    guidance_scale: float
+    width: int
+    height: int
+    negative_prompt: str
+
+    @classmethod
+    def from_grid(cls, grid: GridConfig, model_revision: str, scheduler: str) -> GenerationSettings:
+        inference = grid.inference
+        return cls(
+            model_id=grid.model.id,
+            model_revision=model_revision,
+            scheduler=scheduler,
+            steps=inference.steps,
+            guidance_scale=float(inference.guidance_scale),
+            width=inference.width,
+            height=inference.height,
+            negative_prompt=inference.negative_prompt,
+        )
+
+
+def content_key(settings: GenerationSettings, prompt: str, seed: int) -> str:
+    """sha256 hex of the canonical JSON of the settings, prompt and seed."""
+    payload = {**asdict(settings), "prompt": prompt, "seed": seed}
+    canonical = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class PromptRow:
+    """One image to make: which subject and style, its prompt, seed and content key."""
+
+    subject: str
+    style: str
+    image_index: int
+    prompt: str
+    negative_prompt: str
+    seed: int
+    key: str
+
+
+def build_prompt_rows(
+    grid: GridConfig, style: str, subjects: list[str], settings: GenerationSettings
+) -> list[PromptRow]:
+    """The rows of one style: every subject times ``images_per_prompt``, in subject order."""
+    grid.require_style(style)
+    rows = []
+    for subject in subjects:
+        prompt = grid.prompt(subject, style)
+        for index in range(grid.images_per_prompt):
+            seed = image_seed(grid.seed, subject, index)
+            rows.append(
+                PromptRow(
+                    subject=subject,
+                    style=style,
+                    image_index=index,
+                    prompt=prompt,
+                    negative_prompt=settings.negative_prompt,
+                    seed=seed,
+                    key=content_key(settings, prompt, seed),
+                )
+            )
+    return rows
+
+
+def keys_version(keys: list[str]) -> str:
+    """A short, order-independent hash of a set of content keys: a partition's data version."""
+    digest = hashlib.sha256("\n".join(sorted(set(keys))).encode()).hexdigest()
+    return digest[:16]
+
+
+def grid_key(style: str) -> str:
+    """Store key of a style's prompt grid."""
+    return f"grids/{slugify(style)}.json"
+
+
+def rows_to_json(rows: list[PromptRow]) -> str:
+    return json.dumps([asdict(row) for row in rows], ensure_ascii=False, indent=0)
+
+
+def rows_from_json(text: str) -> list[PromptRow]:
+    return [PromptRow(**item) for item in json.loads(text)]

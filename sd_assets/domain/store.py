@@ -1,0 +1,158 @@
+"""The artifact store: where images, gallery pages, catalogs and model weights live.
+
+Owns one small interface with a local-folder backend. Keys are '/'-separated relative paths
+(``images/ab/abcd....png``); every write is all-or-nothing, so a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from pathlib import Path
+
+from sd_assets.domain.errors import StoreError
+
+
+def _check_key(key: str) -> str:
+    """A valid key: relative, no '.' or '..' parts; a trailing '/' names a folder-like prefix."""
+    parts = key.removesuffix("/").split("/")
+    if not key or key.startswith("/") or any(part in ("", ".", "..") for part in parts):
+        raise StoreError(f"invalid store key {key!r}: use a relative path without '.' or '..' parts")
+    return key
+
+
+class ArtifactStore(ABC):
+    """A flat namespace of keys holding bytes."""
+
+    url: str
+
+    @abstractmethod
+    def exists(self, key: str) -> bool: ...
+
+    @abstractmethod
+    def read_bytes(self, key: str) -> bytes: ...
+
+    @abstractmethod
+    def write_bytes(self, key: str, data: bytes) -> None:
+        """Write atomically: readers see the old object or the whole new one."""
+
+    @abstractmethod
+    def list_keys(self, prefix: str) -> Iterator[str]:
+        """Every key under ``prefix`` (a folder-like prefix ending in '/', or '')."""
+
+    @abstractmethod
+    def size(self, key: str) -> int: ...
+
+    @abstractmethod
+    def delete(self, key: str) -> None: ...
+
+    @abstractmethod
+    def download_file(self, key: str, destination: Path) -> None:
+        """Copy one object to a local file, atomically."""
+
+    @abstractmethod
+    def upload_file(self, source: Path, key: str) -> None:
+        """Copy one local file into the store, atomically."""
+
+    def existing(self, keys: list[str]) -> set[str]:
+        """The subset of ``keys`` that exist (backends may answer this with one listing)."""
+        return {key for key in keys if self.exists(key)}
+
+    def local_path(self, key: str) -> Path | None:
+        """The object's path on this machine's disk, when the store is a local folder."""
+        return None
+
+    @abstractmethod
+    def location(self, key: str = "") -> str:
+        """Where a person finds ``key``: a file path or an s3:// URL."""
+
+    def read_text(self, key: str) -> str:
+        return self.read_bytes(key).decode("utf-8")
+
+    def write_text(self, key: str, text: str) -> None:
+        self.write_bytes(key, text.encode("utf-8"))
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _atomic_copy(source: Path, destination: Path) -> None:
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=destination.parent, prefix=f".{destination.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        shutil.copyfile(source, tmp)
+        os.replace(tmp, destination)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class LocalStore(ArtifactStore):
+    """A folder on this machine."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser().resolve()
+        self.url = str(self.root)
+
+    def _path(self, key: str) -> Path:
+        return self.root / _check_key(key)
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def read_bytes(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError:
+            raise StoreError(f"{self._path(key)} does not exist") from None
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        _atomic_write(self._path(key), data)
+
+    def list_keys(self, prefix: str) -> Iterator[str]:
+        base = self.root / prefix if prefix else self.root
+        if not base.is_dir():
+            return
+        for dirpath, _dirnames, filenames in os.walk(base):
+            for name in filenames:
+                if name.startswith(".") and name.endswith(".tmp"):
+                    continue
+                yield Path(dirpath, name).relative_to(self.root).as_posix()
+
+    def size(self, key: str) -> int:
+        return self._path(key).stat().st_size
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+    def download_file(self, key: str, destination: Path) -> None:
+        _atomic_copy(self._path(key), Path(destination))
+
+    def upload_file(self, source: Path, key: str) -> None:
+        _atomic_copy(Path(source), self._path(key))
+
+    def local_path(self, key: str) -> Path | None:
+        return self._path(key)
+
+    def location(self, key: str = "") -> str:
+        return str(self._path(key)) if key else str(self.root)
+
+
+def open_store(url: str) -> ArtifactStore:
+    """The store named by ``url``: a local folder path."""
+    if "://" in url:
+        raise StoreError(f"storage {url!r}: unsupported scheme; use a local folder path")
+    return LocalStore(url)
