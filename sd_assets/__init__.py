@@ -1,8 +1,24 @@
 """sd-assets: Stable Diffusion image grids as Dagster assets.
 
-``dagster ... -m sd_assets`` loads ``defs`` from here; see ``sd_assets.definitions``.
+``dagster ... -m sd_assets`` finds ``defs`` here (see ``sd_assets.definitions``). It is built on
+first access, so domain code and the search command import without Dagster or a grid file.
 """
 
-from sd_assets.definitions import build_definitions
+from functools import cache
 
-defs = build_definitions()
+
+@cache
+def _definitions():
+    from sd_assets.definitions import build_definitions
+
+    return build_definitions()
+
+
+def __getattr__(name: str):
+    if name == "defs":
+        return _definitions()
+    raise AttributeError(f"module 'sd_assets' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return [*globals(), "defs"]

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import dagster as dg
 
-from sd_assets.defs.assets import build_assets
-from sd_assets.defs.resources import ArtifactStoreResource, GeneratorResource, GridResource
+from sd_assets.orchestration.assets import build_assets
+from sd_assets.orchestration.resources import ArtifactStoreResource, GeneratorResource, GridResource
 from sd_assets.domain.grid import GridConfig, load_grid
 
 GENERATE_JOB = "generate_images"

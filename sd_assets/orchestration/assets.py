@@ -11,7 +11,7 @@ import warnings
 
 import dagster as dg
 
-from sd_assets.defs.resources import ArtifactStoreResource, GeneratorResource, GridResource
+from sd_assets.orchestration.resources import ArtifactStoreResource, GeneratorResource, GridResource
 from sd_assets.domain import catalog as catalog_lib
 from sd_assets.domain import engine, gallery
 from sd_assets.domain.grid import read_subject_lists, unique_subjects

@@ -1,0 +1,282 @@
+"""Benchmark 2: images/min through the engine vs a naive diffusers loop, at several batch sizes.
+
+The model is the full-size Stable Diffusion 1.5 architecture built from its published
+configuration with random weights (nothing is downloaded): the arithmetic per image is the real
+model's, the pixels are noise. Each engine row goes through the whole style path: batched
+rendering with one generator per image, PNG encoding with provenance and store writes on the
+background pool. The naive baseline is the loop most people write first: fp16, batch 1, default
+memory format, ``pipe(prompt).images[0].save(...)``.
+
+    python benchmarks/bench_gpu.py                 # on a CUDA GPU: SD 1.5, 512x512, 50 steps
+    python benchmarks/bench_gpu.py --smoke         # anywhere: tiny model, 64x64, 2 steps
+
+Prints one table; ``--out FILE`` also writes it (markdown) with the raw numbers (JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from sd_assets.domain.engine import LoadedPipeline, auto_batch_size, configure_pipeline  # noqa: E402
+from sd_assets.domain.generation import make_style_images  # noqa: E402
+from sd_assets.domain.models import ModelRef  # noqa: E402
+from sd_assets.domain.prompts import GenerationSettings, PromptRow, content_key, image_seed  # noqa: E402
+from sd_assets.domain.store import LocalStore  # noqa: E402
+from sd_assets.domain.tiny_model import TINY_SPEC, tiny_vocabulary  # noqa: E402
+
+# The compute limit of an H100 SXM for SD 1.5 at 512x512, 50 steps with guidance: 989 dense
+# fp16 TFLOP/s over ~82.9 TFLOP per image (50 x 1.61 TFLOP UNet steps + 2.5 TFLOP VAE decode).
+H100_LIMIT_IMAGES_PER_MINUTE = 60 * 989 / 82.9
+
+# Stable Diffusion 1.5's published component configurations.
+SD15_UNET = {
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "block_out_channels": [320, 640, 1280, 1280],
+    "layers_per_block": 2,
+    "cross_attention_dim": 768,
+    "attention_head_dim": 8,
+    "norm_num_groups": 32,
+}
+SD15_VAE = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [128, 256, 512, 512],
+    "layers_per_block": 2,
+    "latent_channels": 4,
+    "sample_size": 512,
+    "norm_num_groups": 32,
+}
+SD15_TEXT = {
+    "vocab_size": 49408,
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+    "projection_dim": 768,
+    "bos_token_id": 0,
+    "eos_token_id": 1,
+    "pad_token_id": 1,
+}
+
+SUBJECTS = ["alan turing", "ada lovelace", "grace hopper", "a lighthouse at dusk", "a busy market street"]
+
+
+def build_pipeline(full: bool, device: str, dtype: torch.dtype):
+    """A Stable Diffusion pipeline with random weights, created directly on ``device``."""
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    unet_config, vae_config = (SD15_UNET, SD15_VAE) if full else (TINY_SPEC["unet"], TINY_SPEC["vae"])
+    text_config = SD15_TEXT if full else TINY_SPEC["text_encoder"]
+    torch.manual_seed(0)
+    with torch.device(device):
+        unet = UNet2DConditionModel(**unet_config).to(dtype)
+        vae = AutoencoderKL(**vae_config).to(dtype)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**text_config)).to(dtype)
+    scheduler = PNDMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True, steps_offset=1
+    )
+    tokenizer = CLIPTokenizer(vocab=tiny_vocabulary(), merges=[], model_max_length=77)
+    pipeline = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def make_rows(settings: GenerationSettings, count: int, tag: str) -> list[PromptRow]:
+    rows = []
+    for index in range(count):
+        subject = SUBJECTS[index % len(SUBJECTS)]
+        prompt = f"{subject} by Vincent Van Gogh"
+        seed = image_seed(42, f"{subject}-{tag}", index)
+        rows.append(PromptRow(subject, "Vincent Van Gogh", index, prompt, "", seed, content_key(settings, prompt, seed)))
+    return rows
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def peak_memory_gb(device: str) -> float | None:
+    return torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
+
+
+def reset_peak(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+
+
+def run_naive(pipeline, settings: GenerationSettings, count: int, folder: Path, device: str) -> dict:
+    """The plain loop: one prompt per call, PIL output, PNG saved inline."""
+    rows = make_rows(settings, count + 1, "naive")
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def one(row: PromptRow) -> None:
+        generator = torch.Generator(device=device).manual_seed(row.seed)
+        image = pipeline(
+            row.prompt, num_inference_steps=settings.steps, guidance_scale=settings.guidance_scale,
+            width=settings.width, height=settings.height, generator=generator,
+        ).images[0]  # fmt: skip
+        image.save(folder / f"{row.key}.png")
+
+    one(rows[0])  # warm-up: kernels, cuDNN autotuning
+    synchronize(device)
+    reset_peak(device)
+    start = time.perf_counter()
+    for row in rows[1:]:
+        one(row)
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    return {"config": "naive diffusers loop", "batch": 1, "images": count, "seconds": seconds,
+            "warmup_seconds": None, "peak_gb": peak_memory_gb(device)}  # fmt: skip
+
+
+def run_engine(loaded: LoadedPipeline, settings: GenerationSettings, batch: int, count: int, root: Path,
+               label: str) -> dict:  # fmt: skip
+    """Warm one batch (compiles, when compiling), then time ``count`` images through the style path."""
+    store = LocalStore(root / f"{label}-{batch}")
+    ref = ModelRef("sd15-architecture-random", "0" * 40, loaded.scheduler, 0, 0)
+    common = dict(style="Vincent Van Gogh", partition="Vincent Van Gogh", run_id=f"bench-{label}-{batch}",
+                  batch_size=batch)  # fmt: skip
+    warm_start = time.perf_counter()
+    make_style_images(store, loaded, ref, settings, make_rows(settings, batch, f"warm-{label}-{batch}"), **common)
+    synchronize(loaded.device)
+    warmup = time.perf_counter() - warm_start
+    rows = make_rows(settings, count, f"{label}-{batch}")
+    reset_peak(loaded.device)
+    start = time.perf_counter()
+    report = make_style_images(store, loaded, ref, settings, rows, **common)
+    synchronize(loaded.device)
+    seconds = time.perf_counter() - start
+    written = sum(1 for _ in store.list_keys("images/"))
+    assert written == count + batch, f"expected {count + batch} PNGs, found {written}"
+    return {"config": f"engine, {label}", "batch": batch, "images": report.generated, "seconds": seconds,
+            "warmup_seconds": warmup, "peak_gb": peak_memory_gb(loaded.device)}  # fmt: skip
+
+
+def table(results: list[dict], naive_rate: float | None, full: bool) -> str:
+    lines = [
+        "| configuration | batch | images | seconds | images/min | vs naive | % of H100 limit | peak GPU memory | warm-up s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        if r.get("skipped"):
+            lines.append(f"| {r['config']} | {r['batch']} | - | - | - | - | - | - | {r['skipped']} |")
+            continue
+        rate = 60 * r["images"] / r["seconds"]
+        ratio = f"{rate / naive_rate:.2f}x" if naive_rate else "-"
+        limit = f"{100 * rate / H100_LIMIT_IMAGES_PER_MINUTE:.1f}%" if full else "-"
+        peak = f"{r['peak_gb']:.1f} GiB" if r["peak_gb"] is not None else "-"
+        warm = f"{r['warmup_seconds']:.1f}" if r["warmup_seconds"] is not None else "-"
+        lines.append(
+            f"| {r['config']} | {r['batch']} | {r['images']} | {r['seconds']:.1f} | {rate:.1f} | {ratio} | {limit} | {peak} | {warm} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny model, 64x64, 2 steps; runs on CPU")
+    parser.add_argument("--batch-sizes", default=None, help="comma-separated (default 1,4,8,16,32; smoke 1,2)")
+    parser.add_argument("--compile-batch-sizes", default=None, help="batch sizes to also run compiled")
+    parser.add_argument("--images", type=int, default=None, help="images per row at least (default 16; smoke 2)")
+    parser.add_argument("--naive-images", type=int, default=None, help="images for the naive loop (default 8)")
+    parser.add_argument("--budget-seconds", type=float, default=420.0, help="skip rows that would start later")
+    parser.add_argument("--out", type=Path, default=None, help="write the table (markdown) and raw JSON here")
+    args = parser.parse_args(argv)
+
+    full = not args.smoke
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if full and device != "cuda":
+        parser.error("the full benchmark needs a CUDA GPU; use --smoke on CPU")
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    batch_sizes = [int(b) for b in (args.batch_sizes or ("1,4,8,16,32" if full else "1,2")).split(",")]
+    compile_sizes = [int(b) for b in (args.compile_batch_sizes or ("8,16,32,4,1" if full else "")).split(",") if b]
+    min_images = args.images or (16 if full else 2)
+    naive_images = args.naive_images or (8 if full else 2)
+    settings = GenerationSettings(
+        model_id="sd15-architecture-random", model_revision="0" * 40, scheduler="PNDMScheduler",
+        steps=50 if full else 2, guidance_scale=7.5, width=512 if full else 64, height=512 if full else 64,
+        negative_prompt="",
+    )  # fmt: skip
+    started = time.perf_counter()
+    device_name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
+    print(f"device: {device_name}; torch {torch.__version__}; {'SD 1.5 architecture' if full else 'tiny model'}, "
+          f"{settings.width}x{settings.height}, {settings.steps} steps, guidance {settings.guidance_scale}", flush=True)  # fmt: skip
+
+    build_start = time.perf_counter()
+    pipeline = build_pipeline(full, device, dtype)
+    print(f"built pipeline with random weights in {time.perf_counter() - build_start:.1f} s", flush=True)
+    results: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="bench-gpu-") as tmp:
+        root = Path(tmp)
+        naive = run_naive(pipeline, settings, naive_images, root / "naive", device)
+        results.append(naive)
+        naive_rate = 60 * naive["images"] / naive["seconds"]
+        print(f"naive loop: {naive_rate:.1f} images/min", flush=True)
+
+        pipeline = configure_pipeline(pipeline, device, compile_unet=False)
+        eager_unet = pipeline.unet
+        loaded = LoadedPipeline(pipeline, root, device, str(dtype).removeprefix("torch."), "PNDMScheduler", False, 0.0)
+        auto = auto_batch_size(loaded, settings)
+        print(f"auto batch size on this device: {auto}", flush=True)
+        plan = [("eager", b) for b in batch_sizes] + [("compiled", b) for b in compile_sizes]
+        for label, batch in plan:
+            if time.perf_counter() - started > args.budget_seconds:
+                results.append({"config": f"engine, {label}", "batch": batch, "skipped": "skipped: time budget"})
+                print(f"{label} batch {batch}: skipped (time budget)", flush=True)
+                continue
+            if label == "compiled" and not loaded.compiled:
+                pipeline.unet = torch.compile(eager_unet, fullgraph=True)
+                loaded.compiled = True
+            count = max(2 * batch, min_images)
+            count = -(-count // batch) * batch
+            try:
+                result = run_engine(loaded, settings, batch, count, root, label)
+            except Exception as exc:  # a failed row is reported, the rest still run
+                results.append({"config": f"engine, {label}", "batch": batch, "skipped": f"failed: {exc!r}"[:200]})
+                print(f"{label} batch {batch}: FAILED {exc!r}", flush=True)
+                continue
+            results.append(result)
+            rate = 60 * result["images"] / result["seconds"]
+            print(f"{label} batch {batch}: {rate:.1f} images/min ({result['images']} images, "
+                  f"warm-up {result['warmup_seconds']:.1f} s)", flush=True)  # fmt: skip
+
+    report = table(results, naive_rate, full)
+    print()
+    print(report)
+    best = max((r for r in results if not r.get("skipped")), key=lambda r: r["images"] / r["seconds"])
+    best_rate = 60 * best["images"] / best["seconds"]
+    print(f"\nbest: {best['config']} batch {best['batch']}: {best_rate:.1f} images/min, "
+          f"{best_rate / naive_rate:.2f}x the naive loop" +
+          (f", {100 * best_rate / H100_LIMIT_IMAGES_PER_MINUTE:.1f}% of the H100 limit" if full else ""))  # fmt: skip
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(f"device: {device_name}\nauto batch size: {auto}\n\n{report}\n")
+        raw = {"device": device_name, "auto_batch_size": auto, "results": results}
+        args.out.with_suffix(".json").write_text(json.dumps(raw, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The Dagster layer: assets, resources and sensors, thin wrappers over sd_assets.domain."""
