@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from sd_assets.domain.engine import LoadedPipeline, auto_batch_size, configure_pipeline  # noqa: E402
+from sd_assets.domain.engine import LoadedPipeline, auto_batch_size, compiled_unet, configure_pipeline  # noqa: E402
 from sd_assets.domain.generation import make_style_images  # noqa: E402
 from sd_assets.domain.models import ModelRef  # noqa: E402
 from sd_assets.domain.prompts import GenerationSettings, PromptRow, content_key, image_seed  # noqa: E402
@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{label} batch {batch}: skipped (time budget)", flush=True)
                 continue
             if label == "compiled" and not loaded.compiled:
-                pipeline.unet = torch.compile(eager_unet, fullgraph=True)
+                pipeline.unet = compiled_unet(eager_unet)
                 loaded.compiled = True
             count = max(2 * batch, min_images)
             count = -(-count // batch) * batch

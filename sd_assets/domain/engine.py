@@ -130,8 +130,15 @@ def configure_pipeline(pipeline: Any, device: str, compile_unet: bool = False) -
         pipeline.unet.to(memory_format=torch.channels_last)
         pipeline.vae.to(memory_format=torch.channels_last)
     if compile_unet:
-        pipeline.unet = torch.compile(pipeline.unet, fullgraph=True)
+        pipeline.unet = compiled_unet(pipeline.unet)
     return pipeline
+
+
+def compiled_unet(unet: Any) -> Any:
+    """``torch.compile`` of a UNet as one graph; each new batch shape compiles on first use."""
+    import torch
+
+    return torch.compile(unet, fullgraph=True)
 
 
 def render_batch(loaded: LoadedPipeline, rows: Sequence[PromptRow], settings: GenerationSettings):
