@@ -36,7 +36,11 @@ def grid_from_environment(environ: Mapping[str, str] | None = None) -> tuple[Gri
 
 
 def hub_from_environment(environ: Mapping[str, str]) -> HubResource:
-    """The hub resource for the HF_* variables in ``environ``; the token stays an EnvVar."""
+    """The hub resource for the HF_* variables in ``environ``.
+
+    The token stays a ``dg.EnvVar``: Dagster reads it from the process environment when the
+    resource starts, and it never shows in the run's config.
+    """
     cache_dir = environ.get("HF_HUB_CACHE") or (
         str(Path(environ["HF_HOME"]).expanduser() / "hub") if environ.get("HF_HOME") else None
     )

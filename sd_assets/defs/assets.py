@@ -64,7 +64,9 @@ def build_assets(styles: dg.StaticPartitionsDefinition) -> list:
         code_version="1",
         description="The Stable Diffusion pipeline the workers load, cached and verified in the store.",
     )
-    def model_weights(grid: GridResource, store: ArtifactStoreResource, hub: HubResource) -> dg.MaterializeResult:
+    def model_weights(
+        grid: GridResource, store: ArtifactStoreResource, hub: HubResource
+    ) -> dg.MaterializeResult:
         config = grid.load()
         artifact_store = store.open()
         report = ensure_model(artifact_store, config.model, hub.settings(), config.inference.safety_checker)
@@ -253,7 +255,8 @@ def _generate(
     device = engine.pick_device(generator.device)
     dtype = engine.pick_dtype(device, inference.dtype)
     loaded = engine.load_pipeline(
-        copy.folder, device, dtype, inference.scheduler, inference.compile, inference.safety_checker, ref.variant
+        copy.folder, device, dtype, inference.scheduler, inference.compile, inference.safety_checker,
+        variant=ref.variant,
     )
     if inference.batch_size == "auto":
         batch_size = engine.auto_batch_size(loaded, settings, generator.batch_memory_file, len(missing))

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import httpx2
-from huggingface_hub import HfApi, snapshot_download
+from huggingface_hub import HfApi, constants, snapshot_download
 from huggingface_hub.errors import (
     GatedRepoError,
     HfHubHTTPError,
@@ -48,9 +48,12 @@ class HubSettings:
     cache_dir: str | None = None
     endpoint: str | None = None
 
-    def cache_folder(self) -> Path:
-        from huggingface_hub import constants
+    @property
+    def is_offline(self) -> bool:
+        """Offline when asked here, or when the process started with HF_HUB_OFFLINE=1."""
+        return self.offline or constants.is_offline_mode()
 
+    def cache_folder(self) -> Path:
         return Path(self.cache_dir or constants.HF_HUB_CACHE).expanduser()
 
 
@@ -81,7 +84,7 @@ def _hub_errors(repo_id: str, revision: str, settings: HubSettings) -> Iterator[
         ) from None
     except (RevisionResolutionError, LocalEntryNotFoundError, httpx2.TransportError) as exc:
         cache = settings.cache_folder()
-        if settings.offline:
+        if settings.is_offline:
             raise ModelError(
                 f"{where} is not (completely) in the Hugging Face cache {cache} and HF_HUB_OFFLINE=1 forbids "
                 f"downloading it: fill the cache on a machine with network (`hf download {repo_id} "
@@ -111,7 +114,7 @@ def resolve_commit(repo_id: str, revision: str, settings: HubSettings) -> str:
             repo_id,
             revision=revision,
             cache_dir=settings.cache_dir,
-            local_files_only=settings.offline,
+            local_files_only=settings.is_offline,
             token=settings.token,
         )
     return resolved.resolved
@@ -123,7 +126,7 @@ def _snapshot_folder(repo_id: str, sha: str, settings: HubSettings) -> Path:
 
 def list_files(repo_id: str, sha: str, settings: HubSettings) -> list[str]:
     """Every file of the repo at ``sha``: from the hub, or offline from the cached snapshot."""
-    if settings.offline:
+    if settings.is_offline:
         folder = _snapshot_folder(repo_id, sha, settings)
         if not folder.is_dir():
             with _hub_errors(repo_id, sha, settings):
@@ -173,8 +176,10 @@ def select_pipeline_files(
     weight_components = WEIGHT_COMPONENTS + (("safety_checker",) if safety_checker else ())
     config_components = CONFIG_COMPONENTS + (("feature_extractor",) if safety_checker else ())
     by_component = {c: [f for f in files if f.startswith(f"{c}/")] for c in weight_components + config_components}
-    missing = [c for c in weight_components if not _component_weights(by_component[c], False) and not
-               _component_weights(by_component[c], True)]
+    missing = [
+        c for c in weight_components
+        if not _component_weights(by_component[c], False) and not _component_weights(by_component[c], True)
+    ]
     if missing:
         raise ModelError(f"model {repo_id}: no weights for {', '.join(missing)}; not a Stable Diffusion repo")
     has_fp16 = all(_component_weights(by_component[c], True) for c in weight_components)
@@ -206,7 +211,12 @@ class HubDownload:
 
 
 def download_pipeline(
-    repo_id: str, sha: str, settings: HubSettings, folder: Path, variant: str = "auto", safety_checker: bool = False
+    repo_id: str,
+    sha: str,
+    settings: HubSettings,
+    folder: Path,
+    variant: str = "auto",
+    safety_checker: bool = False,
 ) -> HubDownload:
     """Download (or find in the HF cache) the pipeline's files at ``sha`` and link them into ``folder``.
 
@@ -221,7 +231,7 @@ def download_pipeline(
                 revision=sha,
                 allow_patterns=list(selection.paths),
                 cache_dir=settings.cache_dir,
-                local_files_only=settings.offline,
+                local_files_only=settings.is_offline,
                 token=settings.token,
                 endpoint=settings.endpoint,
             )

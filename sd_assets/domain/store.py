@@ -1,7 +1,8 @@
 """The artifact store: where images, gallery pages, catalogs and model weights live.
 
-Owns one small interface with a local-folder backend (the S3 backend is ``s3_store``). Keys are '/'-separated relative paths
-(``images/ab/abcd....png``); every write is all-or-nothing, so a reader never sees half a file.
+Owns one small interface with a local-folder backend (the S3 backend is ``s3_store``). Keys are
+'/'-separated relative paths (``images/ab/abcd....png``); every write is all-or-nothing, so a
+reader never sees half a file.
 """
 
 from __future__ import annotations
