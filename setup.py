@@ -24,7 +24,8 @@ setup(
         "transformers>=5,<6",
         "accelerate>=1.0",
         "safetensors>=0.4",
-        "huggingface_hub>=1.0",
+        # hub.py is written against the 2.x API (HfApi.resolve_revision, httpx2 transport errors).
+        "huggingface_hub>=2.4,<3",
         "pandas>=3",
         "pyarrow>=15",
         "Pillow>=10",

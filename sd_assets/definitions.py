@@ -5,6 +5,11 @@ Environment variables read here and nowhere else:
 - ``SD_ASSETS_STORAGE``: overrides the grid's ``storage`` (a folder or s3://bucket/prefix).
 - ``SD_ASSETS_DEVICE``: 'auto' (default), 'cpu', 'cuda' or 'cuda:<i>'.
 - ``SD_ASSETS_MODEL_CACHE``: node-local folder for model copies (default ~/.cache/sd-assets/models).
+- The Hugging Face variables ``HF_TOKEN`` (gated repos), ``HF_HUB_OFFLINE``, ``HF_HUB_CACHE``,
+  ``HF_HOME`` and ``HF_ENDPOINT``, for the ``hub`` resource.
+
+For an s3:// store, ``AWS_REGION`` and ``AWS_ENDPOINT_URL`` configure the S3 client here; boto3
+reads the credentials (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, profiles, roles) itself.
 """
 
 from __future__ import annotations
@@ -14,9 +19,10 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import dagster as dg
+from dagster_aws.s3 import S3Resource
 
 from sd_assets.orchestration.assets import build_assets
-from sd_assets.orchestration.resources import ArtifactStoreResource, GeneratorResource, GridResource
+from sd_assets.orchestration.resources import ArtifactStoreResource, GeneratorResource, GridResource, HubResource
 from sd_assets.domain.grid import GridConfig, load_grid
 
 GENERATE_JOB = "generate_images"
@@ -27,6 +33,23 @@ def grid_from_environment(environ: Mapping[str, str] | None = None) -> tuple[Gri
     environ = os.environ if environ is None else environ
     grid = load_grid(Path(environ.get("SD_ASSETS_GRID", "grid.yaml")))
     return grid, environ.get("SD_ASSETS_STORAGE") or grid.storage
+
+
+def hub_from_environment(environ: Mapping[str, str]) -> HubResource:
+    """The hub resource for the HF_* variables in ``environ``.
+
+    The token stays a ``dg.EnvVar``: Dagster reads it from the process environment when the
+    resource starts, and it never shows in the run's config.
+    """
+    cache_dir = environ.get("HF_HUB_CACHE") or (
+        str(Path(environ["HF_HOME"]).expanduser() / "hub") if environ.get("HF_HOME") else None
+    )
+    return HubResource(
+        token=dg.EnvVar("HF_TOKEN") if environ.get("HF_TOKEN") else None,
+        offline=environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE"),
+        cache_dir=cache_dir,
+        endpoint=environ.get("HF_ENDPOINT") or None,
+    )
 
 
 def build_definitions(environ: Mapping[str, str] | None = None) -> dg.Definitions:
@@ -52,7 +75,14 @@ def build_definitions(environ: Mapping[str, str] | None = None) -> dg.Definition
         jobs=[generate_job],
         resources={
             "grid": GridResource(path=str(grid_path)),
-            "store": ArtifactStoreResource(url=storage),
+            "store": ArtifactStoreResource(
+                url=storage,
+                s3=S3Resource(
+                    region_name=environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION") or None,
+                    endpoint_url=environ.get("AWS_ENDPOINT_URL") or None,
+                ),
+            ),
             "generator": GeneratorResource(**generator_config),
+            "hub": hub_from_environment(environ),
         },
     )

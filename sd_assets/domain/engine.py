@@ -70,6 +70,7 @@ def load_pipeline(
     scheduler: str | None = None,
     compile_unet: bool = False,
     safety_checker: bool = False,
+    variant: str | None = None,
 ) -> LoadedPipeline:
     """Load a diffusers Stable Diffusion folder once per process and configure it for speed.
 
@@ -80,8 +81,9 @@ def load_pipeline(
         scheduler: a diffusers scheduler class name to use instead of the model's own.
         compile_unet: wrap the UNet in ``torch.compile`` (first batch of each shape compiles).
         safety_checker: keep the model's safety checker (off unless asked: it costs a CLIP pass).
+        variant: the weights variant the folder holds ('fp16' for ``*.fp16.safetensors``), or None.
     """
-    cache_key = (str(folder), device, dtype, scheduler, compile_unet, safety_checker)
+    cache_key = (str(folder), device, dtype, scheduler, compile_unet, safety_checker, variant)
     with _PIPELINES_LOCK:
         if cache_key in _PIPELINES:
             return _PIPELINES[cache_key]
@@ -89,7 +91,7 @@ def load_pipeline(
         import diffusers
         import torch
 
-        kwargs: dict[str, Any] = {"torch_dtype": getattr(torch, dtype)}
+        kwargs: dict[str, Any] = {"torch_dtype": getattr(torch, dtype), "variant": variant}
         if not safety_checker:
             kwargs.update(safety_checker=None, requires_safety_checker=False)
         try:

@@ -1,9 +1,10 @@
 """The model-weights cache in the artifact store, and the node-local copy workers load.
 
 Owns the layout ``models/<id>/<revision>/`` (diffusers format) with a ``manifest.json`` written
-last (path, bytes and sha256 of each file), a ``models/<id>/refs/<name>`` pointer from a revision
-name to the resolved revision, and verification: a cache whose manifest is missing or does not
-match its files is treated as absent, never loaded.
+last (path, bytes and sha256 of each file, and the weights variant), a ``models/<id>/refs/<name>``
+pointer from a revision name to the resolved revision (a commit sha for hub models), and
+verification: a cache whose manifest is missing or does not match its files is treated as
+absent, never loaded. Hub models come through ``hub``; the tiny model is built offline.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from sd_assets.domain.errors import ModelError
 from sd_assets.domain.grid import ModelConfig
+from sd_assets.domain.hub import HubSettings, download_pipeline, resolve_commit
 from sd_assets.domain.store import ArtifactStore
 
 MANIFEST = "manifest.json"
@@ -53,6 +55,7 @@ class ModelRef:
     scheduler: str
     total_bytes: int
     file_count: int
+    variant: str | None = None
 
     @property
     def prefix(self) -> str:
@@ -64,7 +67,7 @@ class ModelRef:
         return self.revision[:10]
 
 
-def build_manifest(folder: Path, model_id: str, revision: str) -> dict:
+def build_manifest(folder: Path, model_id: str, revision: str, variant: str | None = None) -> dict:
     files = []
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         relative = path.relative_to(folder).as_posix()
@@ -74,7 +77,7 @@ def build_manifest(folder: Path, model_id: str, revision: str) -> dict:
     if not any(f["path"] == "model_index.json" for f in files):
         raise ModelError(f"model {model_id}@{revision}: no model_index.json; not a diffusers pipeline folder")
     scheduler = json.loads((folder / "model_index.json").read_text())["scheduler"][1]
-    return {"model_id": model_id, "revision": revision, "scheduler": scheduler, "files": files}
+    return {"model_id": model_id, "revision": revision, "scheduler": scheduler, "variant": variant, "files": files}
 
 
 def _ref_from_manifest(manifest: dict) -> ModelRef:
@@ -84,6 +87,7 @@ def _ref_from_manifest(manifest: dict) -> ModelRef:
         scheduler=manifest["scheduler"],
         total_bytes=sum(f["bytes"] for f in manifest["files"]),
         file_count=len(manifest["files"]),
+        variant=manifest.get("variant"),
     )
 
 
@@ -111,11 +115,7 @@ def verify_in_store(store: ArtifactStore, manifest: dict) -> list[str]:
         if store.size(key) != entry["bytes"]:
             problems.append(f"{entry['path']}: {store.size(key)} bytes, manifest says {entry['bytes']}")
             continue
-        local = store.local_path(key)
-        if local is not None:
-            actual = sha256_file(local)
-        else:
-            actual = hashlib.sha256(store.read_bytes(key)).hexdigest()
+        actual = store.sha256(key)
         if actual != entry["sha256"]:
             problems.append(f"{entry['path']}: sha256 {actual[:12]}..., manifest says {entry['sha256'][:12]}...")
     return problems
@@ -133,7 +133,7 @@ class CacheReport:
     problems: tuple[str, ...] = ()
 
 
-def resolve_revision(model: ModelConfig) -> str:
+def resolve_revision(model: ModelConfig, hub: HubSettings) -> str:
     """The immutable revision a revision name points to (a commit sha for hub models)."""
     if model.is_tiny:
         if model.revision != "main":
@@ -141,28 +141,56 @@ def resolve_revision(model: ModelConfig) -> str:
         from sd_assets.domain.tiny_model import tiny_revision
 
         return tiny_revision()
-    raise ModelError(
-        f"model {model.id!r}: loading from the Hugging Face hub is not available in this build; "
-        "use model id 'tiny-random'"
-    )
+    return resolve_commit(model.id, model.revision, hub)
 
 
-def _fetch(model: ModelConfig, revision: str, folder: Path) -> int:
-    """Put the model's files in ``folder``; returns the bytes downloaded from outside."""
-    from sd_assets.domain.tiny_model import save_tiny_model
-
-    save_tiny_model(folder)
-    return 0
+@dataclass(frozen=True)
+class _Fetched:
+    variant: str | None
+    bytes_downloaded: int
 
 
-def ensure_model(store: ArtifactStore, model: ModelConfig) -> CacheReport:
-    """Make sure a verified copy of ``model`` is in the store, building or fetching it if not."""
+def _fetch(model: ModelConfig, revision: str, folder: Path, hub: HubSettings, safety_checker: bool) -> _Fetched:
+    """Put the model's files in ``folder``."""
+    if model.is_tiny:
+        from sd_assets.domain.tiny_model import save_tiny_model
+
+        save_tiny_model(folder)
+        return _Fetched(None, 0)
+    download = download_pipeline(model.id, revision, hub, folder, model.variant, safety_checker)
+    return _Fetched(download.selection.variant, download.bytes_downloaded)
+
+
+def _selection_problems(manifest: dict, model: ModelConfig, safety_checker: bool) -> list[str]:
+    """Why a sound cache still does not hold what the grid asks for (another variant, no safety checker)."""
+    problems = []
+    cached = manifest.get("variant")
+    if model.variant == "fp16" and cached != "fp16":
+        problems.append("cached without the fp16 variant, grid asks for model.variant fp16")
+    if model.variant == "none" and cached is not None:
+        problems.append(f"cached with the {cached} variant, grid asks for model.variant none")
+    if safety_checker and not model.is_tiny and not any(
+        f["path"].startswith("safety_checker/") for f in manifest["files"]
+    ):
+        problems.append("cached without safety_checker, grid asks for inference.safety_checker")
+    return problems
+
+
+def ensure_model(
+    store: ArtifactStore, model: ModelConfig, hub: HubSettings | None = None, safety_checker: bool = False
+) -> CacheReport:
+    """Make sure a verified copy of ``model`` is in the store, building or fetching it if not.
+
+    ``hub`` says how to reach the Hugging Face hub (default: huggingface_hub's own settings);
+    ``safety_checker`` asks for the safety checker's weights too.
+    """
     start = time.perf_counter()
-    revision = resolve_revision(model)
+    hub = hub or HubSettings()
+    revision = resolve_revision(model, hub)
     manifest = read_manifest(store, model.id, revision)
     problems: list[str] = []
     if manifest is not None:
-        problems = verify_in_store(store, manifest)
+        problems = verify_in_store(store, manifest) or _selection_problems(manifest, model, safety_checker)
         if not problems:
             store.write_text(ref_key(model.id, model.revision), revision)
             return CacheReport(_ref_from_manifest(manifest), "cached", 0, 0, time.perf_counter() - start)
@@ -172,16 +200,17 @@ def ensure_model(store: ArtifactStore, model: ModelConfig) -> CacheReport:
     store.delete(prefix + MANIFEST)
     with tempfile.TemporaryDirectory(prefix="sd-assets-model-") as tmp:
         folder = Path(tmp)
-        downloaded = _fetch(model, revision, folder)
-        manifest = build_manifest(folder, model.id, revision)
+        fetched = _fetch(model, revision, folder, hub, safety_checker)
+        manifest = build_manifest(folder, model.id, revision, fetched.variant)
         for entry in manifest["files"]:
             store.upload_file(folder / entry["path"], prefix + entry["path"])
         store.write_text(prefix + MANIFEST, json.dumps(manifest, indent=1))
     store.write_text(ref_key(model.id, model.revision), revision)
     uploaded = sum(f["bytes"] for f in manifest["files"])
     action = "built" if model.is_tiny else "downloaded"
+    seconds = time.perf_counter() - start
     return CacheReport(
-        _ref_from_manifest(manifest), action, downloaded, uploaded, time.perf_counter() - start, tuple(problems)
+        _ref_from_manifest(manifest), action, fetched.bytes_downloaded, uploaded, seconds, tuple(problems)
     )
 
 

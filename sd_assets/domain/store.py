@@ -1,17 +1,20 @@
 """The artifact store: where images, gallery pages, catalogs and model weights live.
 
-Owns one small interface with a local-folder backend. Keys are '/'-separated relative paths
-(``images/ab/abcd....png``); every write is all-or-nothing, so a reader never sees half a file.
+Owns one small interface with a local-folder backend (the S3 backend is ``s3_store``). Keys are
+'/'-separated relative paths (``images/ab/abcd....png``); every write is all-or-nothing, so a
+reader never sees half a file.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from sd_assets.domain.errors import StoreError
 
@@ -45,6 +48,10 @@ class ArtifactStore(ABC):
 
     @abstractmethod
     def size(self, key: str) -> int: ...
+
+    @abstractmethod
+    def sha256(self, key: str) -> str:
+        """The hex sha256 of the object's bytes, read as a stream (model weights are gigabytes)."""
 
     @abstractmethod
     def delete(self, key: str) -> None: ...
@@ -135,6 +142,13 @@ class LocalStore(ArtifactStore):
     def size(self, key: str) -> int:
         return self._path(key).stat().st_size
 
+    def sha256(self, key: str) -> str:
+        digest = hashlib.sha256()
+        with open(self._path(key), "rb") as handle:
+            while chunk := handle.read(8 * 1024 * 1024):
+                digest.update(chunk)
+        return digest.hexdigest()
+
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
 
@@ -151,8 +165,20 @@ class LocalStore(ArtifactStore):
         return str(self._path(key)) if key else str(self.root)
 
 
-def open_store(url: str) -> ArtifactStore:
-    """The store named by ``url``: a local folder path."""
+def open_store(url: str, s3_client: Callable[[], Any] | None = None) -> ArtifactStore:
+    """The store named by ``url``: a local folder path, or ``s3://bucket/prefix``.
+
+    ``s3_client`` makes the boto3 S3 client for s3:// URLs; by default boto3's own, configured
+    from the standard AWS environment variables.
+    """
+    if url.startswith("s3://"):
+        from sd_assets.domain.s3_store import S3Store
+
+        if s3_client is None:
+            import boto3
+
+            return S3Store(url, boto3.session.Session().client("s3"))
+        return S3Store(url, s3_client())
     if "://" in url:
-        raise StoreError(f"storage {url!r}: unsupported scheme; use a local folder path")
+        raise StoreError(f"storage {url!r}: unsupported scheme; use a local folder path or s3://bucket/prefix")
     return LocalStore(url)

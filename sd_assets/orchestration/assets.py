@@ -11,7 +11,7 @@ import warnings
 
 import dagster as dg
 
-from sd_assets.orchestration.resources import ArtifactStoreResource, GeneratorResource, GridResource
+from sd_assets.orchestration.resources import ArtifactStoreResource, GeneratorResource, GridResource, HubResource
 from sd_assets.domain import catalog as catalog_lib
 from sd_assets.domain import engine, gallery
 from sd_assets.domain.grid import read_subject_lists, unique_subjects
@@ -64,16 +64,19 @@ def build_assets(styles: dg.StaticPartitionsDefinition) -> list:
         code_version="1",
         description="The Stable Diffusion pipeline the workers load, cached and verified in the store.",
     )
-    def model_weights(grid: GridResource, store: ArtifactStoreResource) -> dg.MaterializeResult:
+    def model_weights(
+        grid: GridResource, store: ArtifactStoreResource, hub: HubResource
+    ) -> dg.MaterializeResult:
         config = grid.load()
         artifact_store = store.open()
-        report = ensure_model(artifact_store, config.model)
+        report = ensure_model(artifact_store, config.model, hub.settings(), config.inference.safety_checker)
         ref = report.ref
         return dg.MaterializeResult(
             metadata={
                 "model_id": ref.model_id,
                 "revision": ref.revision,
                 "scheduler": ref.scheduler,
+                "variant": ref.variant or "-",
                 "cache": report.action,
                 "bytes_downloaded": report.bytes_downloaded,
                 "bytes_uploaded": report.bytes_uploaded,
@@ -252,7 +255,8 @@ def _generate(
     device = engine.pick_device(generator.device)
     dtype = engine.pick_dtype(device, inference.dtype)
     loaded = engine.load_pipeline(
-        copy.folder, device, dtype, inference.scheduler, inference.compile, inference.safety_checker
+        copy.folder, device, dtype, inference.scheduler, inference.compile, inference.safety_checker,
+        variant=ref.variant,
     )
     if inference.batch_size == "auto":
         batch_size = engine.auto_batch_size(loaded, settings, generator.batch_memory_file, len(missing))

@@ -4,8 +4,10 @@
 from pathlib import Path
 
 import dagster as dg
+from dagster_aws.s3 import S3Resource
 
 from sd_assets.domain.grid import GridConfig, load_grid
+from sd_assets.domain.hub import HubSettings
 from sd_assets.domain.store import ArtifactStore, open_store
 
 
@@ -19,12 +21,35 @@ class GridResource(dg.ConfigurableResource):
 
 
 class ArtifactStoreResource(dg.ConfigurableResource):
-    """Where images, galleries, catalogs and model weights live: a folder or s3://bucket/prefix."""
+    """Where images, galleries, catalogs and model weights live: a folder or s3://bucket/prefix.
+
+    For s3:// URLs the client comes from ``s3``; boto3 reads the credentials from the standard AWS
+    environment variables (or a profile or instance role), never from the grid file.
+    """
 
     url: str
+    s3: S3Resource
 
     def open(self) -> ArtifactStore:
-        return open_store(self.url)
+        return open_store(self.url, s3_client=self.s3.get_client)
+
+
+class HubResource(dg.ConfigurableResource):
+    """How ``model_weights`` reaches the Hugging Face hub.
+
+    ``token`` is meant to be ``dg.EnvVar("HF_TOKEN")`` (gated repos); ``cache_dir`` None means
+    huggingface_hub's default cache (``HF_HUB_CACHE``, else ``$HF_HOME/hub``).
+    """
+
+    token: str | None = None
+    offline: bool = False
+    cache_dir: str | None = None
+    endpoint: str | None = None
+
+    def settings(self) -> HubSettings:
+        return HubSettings(
+            token=self.token, offline=self.offline, cache_dir=self.cache_dir, endpoint=self.endpoint
+        )
 
 
 class GeneratorResource(dg.ConfigurableResource):

@@ -1,0 +1,195 @@
+"""The S3 backend of the artifact store: ``s3://bucket/prefix``, through a boto3 S3 client.
+
+Owns mapping store keys to object keys under the prefix, content types (so the bucket serves
+the gallery as a static site), and turning boto3's errors into ``StoreError`` messages that say
+what to fix. A single PUT (and a completed multipart upload) replaces an object as a whole, so
+every write is all-or-nothing without a temporary object; downloads land in a temporary file
+that is renamed into place.
+
+Credentials, region and endpoint come from boto3's own resolution (``AWS_ACCESS_KEY_ID``,
+``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION``, ``AWS_ENDPOINT_URL``, profiles, instance roles), never
+from the grid file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, PartialCredentialsError
+
+from sd_assets.domain.errors import StoreError
+from sd_assets.domain.store import ArtifactStore, _check_key
+
+CONTENT_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".png": "image/png",
+    ".json": "application/json",
+    ".parquet": "application/vnd.apache.parquet",
+    ".txt": "text/plain; charset=utf-8",
+}
+_CHUNK = 8 * 1024 * 1024
+_MISSING = {"404", "NoSuchKey", "NotFound"}
+
+
+def content_type(key: str) -> str:
+    """The Content-Type a browser needs for ``key`` (by extension; binary when unknown)."""
+    return CONTENT_TYPES.get(os.path.splitext(key)[1].lower(), "application/octet-stream")
+
+
+def parse_s3_url(url: str) -> tuple[str, str]:
+    """'s3://bucket/some/prefix' -> ('bucket', 'some/prefix/'); the prefix may be ''.
+
+    Raises:
+        StoreError: no bucket, or a bucket name S3 would refuse.
+    """
+    rest = url.removeprefix("s3://")
+    bucket, _, prefix = rest.partition("/")
+    if not bucket:
+        raise StoreError(f"storage {url!r}: no bucket; write s3://bucket or s3://bucket/prefix")
+    if not (3 <= len(bucket) <= 63) or not all(c.islower() or c.isdigit() or c in ".-" for c in bucket):
+        raise StoreError(
+            f"storage {url!r}: {bucket!r} is not a valid S3 bucket name "
+            "(3-63 characters: lower-case letters, digits, '.' and '-')"
+        )
+    prefix = prefix.strip("/")
+    if prefix:
+        _check_key(prefix)
+    return bucket, f"{prefix}/" if prefix else ""
+
+
+def _error_code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+class S3Store(ArtifactStore):
+    """A prefix in an S3 bucket (or any S3-compatible service, via ``AWS_ENDPOINT_URL``)."""
+
+    def __init__(self, url: str, client: Any):
+        self.bucket, self.prefix = parse_s3_url(url)
+        self.url = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
+        self.client = client
+        with self._errors("open the bucket"):
+            self.client.head_bucket(Bucket=self.bucket)
+
+    @contextlib.contextmanager
+    def _errors(self, action: str, key: str = "") -> Iterator[None]:
+        """Turn boto3's exceptions into one StoreError that names the object and the fix."""
+        where = self.location(key)
+        try:
+            yield
+        except (NoCredentialsError, PartialCredentialsError):
+            raise StoreError(
+                f"cannot {action} at {where}: no AWS credentials found; set AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, or run with an instance role)"
+            ) from None
+        except ClientError as exc:
+            code = _error_code(exc)
+            if code in ("NoSuchBucket",) or (code in _MISSING and not key):
+                raise StoreError(
+                    f"cannot {action}: bucket {self.bucket!r} does not exist at this endpoint; "
+                    "create it or fix the storage URL (and AWS_ENDPOINT_URL for non-AWS services)"
+                ) from None
+            if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+                raise StoreError(
+                    f"cannot {action} at {where}: access denied ({code}); check AWS_ACCESS_KEY_ID / "
+                    "AWS_SECRET_ACCESS_KEY and the bucket policy"
+                ) from None
+            raise StoreError(f"cannot {action} at {where}: {code or exc}") from None
+        except BotoCoreError as exc:
+            raise StoreError(
+                f"cannot {action} at {where}: {exc} (check AWS_ENDPOINT_URL and AWS_REGION)"
+            ) from None
+
+    def _object_key(self, key: str) -> str:
+        return self.prefix + _check_key(key)
+
+    def _head(self, key: str) -> dict | None:
+        with self._errors("read", key):
+            try:
+                return self.client.head_object(Bucket=self.bucket, Key=self._object_key(key))
+            except ClientError as exc:
+                if _error_code(exc) in _MISSING:
+                    return None
+                raise
+
+    def exists(self, key: str) -> bool:
+        return self._head(key) is not None
+
+    def read_bytes(self, key: str) -> bytes:
+        with self._errors("read", key):
+            try:
+                return self.client.get_object(Bucket=self.bucket, Key=self._object_key(key))["Body"].read()
+            except ClientError as exc:
+                if _error_code(exc) in _MISSING:
+                    raise StoreError(f"{self.location(key)} does not exist") from None
+                raise
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        with self._errors("write", key):
+            self.client.put_object(
+                Bucket=self.bucket, Key=self._object_key(key), Body=data, ContentType=content_type(key)
+            )
+
+    def list_keys(self, prefix: str) -> Iterator[str]:
+        if prefix:
+            _check_key(prefix)
+        paginator = self.client.get_paginator("list_objects_v2")
+        with self._errors("list", prefix):
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix):
+                for item in page.get("Contents", ()):
+                    yield item["Key"][len(self.prefix):]
+
+    def existing(self, keys: list[str]) -> set[str]:
+        """One listing per folder-like prefix the keys share (images fan out over 256 of them)."""
+        wanted = set(keys)
+        folders = {key.rpartition("/")[0] for key in wanted}
+        found: set[str] = set()
+        for folder in sorted(folders):
+            found.update(k for k in self.list_keys(f"{folder}/" if folder else "") if k in wanted)
+        return found
+
+    def size(self, key: str) -> int:
+        head = self._head(key)
+        if head is None:
+            raise StoreError(f"{self.location(key)} does not exist")
+        return int(head["ContentLength"])
+
+    def sha256(self, key: str) -> str:
+        digest = hashlib.sha256()
+        with self._errors("read", key):
+            body = self.client.get_object(Bucket=self.bucket, Key=self._object_key(key))["Body"]
+            for chunk in body.iter_chunks(_CHUNK):
+                digest.update(chunk)
+        return digest.hexdigest()
+
+    def delete(self, key: str) -> None:
+        with self._errors("delete", key):
+            self.client.delete_object(Bucket=self.bucket, Key=self._object_key(key))
+
+    def download_file(self, key: str, destination: Path) -> None:
+        destination = Path(destination)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=destination.parent, prefix=f".{destination.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as handle, self._errors("download", key):
+                self.client.download_fileobj(self.bucket, self._object_key(key), handle)
+            os.replace(tmp, destination)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def upload_file(self, source: Path, key: str) -> None:
+        # upload_file switches to multipart for large weights; S3 shows the object only once complete.
+        with self._errors("upload", key):
+            self.client.upload_file(
+                str(source), self.bucket, self._object_key(key), ExtraArgs={"ContentType": content_type(key)}
+            )
+
+    def location(self, key: str = "") -> str:
+        return f"s3://{self.bucket}/{self.prefix}{key}" if key else self.url

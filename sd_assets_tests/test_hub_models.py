@@ -1,0 +1,215 @@
+"""Hub models through the real huggingface_hub code path, offline, against a pre-filled HF cache.
+
+The cache holds the tiny model as ``sd-assets-test/tiny-sd`` in the layout huggingface_hub
+writes (``blobs/``, ``snapshots/<sha>/`` of symlinks, ``refs/main``), in plain and fp16 weights
+plus parts a generating worker does not need.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import io
+import json
+import os
+import shutil
+import socket
+import threading
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from sd_assets.domain.errors import ModelError
+from sd_assets.domain.hub import HubSettings, resolve_commit, select_pipeline_files
+from sd_assets.domain.models import MANIFEST, model_prefix
+from sd_assets.domain.pngmeta import PARAMETERS_CHUNK, PROVENANCE_CHUNK
+from sd_assets.domain.store import LocalStore
+from sd_assets_tests.helpers import materialize_style, write_grid
+
+REPO = "sd-assets-test/tiny-sd"
+SHA = "0123456789abcdef0123456789abcdef01234567"
+EXTRAS = {  # in the repo, never needed to generate
+    "safety_checker/config.json": b"{}",
+    "safety_checker/model.safetensors": b"not needed",
+    "feature_extractor/preprocessor_config.json": b"{}",
+    "tiny-sd.ckpt": b"a single-file checkpoint",
+}
+
+
+def _add_to_cache(repo_root: Path, relative: str, data: bytes) -> None:
+    blob = repo_root / "blobs" / hashlib.sha256(data).hexdigest()
+    blob.parent.mkdir(parents=True, exist_ok=True)
+    blob.write_bytes(data)
+    link = repo_root / "snapshots" / SHA / relative
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(os.path.relpath(blob, link.parent))
+
+
+@pytest.fixture(scope="module")
+def hf_home(tmp_path_factory, tiny_model_store) -> Path:
+    """An HF_HOME whose hub cache holds the tiny model as REPO at SHA, with refs/main -> SHA."""
+    import torch
+
+    from sd_assets.domain.tiny_model import build_tiny_pipeline
+
+    home = tmp_path_factory.mktemp("hf-home")
+    repo_root = home / "hub" / ("models--" + REPO.replace("/", "--"))
+    plain = next(tiny_model_store.root.glob("models/tiny-random/*/"))
+    files = {p.relative_to(plain).as_posix(): p.read_bytes() for p in plain.rglob("*") if p.is_file()}
+    files.pop(MANIFEST)
+    fp16 = tmp_path_factory.mktemp("fp16")
+    build_tiny_pipeline().to(torch.float16).save_pretrained(fp16, variant="fp16")
+    files.update({p.relative_to(fp16).as_posix(): p.read_bytes() for p in fp16.rglob("*.fp16.*")})
+    files.update(EXTRAS)
+    for relative, data in files.items():
+        _add_to_cache(repo_root, relative, data)
+    (repo_root / "refs").mkdir()
+    (repo_root / "refs" / "main").write_text(SHA)
+    return home
+
+
+def _hub_grid(folder: Path, revision: str = "main", variant: str = "auto") -> Path:
+    path = write_grid(folder, styles=("Banksy",), subjects=("alan turing",), images_per_prompt=2)
+    text = path.read_text().replace(
+        "model: {id: tiny-random, revision: main}", f"model: {{id: {REPO}, revision: {revision}, variant: {variant}}}"
+    )
+    path.write_text(text)
+    return path
+
+
+def _metadata(result, asset: str) -> dict:
+    events = [e for e in result.get_asset_materialization_events() if e.asset_key.path[-1] == asset]
+    return {name: value.value for name, value in events[0].materialization.metadata.items()}
+
+
+def test_offline_hub_model_is_cached_verified_and_recorded(hf_home, tmp_path, instance):
+    grid_path = _hub_grid(tmp_path)
+    environ = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(hf_home)}
+
+    first = materialize_style(grid_path, "Banksy", instance, **environ)
+
+    weights = _metadata(first, "model_weights")
+    assert weights["revision"] == SHA and weights["model_id"] == REPO
+    assert weights["cache"] == "downloaded" and weights["variant"] == "fp16"
+    assert weights["bytes_downloaded"] == 0  # everything came from the pre-filled HF cache
+    store = LocalStore(tmp_path / "data")
+    manifest = json.loads(store.read_text(model_prefix(REPO, SHA) + MANIFEST))
+    paths = {entry["path"] for entry in manifest["files"]}
+    assert manifest["revision"] == SHA and manifest["variant"] == "fp16"
+    assert {"model_index.json", "unet/diffusion_pytorch_model.fp16.safetensors",
+            "vae/diffusion_pytorch_model.fp16.safetensors", "text_encoder/model.fp16.safetensors",
+            "unet/config.json", "scheduler/scheduler_config.json", "tokenizer/tokenizer.json"} <= paths  # fmt: skip
+    assert not [p for p in paths if p.endswith(".safetensors") and ".fp16." not in p]
+    assert not paths & set(EXTRAS) and not [p for p in paths if p.startswith(("safety_checker/", "feature_extractor/"))]
+    snapshot = hf_home / "hub" / ("models--" + REPO.replace("/", "--")) / "snapshots" / SHA
+    for entry in manifest["files"]:
+        data = (snapshot / entry["path"]).read_bytes()
+        assert (len(data), hashlib.sha256(data).hexdigest()) == (entry["bytes"], entry["sha256"])
+
+    assert _metadata(first, "style_images")["model_revision"] == SHA
+    catalog = pd.read_parquet(tmp_path / "data" / "catalog" / "banksy.parquet")
+    assert len(catalog) == 2 and set(catalog["model_revision"]) == {SHA} and set(catalog["model_id"]) == {REPO}
+    for path in catalog["path"]:
+        with Image.open(io.BytesIO(Path(path).read_bytes())) as image:
+            assert json.loads(image.text[PROVENANCE_CHUNK])["model_revision"] == SHA
+            assert f"Model hash: {SHA[:10]}, Model: {REPO}" in image.text[PARAMETERS_CHUNK]
+
+    # A sound cache is used as it is; a corrupted file makes model_weights rebuild it.
+    assert _metadata(materialize_style(grid_path, "Banksy", instance, **environ), "model_weights")["cache"] == "cached"
+    unet = tmp_path / "data" / model_prefix(REPO, SHA) / "unet" / "diffusion_pytorch_model.fp16.safetensors"
+    unet.write_bytes(b"\0" * unet.stat().st_size)
+    rebuilt = _metadata(materialize_style(grid_path, "Banksy", instance, **environ), "model_weights")
+    assert rebuilt["cache"] == "downloaded" and "unet/diffusion_pytorch_model.fp16.safetensors" in rebuilt["rebuilt_because"]
+    assert hashlib.sha256(unet.read_bytes()).hexdigest() == next(
+        e["sha256"] for e in manifest["files"] if e["path"] == "unet/diffusion_pytorch_model.fp16.safetensors"
+    )
+
+
+def test_variant_and_safety_checker_choose_the_files(hf_home):
+    snapshot = next(hf_home.glob("hub/*/snapshots/*"))
+    files = [p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file()]
+    plain = select_pipeline_files(REPO, files, variant="none")
+    assert plain.variant is None and "unet/diffusion_pytorch_model.safetensors" in plain.paths
+    assert not [p for p in plain.paths if ".fp16." in p]
+    with_checker = select_pipeline_files(REPO, files, variant="auto", safety_checker=True)
+    assert with_checker.variant is None  # the safety checker has no fp16 weights here
+    assert {"safety_checker/model.safetensors", "feature_extractor/preprocessor_config.json"} <= set(with_checker.paths)
+    no_fp16 = [f for f in files if ".fp16." not in f]
+    with pytest.raises(ModelError, match="no fp16 weights.*model.variant"):
+        select_pipeline_files(REPO, no_fp16, variant="fp16")
+    with pytest.raises(ModelError, match="no model_index.json"):
+        select_pipeline_files(REPO, [f for f in files if f != "model_index.json"])
+
+
+def test_offline_without_the_model_says_how_to_fill_the_cache(tmp_path):
+    with pytest.raises(ModelError, match=r"HF_HUB_OFFLINE=1 forbids downloading it.*HF_HOME or HF_HUB_CACHE"):
+        resolve_commit(REPO, "main", HubSettings(offline=True, cache_dir=str(tmp_path)))
+
+
+def _closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_no_network_names_the_offline_setting(tmp_path):
+    settings = HubSettings(cache_dir=str(tmp_path), endpoint=f"http://127.0.0.1:{_closed_port()}")
+    with pytest.raises(ModelError, match="cannot reach the Hugging Face hub.*set HF_HUB_OFFLINE=1"):
+        resolve_commit(REPO, "main", settings)
+
+
+class _HubAnswers(http.server.BaseHTTPRequestHandler):
+    """The hub's answers for a missing repo, a gated repo and a missing revision."""
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        if "/gated" in self.path:
+            status, code = 403, "GatedRepo"
+        elif "/revision/no-such-branch" in self.path:
+            status, code = 404, "RevisionNotFound"
+        else:
+            status, code = 404, "RepoNotFound"
+        self.send_response(status)
+        self.send_header("X-Error-Code", code)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(b'{"error": "stub"}')
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def stub_hub():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _HubAnswers)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize(
+    ("repo", "revision", "token", "message"),
+    [
+        ("org/missing", "main", None, "no such model repo on the Hugging Face hub; check model.id"),
+        ("org/gated", "main", None, "is gated: accept its licence at https://huggingface.co/org/gated and set HF_TOKEN"),
+        ("org/gated", "main", "hf_x", "the HF_TOKEN given has no access"),
+        ("org/real", "no-such-branch", None, "has no revision 'no-such-branch'"),
+    ],
+)
+def test_hub_errors_say_what_to_change(stub_hub, tmp_path, repo, revision, token, message):
+    settings = HubSettings(token=token, cache_dir=str(tmp_path), endpoint=stub_hub)
+    with pytest.raises(ModelError, match=message):
+        resolve_commit(repo, revision, settings)
+
+
+def test_a_commit_sha_in_the_store_needs_no_hub(hf_home, tmp_path, instance):
+    """Pinned to a commit sha, a run whose store holds the weights never asks the hub or its cache."""
+    grid_path = _hub_grid(tmp_path, revision=SHA)
+    materialize_style(grid_path, "Banksy", instance, HF_HUB_OFFLINE="1", HF_HOME=str(hf_home))
+    empty_home = tmp_path / "empty-hf-home"
+    shutil.rmtree(empty_home, ignore_errors=True)
+    result = materialize_style(grid_path, "Banksy", instance, HF_HUB_OFFLINE="1", HF_HOME=str(empty_home))
+    assert _metadata(result, "model_weights")["cache"] == "cached"

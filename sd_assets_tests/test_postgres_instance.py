@@ -1,0 +1,79 @@
+"""The production instance (deploy/dagster-prod.yaml) against this machine's PostgreSQL.
+
+The test creates its own database on 127.0.0.1:5432 (user postgres), runs a style through an
+instance built from the production dagster.yaml, reads the records back from Postgres, and
+drops the database.
+"""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from pathlib import Path
+
+import dagster as dg
+import psycopg2
+import pytest
+
+from sd_assets_tests.helpers import materialize_style
+
+PROD_YAML = Path(__file__).resolve().parents[1] / "deploy" / "dagster-prod.yaml"
+PG = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}
+
+
+def _admin_connection():
+    try:
+        connection = psycopg2.connect(dbname="postgres", connect_timeout=3, **PG)
+    except psycopg2.OperationalError as exc:
+        pytest.skip(f"no PostgreSQL at {PG['host']}:{PG['port']} for user {PG['user']}: {exc}")
+    connection.autocommit = True
+    return connection
+
+
+@pytest.fixture
+def postgres_database():
+    name = f"sd_assets_test_{uuid.uuid4().hex[:10]}"
+    admin = _admin_connection()
+    with admin.cursor() as cursor:
+        cursor.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield name
+    finally:
+        with admin.cursor() as cursor:
+            cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+
+
+def test_a_style_run_is_recorded_in_postgres(grid_path, tmp_path, monkeypatch, postgres_database):
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    shutil.copy(PROD_YAML, home / "dagster.yaml")
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    for name, value in {
+        "DAGSTER_PG_HOST": PG["host"], "DAGSTER_PG_PORT": str(PG["port"]), "DAGSTER_PG_USER": PG["user"],
+        "DAGSTER_PG_PASSWORD": "", "DAGSTER_PG_DB": postgres_database,
+    }.items():  # fmt: skip
+        monkeypatch.setenv(name, value)
+
+    instance = dg.DagsterInstance.get()
+    try:
+        assert type(instance.run_storage).__name__ == "PostgresRunStorage"
+        result = materialize_style(grid_path, "Banksy", instance)
+        record = instance.get_latest_materialization_event(dg.AssetKey("style_images"))
+        assert record.run_id == result.run_id
+        assert record.asset_materialization.partition == "Banksy"
+        assert record.asset_materialization.metadata["generated"].value == 4
+    finally:
+        instance.dispose()
+
+    with psycopg2.connect(dbname=postgres_database, **PG) as connection, connection.cursor() as cursor:
+        cursor.execute("SELECT run_id, status FROM runs")
+        assert cursor.fetchall() == [(result.run_id, "SUCCESS")]
+        cursor.execute(
+            "SELECT asset_key FROM event_logs WHERE dagster_event_type = 'ASSET_MATERIALIZATION' ORDER BY id"
+        )
+        assert [row[0] for row in cursor.fetchall()] == [
+            '["model_weights"]', '["prompt_grid"]', '["style_images"]', '["image_catalog"]',
+            '["style_gallery"]', '["gallery_index"]',
+        ]  # fmt: skip
+    connection.close()

@@ -1,0 +1,203 @@
+"""The S3 backend against moto's S3 server on loopback: the store itself, then whole runs on it."""
+
+from __future__ import annotations
+
+import io
+import json
+import posixpath
+import re
+import socket
+import uuid
+
+import boto3
+import pandas as pd
+import pytest
+from moto.server import ThreadedMotoServer
+from PIL import Image
+
+from sd_assets.domain.errors import ModelError, StoreError
+from sd_assets.domain.grid import load_grid
+from sd_assets.domain.models import MANIFEST, local_model_folder, read_model_ref
+from sd_assets.domain.pngmeta import PROVENANCE_CHUNK
+from sd_assets.domain.s3_store import S3Store
+from sd_assets.domain.store import open_store
+from sd_assets_tests.helpers import materialize_style, write_grid
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=_free_port(), verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def bucket(s3_endpoint, monkeypatch) -> str:
+    """A fresh bucket, with the standard AWS variables pointing boto3 at the moto server."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_DEFAULT_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    name = f"sd-assets-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3").create_bucket(Bucket=name)
+    return name
+
+
+def _metadata(result, asset: str) -> dict:
+    events = [e for e in result.get_asset_materialization_events() if e.asset_key.path[-1] == asset]
+    assert len(events) == 1, asset
+    return {name: value.value for name, value in events[0].materialization.metadata.items()}
+
+
+# --- the store ---------------------------------------------------------------------------------
+
+
+def test_round_trip_listing_and_content_types(bucket, tmp_path):
+    store = open_store(f"s3://{bucket}/run-1")
+    assert isinstance(store, S3Store)
+    store.write_text("gallery/index.html", "<p>hi</p>")
+    store.write_bytes("images/ab/abcd.png", b"png-bytes")
+    store.write_bytes("images/cd/cdef.png", b"other")
+    source = tmp_path / "weights.bin"
+    source.write_bytes(b"w" * 1000)
+    store.upload_file(source, "models/m/r/unet/weights.bin")
+
+    assert store.read_text("gallery/index.html") == "<p>hi</p>"
+    assert store.exists("images/ab/abcd.png") and not store.exists("images/ab/none.png")
+    assert sorted(store.list_keys("images/")) == ["images/ab/abcd.png", "images/cd/cdef.png"]
+    assert store.existing(["images/ab/abcd.png", "images/ab/none.png", "images/cd/cdef.png"]) == {
+        "images/ab/abcd.png", "images/cd/cdef.png",
+    }  # fmt: skip
+    assert store.size("models/m/r/unet/weights.bin") == 1000
+    assert store.location("images/ab/abcd.png") == f"s3://{bucket}/run-1/images/ab/abcd.png"
+
+    raw = boto3.client("s3")
+    assert raw.head_object(Bucket=bucket, Key="run-1/gallery/index.html")["ContentType"].startswith("text/html")
+    assert raw.head_object(Bucket=bucket, Key="run-1/images/ab/abcd.png")["ContentType"] == "image/png"
+
+    target = tmp_path / "copy" / "weights.bin"
+    store.download_file("models/m/r/unet/weights.bin", target)
+    assert target.read_bytes() == b"w" * 1000
+    assert [p.name for p in target.parent.iterdir()] == ["weights.bin"]  # no temporary file left
+
+    store.delete("images/cd/cdef.png")
+    assert not store.exists("images/cd/cdef.png")
+    with pytest.raises(StoreError, match="does not exist"):
+        store.read_bytes("images/cd/cdef.png")
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("s3://", "no bucket"),
+        ("s3:///prefix", "no bucket"),
+        ("s3://Bad_Bucket/x", "not a valid S3 bucket name"),
+        ("gs://bucket/x", "unsupported scheme"),
+    ],
+)
+def test_bad_urls_say_what_to_write(url, message):
+    with pytest.raises(StoreError, match=message):
+        open_store(url)
+
+
+def test_missing_bucket_is_named(bucket):
+    with pytest.raises(StoreError, match="bucket 'no-such-bucket-here' does not exist"):
+        open_store("s3://no-such-bucket-here/x")
+
+
+def test_missing_credentials_name_the_variables(bucket, monkeypatch, tmp_path):
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    with pytest.raises(StoreError, match="no AWS credentials found; set AWS_ACCESS_KEY_ID"):
+        open_store(f"s3://{bucket}/x")
+
+
+# --- whole runs on S3 ----------------------------------------------------------------------------
+
+
+def test_two_styles_on_s3_then_a_corrupted_model_object(bucket, tmp_path, instance):
+    grid_path = write_grid(tmp_path)
+    url = f"s3://{bucket}/grid"
+    environ = {"SD_ASSETS_STORAGE": url, "SD_ASSETS_MODEL_CACHE": str(tmp_path / "node-cache")}
+
+    first = materialize_style(grid_path, "Banksy", instance, **environ)
+    second = materialize_style(grid_path, "Andy Warhol", instance, **environ)
+
+    weights = _metadata(first, "model_weights")
+    assert weights["cache"] == "built" and weights["location"].startswith(f"s3://{bucket}/grid/models/")
+    assert _metadata(second, "model_weights")["cache"] == "cached"
+    assert _metadata(second, "model_weights")["bytes_downloaded"] == 0
+    # The first run on this node copies the model down; the second finds the verified copy.
+    assert _metadata(first, "style_images")["model_bytes_copied"] == weights["model_bytes"] > 0
+    assert _metadata(second, "style_images")["model_bytes_copied"] == 0
+    assert _metadata(second, "style_images")["generated"] == 4
+
+    raw = boto3.client("s3")
+    keys = {o["Key"] for page in raw.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+            for o in page.get("Contents", ())}  # fmt: skip
+    images = sorted(k for k in keys if k.startswith("grid/images/") and k.endswith(".png"))
+    assert len(images) == 8  # 2 styles x 2 subjects x 2 images
+    for key in images:
+        data = raw.get_object(Bucket=bucket, Key=key)["Body"].read()
+        with Image.open(io.BytesIO(data)) as image:
+            provenance = json.loads(image.text[PROVENANCE_CHUNK])
+        assert provenance["key"] in key and provenance["model_id"] == "tiny-random"
+
+    index = raw.get_object(Bucket=bucket, Key="grid/gallery/index.html")
+    assert index["ContentType"].startswith("text/html")
+    html = index["Body"].read().decode()
+    links = re.findall(r'(?:src|href)="([^"]+)"', html)
+    assert links and not [link for link in links if "://" in link or link.startswith("/")]
+    assert "banksy/page-1.html" in links and "andy-warhol/page-1.html" in links
+    for link in links:  # every page and image link resolves to an object in the bucket
+        if link.endswith((".png", ".html")):
+            assert posixpath.normpath(posixpath.join("grid/gallery", link)) in keys, link
+
+    catalog_bytes = raw.get_object(Bucket=bucket, Key="grid/catalog/banksy.parquet")["Body"].read()
+    catalog = pd.read_parquet(io.BytesIO(catalog_bytes))
+    assert len(catalog) == 4 and set(catalog["style"]) == {"Banksy"}
+    assert all(path.startswith(f"s3://{bucket}/grid/images/") for path in catalog["path"])
+
+    store = open_store(url)
+    ref = read_model_ref(store, load_grid(grid_path).model)
+    manifest = json.loads(store.read_text(ref.prefix + MANIFEST))
+    assert {ref.prefix + f["path"] for f in manifest["files"]} | {ref.prefix + MANIFEST} == {
+        k.removeprefix("grid/") for k in keys if k.startswith("grid/" + ref.prefix)
+    }
+    for entry in manifest["files"]:
+        assert store.size(ref.prefix + entry["path"]) == entry["bytes"]
+        assert store.sha256(ref.prefix + entry["path"]) == entry["sha256"]
+
+    # Corrupt one weights object, keeping its size, as a bad disk or a stray upload would.
+    unet = next(f for f in manifest["files"] if f["path"].startswith("unet/") and f["path"].endswith(".safetensors"))
+    object_key = f"grid/{ref.prefix}{unet['path']}"
+    good = raw.get_object(Bucket=bucket, Key=object_key)["Body"].read()
+    raw.put_object(Bucket=bucket, Key=object_key, Body=b"\0" * len(good))
+
+    # A new node refuses to load it ...
+    with pytest.raises(ModelError, match=re.escape(unet["path"]) + ".*does not match its manifest"):
+        local_model_folder(store, ref, tmp_path / "new-node")
+    assert not (tmp_path / "new-node" / "tiny-random" / ref.revision / MANIFEST).exists()
+
+    # ... and the next run's model_weights finds it and rebuilds the cache.
+    rebuilt = _metadata(materialize_style(grid_path, "Banksy", instance, **environ), "model_weights")
+    assert rebuilt["cache"] == "built"
+    assert unet["path"] in rebuilt["rebuilt_because"] and "sha256" in rebuilt["rebuilt_because"]
+    assert raw.get_object(Bucket=bucket, Key=object_key)["Body"].read() == good
+    # The new node keeps the files it already verified and fetches the rest, the sound unet included.
+    copy = local_model_folder(store, ref, tmp_path / "new-node")
+    assert unet["bytes"] <= copy.bytes_copied < weights["model_bytes"]
+    assert (copy.folder / unet["path"]).read_bytes() == good and (copy.folder / MANIFEST).is_file()
