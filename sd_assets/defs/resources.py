@@ -9,6 +9,7 @@ from pathlib import Path
 import dagster as dg
 
 from sd_assets.domain import devices, engine
+from sd_assets.domain.errors import SdAssetsError
 from sd_assets.domain.grid import GridConfig, load_grid
 from sd_assets.domain.store import ArtifactStore, open_store
 
@@ -56,8 +57,14 @@ class GeneratorResource(dg.ConfigurableResource):
         """(torch device, claimed index or None) for the ``with`` block; see ``domain.devices``."""
         device = engine.pick_device(self.device)
         count = self.device_count
-        if count is None and device == "cuda":
-            count = engine.cuda_device_count()
+        if device == "cuda":
+            visible = engine.cuda_device_count()
+            count = visible if count is None else count
+            if count > visible:
+                raise SdAssetsError(
+                    f"device_count (SD_ASSETS_DEVICE_COUNT) is {count}, but this process sees {visible} CUDA GPUs; "
+                    f"set it to {visible} or less"
+                )
         if count is None or device.startswith("cuda:"):
             yield device, None
             return
