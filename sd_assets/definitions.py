@@ -5,6 +5,10 @@ Environment variables read here and nowhere else:
 - ``SD_ASSETS_STORAGE``: overrides the grid's ``storage`` (a folder or s3://bucket/prefix).
 - ``SD_ASSETS_DEVICE``: 'auto' (default), 'cpu', 'cuda' or 'cuda:<i>'.
 - ``SD_ASSETS_MODEL_CACHE``: node-local folder for model copies (default ~/.cache/sd-assets/models).
+- ``SD_ASSETS_DEVICE_COUNT``: devices runs on this node share, one run each (default: the visible
+  CUDA GPUs; none on CPU). Match the ``gpu`` pool limit to it.
+- ``SD_ASSETS_DEVICE_LOCKS``: node-local folder of the device claims (default: <tmp>/sd-assets-device-locks).
+- ``SD_ASSETS_SENSOR_INTERVAL``: seconds between looks of the ``new_subject_lists`` sensor (default 30).
 - The Hugging Face variables ``HF_TOKEN`` (gated repos), ``HF_HUB_OFFLINE``, ``HF_HUB_CACHE``,
   ``HF_HOME`` and ``HF_ENDPOINT``, for the ``hub`` resource.
 
@@ -21,11 +25,24 @@ from pathlib import Path
 import dagster as dg
 from dagster_aws.s3 import S3Resource
 
+from sd_assets.domain.errors import SdAssetsError
+from sd_assets.domain.grid import GridConfig, load_grid
 from sd_assets.orchestration.assets import build_assets
 from sd_assets.orchestration.resources import ArtifactStoreResource, GeneratorResource, GridResource, HubResource
-from sd_assets.domain.grid import GridConfig, load_grid
+from sd_assets.orchestration.sensors import build_new_subject_lists_sensor
 
 GENERATE_JOB = "generate_images"
+DEFAULT_SENSOR_INTERVAL_SECONDS = 30
+
+
+def _positive_int(environ: Mapping[str, str], name: str) -> int | None:
+    """The integer in ``environ[name]`` (None when unset); it must be 1 or more."""
+    value = environ.get(name)
+    if value is None or value == "":
+        return None
+    if not value.strip().isdigit() or int(value) < 1:
+        raise SdAssetsError(f"environment variable {name}={value!r}: expected a whole number of 1 or more")
+    return int(value)
 
 
 def grid_from_environment(environ: Mapping[str, str] | None = None) -> tuple[GridConfig, str]:
@@ -70,9 +87,15 @@ def build_definitions(environ: Mapping[str, str] | None = None) -> dg.Definition
     generator_config = {"device": environ.get("SD_ASSETS_DEVICE", "auto")}
     if environ.get("SD_ASSETS_MODEL_CACHE"):
         generator_config["model_cache_dir"] = environ["SD_ASSETS_MODEL_CACHE"]
+    generator_config["device_count"] = _positive_int(environ, "SD_ASSETS_DEVICE_COUNT")
+    if environ.get("SD_ASSETS_DEVICE_LOCKS"):
+        generator_config["device_lock_dir"] = environ["SD_ASSETS_DEVICE_LOCKS"]
+    sensor_interval = _positive_int(environ, "SD_ASSETS_SENSOR_INTERVAL") or DEFAULT_SENSOR_INTERVAL_SECONDS
+    new_subject_lists = build_new_subject_lists_sensor(generate_job, grid.styles, sensor_interval)
     return dg.Definitions(
         assets=assets,
         jobs=[generate_job],
+        sensors=[new_subject_lists],
         resources={
             "grid": GridResource(path=str(grid_path)),
             "store": ArtifactStoreResource(

@@ -1,4 +1,4 @@
-"""Helpers for tests: writing grid files and materializing a style as the CLI would."""
+"""Helpers for tests: writing grid files, materializing a style as the CLI would, finding images."""
 
 from __future__ import annotations
 
@@ -8,6 +8,11 @@ from pathlib import Path
 import dagster as dg
 
 from sd_assets.definitions import GENERATE_JOB, build_definitions
+from sd_assets.domain.grid import load_grid
+from sd_assets.domain.models import read_model_ref
+from sd_assets.domain.pngmeta import image_key_path
+from sd_assets.domain.prompts import GenerationSettings, build_prompt_rows
+from sd_assets.domain.store import LocalStore
 
 GRID_TEMPLATE = """\
 styles: {styles}
@@ -51,3 +56,12 @@ def materialize_style(grid_path: Path, style: str, instance: dg.DagsterInstance,
     result = job.execute_in_process(partition_key=style, instance=instance)
     assert result.success
     return result
+
+
+def image_paths(grid_path: Path, style: str, subjects: list[str]) -> list[Path]:
+    """Where the images of ``subjects`` in ``style`` live once made (the grid's store is a folder)."""
+    grid = load_grid(grid_path)
+    store = LocalStore(grid.storage)
+    ref = read_model_ref(store, grid.model)
+    settings = GenerationSettings.from_grid(grid, ref.revision, grid.inference.scheduler or ref.scheduler)
+    return [store.local_path(image_key_path(row.key)) for row in build_prompt_rows(grid, style, subjects, settings)]

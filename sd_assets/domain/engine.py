@@ -37,6 +37,13 @@ def pick_device(requested: str = "auto") -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def cuda_device_count() -> int:
+    """How many CUDA GPUs this process sees (0 without CUDA)."""
+    import torch
+
+    return torch.cuda.device_count()
+
+
 def pick_dtype(device: str, requested: str = "auto") -> str:
     """fp16 on GPUs, fp32 on CPU (half precision is slower there), unless asked otherwise."""
     if requested != "auto":

@@ -214,21 +214,6 @@ def parse_subject_list(name: str, data: bytes, max_subjects: int = 10_000) -> Su
     return SubjectList(name=name, sha256=hashlib.sha256(data).hexdigest(), subjects=tuple(subjects))
 
 
-def read_subject_lists(grid: GridConfig) -> list[SubjectList]:
-    """Read every ``*.txt`` list in the grid's subjects folder, sorted by file name.
-
-    Raises:
-        GridError: the folder is missing or holds no lists, or a list is malformed.
-    """
-    folder = grid.subjects_dir
-    if not folder.is_dir():
-        raise GridError(f"{grid.source}: field 'subjects_dir' = {str(folder)!r}: folder does not exist")
-    files = sorted(p for p in folder.glob("*.txt") if p.is_file())
-    if not files:
-        raise GridError(f"{grid.source}: field 'subjects_dir' = {str(folder)!r}: no *.txt subject lists in it")
-    return [parse_subject_list(p.name, p.read_bytes(), grid.max_subjects_per_list) for p in files]
-
-
 def unique_subjects(lists: list[SubjectList]) -> list[str]:
     """Subjects of all lists, first occurrence wins, so a subject in two lists is generated once."""
     seen: dict[str, None] = {}

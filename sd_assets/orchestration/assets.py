@@ -14,7 +14,7 @@ import dagster as dg
 from sd_assets.orchestration.resources import ArtifactStoreResource, GeneratorResource, GridResource, HubResource
 from sd_assets.domain import catalog as catalog_lib
 from sd_assets.domain import engine, gallery
-from sd_assets.domain.grid import read_subject_lists, unique_subjects
+from sd_assets.domain.grid import unique_subjects
 from sd_assets.domain.models import ensure_model, local_model_folder, read_model_ref
 from sd_assets.domain.generation import make_style_images
 from sd_assets.domain.pngmeta import image_key_path
@@ -27,6 +27,7 @@ from sd_assets.domain.prompts import (
     rows_from_json,
     rows_to_json,
 )
+from sd_assets.domain.subject_lists import read_subject_lists, subject_source
 
 GROUP = "stable_diffusion"
 OWNERS = ["team:sd-assets"]
@@ -42,10 +43,11 @@ def _grid_inputs_asset():
             group_name=GROUP,
             description="The grid file and its subject lists; a new version marks the prompt grids stale.",
         )
-        def grid_inputs(grid: GridResource) -> dg.DataVersion:
+        def grid_inputs(grid: GridResource, store: ArtifactStoreResource) -> dg.DataVersion:
             config = grid.load()
             digest = hashlib.sha256(config.source.read_bytes())
-            for subject_list in read_subject_lists(config):
+            source = subject_source(config, store.open())
+            for subject_list in read_subject_lists(source, config.max_subjects_per_list).lists:
                 digest.update(f"{subject_list.name}:{subject_list.sha256}".encode())
             return dg.DataVersion(digest.hexdigest()[:16])
 
@@ -104,7 +106,10 @@ def build_assets(styles: dg.StaticPartitionsDefinition) -> list:
         config = grid.load()
         style = config.require_style(context.partition_key)
         artifact_store = store.open()
-        lists = read_subject_lists(config)
+        read = read_subject_lists(subject_source(config, artifact_store), config.max_subjects_per_list)
+        for problem in read.problems:
+            context.log.warning(problem)
+        lists = read.lists
         subjects = unique_subjects(lists)
         ref = read_model_ref(artifact_store, config.model)
         settings = GenerationSettings.from_grid(config, ref.revision, config.inference.scheduler or ref.scheduler)
@@ -116,6 +121,7 @@ def build_assets(styles: dg.StaticPartitionsDefinition) -> list:
                 "rows": len(rows),
                 "subjects": len(subjects),
                 "subject_lists": ", ".join(sl.name for sl in lists),
+                "skipped_subject_lists": "\n".join(read.problems) or "-",
                 "model_revision": ref.revision,
                 "preview": dg.MetadataValue.md("| subject | image | seed | key |\n|---|---|---|---|\n" + preview),
             },
@@ -146,7 +152,13 @@ def build_assets(styles: dg.StaticPartitionsDefinition) -> list:
         missing = [r for r in rows if image_key_path(r.key) not in present]
         metadata: dict = {"images": len(rows), "skipped": len(rows) - len(missing), "generated": 0}
         if missing:
-            metadata.update(_generate(context, config, style, missing, artifact_store, generator))
+            # Held while this run generates; the next run on this node gets another device, and a
+            # crashed run's process exit frees it.
+            with generator.claim_device() as (device, device_index):
+                if device_index is not None:
+                    context.log.info(f"{style}: claimed device index {device_index} ({device})")
+                    metadata["device_index"] = device_index
+                metadata.update(_generate(context, config, style, missing, artifact_store, generator, device))
         else:
             context.log.info(f"{style}: all {len(rows)} images exist; nothing to generate, no model loaded")
         return dg.MaterializeResult(
@@ -246,13 +258,13 @@ def _generate(
     missing: list[PromptRow],
     artifact_store,
     generator: GeneratorResource,
+    device: str,
 ) -> dict:
-    """Make the missing images of one style; returns the materialization metadata."""
+    """Make the missing images of one style on ``device``; returns the materialization metadata."""
     ref = read_model_ref(artifact_store, config.model)
     inference = config.inference
     settings = GenerationSettings.from_grid(config, ref.revision, inference.scheduler or ref.scheduler)
     copy = local_model_folder(artifact_store, ref, generator.model_cache_dir)
-    device = engine.pick_device(generator.device)
     dtype = engine.pick_dtype(device, inference.dtype)
     loaded = engine.load_pipeline(
         copy.folder, device, dtype, inference.scheduler, inference.compile, inference.safety_checker,

@@ -1,11 +1,16 @@
 """Resources: the only way assets touch the outside world (grid file, artifact store, GPU)."""
 
 
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import dagster as dg
 from dagster_aws.s3 import S3Resource
 
+from sd_assets.domain import devices, engine
+from sd_assets.domain.errors import SdAssetsError
 from sd_assets.domain.grid import GridConfig, load_grid
 from sd_assets.domain.hub import HubSettings
 from sd_assets.domain.store import ArtifactStore, open_store
@@ -53,13 +58,40 @@ class HubResource(dg.ConfigurableResource):
 
 
 class GeneratorResource(dg.ConfigurableResource):
-    """How this node runs Stable Diffusion: which device, where the node-local model copy goes."""
+    """How this node runs Stable Diffusion: which device, where the node-local model copy goes.
+
+    ``device_count``: devices that runs on this node share, one run per device at a time
+    (default: the visible CUDA GPUs when ``device`` is 'auto' or 'cuda'; none on CPU). Set it
+    on a CPU-only node to cap how many runs generate at once. An explicit 'cuda:<i>' claims nothing.
+    """
 
     device: str = "auto"
     model_cache_dir: str = str(Path.home() / ".cache" / "sd-assets" / "models")
     writer_threads: int = 4
     max_pending_images: int = 64
+    device_count: int | None = None
+    device_lock_dir: str = str(Path(tempfile.gettempdir()) / "sd-assets-device-locks")
+    device_wait_seconds: float = 600.0
 
     @property
     def batch_memory_file(self) -> Path:
         return Path(self.model_cache_dir).expanduser() / "auto-batch-sizes.json"
+
+    @contextmanager
+    def claim_device(self) -> Iterator[tuple[str, int | None]]:
+        """(torch device, claimed index or None) for the ``with`` block; see ``domain.devices``."""
+        device = engine.pick_device(self.device)
+        count = self.device_count
+        if device == "cuda":
+            visible = engine.cuda_device_count()
+            count = visible if count is None else count
+            if count > visible:
+                raise SdAssetsError(
+                    f"device_count (SD_ASSETS_DEVICE_COUNT) is {count}, but this process sees {visible} CUDA GPUs; "
+                    f"set it to {visible} or less"
+                )
+        if count is None or device.startswith("cuda:"):
+            yield device, None
+            return
+        with devices.claim_device(Path(self.device_lock_dir), count, self.device_wait_seconds) as claim:
+            yield devices.device_for_index(device, claim.index), claim.index

@@ -1,0 +1,259 @@
+"""Where subject lists live, reading them without letting one bad list stop the others, and
+noticing which lists are new or changed since the last look.
+
+Lists live in the grid's ``subjects_dir`` when the artifact store is a local folder, and under
+the store's ``subjects/`` prefix otherwise (an S3 bucket a node can see but not mount). Either
+way a list is a ``*.txt`` file; see ``grid.parse_subject_list`` for what a valid one holds.
+
+Noticing changes is built for big folders: a listing gives each file's size and modification
+time, and only files whose (size, mtime) differ from the remembered state are read and hashed.
+The remembered state is a small compressed string, so it fits in a Dagster sensor cursor.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import time
+import zlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+
+from sd_assets.domain.errors import GridError, SdAssetsError
+from sd_assets.domain.grid import GridConfig, SubjectList, parse_subject_list
+from sd_assets.domain.store import ArtifactStore
+
+STORE_PREFIX = "subjects/"
+LIST_SUFFIX = ".txt"
+# A file modified this recently may be modified again within the file system's timestamp
+# granularity, keeping size and mtime: it is not trusted as unchanged until it has settled.
+SETTLE_NS = 2_000_000_000
+SHORT_HASH = 16
+_CURSOR_FORMAT = "z1:"
+
+
+@dataclass(frozen=True)
+class ListedFile:
+    """One list as a listing shows it; ``mtime_ns`` is None where the source gives no time."""
+
+    name: str
+    size: int
+    mtime_ns: int | None
+
+
+class SubjectSource(ABC):
+    """A place holding subject lists."""
+
+    location: str
+
+    @abstractmethod
+    def listing(self) -> list[ListedFile]:
+        """Every list, sorted by name, without reading any of them."""
+
+    @abstractmethod
+    def read(self, name: str) -> bytes: ...
+
+
+class FolderSource(SubjectSource):
+    """``*.txt`` files directly in a local folder."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.location = str(self.folder)
+
+    def listing(self) -> list[ListedFile]:
+        try:
+            entries = list(os.scandir(self.folder))
+        except FileNotFoundError:
+            raise GridError(f"subject lists folder {self.folder} does not exist (the grid's 'subjects_dir')") from None
+        listed = []
+        for entry in entries:
+            if entry.name.endswith(LIST_SUFFIX) and entry.is_file():
+                stat = entry.stat()
+                listed.append(ListedFile(entry.name, stat.st_size, stat.st_mtime_ns))
+        return sorted(listed, key=lambda f: f.name)
+
+    def read(self, name: str) -> bytes:
+        return (self.folder / name).read_bytes()
+
+
+class StoreSource(SubjectSource):
+    """``*.txt`` keys directly under a prefix of an artifact store.
+
+    The store interface gives sizes but no modification times, so every list is read on every
+    look; content hashes still decide what changed.
+    """
+
+    def __init__(self, store: ArtifactStore, prefix: str = STORE_PREFIX):
+        self.store = store
+        self.prefix = prefix
+        self.location = store.location(prefix)
+
+    def listing(self) -> list[ListedFile]:
+        keys = [
+            key
+            for key in self.store.list_keys(self.prefix)
+            if key.endswith(LIST_SUFFIX) and "/" not in key[len(self.prefix) :]
+        ]
+        return sorted(
+            (ListedFile(key[len(self.prefix) :], self.store.size(key), None) for key in keys), key=lambda f: f.name
+        )
+
+    def read(self, name: str) -> bytes:
+        return self.store.read_bytes(self.prefix + name)
+
+
+def subject_source(grid: GridConfig, store: ArtifactStore) -> SubjectSource:
+    """The grid's subjects folder for a local store; the store's ``subjects/`` prefix otherwise."""
+    if store.local_path(STORE_PREFIX) is not None:
+        return FolderSource(grid.subjects_dir)
+    return StoreSource(store)
+
+
+@dataclass(frozen=True)
+class SubjectListRead:
+    """The valid lists of a source, and one message per list that was skipped."""
+
+    lists: list[SubjectList]
+    problems: list[str]
+
+
+def _read_one(source: SubjectSource, name: str, max_subjects: int) -> tuple[SubjectList | None, str | None, str]:
+    """(the parsed list or None, the problem or None, the short content hash)."""
+    data = source.read(name)
+    try:
+        parsed = parse_subject_list(name, data, max_subjects)
+    except GridError as exc:
+        return None, f"skipped {exc}", hashlib.sha256(data).hexdigest()[:SHORT_HASH]
+    return parsed, None, parsed.sha256[:SHORT_HASH]
+
+
+def read_subject_lists(source: SubjectSource, max_subjects: int) -> SubjectListRead:
+    """Read every list, sorted by name; a malformed or unreadable list is skipped with a message.
+
+    Raises:
+        GridError: the source is missing, or holds no valid list at all.
+    """
+    lists, problems = [], []
+    for listed in source.listing():
+        try:
+            parsed, problem, _ = _read_one(source, listed.name, max_subjects)
+        except (OSError, SdAssetsError) as exc:
+            parsed, problem = None, f"skipped subject list {listed.name}: cannot read it: {exc}"
+        if parsed is not None:
+            lists.append(parsed)
+        else:
+            problems.append(problem)
+    if not lists:
+        detail = "".join(f"\n- {p}" for p in problems) or " (no *.txt files)"
+        raise GridError(f"no valid subject lists in {source.location}{detail}")
+    return SubjectListRead(lists, problems)
+
+
+@dataclass(frozen=True)
+class ListState:
+    """What is remembered of one list: size and mtime when last read, content hash, validity."""
+
+    size: int
+    mtime_ns: int | None
+    sha: str
+    valid: bool
+
+
+@dataclass(frozen=True)
+class ScanResult:
+    """One look at a source: the lists whose content is new, problems found, state to remember."""
+
+    changed: list[SubjectList]
+    problems: list[str]
+    state: dict[str, ListState]
+    listed: int
+    read: int
+
+
+def scan_subject_lists(
+    source: SubjectSource,
+    previous: dict[str, ListState],
+    max_subjects: int,
+    now_ns: int | None = None,
+) -> ScanResult:
+    """Compare the source with ``previous``; read only lists whose size or mtime moved.
+
+    A list is *changed* when its content hash differs from the remembered one (a touched but
+    identical list is not). Malformed lists are remembered too, so their problem is reported
+    once per content, not on every look; unreadable ones are retried next time.
+    """
+    now_ns = time.time_ns() if now_ns is None else now_ns
+    changed: list[SubjectList] = []
+    problems: list[str] = []
+    state: dict[str, ListState] = {}
+    listing = source.listing()
+    read = 0
+    for listed in listing:
+        old = previous.get(listed.name)
+        if (
+            old is not None
+            and listed.mtime_ns is not None
+            and (old.size, old.mtime_ns) == (listed.size, listed.mtime_ns)
+        ):
+            state[listed.name] = old
+            continue
+        read += 1
+        try:
+            parsed, problem, sha = _read_one(source, listed.name, max_subjects)
+        except (OSError, SdAssetsError) as exc:
+            problems.append(f"skipped subject list {listed.name}: cannot read it: {exc}")
+            continue
+        settled = listed.mtime_ns is not None and now_ns - listed.mtime_ns >= SETTLE_NS
+        state[listed.name] = ListState(listed.size, listed.mtime_ns if settled else None, sha, parsed is not None)
+        if old is not None and old.sha == sha:
+            continue
+        if parsed is not None:
+            changed.append(parsed)
+        else:
+            problems.append(problem)
+    return ScanResult(changed, problems, state, listed=len(listing), read=read)
+
+
+def encode_cursor(state: dict[str, ListState]) -> str:
+    """A compact string of ``state``: JSON ``name -> [size, mtime_ns, sha, valid]``, zlib, base64."""
+    table = {name: [s.size, s.mtime_ns, s.sha, int(s.valid)] for name, s in sorted(state.items())}
+    raw = json.dumps(table, separators=(",", ":")).encode()
+    return _CURSOR_FORMAT + base64.b64encode(zlib.compress(raw, 9)).decode("ascii")
+
+
+def decode_cursor(cursor: str | None) -> dict[str, ListState]:
+    """The state ``encode_cursor`` wrote; empty for no cursor.
+
+    Raises:
+        SdAssetsError: the cursor is not one ``encode_cursor`` wrote.
+    """
+    if not cursor:
+        return {}
+    try:
+        if not cursor.startswith(_CURSOR_FORMAT):
+            raise ValueError(f"it does not start with {_CURSOR_FORMAT!r}")
+        table = json.loads(zlib.decompress(base64.b64decode(cursor[len(_CURSOR_FORMAT) :], validate=True)))
+        return {
+            name: ListState(int(size), None if mtime is None else int(mtime), str(sha), bool(valid))
+            for name, (size, mtime, sha, valid) in table.items()
+        }
+    except (ValueError, TypeError, AttributeError, zlib.error) as exc:
+        raise SdAssetsError(f"the subject list cursor is unreadable ({exc}); every list will be read again") from None
+
+
+def change_key(changed: list[SubjectList]) -> str:
+    """A stable name for a set of new or changed lists, for run keys: ``<list>:<hash>``.
+
+    One list: its name and short content hash. Several found in one look (a folder dropped at
+    once, or a sensor turned on over an existing folder): the first name, how many more, and a
+    hash of every (name, hash), so a folder of lists costs one run per style, not one per list.
+    """
+    if len(changed) == 1:
+        return f"{changed[0].name}:{changed[0].sha256[:SHORT_HASH]}"
+    ordered = sorted(changed, key=lambda subject_list: subject_list.name)
+    digest = hashlib.sha256("".join(f"{sl.name}\0{sl.sha256}\n" for sl in ordered).encode()).hexdigest()
+    return f"{ordered[0].name}+{len(ordered) - 1}more:{digest[:SHORT_HASH]}"

@@ -1,0 +1,66 @@
+"""Sensors: new or changed subject lists start a run of every style, with nobody touching anything."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from sd_assets.orchestration.resources import ArtifactStoreResource, GridResource
+from sd_assets.domain.errors import SdAssetsError
+from sd_assets.domain.subject_lists import (
+    change_key,
+    decode_cursor,
+    encode_cursor,
+    scan_subject_lists,
+    subject_source,
+)
+
+NEW_SUBJECT_LISTS = "new_subject_lists"
+
+
+def build_new_subject_lists_sensor(
+    job: dg.UnresolvedAssetJobDefinition, styles: list[str], minimum_interval_seconds: int
+) -> dg.SensorDefinition:
+    """The sensor asking ``job`` for one run per style whenever a subject list is new or changed."""
+
+    @dg.sensor(
+        name=NEW_SUBJECT_LISTS,
+        job=job,
+        minimum_interval_seconds=minimum_interval_seconds,
+        default_status=dg.DefaultSensorStatus.STOPPED,
+        description=(
+            "Watches the subject lists (the grid's subjects folder, or subjects/ in an S3 store) and runs "
+            "every style when a list is new or its content changed. Malformed lists are skipped and named "
+            "in the tick's log."
+        ),
+    )
+    def new_subject_lists(
+        context: dg.SensorEvaluationContext, grid: GridResource, store: ArtifactStoreResource
+    ) -> dg.SensorResult:
+        config = grid.load()
+        source = subject_source(config, store.open())
+        try:
+            previous = decode_cursor(context.cursor)
+        except SdAssetsError as exc:
+            context.log.warning(str(exc))
+            previous = {}
+        scan = scan_subject_lists(source, previous, config.max_subjects_per_list)
+        for problem in scan.problems:
+            context.log.warning(problem)
+        cursor = encode_cursor(scan.state) if scan.state != previous else None
+        if not scan.changed:
+            skipped = f"; skipped: {' | '.join(scan.problems)}" if scan.problems else ""
+            return dg.SensorResult(
+                skip_reason=f"no new or changed subject lists among {scan.listed} in {source.location}{skipped}",
+                cursor=cursor,
+            )
+        key = change_key(scan.changed)
+        context.log.info(
+            f"{len(scan.changed)} new or changed subject lists ({', '.join(sl.name for sl in scan.changed[:10])}"
+            f"{' ...' if len(scan.changed) > 10 else ''}): one run for each of {len(styles)} styles"
+        )
+        return dg.SensorResult(
+            run_requests=[dg.RunRequest(partition_key=style, run_key=f"{key}:{style}") for style in styles],
+            cursor=cursor,
+        )
+
+    return new_subject_lists

@@ -1,0 +1,221 @@
+"""The real thing: dagster-daemon (and dagster-webserver) against a temporary DAGSTER_HOME.
+
+A backfill of every style launched through the webserver's GraphQL API, and the
+new_subject_lists sensor turned on with the `dagster` CLI, each run to the last image.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from sd_assets.orchestration.sensors import NEW_SUBJECT_LISTS
+from sd_assets.definitions import GENERATE_JOB
+from sd_assets_tests.helpers import image_paths, write_grid
+
+WORKTREE = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+STYLES = ["Banksy", "Andy Warhol"]
+SUBJECTS = ["alan turing", "ada lovelace"]
+TIMEOUT_SECONDS = 300
+# A test instance: the project's dagster.yaml, with the run queue polled every second.
+TEST_INSTANCE_EXTRA = """
+run_coordinator:
+  module: dagster._core.run_coordinator
+  class: QueuedRunCoordinator
+  config:
+    dequeue_interval_seconds: 1
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class DagsterNode:
+    """A temporary DAGSTER_HOME and grid, and the Dagster processes serving them."""
+
+    def __init__(self, root: Path, tiny_model_store):
+        self.root = root
+        self.grid = write_grid(root / "grid", styles=STYLES, subjects=SUBJECTS, images_per_prompt=1)
+        shutil.copytree(tiny_model_store.root / "models", root / "grid" / "data" / "models")
+        self.home = root / "dagster_home"
+        self.home.mkdir()
+        config = (WORKTREE / "dagster.yaml").read_text().replace("default_limit: 1", "default_limit: 2")
+        (self.home / "dagster.yaml").write_text(config + TEST_INSTANCE_EXTRA)
+        self.env = {
+            **os.environ,
+            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+            "PYTHONPATH": str(WORKTREE),
+            "DAGSTER_HOME": str(self.home),
+            "SD_ASSETS_GRID": str(self.grid),
+            "SD_ASSETS_DEVICE": "cpu",
+            "SD_ASSETS_DEVICE_COUNT": "2",
+            "SD_ASSETS_DEVICE_LOCKS": str(root / "device-locks"),
+            "SD_ASSETS_MODEL_CACHE": str(root / "model-cache"),
+            "SD_ASSETS_SENSOR_INTERVAL": "1",
+        }
+        self.processes: list[tuple[str, subprocess.Popen]] = []
+        self.port: int | None = None
+
+    def start(self, name: str, *args: str) -> None:
+        log = open(self.root / f"{name}.log", "wb")
+        process = subprocess.Popen(
+            [str(BIN / name), *args], cwd=WORKTREE, env=self.env, stdout=log, stderr=subprocess.STDOUT
+        )
+        self.processes.append((name, process))
+
+    def start_daemon(self) -> None:
+        self.start("dagster-daemon", "run", "-w", "workspace.yaml")
+
+    def start_webserver(self) -> None:
+        self.port = free_port()
+        self.start("dagster-webserver", "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(self.port))
+
+    def stop(self) -> None:
+        for _name, process in self.processes:
+            process.terminate()
+        for _name, process in self.processes:
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+    def logs(self) -> str:
+        return "\n".join(
+            f"--- {name} (last lines) ---\n" + "\n".join((self.root / f"{name}.log").read_text().splitlines()[-30:])
+            for name, _ in self.processes
+        )
+
+    def check_alive(self) -> None:
+        for name, process in self.processes:
+            if process.poll() is not None:
+                pytest.fail(f"{name} exited with {process.returncode}\n{self.logs()}")
+
+    def graphql(self, query: str, variables: dict | None = None) -> dict:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.port}/graphql",
+            data=json.dumps({"query": query, "variables": variables or {}}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=60) as response:
+            body = json.loads(response.read())
+        assert "errors" not in body, body["errors"]
+        return body["data"]
+
+    def wait_for_repository(self, deadline: float) -> dict:
+        """The repository selector of the project's code location, once the webserver serves it."""
+        query = """{ repositoriesOrError { __typename ... on RepositoryConnection {
+            nodes { name location { name } } } ... on PythonError { message } } }"""
+        while time.monotonic() < deadline:
+            self.check_alive()
+            try:
+                nodes = self.graphql(query)["repositoriesOrError"].get("nodes") or []
+            except (urllib.error.URLError, ConnectionError):
+                nodes = []
+            if nodes:
+                return {"repositoryLocationName": nodes[0]["location"]["name"], "repositoryName": nodes[0]["name"]}
+            time.sleep(1)
+        pytest.fail(f"the webserver did not serve the code location in time\n{self.logs()}")
+
+    def wait_for_runs(self, instance: dg.DagsterInstance, tags: dict, count: int, deadline: float) -> list:
+        """The ``count`` runs with ``tags``, once all succeeded; fails at the first failed run."""
+        while time.monotonic() < deadline:
+            self.check_alive()
+            runs = instance.get_runs(filters=dg.RunsFilter(tags=tags))
+            failed = [run for run in runs if run.status == dg.DagsterRunStatus.FAILURE]
+            if failed:
+                errors = [
+                    entry.message
+                    for run in failed
+                    for entry in instance.all_logs(run.run_id)
+                    if entry.level >= 40  # logging.ERROR
+                ]
+                pytest.fail(f"runs failed: {[r.run_id for r in failed]}\n" + "\n".join(errors) + "\n" + self.logs())
+            succeeded = [run for run in runs if run.status == dg.DagsterRunStatus.SUCCESS]
+            if len(succeeded) >= count:
+                return succeeded
+            time.sleep(1)
+        statuses = [(run.tags.get("dagster/partition"), run.status.value) for run in instance.get_runs(
+            filters=dg.RunsFilter(tags=tags))]  # fmt: skip
+        pytest.fail(f"{count} runs with {tags} did not all succeed in time: {statuses}\n{self.logs()}")
+
+
+@pytest.fixture
+def node(tmp_path, tiny_model_store):
+    started = DagsterNode(tmp_path, tiny_model_store)
+    try:
+        yield started
+    finally:
+        started.stop()
+
+
+@pytest.fixture
+def node_instance(node):
+    with dg.DagsterInstance.from_config(str(node.home)) as instance:
+        yield instance
+
+
+LAUNCH_BACKFILL = """
+mutation Launch($params: LaunchBackfillParams!) {
+  launchPartitionBackfill(backfillParams: $params) {
+    __typename
+    ... on LaunchBackfillSuccess { backfillId launchedRunIds }
+    ... on Error { message }
+  }
+}
+"""
+
+
+def test_a_backfill_of_every_style_launched_from_the_webserver_makes_every_image(node, node_instance):
+    deadline = time.monotonic() + TIMEOUT_SECONDS
+    node.start_webserver()
+    node.start_daemon()
+    repository = node.wait_for_repository(deadline)
+    launched = node.graphql(
+        LAUNCH_BACKFILL,
+        {
+            "params": {
+                "selector": {"repositorySelector": repository, "partitionSetName": f"{GENERATE_JOB}_partition_set"},
+                "allPartitions": True,
+            }
+        },
+    )["launchPartitionBackfill"]
+    assert launched["__typename"] == "LaunchBackfillSuccess", launched
+    runs = node.wait_for_runs(node_instance, {"dagster/backfill": launched["backfillId"]}, len(STYLES), deadline)
+    assert sorted(run.tags["dagster/partition"] for run in runs) == sorted(STYLES)
+    for style in STYLES:
+        assert all(path.is_file() for path in image_paths(node.grid, style, SUBJECTS)), style
+    assert (node.grid.parent / "data" / "gallery" / "index.html").is_file()
+
+
+def test_the_sensor_turned_on_runs_every_style_for_a_dropped_list(node, node_instance):
+    deadline = time.monotonic() + TIMEOUT_SECONDS
+    node.start_daemon()
+    subprocess.run(
+        [str(BIN / "dagster"), "sensor", "start", NEW_SUBJECT_LISTS, "-w", "workspace.yaml"],
+        cwd=WORKTREE, env=node.env, check=True, capture_output=True,
+    )  # fmt: skip
+    sensor_runs = {"dagster/sensor_name": NEW_SUBJECT_LISTS}
+    # The first tick finds the grid's list, which nobody has run yet.
+    node.wait_for_runs(node_instance, sensor_runs, len(STYLES), deadline)
+    (node.grid.parent / "subjects" / "new.txt").write_text("grace hopper\n")
+    runs = node.wait_for_runs(node_instance, sensor_runs, 2 * len(STYLES), deadline)
+    new_list_runs = [run for run in runs if run.tags["dagster/run_key"].startswith("new.txt:")]
+    assert sorted(run.tags["dagster/partition"] for run in new_list_runs) == sorted(STYLES)
+    for style in STYLES:
+        assert all(path.is_file() for path in image_paths(node.grid, style, ["grace hopper", *SUBJECTS])), style

@@ -1,0 +1,124 @@
+"""Claiming devices on a node: one run per device, freed when a run ends, fails or is killed.
+
+A CPU machine stands in for a GPU node with a simulated device count.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from sd_assets.orchestration.resources import GeneratorResource
+from sd_assets.domain.devices import claim_device
+from sd_assets.domain.errors import SdAssetsError
+from sd_assets_tests.helpers import materialize_style
+
+WORKTREE = Path(__file__).resolve().parents[1]
+
+HOLDER = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from sd_assets.domain.devices import claim_device
+
+    with claim_device(Path(sys.argv[1]), int(sys.argv[2]), wait_seconds=0) as claim:
+        print(claim.index, flush=True)
+        time.sleep(600)
+    """
+)
+
+
+def start_holder(lock_dir: Path, count: int) -> tuple[subprocess.Popen, int]:
+    """Another process (another run) that claims a device and keeps it; returns it and its index."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(lock_dir), str(count)],
+        cwd=WORKTREE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    line = holder.stdout.readline()
+    assert line.strip().isdigit(), f"the holder did not claim a device (exit {holder.poll()})"
+    return holder, int(line)
+
+
+def test_claims_take_the_lowest_free_device_and_give_it_back(tmp_path):
+    with claim_device(tmp_path, 3) as first, claim_device(tmp_path, 3) as second:
+        assert (first.index, second.index) == (0, 1)
+        assert first.lock_path.read_text() == f"{os.getpid()}\n"
+    with claim_device(tmp_path, 3) as again:
+        assert again.index == 0
+
+
+def test_when_every_device_is_busy_the_error_says_how_to_queue_instead(tmp_path):
+    with claim_device(tmp_path, 1):
+        with pytest.raises(SdAssetsError, match=r"all 1 devices stayed busy for 0 s .*set the 'gpu' pool limit"):
+            with claim_device(tmp_path, 1, wait_seconds=0):
+                pass
+
+
+def test_a_failing_run_gives_its_device_back(tmp_path):
+    with pytest.raises(RuntimeError):
+        with claim_device(tmp_path, 1):
+            raise RuntimeError("generation failed")
+    with claim_device(tmp_path, 1, wait_seconds=0) as claim:
+        assert claim.index == 0
+
+
+def test_a_device_count_below_one_is_refused():
+    with pytest.raises(SdAssetsError, match="device_count is 0; it must be at least 1"):
+        with claim_device(Path("unused"), 0):
+            pass
+
+
+def test_another_process_gets_another_device(tmp_path):
+    with claim_device(tmp_path, 2) as mine:
+        holder, index = start_holder(tmp_path, 2)
+        try:
+            assert (mine.index, index) == (0, 1)
+        finally:
+            holder.kill()
+            holder.wait()
+
+
+def test_a_killed_run_frees_its_device(tmp_path):
+    holder, index = start_holder(tmp_path, 1)
+    try:
+        assert index == 0
+        with pytest.raises(SdAssetsError, match="all 1 devices stayed busy"):
+            with claim_device(tmp_path, 1, wait_seconds=0):
+                pass
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        assert holder.wait() == -signal.SIGKILL
+    with claim_device(tmp_path, 1, wait_seconds=0) as claim:
+        assert claim.index == 0
+
+
+def test_the_generator_resource_maps_claims_to_devices(tmp_path):
+    simulated = GeneratorResource(device="cpu", device_count=2, device_lock_dir=str(tmp_path))
+    with simulated.claim_device() as first, simulated.claim_device() as second:
+        assert (first, second) == (("cpu", 0), ("cpu", 1))
+    with GeneratorResource(device="cpu", device_lock_dir=str(tmp_path)).claim_device() as unclaimed:
+        assert unclaimed == ("cpu", None)
+
+
+def test_a_style_run_claims_a_free_device_and_reports_it(grid_path, instance, tmp_path):
+    locks = tmp_path / "locks"
+    with claim_device(locks, 2):
+        result = materialize_style(
+            grid_path, "Banksy", instance, SD_ASSETS_DEVICE_COUNT="2", SD_ASSETS_DEVICE_LOCKS=str(locks)
+        )
+    images = next(
+        m for m in result.get_asset_materialization_events() if m.asset_key == dg.AssetKey("style_images")
+    )
+    assert images.materialization.metadata["device_index"].value == 1
+    assert images.materialization.metadata["generated"].value == 4
+    with claim_device(locks, 2, wait_seconds=0) as first, claim_device(locks, 2, wait_seconds=0) as second:
+        assert (first.index, second.index) == (0, 1), "the run gave its device back"

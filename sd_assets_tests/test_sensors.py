@@ -1,0 +1,234 @@
+"""The new_subject_lists sensor and the subject lists it watches: what a user sees in ticks and runs."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from sd_assets.orchestration.sensors import NEW_SUBJECT_LISTS
+from sd_assets.definitions import build_definitions
+from sd_assets.domain.errors import GridError, SdAssetsError
+from sd_assets.domain.store import LocalStore
+from sd_assets.domain.subject_lists import (
+    FolderSource,
+    StoreSource,
+    decode_cursor,
+    encode_cursor,
+    read_subject_lists,
+    scan_subject_lists,
+)
+from sd_assets_tests.helpers import image_paths, materialize_style, write_grid
+
+STYLES = ["Banksy", "Andy Warhol"]
+AN_HOUR_AGO_NS = time.time_ns() - 3600 * 10**9
+
+
+def short_hash(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def settle(path: Path) -> None:
+    """Age a file's mtime past the sensor's settle window, as if written a while ago."""
+    os.utime(path, ns=(AN_HOUR_AGO_NS, AN_HOUR_AGO_NS))
+
+
+class SensorTicks:
+    """Evaluates the sensor tick after tick, carrying the cursor as the daemon does."""
+
+    def __init__(self, grid: Path, instance: dg.DagsterInstance):
+        self.defs = build_definitions({"SD_ASSETS_GRID": str(grid), "SD_ASSETS_DEVICE": "cpu"})
+        self.sensor = self.defs.resolve_sensor_def(NEW_SUBJECT_LISTS)
+        self.instance = instance
+        self.cursor: str | None = None
+
+    def tick(self) -> dg.SensorResult:
+        context = dg.build_sensor_context(
+            instance=self.instance, cursor=self.cursor, definitions=self.defs, resources=self.defs.resources
+        )
+        result = self.sensor(context)
+        if result.cursor is not None:
+            self.cursor = result.cursor
+        return result
+
+
+@pytest.fixture
+def grid(tmp_path) -> Path:
+    path = write_grid(tmp_path, styles=STYLES)
+    settle(tmp_path / "subjects" / "people.txt")
+    return path
+
+
+@pytest.fixture
+def ticks(grid, instance) -> SensorTicks:
+    return SensorTicks(grid, instance)
+
+
+def requests(result: dg.SensorResult) -> list[tuple[str, str]]:
+    return [(request.partition_key, request.run_key) for request in result.run_requests or []]
+
+
+def test_sensor_is_stopped_until_turned_on_and_targets_the_partitioned_job(ticks):
+    assert ticks.sensor.default_status == dg.DefaultSensorStatus.STOPPED
+    assert ticks.sensor.job_name == "generate_images"
+    assert ticks.sensor.minimum_interval_seconds == 30
+
+
+def test_a_list_asks_for_one_run_per_style_with_keys_from_its_hash(ticks, grid):
+    people = (grid.parent / "subjects" / "people.txt").read_bytes()
+    first = ticks.tick()
+    key = f"people.txt:{short_hash(people)}"
+    assert requests(first) == [("Banksy", f"{key}:Banksy"), ("Andy Warhol", f"{key}:Andy Warhol")]
+    again = ticks.tick()
+    assert requests(again) == []
+    assert "no new or changed subject lists among 1" in again.skip_reason.skip_message
+
+
+def test_a_changed_list_asks_again_with_new_keys_and_a_touched_one_does_not(ticks, grid):
+    people = grid.parent / "subjects" / "people.txt"
+    ticks.tick()
+    people.write_text("alan turing\nada lovelace\ngrace hopper\n")
+    settle(people)
+    changed = ticks.tick()
+    key = f"people.txt:{short_hash(people.read_bytes())}"
+    assert requests(changed) == [("Banksy", f"{key}:Banksy"), ("Andy Warhol", f"{key}:Andy Warhol")]
+    os.utime(people)  # touched: new mtime, same bytes
+    assert requests(ticks.tick()) == []
+
+
+def test_the_daemon_skips_run_keys_it_has_seen_so_nothing_fires_twice(ticks, grid):
+    """A cursor lost (reset in the UI) yields the same run keys again, which Dagster drops."""
+    first = requests(ticks.tick())
+    ticks.cursor = None
+    assert requests(ticks.tick()) == first
+
+
+def test_malformed_lists_are_skipped_with_a_message_and_good_lists_still_run(ticks, grid, capfd):
+    subjects = grid.parent / "subjects"
+    (subjects / "binary.txt").write_bytes(b"a\0b\n")
+    (subjects / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    (subjects / "empty.txt").write_text("# nothing yet\n\n")
+    (subjects / "long.txt").write_text("x" * 501 + "\n")
+    (subjects / "many.txt").write_text("\n".join(f"subject {i}" for i in range(10_001)))
+    result = ticks.tick()
+    assert [partition for partition, _ in requests(result)] == STYLES
+    assert all(run_key.startswith("people.txt:") for _, run_key in requests(result))
+    logged = capfd.readouterr().err
+    assert "skipped subject list binary.txt: binary content (a NUL byte)" in logged
+    assert "skipped subject list latin1.txt: not UTF-8 text (byte 3)" in logged
+    assert "skipped subject list empty.txt: no subjects" in logged
+    assert "skipped subject list long.txt, line 1: 501 characters" in logged
+    assert "skipped subject list many.txt: 10001 subjects, more than max_subjects_per_list=10000" in logged
+    quiet = ticks.tick()
+    assert requests(quiet) == []
+    assert "skipped subject list" not in capfd.readouterr().err, "a bad list is reported once per content"
+    (subjects / "empty.txt").write_text("grace hopper\n")
+    fixed = ticks.tick()
+    assert {run_key.split(":")[0] for _, run_key in requests(fixed)} == {"empty.txt"}
+
+
+def test_lists_found_together_cost_one_run_per_style(ticks, grid):
+    subjects = grid.parent / "subjects"
+    for name in ("b.txt", "c.txt"):
+        (subjects / name).write_text(f"subject of {name}\n")
+    result = ticks.tick()
+    run_keys = [run_key for _, run_key in requests(result)]
+    assert len(run_keys) == 2
+    assert all(run_key.startswith("b.txt+2more:") for run_key in run_keys)
+
+
+def test_an_unreadable_cursor_is_reported_and_every_list_read_again(ticks, capfd):
+    ticks.cursor = "not a cursor"
+    result = ticks.tick()
+    assert len(requests(result)) == 2
+    assert "the subject list cursor is unreadable" in capfd.readouterr().err
+    assert decode_cursor(ticks.cursor).keys() == {"people.txt"}
+
+
+def test_a_missing_subjects_folder_fails_the_tick_with_the_folder_named(ticks, grid):
+    (grid.parent / "subjects" / "people.txt").unlink()
+    (grid.parent / "subjects").rmdir()
+    with pytest.raises(GridError, match="subject lists folder .*subjects does not exist"):
+        ticks.tick()
+
+
+def test_the_sensor_interval_comes_from_the_environment(grid):
+    defs = build_definitions({"SD_ASSETS_GRID": str(grid), "SD_ASSETS_SENSOR_INTERVAL": "2"})
+    assert defs.resolve_sensor_def(NEW_SUBJECT_LISTS).minimum_interval_seconds == 2
+    with pytest.raises(SdAssetsError, match="SD_ASSETS_SENSOR_INTERVAL='0': expected a whole number of 1 or more"):
+        build_definitions({"SD_ASSETS_GRID": str(grid), "SD_ASSETS_SENSOR_INTERVAL": "0"})
+
+
+def test_unchanged_lists_are_not_read_again(tmp_path):
+    for i in range(50):
+        (tmp_path / f"list-{i:02d}.txt").write_text(f"subject {i}\n")
+        settle(tmp_path / f"list-{i:02d}.txt")
+    source = FolderSource(tmp_path)
+    first = scan_subject_lists(source, {}, max_subjects=100)
+    assert (first.listed, first.read, len(first.changed)) == (50, 50, 50)
+    state = decode_cursor(encode_cursor(first.state))
+    assert state == first.state
+    second = scan_subject_lists(source, state, max_subjects=100)
+    assert (second.listed, second.read, second.changed) == (50, 0, [])
+
+
+def test_a_just_written_list_is_read_again_until_it_settles(tmp_path):
+    """Two writes within one mtime tick keep (size, mtime): a fresh file is not trusted yet."""
+    fresh = tmp_path / "fresh.txt"
+    fresh.write_text("grace hopper\n")
+    written = fresh.stat()
+    source = FolderSource(tmp_path)
+    first = scan_subject_lists(source, {}, max_subjects=100)
+    fresh.write_text("ada lovelace\n")  # same size; mtime put back as if in the same tick
+    os.utime(fresh, ns=(written.st_atime_ns, written.st_mtime_ns))
+    second = scan_subject_lists(source, first.state, max_subjects=100)
+    assert [sl.subjects for sl in second.changed] == [("ada lovelace",)]
+    settle(fresh)
+    third = scan_subject_lists(source, second.state, max_subjects=100)
+    assert (third.read, third.changed) == (1, [])
+    assert (scan_subject_lists(source, third.state, max_subjects=100).read) == 0
+
+
+def test_lists_in_a_store_prefix_are_found_through_the_store_interface(tmp_path):
+    store = LocalStore(tmp_path / "bucket")
+    store.write_text("subjects/people.txt", "alan turing\n")
+    store.write_text("subjects/nested/ignored.txt", "not a list of this prefix\n")
+    store.write_text("subjects/notes.md", "not a list\n")
+    source = StoreSource(store)
+    first = scan_subject_lists(source, {}, max_subjects=100)
+    assert [sl.name for sl in first.changed] == ["people.txt"]
+    assert scan_subject_lists(source, first.state, max_subjects=100).changed == []
+    store.write_text("subjects/people.txt", "ada lovelace\n")
+    assert [sl.subjects for sl in scan_subject_lists(source, first.state, max_subjects=100).changed] == [
+        ("ada lovelace",)
+    ]
+
+
+def test_reading_lists_skips_bad_ones_and_fails_only_when_none_is_valid(tmp_path):
+    (tmp_path / "good.txt").write_text("alan turing\n")
+    (tmp_path / "bad.txt").write_bytes(b"\xff\xfe")
+    read = read_subject_lists(FolderSource(tmp_path), max_subjects=100)
+    assert [sl.name for sl in read.lists] == ["good.txt"]
+    assert read.problems == ["skipped subject list bad.txt: not UTF-8 text (byte 0): invalid start byte"]
+    (tmp_path / "good.txt").unlink()
+    with pytest.raises(GridError, match=r"no valid subject lists in .*\n- skipped subject list bad.txt"):
+        read_subject_lists(FolderSource(tmp_path), max_subjects=100)
+
+
+def test_a_malformed_list_does_not_fail_a_run(grid_path, instance):
+    (grid_path.parent / "subjects" / "broken.txt").write_bytes(b"\0\0\0")
+    (grid_path.parent / "subjects" / "more.txt").write_text("grace hopper\n")
+    result = materialize_style(grid_path, "Banksy", instance)
+    prompt_grid = next(
+        m for m in result.get_asset_materialization_events() if m.asset_key == dg.AssetKey("prompt_grid")
+    )
+    metadata = prompt_grid.materialization.metadata
+    assert metadata["subject_lists"].value == "more.txt, people.txt"
+    assert metadata["skipped_subject_lists"].value == (
+        "skipped subject list broken.txt: binary content (a NUL byte); expected UTF-8 text"
+    )
+    assert all(path.is_file() for path in image_paths(grid_path, "Banksy", ["grace hopper"]))
