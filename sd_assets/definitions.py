@@ -79,7 +79,6 @@ def build_definitions(environ: Mapping[str, str] | None = None) -> dg.Definition
     generate_job = dg.define_asset_job(
         GENERATE_JOB,
         selection=dg.AssetSelection.all(),
-        partitions_def=styles,
         # One process per run: the model loads once and steps pay no process start-up.
         executor_def=dg.in_process_executor,
         description="Make a style's missing images, its gallery pages and catalog rows, and refresh the index.",

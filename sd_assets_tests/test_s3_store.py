@@ -15,12 +15,13 @@ import pytest
 from moto.server import ThreadedMotoServer
 from PIL import Image
 
-from sd_assets.domain.errors import ModelError, StoreError
+from sd_assets.domain.errors import GridError, ModelError, StoreError
 from sd_assets.domain.grid import load_grid
 from sd_assets.domain.models import MANIFEST, local_model_folder, read_model_ref
 from sd_assets.domain.pngmeta import PROVENANCE_CHUNK
 from sd_assets.domain.s3_store import S3Store
 from sd_assets.domain.store import open_store
+from sd_assets.domain.subject_lists import StoreSource, read_subject_lists
 from sd_assets_tests.helpers import materialize_style, write_grid
 
 
@@ -132,6 +133,8 @@ def test_two_styles_on_s3_then_a_corrupted_model_object(bucket, tmp_path, instan
     grid_path = write_grid(tmp_path)
     url = f"s3://{bucket}/grid"
     environ = {"SD_ASSETS_STORAGE": url, "SD_ASSETS_MODEL_CACHE": str(tmp_path / "node-cache")}
+    # With an S3 store, workers on every node read the subject lists from the bucket.
+    boto3.client("s3").upload_file(str(tmp_path / "subjects" / "people.txt"), bucket, "grid/subjects/people.txt")
 
     first = materialize_style(grid_path, "Banksy", instance, **environ)
     second = materialize_style(grid_path, "Andy Warhol", instance, **environ)
@@ -201,3 +204,9 @@ def test_two_styles_on_s3_then_a_corrupted_model_object(bucket, tmp_path, instan
     copy = local_model_folder(store, ref, tmp_path / "new-node")
     assert unet["bytes"] <= copy.bytes_copied < weights["model_bytes"]
     assert (copy.folder / unet["path"]).read_bytes() == good and (copy.folder / MANIFEST).is_file()
+
+
+def test_an_s3_store_without_subject_lists_says_where_to_put_them(bucket):
+    source = StoreSource(open_store(f"s3://{bucket}/empty"))
+    with pytest.raises(GridError, match=rf"no \*\.txt files\); .*aws s3 cp subjects/ s3://{bucket}/empty/subjects/"):
+        read_subject_lists(source, 100)

@@ -48,6 +48,7 @@ class SubjectSource(ABC):
     """A place holding subject lists."""
 
     location: str
+    empty_hint: str = ""
 
     @abstractmethod
     def listing(self) -> list[ListedFile]:
@@ -91,6 +92,10 @@ class StoreSource(SubjectSource):
         self.store = store
         self.prefix = prefix
         self.location = store.location(prefix)
+        self.empty_hint = (
+            f"; with this storage the subject lists live in the store: copy them there, "
+            f"for example `aws s3 cp subjects/ {self.location} --recursive`"
+        )
 
     def listing(self) -> list[ListedFile]:
         keys = [
@@ -148,7 +153,7 @@ def read_subject_lists(source: SubjectSource, max_subjects: int) -> SubjectListR
         else:
             problems.append(problem)
     if not lists:
-        detail = "".join(f"\n- {p}" for p in problems) or " (no *.txt files)"
+        detail = "".join(f"\n- {p}" for p in problems) or f" (no *.txt files){source.empty_hint}"
         raise GridError(f"no valid subject lists in {source.location}{detail}")
     return SubjectListRead(lists, problems)
 

@@ -1,0 +1,94 @@
+"""The asset graph end to end on the embedded default: images, catalog, galleries, idempotence."""
+
+import json
+import shutil
+
+import pandas as pd
+from PIL import Image
+
+from sd_assets.domain.pngmeta import read_provenance
+from sd_assets_tests.helpers import materialize_style
+
+STYLES = ("Banksy", "Andy Warhol")
+
+
+def _metadata(result, asset: str) -> dict:
+    [event] = [
+        e for e in result.get_asset_materialization_events() if e.asset_key.to_user_string() == asset
+    ]
+    materialization = event.step_materialization_data.materialization
+    return {k: v.value for k, v in materialization.metadata.items()} | {
+        "data_version": materialization.tags.get("dagster/data_version")
+    }
+
+
+def _pngs(root):
+    return {p.name: p.stat().st_mtime_ns for p in (root / "images").rglob("*.png")}
+
+
+def test_two_styles_make_images_catalog_and_gallery(grid_path, instance):
+    data = grid_path.parent / "data"
+    results = {style: materialize_style(grid_path, style, instance) for style in STYLES}
+
+    images = _pngs(data)
+    assert len(images) == 2 * 2 * 2, "2 styles x 2 subjects x 2 images"
+    for style, result in results.items():
+        meta = _metadata(result, "style_images")
+        assert meta["generated"] == 4 and meta["skipped"] == 0 and meta["device"] == "cpu"
+        assert meta["images_per_minute"] > 0 and "data:image/png;base64," in meta["previews"]
+
+    catalog = pd.concat(pd.read_parquet(p) for p in (data / "catalog").glob("*.parquet"))
+    assert len(catalog) == 8 and set(catalog["style"]) == set(STYLES)
+    assert set(catalog["run_id"]) == {r.run_id for r in results.values()}
+    assert set(catalog["model_id"]) == {"tiny-random"} and set(catalog["steps"]) == {2}
+    for row in catalog.itertuples():
+        provenance = read_provenance((data / row.path.split("/data/", 1)[1]).read_bytes())
+        assert (provenance.key, provenance.seed, provenance.prompt) == (row.key, row.seed, row.prompt)
+        with Image.open(row.path) as image:
+            assert image.size == (64, 64) and image.mode == "RGB"
+            assert image.text["parameters"].splitlines()[0] == row.prompt
+
+    # A contact-sheet row compares styles under the same starting noise.
+    seeds = catalog.pivot_table(index=["subject", "image_index"], columns="style", values="seed")
+    assert (seeds["Banksy"] == seeds["Andy Warhol"]).all()
+
+    index = (data / "gallery" / "index.html").read_text()
+    assert "8 of 8 images made across 2 styles" in index
+    assert (data / "gallery" / "andy-warhol" / "page-1.html").is_file()
+
+
+def test_second_run_makes_nothing_and_a_new_subject_makes_exactly_its_images(grid_path, instance):
+    data = grid_path.parent / "data"
+    first = {style: materialize_style(grid_path, style, instance) for style in STYLES}
+    before = _pngs(data)
+    assert len(before) == 8
+
+    again = materialize_style(grid_path, "Banksy", instance)
+    meta = _metadata(again, "style_images")
+    assert meta["generated"] == 0 and meta["skipped"] == 4
+    assert _pngs(data) == before, "no image was written again"
+    assert meta["data_version"] == _metadata(first["Banksy"], "style_images")["data_version"]
+
+    (grid_path.parent / "subjects" / "more.txt").write_text("grace hopper\n")
+    grown = {style: materialize_style(grid_path, style, instance) for style in STYLES}
+    after = _pngs(data)
+    assert {k: v for k, v in after.items() if k in before} == before, "old images untouched"
+    assert len(after) == len(before) + len(STYLES) * 2, "styles x images_per_prompt new images"
+    for style in STYLES:
+        meta = _metadata(grown[style], "style_images")
+        assert meta["generated"] == 2 and meta["skipped"] == 4
+        assert meta["data_version"] != _metadata(first[style], "style_images")["data_version"]
+    grid_rows = json.loads((data / "grids" / "banksy.json").read_text())
+    assert sorted({r["subject"] for r in grid_rows}) == ["ada lovelace", "alan turing", "grace hopper"]
+
+
+def test_a_crash_after_writing_pngs_loses_no_catalog_rows(grid_path, instance):
+    data = grid_path.parent / "data"
+    materialize_style(grid_path, "Banksy", instance)
+    # As if the run had died after the PNGs were written but before their records were merged.
+    (data / "catalog" / "banksy.parquet").unlink()
+    shutil.rmtree(data / "catalog" / "pending", ignore_errors=True)
+    result = materialize_style(grid_path, "Banksy", instance)
+    meta = _metadata(result, "image_catalog")
+    assert meta["recovered_from_png"] == 4 and meta["rows"] == 4
+    assert _metadata(result, "style_images")["generated"] == 0

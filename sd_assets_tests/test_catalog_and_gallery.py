@@ -1,0 +1,101 @@
+"""Catalog merging and searching, and the static gallery pages, on a local store."""
+
+import hashlib
+import re
+
+import pandas as pd
+from PIL import Image
+
+from sd_assets.domain import catalog, gallery
+from sd_assets.domain.pngmeta import Provenance, encode_png, image_key_path
+from sd_assets.domain.prompts import PromptRow
+from sd_assets.domain.store import LocalStore
+
+
+def _row(subject: str, style: str, index: int = 0) -> PromptRow:
+    key = hashlib.sha256(f"{subject}|{style}|{index}".encode()).hexdigest()
+    return PromptRow(subject, style, index, f"{subject} by {style}", "", 100 + index, key)
+
+
+def _provenance(row: PromptRow, run_id: str) -> Provenance:
+    return Provenance(
+        key=row.key, subject=row.subject, style=row.style, image_index=row.image_index, prompt=row.prompt,
+        negative_prompt="", seed=row.seed, model_id="tiny-random", model_revision="0" * 40,
+        scheduler="PNDMScheduler", steps=2, guidance_scale=7.5, width=64, height=64, run_id=run_id,
+        partition=row.style, created="2026-11-27T00:00:00+00:00", device="cpu", dtype="float32",
+    )  # fmt: skip
+
+
+def _store_image(store: LocalStore, row: PromptRow, run_id: str) -> dict:
+    key = image_key_path(row.key)
+    store.write_bytes(key, encode_png(Image.new("RGB", (64, 64)), _provenance(row, run_id)))
+    return catalog.catalog_record(_provenance(row, run_id), store.location(key))
+
+
+def test_merge_folds_pending_records_and_recovers_rows_from_pngs(tmp_path):
+    store = LocalStore(tmp_path)
+    rows = [_row("alan turing", "Banksy"), _row("ada lovelace", "Banksy"), _row("grace hopper", "Banksy")]
+    records = [_store_image(store, row, "run-1") for row in rows[:2]]
+    catalog.write_pending(store, "Banksy", "run-1-000002", records)
+    _store_image(store, rows[2], "run-crashed")  # PNG written, record never flushed
+    merged, report = catalog.merge_catalog(store, "Banksy", rows)
+    assert report.rows == 3 and report.added_from_records == 2 and report.recovered_from_png == 1
+    assert set(merged["run_id"]) == {"run-1", "run-crashed"}
+    assert list(store.list_keys("catalog/pending/")) == []
+    again, report = catalog.merge_catalog(store, "Banksy", rows)
+    assert len(again) == 3 and report.added_from_records == 0 and report.recovered_from_png == 0
+
+
+def test_rows_of_an_old_grid_stay_in_the_catalog(tmp_path):
+    store = LocalStore(tmp_path)
+    old = _row("alan turing", "Banksy")
+    catalog.write_pending(store, "Banksy", "r1", [_store_image(store, old, "r1")])
+    catalog.merge_catalog(store, "Banksy", [old])
+    merged, _ = catalog.merge_catalog(store, "Banksy", [_row("ada lovelace", "Banksy")])
+    assert list(merged["subject"]) == ["alan turing"]
+
+
+def test_search_is_case_insensitive_substring_and(tmp_path):
+    frame = pd.DataFrame(
+        [
+            {"subject": "Alan Turing", "style": "Banksy", "model_id": "tiny-random", "run_id": "abc"},
+            {"subject": "alan turing", "style": "Vincent Van Gogh", "model_id": "tiny-random", "run_id": "def"},
+            {"subject": "ada lovelace", "style": "Vincent Van Gogh", "model_id": "org/sd", "run_id": "abc"},
+        ]
+    )
+    assert len(catalog.search(frame, subject="TURING")) == 2
+    assert list(catalog.search(frame, subject="turing", style="van")["run_id"]) == ["def"]
+    assert list(catalog.search(frame, model_id="org", run_id="ab")["subject"]) == ["ada lovelace"]
+    assert len(catalog.search(frame)) == 3
+
+
+def test_style_pages_paginate_escape_and_link_relatively(tmp_path):
+    store = LocalStore(tmp_path)
+    rows = [_row(f"subject {i}", "Banksy") for i in range(5)] + [_row("<script>alert(1)</script>", "Banksy")]
+    present = {r.key for r in rows[:4]}
+    keys = gallery.render_style_pages(store, "Banksy", rows, present, page_size=4)
+    assert keys == ["gallery/banksy/page-1.html", "gallery/banksy/page-2.html"]
+    first = store.read_text(keys[0])
+    assert first.count("<img ") == 4 and "4 of 6 images made" in first
+    assert f'src="../../images/{rows[0].key[:2]}/{rows[0].key}.png"' in first
+    assert f"seed {rows[0].seed}" in first and 'href="page-2.html"' in first
+    second = store.read_text(keys[1])
+    assert "<script>alert" not in second and "&lt;script&gt;" in second
+    assert second.count("not generated yet") == 2
+    # A smaller grid later removes the page that no longer exists.
+    gallery.render_style_pages(store, "Banksy", rows[:2], present, page_size=4)
+    assert not store.exists(keys[1])
+
+
+def test_index_lists_styles_and_a_contact_sheet(tmp_path):
+    store = LocalStore(tmp_path)
+    banksy = [_row("alan turing", "Banksy", i) for i in range(2)]
+    warhol = [_row("alan turing", "Andy Warhol", i) for i in range(2)]
+    present = {banksy[0].key, banksy[1].key, warhol[0].key}
+    summaries = [gallery.StyleSummary("Banksy", 2, 2), gallery.StyleSummary("Andy Warhol", 2, 1)]
+    gallery.render_index(store, summaries, {"Banksy": banksy, "Andy Warhol": warhol}, present)
+    html = store.read_text(gallery.INDEX_KEY)
+    assert 'href="banksy/page-1.html"' in html and 'href="andy-warhol/page-1.html"' in html
+    assert "1 of 2 images" in html and "3 of 4 images made" in html
+    cells = re.findall(r'<img src="\.\./images/[0-9a-f]{2}/([0-9a-f]+)\.png"', html)
+    assert cells == [banksy[0].key, warhol[0].key], "image 1 of each subject in each style"

@@ -1,0 +1,74 @@
+"""The command line as a user runs it: dagster job execute, definitions validate, sd-assets."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def _run(args, env_extra, cwd=REPO, check=True):
+    env = {**os.environ, **env_extra}
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    if check:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture
+def cli_env(grid_path, tmp_path):
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text((REPO / "dagster.yaml").read_text())
+    return {"SD_ASSETS_GRID": str(grid_path), "DAGSTER_HOME": str(home), "SD_ASSETS_DEVICE": "cpu"}
+
+
+def test_dagster_job_execute_makes_a_style_and_search_finds_it(cli_env, grid_path):
+    data = grid_path.parent / "data"
+    _run(
+        [BIN / "dagster", "job", "execute", "-m", "sd_assets", "-j", "generate_images",
+         "--tags", json.dumps({"dagster/partition": "Andy Warhol"})],
+        cli_env,
+    )  # fmt: skip
+    assert len(list((data / "images").rglob("*.png"))) == 4
+    assert (data / "gallery" / "index.html").is_file()
+
+    found = json.loads(_run([BIN / "sd-assets", "search", "--subject", "TURING", "--json"], cli_env).stdout)
+    assert len(found) == 2 and {r["style"] for r in found} == {"Andy Warhol"}
+    assert {"key", "prompt", "negative_prompt", "seed", "model_id", "model_revision", "steps",
+            "guidance_scale", "width", "height", "run_id", "partition", "path", "created"} <= set(found[0])  # fmt: skip
+    assert all(Path(r["path"]).is_file() for r in found)
+
+    table = _run([BIN / "sd-assets", "search", "--style", "warhol", "--model", "tiny"], cli_env)
+    assert table.stdout.splitlines()[0].split()[:3] == ["subject", "style", "image_index"]
+    assert len(table.stdout.splitlines()) == 1 + 4 and "4 images" in table.stderr
+    none = _run([BIN / "sd-assets", "search", "--style", "warhol", "--run", "no-such-run", "--json"], cli_env)
+    assert json.loads(none.stdout) == []
+
+
+def test_demo_ends_with_the_gallery_path(cli_env, grid_path):
+    result = _run([BIN / "sd-assets", "demo", "--style", "Banksy"], cli_env)
+    last = result.stdout.strip().splitlines()[-1]
+    assert last == str(grid_path.parent / "data" / "gallery" / "index.html")
+    assert "1 of 2" not in Path(last).read_text() and "4 of 4 images made" in Path(last).read_text()
+
+
+def test_definitions_validate_on_the_repo_and_a_clear_error_for_a_bad_grid(tmp_path):
+    _run([BIN / "dagster", "definitions", "validate", "-m", "sd_assets"], {})
+    bad = tmp_path / "grid.yaml"
+    bad.write_text("styles: []\nsubjects_dir: s\nmodel: {id: tiny-random}\n")
+    result = _run([BIN / "dagster", "definitions", "validate", "-m", "sd_assets"], {"SD_ASSETS_GRID": str(bad)},
+                  check=False)  # fmt: skip
+    assert result.returncode != 0
+    assert f"{bad}: field 'styles' = []: needs at least one style" in result.stdout + result.stderr
+
+
+def test_search_reports_a_bad_grid_without_a_traceback(tmp_path):
+    result = _run([BIN / "sd-assets", "search"], {"SD_ASSETS_GRID": str(tmp_path / "missing.yaml")}, check=False)
+    assert result.returncode == 2
+    assert "grid file" in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,115 @@
+"""The grid file: what loads, and the errors a user gets for what does not."""
+
+from pathlib import Path
+
+import pytest
+
+from sd_assets.domain.errors import GridError
+from sd_assets.domain.grid import load_grid, parse_subject_list, slugify, unique_subjects
+from sd_assets_tests.helpers import write_grid
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_demo_grid_loads_with_paths_relative_to_the_file():
+    grid = load_grid(REPO / "grid.yaml")
+    assert grid.styles[0] == "Banksy" and len(grid.styles) == 6
+    assert grid.subjects_dir == REPO / "subjects"
+    assert grid.storage == str(REPO / "data")
+    assert grid.images_per_prompt == 2 and grid.seed == 42
+    assert grid.model.id == "tiny-random" and grid.inference.batch_size == 4
+    assert grid.prompt("alan turing", "Banksy") == "alan turing by Banksy"
+
+
+def test_sd15_example_grid_loads():
+    grid = load_grid(REPO / "examples" / "grid-sd15.yaml")
+    assert grid.inference.width == 512 and grid.inference.steps == 50
+    assert grid.model.id == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+
+def _error_for(tmp_path, text: str) -> str:
+    path = tmp_path / "grid.yaml"
+    path.write_text(text)
+    with pytest.raises(GridError) as caught:
+        load_grid(path)
+    message = str(caught.value)
+    assert str(path) in message, "the error names the file"
+    return message
+
+
+VALID = """\
+styles: [Banksy]
+subjects_dir: subjects
+model: {id: tiny-random}
+"""
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (VALID.replace("styles: [Banksy]\n", ""), "missing field 'styles'"),
+        (VALID + "colour: red\n", "unknown field 'colour'"),
+        (VALID + "inference: {stepz: 3}\n", "unknown field 'inference.stepz'"),
+        (VALID.replace("[Banksy]", "[]"), "field 'styles' = []: needs at least one style"),
+        (VALID.replace("[Banksy]", "[Banksy, Banksy]"), "'Banksy' duplicates 'Banksy'"),
+        (VALID.replace("[Banksy]", "[Andy Warhol, andy-warhol]"), "duplicates 'Andy Warhol'"),
+        (VALID.replace("[Banksy]", '["a/b"]'), "style 'a/b' may hold only"),
+        (VALID.replace("[Banksy]", '["bad...dots, ok"]'), "may hold only"),
+        (VALID.replace("[Banksy]", '[" padded"]'), "may hold only"),
+        (VALID + "inference: {steps: 0}\n", "field 'inference.steps' = 0"),
+        (VALID + "inference: {width: 100}\n", "field 'inference.width' = 100"),
+        (VALID + "inference: {batch_size: lots}\n", "inference.batch_size"),
+        (VALID + 'prompt_template: "{style} only"\n', "must contain {subject}"),
+        (VALID + 'prompt_template: "{subject} in {city}"\n', "unknown fields ['city']"),
+        ("styles: [Banksy\n", "not valid YAML"),
+        ("- just a list\n", "expected a mapping"),
+    ],
+)
+def test_bad_grid_files_name_the_field_and_value(tmp_path, text, expected):
+    assert expected in _error_for(tmp_path, text)
+
+
+def test_missing_grid_file_says_how_to_point_at_one(tmp_path):
+    with pytest.raises(GridError, match="SD_ASSETS_GRID"):
+        load_grid(tmp_path / "nope.yaml")
+
+
+def test_subject_lists_skip_blank_lines_and_comments():
+    parsed = parse_subject_list("people.txt", b"# heading\nalan turing\n\n  ada lovelace  \n#x\n")
+    assert parsed.subjects == ("alan turing", "ada lovelace")
+    assert len(parsed.sha256) == 64
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (b"\x00\x01binary", "binary content"),
+        (b"caf\xe9\n", "not UTF-8"),
+        (b"# only a comment\n\n", "no subjects"),
+        (b"x" * 501 + b"\n", "line 1: 501 characters"),
+    ],
+)
+def test_malformed_subject_lists_are_refused_with_the_reason(data, expected):
+    with pytest.raises(GridError, match=expected):
+        parse_subject_list("bad.txt", data)
+
+
+def test_subject_cap_is_enforced():
+    with pytest.raises(GridError, match="3 subjects, more than max_subjects_per_list=2"):
+        parse_subject_list("many.txt", b"a\nb\nc\n", max_subjects=2)
+
+
+def test_a_subject_in_two_lists_is_made_once():
+    first = parse_subject_list("a.txt", b"alan turing\nada lovelace\n")
+    second = parse_subject_list("b.txt", b"ada lovelace\ngrace hopper\n")
+    assert unique_subjects([first, second]) == ["alan turing", "ada lovelace", "grace hopper"]
+
+
+def test_slugs_are_file_safe():
+    assert slugify("Jean-Michel Basquiat") == "jean-michel-basquiat"
+    assert slugify("Frida Kahlo") == "frida-kahlo"
+
+
+def test_written_grid_helper_round_trips(tmp_path):
+    grid = load_grid(write_grid(tmp_path, styles=("Banksy", "Frida Kahlo")))
+    assert grid.styles == ["Banksy", "Frida Kahlo"]

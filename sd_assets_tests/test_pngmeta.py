@@ -1,0 +1,34 @@
+"""PNG text chunks: the AUTOMATIC1111 'parameters' line and the JSON provenance."""
+
+import io
+import json
+
+from PIL import Image
+
+from sd_assets.domain.pngmeta import Provenance, a1111_parameters, encode_png, read_provenance
+
+PROVENANCE = Provenance(
+    key="k" * 64, subject="alan turing", style="Banksy", image_index=0, prompt="alan turing by Banksy",
+    negative_prompt="blurry", seed=1234, model_id="tiny-random", model_revision="0123456789abcdef" * 2 + "01234567",
+    scheduler="PNDMScheduler", steps=4, guidance_scale=7.5, width=64, height=64, run_id="run-1",
+    partition="Banksy", created="2026-11-27T00:00:00+00:00", device="cpu", dtype="float32",
+)  # fmt: skip
+
+
+def test_parameters_chunk_is_in_the_web_ui_format():
+    text = a1111_parameters(PROVENANCE)
+    assert text.splitlines() == [
+        "alan turing by Banksy",
+        "Negative prompt: blurry",
+        "Steps: 4, Sampler: PLMS, CFG scale: 7.5, Seed: 1234, Size: 64x64, Model hash: 0123456789, Model: tiny-random",
+    ]
+
+
+def test_png_carries_both_chunks_and_round_trips():
+    data = encode_png(Image.new("RGB", (64, 64), (200, 10, 10)), PROVENANCE)
+    with Image.open(io.BytesIO(data)) as image:
+        assert image.size == (64, 64)
+        assert image.getpixel((3, 3)) == (200, 10, 10)
+        assert image.text["parameters"].startswith("alan turing by Banksy\n")
+        assert json.loads(image.text["sd-assets"])["seed"] == 1234
+    assert read_provenance(data) == PROVENANCE
