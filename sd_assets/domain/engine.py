@@ -55,7 +55,7 @@ class LoadedPipeline:
     scheduler: str
     compiled: bool
     load_seconds: float
-    compile_seconds: float | None = None
+    # (batch size, width, height) already run once: with ``compiled``, a new shape compiles first.
     warmed_shapes: set = field(default_factory=set)
 
 
@@ -89,7 +89,7 @@ def load_pipeline(
         import diffusers
         import torch
 
-        kwargs: dict[str, Any] = {"torch_dtype": getattr(torch, dtype)}
+        kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype)}
         if not safety_checker:
             kwargs.update(safety_checker=None, requires_safety_checker=False)
         try:
@@ -201,6 +201,9 @@ class GenerationStats:
     seconds: float = 0.0
     first_batch_seconds: float | None = None
     batch_size: int = 0
+    # With torch.compile: time of the batches that compiled a new shape, less what running them
+    # warm would have taken (estimated per image from the other batches).
+    compile_seconds: float = 0.0
 
     @property
     def images_per_second(self) -> float:
@@ -221,13 +224,19 @@ def generate(
     ``on_progress(done, total, elapsed_seconds)`` is called after each batch.
     """
     stats = GenerationStats(batch_size=batch_size)
+    cold: list[tuple[int, float]] = []
+    warm: list[tuple[int, float]] = []
     start = time.perf_counter()
     for offset in range(0, len(rows), batch_size):
         batch = rows[offset : offset + batch_size]
+        shape = (len(batch), settings.width, settings.height)
         batch_start = time.perf_counter()
         pixels = render_batch(loaded, batch, settings)
+        batch_seconds = time.perf_counter() - batch_start
         if stats.first_batch_seconds is None:
-            stats.first_batch_seconds = time.perf_counter() - batch_start
+            stats.first_batch_seconds = batch_seconds
+        (cold if loaded.compiled and shape not in loaded.warmed_shapes else warm).append((len(batch), batch_seconds))
+        loaded.warmed_shapes.add(shape)
         for row, image in zip(batch, pixels):
             writer.submit(on_image, row, image)
         writer.raise_first_error()
@@ -235,6 +244,9 @@ def generate(
         if on_progress is not None:
             on_progress(stats.generated, len(rows), time.perf_counter() - start)
     stats.seconds = time.perf_counter() - start
+    if cold:
+        warm_per_image = sum(t for _, t in warm) / sum(n for n, _ in warm) if warm else 0.0
+        stats.compile_seconds = sum(max(t - n * warm_per_image, 0.0) for n, t in cold)
     return stats
 
 
