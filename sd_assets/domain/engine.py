@@ -2,8 +2,9 @@
 
 Owns device and dtype choice, loading a pipeline once per process, the batch size (given, or
 ``auto``: the largest that fits, found once and remembered), one ``torch.Generator`` per image
-(so an image's pixels do not depend on the batch it landed in), and handing finished pixels to a
-bounded background pool that encodes and stores them while the GPU works on the next batch.
+(so an image's starting noise, and so its picture, do not depend on the batch it landed in), and
+handing finished pixels to a bounded background pool that encodes and stores them while the GPU
+works on the next batch.
 
 torch and diffusers are imported inside functions: a run with nothing to generate never pays
 for them.
@@ -124,8 +125,10 @@ def load_pipeline(
 def render_batch(loaded: LoadedPipeline, rows: Sequence[PromptRow], settings: GenerationSettings):
     """Generate one batch; returns uint8 pixels, shape (len(rows), height, width, 3), on the CPU.
 
-    Each image gets its own generator seeded with its row's seed, so its starting noise, and on
-    CPU its pixels, are the same whichever batch it is in.
+    Each image gets its own generator seeded with its row's seed, so its starting noise is the same
+    whichever batch it is in. Its pixels are the same picture too, though not always bit for bit:
+    batched kernels sum in another order, and on a CPU in float32 a few of an image's 8-bit values
+    (one in thousands) can land one level apart.
     """
     import torch
 
