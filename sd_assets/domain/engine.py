@@ -2,8 +2,9 @@
 
 Owns device and dtype choice, loading a pipeline once per process, the batch size (given, or
 ``auto``: the largest that fits, found once and remembered), one ``torch.Generator`` per image
-(so an image's pixels do not depend on the batch it landed in), and handing finished pixels to a
-bounded background pool that encodes and stores them while the GPU works on the next batch.
+(so an image's starting noise, and so its picture, do not depend on the batch it landed in), and
+handing finished pixels to a bounded background pool that encodes and stores them while the GPU
+works on the next batch.
 
 torch and diffusers are imported inside functions: a run with nothing to generate never pays
 for them.
@@ -62,7 +63,7 @@ class LoadedPipeline:
     scheduler: str
     compiled: bool
     load_seconds: float
-    compile_seconds: float | None = None
+    # (batch size, width, height) already run once: with ``compiled``, a new shape compiles first.
     warmed_shapes: set = field(default_factory=set)
 
 
@@ -98,7 +99,7 @@ def load_pipeline(
         import diffusers
         import torch
 
-        kwargs: dict[str, Any] = {"torch_dtype": getattr(torch, dtype), "variant": variant}
+        kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype), "variant": variant}
         if not safety_checker:
             kwargs.update(safety_checker=None, requires_safety_checker=False)
         try:
@@ -153,8 +154,10 @@ def compiled_unet(unet: Any) -> Any:
 def render_batch(loaded: LoadedPipeline, rows: Sequence[PromptRow], settings: GenerationSettings):
     """Generate one batch; returns uint8 pixels, shape (len(rows), height, width, 3), on the CPU.
 
-    Each image gets its own generator seeded with its row's seed, so its starting noise, and on
-    CPU its pixels, are the same whichever batch it is in.
+    Each image gets its own generator seeded with its row's seed, so its starting noise is the same
+    whichever batch it is in. Its pixels are the same picture too, though not always bit for bit:
+    batched kernels sum in another order, and on a CPU in float32 a few of an image's 8-bit values
+    (one in thousands) can land one level apart.
     """
     import torch
 
@@ -230,6 +233,9 @@ class GenerationStats:
     seconds: float = 0.0
     first_batch_seconds: float | None = None
     batch_size: int = 0
+    # With torch.compile: time of the batches that compiled a new shape, less what running them
+    # warm would have taken (estimated per image from the other batches).
+    compile_seconds: float = 0.0
 
     @property
     def images_per_second(self) -> float:
@@ -250,13 +256,19 @@ def generate(
     ``on_progress(done, total, elapsed_seconds)`` is called after each batch.
     """
     stats = GenerationStats(batch_size=batch_size)
+    cold: list[tuple[int, float]] = []
+    warm: list[tuple[int, float]] = []
     start = time.perf_counter()
     for offset in range(0, len(rows), batch_size):
         batch = rows[offset : offset + batch_size]
+        shape = (len(batch), settings.width, settings.height)
         batch_start = time.perf_counter()
         pixels = render_batch(loaded, batch, settings)
+        batch_seconds = time.perf_counter() - batch_start
         if stats.first_batch_seconds is None:
-            stats.first_batch_seconds = time.perf_counter() - batch_start
+            stats.first_batch_seconds = batch_seconds
+        (cold if loaded.compiled and shape not in loaded.warmed_shapes else warm).append((len(batch), batch_seconds))
+        loaded.warmed_shapes.add(shape)
         for row, image in zip(batch, pixels):
             writer.submit(on_image, row, image)
         writer.raise_first_error()
@@ -264,6 +276,9 @@ def generate(
         if on_progress is not None:
             on_progress(stats.generated, len(rows), time.perf_counter() - start)
     stats.seconds = time.perf_counter() - start
+    if cold:
+        warm_per_image = sum(t for _, t in warm) / sum(n for n, _ in warm) if warm else 0.0
+        stats.compile_seconds = sum(max(t - n * warm_per_image, 0.0) for n, t in cold)
     return stats
 
 

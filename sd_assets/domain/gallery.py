@@ -2,7 +2,8 @@
 
 Owns rendering (Jinja2, autoescaped) of one set of pages per style, N images a page with prompt
 and seed under each, and the index: every style with its counts and a subject x style contact
-sheet. Every link is relative, so the folder works wherever it is opened or served.
+sheet, and the small utilisation-over-time chart a style page shows under "Last generation".
+Every link is relative, so the folder works wherever it is opened or served.
 """
 
 from __future__ import annotations
@@ -45,6 +46,28 @@ class StyleSummary:
     @property
     def link(self) -> str:
         return f"{slugify(self.style)}/page-1.html"
+
+
+CHART_WIDTH = 320
+CHART_HEIGHT = 80
+
+
+def render_utilisation_chart(points: Sequence[tuple[float, float]], seconds: float) -> str:
+    """An inline SVG line of ``(seconds, percent)`` points over ``[0, seconds]``, 0-100% high."""
+    span = seconds if seconds > 0 else 1.0
+    xy = [
+        (CHART_WIDTH * min(max(t / span, 0.0), 1.0), CHART_HEIGHT * (1 - min(max(p, 0.0), 100.0) / 100))
+        for t, p in points
+    ]
+    if len(xy) == 1:
+        # One reading: draw it as a level line across the chart.
+        xy = [(0.0, xy[0][1]), (float(CHART_WIDTH), xy[0][1])]
+    return _ENVIRONMENT.get_template("utilisation_chart.svg.j2").render(
+        width=CHART_WIDTH,
+        height=CHART_HEIGHT,
+        seconds=f"{seconds:.0f}",
+        points=" ".join(f"{x:.1f},{y:.1f}" for x, y in xy),
+    )
 
 
 def _page_count(total: int, page_size: int) -> int:

@@ -34,6 +34,7 @@ class StyleRunReport:
     seconds: float
     batch_size: int
     first_batch_seconds: float
+    compile_seconds: float
     writer_peak_pending: int
     previews: list = field(default_factory=list)
 
@@ -117,6 +118,7 @@ def make_style_images(
         seconds=time.perf_counter() - start,
         batch_size=batch_size,
         first_batch_seconds=stats.first_batch_seconds or 0.0,
+        compile_seconds=stats.compile_seconds,
         writer_peak_pending=writer.peak_pending,
         previews=previews,
     )

@@ -14,6 +14,7 @@ import dagster as dg
 from sd_assets.orchestration.resources import ArtifactStoreResource, GeneratorResource, GridResource, HubResource
 from sd_assets.domain import catalog as catalog_lib
 from sd_assets.domain import engine, gallery
+from sd_assets.domain import profile as gpu_profile
 from sd_assets.domain.grid import unique_subjects
 from sd_assets.domain.models import ensure_model, local_model_folder, read_model_ref
 from sd_assets.domain.generation import make_style_images
@@ -210,7 +211,11 @@ def build_assets(styles: dg.StaticPartitionsDefinition) -> list:
         artifact_store = store.open()
         rows = rows_from_json(artifact_store.read_text(grid_key(style)))
         present = set(catalog_lib.read_style_catalog(artifact_store, style)["key"])
-        keys = gallery.render_style_pages(artifact_store, style, rows, present)
+        profile_key = gpu_profile.profile_key(style)
+        profile = None
+        if artifact_store.exists(profile_key):
+            profile = gpu_profile.GpuProfile.from_json(artifact_store.read_text(profile_key)).page_view()
+        keys = gallery.render_style_pages(artifact_store, style, rows, present, profile=profile)
         return dg.MaterializeResult(
             metadata={
                 "pages": len(keys),
@@ -279,12 +284,15 @@ def _generate(
         f"model {ref.model_id}@{ref.revision[:10]}"
     )
 
-    report = make_style_images(
-        artifact_store, loaded, ref, settings, missing,
-        style=style, partition=context.partition_key, run_id=context.run.run_id, batch_size=batch_size,
-        writer_threads=generator.writer_threads, max_pending=generator.max_pending_images, log=context.log.info,
-    )  # fmt: skip
-    return {
+    with gpu_profile.GpuProfiler(device) as profiler:
+        report = make_style_images(
+            artifact_store, loaded, ref, settings, missing,
+            style=style, partition=context.partition_key, run_id=context.run.run_id, batch_size=batch_size,
+            writer_threads=generator.writer_threads, max_pending=generator.max_pending_images, log=context.log.info,
+        )  # fmt: skip
+    profile = profiler.profile()
+    artifact_store.write_text(gpu_profile.profile_key(style), profile.to_json())
+    metadata = {
         "generated": report.generated,
         "images_per_minute": round(report.images_per_minute, 1),
         "device": device,
@@ -296,7 +304,13 @@ def _generate(
         "first_batch_seconds": round(report.first_batch_seconds, 3),
         "writer_peak_pending": report.writer_peak_pending,
         "previews": dg.MetadataValue.md("\n".join(_thumbnail_markdown(image, row) for row, image in report.previews)),
+        **profile.metadata(),
     }
+    if profile.chart_svg:
+        metadata["gpu_util_chart"] = dg.MetadataValue.md(profile.chart_markdown())
+    if loaded.compiled:
+        metadata["compile_seconds"] = round(report.compile_seconds, 3)
+    return metadata
 
 
 def _thumbnail_markdown(image, row: PromptRow) -> str:

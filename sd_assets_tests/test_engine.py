@@ -1,0 +1,159 @@
+"""The generation engine: same pixels whatever the batching, sensible CPU defaults, a bounded writer."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from sd_assets.domain import engine
+from sd_assets.domain.errors import SdAssetsError
+from sd_assets.domain.prompts import GenerationSettings, PromptRow, image_seed
+
+SETTINGS = GenerationSettings(
+    model_id="tiny-random",
+    model_revision="rev",
+    scheduler="PNDMScheduler",
+    steps=2,
+    guidance_scale=7.5,
+    width=64,
+    height=64,
+    negative_prompt="",
+)
+ROWS = [
+    PromptRow(subject, "Banksy", index, f"{subject} by Banksy", "", image_seed(42, subject, index), f"{subject}-{index}")
+    for subject in ("alan turing", "ada lovelace", "grace hopper")
+    for index in range(2)
+]
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model_store) -> engine.LoadedPipeline:
+    folder = next((tiny_model_store.root / "models" / "tiny-random").glob("*/model_index.json")).parent
+    return engine.load_pipeline(folder, "cpu", "float32")
+
+
+def render_all(loaded: engine.LoadedPipeline, rows: list[PromptRow], batch_size: int) -> dict[str, np.ndarray]:
+    images: dict[str, np.ndarray] = {}
+    with engine.BoundedWriter(workers=2, max_pending=8) as writer:
+        engine.generate(loaded, rows, SETTINGS, batch_size, lambda row, pixels: images.update({row.key: pixels}), writer)
+    return images
+
+
+def test_an_images_pixels_do_not_depend_on_its_batch(loaded):
+    one_by_one = render_all(loaded, ROWS, batch_size=1)
+    in_fours = render_all(loaded, ROWS, batch_size=4)  # a batch of 4, then one of 2
+    # The same images in other company and order: 3 + 3, shuffled.
+    shuffled = render_all(loaded, [ROWS[5], ROWS[0], ROWS[3], ROWS[2], ROWS[4], ROWS[1]], batch_size=3)
+
+    assert set(one_by_one) == {row.key for row in ROWS}
+    for key, pixels in one_by_one.items():
+        assert pixels.dtype == np.uint8 and pixels.shape == (64, 64, 3)
+        for other in (in_fours[key], shuffled[key]):
+            # Batched kernels sum in another order: at most a few values of 12,288 move one level.
+            difference = np.abs(pixels.astype(int) - other)
+            assert difference.max() <= 1 and np.count_nonzero(difference) <= 4, key
+    # Different seeds and prompts still give different images.
+    assert not np.array_equal(one_by_one[ROWS[0].key], one_by_one[ROWS[1].key])
+
+
+def test_auto_batch_size_on_cpu_is_one_and_remembers_nothing(loaded, tmp_path):
+    memory_file = tmp_path / "auto-batch-sizes.json"
+    assert engine.auto_batch_size(loaded, SETTINGS, memory_file, pending=48) == 1
+    assert not memory_file.exists()
+
+
+def test_pipeline_is_loaded_for_speed(loaded):
+    pipeline = loaded.pipeline
+    # diffusers uses torch's scaled_dot_product_attention (flash / memory-efficient kernels on GPUs).
+    assert {type(p).__name__ for p in pipeline.unet.attn_processors.values()} == {"AttnProcessor2_0"}
+    assert pipeline.safety_checker is None
+    assert pipeline.unet.dtype == torch.float32 and loaded.dtype == "float32"
+    assert engine.load_pipeline(loaded.folder, "cpu", "float32") is loaded
+
+
+def test_dtype_defaults_to_half_on_gpus_and_full_on_cpu():
+    assert engine.pick_dtype("cuda", "auto") == "float16"
+    assert engine.pick_dtype("cuda:1", "bfloat16") == "bfloat16"
+    assert engine.pick_dtype("cpu", "auto") == "float32"
+    assert engine.pick_device("cpu") == "cpu"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
+def test_asking_for_a_gpu_that_is_not_there_is_a_clear_error():
+    with pytest.raises(SdAssetsError, match="no CUDA GPU is visible"):
+        engine.pick_device("cuda")
+    assert engine.pick_device("auto") == "cpu"
+
+
+def test_writer_blocks_submit_once_max_pending_tasks_wait():
+    gate = threading.Event()
+    done: list[int] = []
+    submitted: list[int] = []
+    writer = engine.BoundedWriter(workers=2, max_pending=3)
+
+    def task(number: int) -> None:
+        gate.wait()
+        done.append(number)
+
+    def submit_all() -> None:
+        for number in range(12):
+            writer.submit(task, number)
+            submitted.append(number)
+
+    submitter = threading.Thread(target=submit_all)
+    submitter.start()
+    deadline = time.monotonic() + 5
+    while len(submitted) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.2)
+    # Two tasks run, one waits in the queue, and the fourth submit is blocked.
+    assert submitted == [0, 1, 2] and submitter.is_alive()
+    gate.set()
+    submitter.join(5)
+    writer.close()
+    assert sorted(done) == list(range(12))
+    assert writer.peak_pending == writer.max_pending == 3
+
+
+def test_writer_never_holds_more_than_max_pending_slow_tasks():
+    writer = engine.BoundedWriter(workers=2, max_pending=4)
+    with writer:
+        for _ in range(20):
+            writer.submit(time.sleep, 0.005)
+    assert writer.peak_pending <= writer.max_pending
+
+
+def test_a_failed_write_surfaces_from_the_writer():
+    def fail() -> None:
+        raise OSError("disk full")
+
+    writer = engine.BoundedWriter(workers=1, max_pending=2)
+    writer.submit(fail)
+    with pytest.raises(OSError, match="disk full"):
+        writer.close()
+
+    writer = engine.BoundedWriter(workers=1, max_pending=2)
+    writer.submit(fail)
+    time.sleep(0.1)
+    with pytest.raises(OSError, match="disk full"):
+        writer.raise_first_error()
+    writer.submit(time.sleep, 0)
+    with pytest.raises(OSError, match="disk full"):
+        writer.close()
+
+
+def test_generation_stops_at_the_first_batch_after_a_failed_write(loaded):
+    calls: list[str] = []
+
+    def fail(row: PromptRow, _pixels) -> None:
+        calls.append(row.key)
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        with engine.BoundedWriter(workers=1, max_pending=1) as writer:
+            engine.generate(loaded, ROWS, SETTINGS, 2, fail, writer)
+    assert len(calls) < len(ROWS)

@@ -1,0 +1,105 @@
+"""The GPU profile: what a style's metadata and gallery page say about how busy the GPU was."""
+
+from __future__ import annotations
+
+import re
+import threading
+
+from sd_assets.domain import gallery
+from sd_assets.domain.grid import load_grid
+from sd_assets.domain.profile import GpuProfile, GpuProfiler, SampleSource, profile_key
+from sd_assets.domain.prompts import GenerationSettings, build_prompt_rows
+from sd_assets.domain.store import LocalStore
+from sd_assets_tests.helpers import materialize_style, write_grid
+
+READINGS = [(20.0, 1000.0), (40.0, 1500.0), (60.0, 3000.0), (100.0, 2500.0)]
+
+
+def fake_source() -> tuple[SampleSource, threading.Event]:
+    """Gives READINGS in order, then fails, which ends sampling after exactly four samples."""
+    readings = iter(READINGS)
+    finished = threading.Event()
+
+    def read():
+        try:
+            return next(readings)
+        except StopIteration:
+            finished.set()
+            raise RuntimeError("fake GPU gone") from None
+
+    return SampleSource("fake", read), finished
+
+
+def profile_from_fake_gpu() -> GpuProfile:
+    source, finished = fake_source()
+    with GpuProfiler("cuda:0", interval=0.001, source=source) as profiler:
+        assert finished.wait(10)
+    return profiler.profile()
+
+
+def test_profile_of_known_samples_has_their_mean_peak_and_chart():
+    profile = profile_from_fake_gpu()
+
+    assert [s.utilisation for s in profile.samples] == [20.0, 40.0, 60.0, 100.0]
+    assert profile.metadata() == {
+        "gpu_profile": profile.summary,
+        "gpu_util_mean": 55.0,
+        "gpu_util_peak": 100.0,
+        "gpu_memory_peak_mb": 3000.0,
+    }
+    assert "mean 55%, peak 100%" in profile.summary
+    assert "peak memory used 3,000 MB" in profile.summary
+    assert "fake GPU gone" in profile.summary
+    points = re.search(r'<polyline [^>]*points="([^"]+)"', profile.chart_svg).group(1).split()
+    heights = [float(point.split(",")[1]) for point in points]
+    # 80 px tall, 0% at the bottom: 20, 40, 60 and 100% sit at 64, 48, 32 and 0.
+    assert heights == [64.0, 48.0, 32.0, 0.0]
+    xs = [float(point.split(",")[0]) for point in points]
+    assert xs == sorted(xs) and 0 <= xs[0] and xs[-1] <= gallery.CHART_WIDTH
+    assert profile.chart_markdown().startswith("![GPU utilisation over time](data:image/svg+xml;base64,")
+
+
+def test_profile_survives_the_store_round_trip():
+    profile = profile_from_fake_gpu()
+    again = GpuProfile.from_json(profile.to_json())
+    assert again == profile
+    assert again.page_view() == {"summary": profile.summary, "chart_svg": profile.chart_svg}
+
+
+def test_cpu_profile_says_no_gpu_was_measured_and_gives_no_numbers():
+    with GpuProfiler("cpu", interval=0.001) as profiler:
+        pass
+    profile = profiler.profile()
+
+    assert profile.summary.startswith("CPU: no GPU utilisation measured")
+    assert "%" not in profile.summary and "MB" not in profile.summary
+    assert profile.samples == ()
+    assert profile.metadata() == {"gpu_profile": profile.summary}
+    assert profile.chart_svg == ""
+
+
+def test_style_page_shows_a_stored_gpu_profile_with_its_chart(tmp_path):
+    grid = load_grid(write_grid(tmp_path))
+    settings = GenerationSettings.from_grid(grid, "rev", "PNDMScheduler")
+    rows = build_prompt_rows(grid, "Banksy", ["alan turing"], settings)
+    store = LocalStore(tmp_path / "data")
+
+    profile = profile_from_fake_gpu()
+    gallery.render_style_pages(store, "Banksy", rows, set(), profile=profile.page_view())
+
+    page = store.read_text("gallery/banksy/page-1.html")
+    assert "GPU utilisation mean 55%, peak 100%" in page
+    assert "<polyline" in page and "<svg" in page
+
+
+def test_cpu_run_records_its_profile_in_metadata_the_store_and_the_gallery(grid_path, instance):
+    result = materialize_style(grid_path, "Banksy", instance)
+
+    metadata = result.asset_materializations_for_node("style_images")[0].metadata
+    assert metadata["gpu_profile"].value.startswith("CPU: no GPU utilisation measured")
+    assert not {"gpu_util_mean", "gpu_util_peak", "gpu_memory_peak_mb", "gpu_util_chart"} & set(metadata)
+    store = LocalStore(grid_path.parent / "data")
+    assert GpuProfile.from_json(store.read_text(profile_key("Banksy"))).source is None
+    page = store.read_text("gallery/banksy/page-1.html")
+    assert "Last generation" in page and "CPU: no GPU utilisation measured" in page
+    assert "<svg" not in page
