@@ -33,6 +33,8 @@ setup(
         "pydantic>=2.7",
         "PyYAML>=6",
         "boto3>=1.34",
+        # GPU utilisation for the per-style profile; on machines without NVIDIA's driver it is unused.
+        "nvidia-ml-py>=12",
     ],
     extras_require={
         "test": [

@@ -154,15 +154,23 @@ def compiled_unet(unet: Any) -> Any:
 def render_batch(loaded: LoadedPipeline, rows: Sequence[PromptRow], settings: GenerationSettings):
     """Generate one batch; returns uint8 pixels, shape (len(rows), height, width, 3), on the CPU.
 
-    Each image gets its own generator seeded with its row's seed, so its starting noise is the same
-    whichever batch it is in. Its pixels are the same picture too, though not always bit for bit:
-    batched kernels sum in another order, and on a CPU in float32 a few of an image's 8-bit values
-    (one in thousands) can land one level apart.
+    Each image gets its own generator seeded with its row's seed, so its starting noise is the
+    same whichever batch it is in. On a CPU the rows are rendered one at a time: batched kernels
+    sum in another order, which can move a few 8-bit values by one level, and one row at a time
+    is no slower there; so on a CPU an image's pixels are exactly those of any other batching. On
+    a GPU the batch runs as one, identical up to kernel nondeterminism.
     """
+    import numpy as np
+
+    if loaded.device == "cpu" and len(rows) > 1:
+        return np.concatenate([_render(loaded, [row], settings) for row in rows])
+    return _render(loaded, rows, settings)
+
+
+def _render(loaded: LoadedPipeline, rows: Sequence[PromptRow], settings: GenerationSettings):
     import torch
 
-    generator_device = "cpu" if loaded.device == "cpu" else loaded.device
-    generators = [torch.Generator(device=generator_device).manual_seed(row.seed) for row in rows]
+    generators = [torch.Generator(device=loaded.device).manual_seed(row.seed) for row in rows]
     with torch.inference_mode():
         output = loaded.pipeline(
             prompt=[row.prompt for row in rows],
