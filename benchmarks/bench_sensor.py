@@ -22,8 +22,8 @@ import dagster as dg
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sd_assets.definitions import build_definitions  # noqa: E402
-from sd_assets.orchestration.sensors import NEW_SUBJECT_LISTS  # noqa: E402
 from sd_assets.domain.subject_lists import FolderSource, decode_cursor, scan_subject_lists  # noqa: E402
+from sd_assets.orchestration.sensors import NEW_SUBJECT_LISTS  # noqa: E402
 from sd_assets_tests.helpers import write_grid  # noqa: E402
 
 SETTLED_NS = time.time_ns() - 3600 * 10**9

@@ -13,6 +13,7 @@ from sd_assets.domain.models import ensure_model
 from sd_assets.domain.store import LocalStore
 from sd_assets_tests.helpers import write_grid
 
+
 @pytest.fixture(scope="session")
 def tiny_model_store(tmp_path_factory) -> LocalStore:
     """A store holding the tiny model, built once for the whole session."""

@@ -20,8 +20,8 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from sd_assets.orchestration.sensors import NEW_SUBJECT_LISTS
 from sd_assets.definitions import GENERATE_JOB
+from sd_assets.orchestration.sensors import NEW_SUBJECT_LISTS
 from sd_assets_tests.helpers import image_paths, write_grid
 
 WORKTREE = Path(__file__).resolve().parents[1]

@@ -15,9 +15,9 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from sd_assets.orchestration.resources import GeneratorResource
 from sd_assets.domain.devices import claim_device
 from sd_assets.domain.errors import SdAssetsError
+from sd_assets.orchestration.resources import GeneratorResource
 from sd_assets_tests.helpers import materialize_style
 
 WORKTREE = Path(__file__).resolve().parents[1]

@@ -10,7 +10,6 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from sd_assets.orchestration.sensors import NEW_SUBJECT_LISTS
 from sd_assets.definitions import build_definitions
 from sd_assets.domain.errors import GridError, SdAssetsError
 from sd_assets.domain.store import LocalStore
@@ -22,6 +21,7 @@ from sd_assets.domain.subject_lists import (
     read_subject_lists,
     scan_subject_lists,
 )
+from sd_assets.orchestration.sensors import NEW_SUBJECT_LISTS
 from sd_assets_tests.helpers import image_paths, materialize_style, write_grid
 
 STYLES = ["Banksy", "Andy Warhol"]

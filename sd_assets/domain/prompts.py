@@ -13,7 +13,9 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass
 
+from sd_assets.domain.errors import GridError
 from sd_assets.domain.grid import GridConfig, slugify
+from sd_assets.domain.store import ArtifactStore
 
 SEED_BITS = 32
 
@@ -113,3 +115,19 @@ def rows_to_json(rows: list[PromptRow]) -> str:
 
 def rows_from_json(text: str) -> list[PromptRow]:
     return [PromptRow(**item) for item in json.loads(text)]
+
+
+def write_prompt_rows(store: ArtifactStore, style: str, rows: list[PromptRow]) -> None:
+    store.write_text(grid_key(style), rows_to_json(rows))
+
+
+def read_prompt_rows(store: ArtifactStore, style: str) -> list[PromptRow]:
+    """The style's prompt grid as ``prompt_grid`` last wrote it.
+
+    Raises:
+        GridError: the style has no prompt grid in the store yet.
+    """
+    key = grid_key(style)
+    if not store.exists(key):
+        raise GridError(f"style {style!r} has no prompt grid in {store.location()}; materialize prompt_grid first")
+    return rows_from_json(store.read_text(key))

@@ -11,13 +11,12 @@ import warnings
 
 import dagster as dg
 
-from sd_assets.orchestration.resources import ArtifactStoreResource, GeneratorResource, GridResource, HubResource
 from sd_assets.domain import catalog as catalog_lib
 from sd_assets.domain import engine, gallery
 from sd_assets.domain import profile as gpu_profile
+from sd_assets.domain.generation import make_style_images
 from sd_assets.domain.grid import unique_subjects
 from sd_assets.domain.models import ensure_model, local_model_folder, read_model_ref
-from sd_assets.domain.generation import make_style_images
 from sd_assets.domain.pngmeta import image_key_path
 from sd_assets.domain.prompts import (
     GenerationSettings,
@@ -25,13 +24,15 @@ from sd_assets.domain.prompts import (
     build_prompt_rows,
     grid_key,
     keys_version,
-    rows_from_json,
-    rows_to_json,
+    read_prompt_rows,
+    write_prompt_rows,
 )
 from sd_assets.domain.subject_lists import read_subject_lists, subject_source
+from sd_assets.orchestration.resources import ArtifactStoreResource, GeneratorResource, GridResource, HubResource
 
 GROUP = "stable_diffusion"
 OWNERS = ["team:sd-assets"]
+COMMON = {"group_name": GROUP, "owners": OWNERS}
 
 
 def _grid_inputs_asset():
@@ -61,10 +62,9 @@ def build_assets(styles: dg.StaticPartitionsDefinition) -> list:
     grid_inputs = _grid_inputs_asset()
 
     @dg.asset(
-        group_name=GROUP,
-        owners=OWNERS,
-        kinds={"pytorch", "diffusers"},
+        **COMMON,
         code_version="1",
+        kinds={"pytorch", "diffusers"},
         description="The Stable Diffusion pipeline the workers load, cached and verified in the store.",
     )
     def model_weights(
@@ -95,10 +95,9 @@ def build_assets(styles: dg.StaticPartitionsDefinition) -> list:
     @dg.asset(
         partitions_def=styles,
         deps=[grid_inputs, model_weights],
-        group_name=GROUP,
-        owners=OWNERS,
-        kinds={"python"},
+        **COMMON,
         code_version="1",
+        kinds={"python"},
         description="One row per (subject, image) of a style: prompt, per-image seed and content key.",
     )
     def prompt_grid(
@@ -115,7 +114,7 @@ def build_assets(styles: dg.StaticPartitionsDefinition) -> list:
         ref = read_model_ref(artifact_store, config.model)
         settings = GenerationSettings.from_grid(config, ref.revision, config.inference.scheduler or ref.scheduler)
         rows = build_prompt_rows(config, style, subjects, settings)
-        artifact_store.write_text(grid_key(style), rows_to_json(rows))
+        write_prompt_rows(artifact_store, style, rows)
         preview = "\n".join(f"| {r.subject} | {r.image_index} | {r.seed} | `{r.key[:12]}` |" for r in rows[:10])
         return dg.MaterializeResult(
             metadata={
@@ -132,10 +131,9 @@ def build_assets(styles: dg.StaticPartitionsDefinition) -> list:
     @dg.asset(
         partitions_def=styles,
         deps=[prompt_grid],
-        group_name=GROUP,
-        owners=OWNERS,
-        kinds={"pytorch", "diffusers", "png"},
+        **COMMON,
         code_version="1",
+        kinds={"pytorch", "diffusers", "png"},
         pool="gpu",
         description="The PNGs of a style, named by content key; images that exist are never made again.",
     )
@@ -148,7 +146,7 @@ def build_assets(styles: dg.StaticPartitionsDefinition) -> list:
         config = grid.load()
         style = config.require_style(context.partition_key)
         artifact_store = store.open()
-        rows = rows_from_json(artifact_store.read_text(grid_key(style)))
+        rows = read_prompt_rows(artifact_store, style)
         present = artifact_store.existing([image_key_path(r.key) for r in rows])
         missing = [r for r in rows if image_key_path(r.key) not in present]
         metadata: dict = {"images": len(rows), "skipped": len(rows) - len(missing), "generated": 0}
@@ -169,10 +167,9 @@ def build_assets(styles: dg.StaticPartitionsDefinition) -> list:
     @dg.asset(
         partitions_def=styles,
         deps=[style_images],
-        group_name=GROUP,
-        owners=OWNERS,
-        kinds={"parquet"},
+        **COMMON,
         code_version="1",
+        kinds={"parquet"},
         description="Parquet catalog of every image of a style ever made, with full provenance.",
     )
     def image_catalog(
@@ -180,7 +177,7 @@ def build_assets(styles: dg.StaticPartitionsDefinition) -> list:
     ) -> dg.MaterializeResult:
         style = grid.load().require_style(context.partition_key)
         artifact_store = store.open()
-        rows = rows_from_json(artifact_store.read_text(grid_key(style)))
+        rows = read_prompt_rows(artifact_store, style)
         merged, report = catalog_lib.merge_catalog(artifact_store, style, rows)
         current = merged[merged["key"].isin({r.key for r in rows})]
         return dg.MaterializeResult(
@@ -198,10 +195,9 @@ def build_assets(styles: dg.StaticPartitionsDefinition) -> list:
     @dg.asset(
         partitions_def=styles,
         deps=[image_catalog],
-        group_name=GROUP,
-        owners=OWNERS,
-        kinds={"html"},
+        **COMMON,
         code_version="1",
+        kinds={"html"},
         description="Gallery pages of a style: N images a page, prompt and seed under each.",
     )
     def style_gallery(
@@ -209,7 +205,7 @@ def build_assets(styles: dg.StaticPartitionsDefinition) -> list:
     ) -> dg.MaterializeResult:
         style = grid.load().require_style(context.partition_key)
         artifact_store = store.open()
-        rows = rows_from_json(artifact_store.read_text(grid_key(style)))
+        rows = read_prompt_rows(artifact_store, style)
         present = set(catalog_lib.read_style_catalog(artifact_store, style)["key"])
         profile_key = gpu_profile.profile_key(style)
         profile = None
@@ -226,10 +222,9 @@ def build_assets(styles: dg.StaticPartitionsDefinition) -> list:
 
     @dg.asset(
         deps=[style_gallery],
-        group_name=GROUP,
-        owners=OWNERS,
-        kinds={"html"},
+        **COMMON,
         code_version="1",
+        kinds={"html"},
         description="The gallery's entry point: every style with its counts, and a subject x style contact sheet.",
     )
     def gallery_index(grid: GridResource, store: ArtifactStoreResource) -> dg.MaterializeResult:
@@ -238,7 +233,7 @@ def build_assets(styles: dg.StaticPartitionsDefinition) -> list:
         rows_by_style: dict[str, list[PromptRow]] = {}
         for style in config.styles:
             if artifact_store.exists(grid_key(style)):
-                rows_by_style[style] = rows_from_json(artifact_store.read_text(grid_key(style)))
+                rows_by_style[style] = read_prompt_rows(artifact_store, style)
         present = set(catalog_lib.read_catalog(artifact_store)["key"])
         summaries = [
             gallery.StyleSummary(style, len(rows), sum(1 for r in rows if r.key in present))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dagster as dg
 
-from sd_assets.orchestration.resources import ArtifactStoreResource, GridResource
 from sd_assets.domain.errors import SdAssetsError
 from sd_assets.domain.subject_lists import (
     change_key,
@@ -13,6 +12,7 @@ from sd_assets.domain.subject_lists import (
     scan_subject_lists,
     subject_source,
 )
+from sd_assets.orchestration.resources import ArtifactStoreResource, GridResource
 
 NEW_SUBJECT_LISTS = "new_subject_lists"
 
