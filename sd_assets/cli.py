@@ -90,6 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     except SdAssetsError as exc:
         print(f"sd-assets: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader (head, less) stopped early: not an error of ours.
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

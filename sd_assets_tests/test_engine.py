@@ -80,6 +80,11 @@ def test_dtype_defaults_to_half_on_gpus_and_full_on_cpu():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
+def test_a_misspelt_device_is_a_clear_error():
+    with pytest.raises(SdAssetsError, match="device 'gpu' is not one of 'auto', 'cpu', 'cuda'"):
+        engine.pick_device("gpu")
+
+
 def test_asking_for_a_gpu_that_is_not_there_is_a_clear_error():
     with pytest.raises(SdAssetsError, match="no CUDA GPU is visible"):
         engine.pick_device("cuda")

@@ -13,6 +13,7 @@ for them.
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -27,8 +28,13 @@ from sd_assets.domain.prompts import GenerationSettings, PromptRow
 _DTYPES = {"float16": "float16", "bfloat16": "bfloat16", "float32": "float32"}
 
 
+_DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
 def pick_device(requested: str = "auto") -> str:
-    """'auto' -> 'cuda' when a CUDA GPU is visible, else 'cpu'; explicit names pass through."""
+    """'auto' -> 'cuda' when a CUDA GPU is visible, else 'cpu'; 'cpu', 'cuda', 'cuda:<i>' pass through."""
+    if not _DEVICE_PATTERN.match(requested):
+        raise SdAssetsError(f"device {requested!r} is not one of 'auto', 'cpu', 'cuda' or 'cuda:<index>'")
     import torch
 
     if requested != "auto":
