@@ -31,11 +31,12 @@ from PIL import Image
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from sd_assets.domain.grid import load_grid, read_subject_lists, unique_subjects  # noqa: E402
+from sd_assets.domain.grid import load_grid, unique_subjects  # noqa: E402
 from sd_assets.domain.models import ensure_model  # noqa: E402
 from sd_assets.domain.pngmeta import image_key_path  # noqa: E402
 from sd_assets.domain.prompts import GenerationSettings, build_prompt_rows  # noqa: E402
 from sd_assets.domain.store import LocalStore  # noqa: E402
+from sd_assets.domain.subject_lists import FolderSource, read_subject_lists  # noqa: E402
 
 STYLE = "Banksy"
 IMAGES_PER_PROMPT = 2
@@ -89,7 +90,7 @@ def main() -> None:
         ref = ensure_model(seeded, grid.model).ref
         model_folder = seeded.root / ref.prefix
         settings = GenerationSettings.from_grid(grid, ref.revision, ref.scheduler)
-        rows = build_prompt_rows(grid, STYLE, unique_subjects(read_subject_lists(grid)), settings)
+        rows = build_prompt_rows(grid, STYLE, unique_subjects(read_subject_lists(FolderSource(grid.subjects_dir), grid.max_subjects_per_list).lists), settings)
         prompts = work / "prompts.json"
         prompts.write_text(
             json.dumps(

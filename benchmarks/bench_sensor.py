@@ -52,12 +52,12 @@ def main() -> None:
 
         def evaluate() -> tuple[float, dg.SensorResult]:
             nonlocal cursor
-            context = dg.build_sensor_context(
+            with dg.build_sensor_context(
                 instance=instance, cursor=cursor, definitions=defs, resources=defs.resources
-            )
-            start = time.perf_counter()
-            result = sensor(context)
-            seconds = time.perf_counter() - start
+            ) as context:
+                start = time.perf_counter()
+                result = sensor(context)
+                seconds = time.perf_counter() - start
             cursor = result.cursor if result.cursor is not None else cursor
             return seconds, result
 

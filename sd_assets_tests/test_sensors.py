@@ -47,10 +47,11 @@ class SensorTicks:
         self.cursor: str | None = None
 
     def tick(self) -> dg.SensorResult:
-        context = dg.build_sensor_context(
+        # A context manager: the store resource's S3 client is set up and torn down around a tick.
+        with dg.build_sensor_context(
             instance=self.instance, cursor=self.cursor, definitions=self.defs, resources=self.defs.resources
-        )
-        result = self.sensor(context)
+        ) as context:
+            result = self.sensor(context)
         if result.cursor is not None:
             self.cursor = result.cursor
         return result
