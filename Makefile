@@ -2,7 +2,8 @@
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
-export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
+# The UI's and the demo's instance (SQLite); tests make their own.
+DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 
 .PHONY: demo test dev install clean
 
@@ -23,13 +24,13 @@ $(DAGSTER_HOME)/dagster.yaml: dagster.yaml
 	cp dagster.yaml $@
 
 demo: install $(DAGSTER_HOME)/dagster.yaml
-	$(BIN)/sd-assets demo
+	DAGSTER_HOME=$(DAGSTER_HOME) $(BIN)/sd-assets demo
 
 test: install
 	$(BIN)/python -m pytest sd_assets_tests -q -p no:cacheprovider
 
 dev: install $(DAGSTER_HOME)/dagster.yaml
-	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
+	DAGSTER_HOME=$(DAGSTER_HOME) $(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
 
 clean:
 	rm -rf data .dagster_home

@@ -59,11 +59,13 @@ def test_demo_ends_with_the_gallery_path(cli_env, grid_path):
 
 
 def test_definitions_validate_on_the_repo_and_a_clear_error_for_a_bad_grid(tmp_path):
-    _run([BIN / "dagster", "definitions", "validate", "-m", "sd_assets"], {})
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    _run([BIN / "dagster", "definitions", "validate", "-m", "sd_assets"], {"DAGSTER_HOME": str(home)})
     bad = tmp_path / "grid.yaml"
     bad.write_text("styles: []\nsubjects_dir: s\nmodel: {id: tiny-random}\n")
-    result = _run([BIN / "dagster", "definitions", "validate", "-m", "sd_assets"], {"SD_ASSETS_GRID": str(bad)},
-                  check=False)  # fmt: skip
+    result = _run([BIN / "dagster", "definitions", "validate", "-m", "sd_assets"],
+                  {"SD_ASSETS_GRID": str(bad), "DAGSTER_HOME": str(home)}, check=False)  # fmt: skip
     assert result.returncode != 0
     assert f"{bad}: field 'styles' = []: needs at least one style" in result.stdout + result.stderr
 
