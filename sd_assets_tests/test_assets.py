@@ -3,9 +3,11 @@
 import json
 import shutil
 
+import dagster as dg
 import pandas as pd
 from PIL import Image
 
+from sd_assets.definitions import build_definitions
 from sd_assets.domain.pngmeta import read_provenance
 from sd_assets_tests.helpers import materialize_style
 
@@ -92,3 +94,33 @@ def test_a_crash_after_writing_pngs_loses_no_catalog_rows(grid_path, instance):
     meta = _metadata(result, "image_catalog")
     assert meta["recovered_from_png"] == 4 and meta["rows"] == 4
     assert _metadata(result, "style_images")["generated"] == 0
+
+
+def test_the_ui_marks_a_style_stale_when_its_inputs_change_and_fresh_once_regenerated(grid_path, instance):
+    # The same resolver the Dagster UI uses for its stale badges.
+    from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleStatus
+    from dagster._core.definitions.observe import observe
+    from dagster._core.loader import LoadingContextForTest
+
+    defs = build_definitions({"SD_ASSETS_GRID": str(grid_path), "SD_ASSETS_DEVICE": "cpu"})
+    graph = defs.resolve_asset_graph()
+    grid_inputs = graph.get(dg.AssetKey("grid_inputs")).assets_def
+
+    def status(asset: str) -> StaleStatus:
+        resolver = CachingStaleStatusResolver(instance, graph, LoadingContextForTest(instance))
+        return resolver.get_status(dg.AssetKey(asset), "Banksy")
+
+    assert observe([grid_inputs], instance=instance).success
+    materialize_style(grid_path, "Banksy", instance)
+    assert status("prompt_grid") == status("style_images") == StaleStatus.FRESH
+
+    (grid_path.parent / "subjects" / "more.txt").write_text("grace hopper\n")
+    assert observe([grid_inputs], instance=instance).success
+    assert status("prompt_grid") == StaleStatus.STALE
+
+    materialize_style(grid_path, "Banksy", instance)
+    assert status("prompt_grid") == status("style_images") == StaleStatus.FRESH
+
+    grid_path.write_text(grid_path.read_text().replace("steps: 2", "steps: 3"))
+    assert observe([grid_inputs], instance=instance).success
+    assert status("prompt_grid") == StaleStatus.STALE

@@ -130,7 +130,7 @@ def build_assets(styles: dg.StaticPartitionsDefinition) -> list:
 
     @dg.asset(
         partitions_def=styles,
-        deps=[prompt_grid],
+        deps=[prompt_grid, model_weights],
         **COMMON,
         code_version="1",
         kinds={"pytorch", "diffusers", "png"},
