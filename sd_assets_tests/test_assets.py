@@ -96,7 +96,9 @@ def test_a_crash_after_writing_pngs_loses_no_catalog_rows(grid_path, instance):
     assert _metadata(result, "style_images")["generated"] == 0
 
 
-def test_the_ui_marks_a_style_stale_when_its_inputs_change_and_fresh_once_regenerated(grid_path, instance):
+def test_the_ui_marks_a_style_stale_when_its_inputs_change_and_fresh_once_regenerated(
+    grid_path, instance, monkeypatch
+):
     # The same resolver the Dagster UI uses for its stale badges.
     from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleStatus
     from dagster._core.definitions.observe import observe
@@ -124,3 +126,9 @@ def test_the_ui_marks_a_style_stale_when_its_inputs_change_and_fresh_once_regene
     grid_path.write_text(grid_path.read_text().replace("steps: 2", "steps: 3"))
     assert observe([grid_inputs], instance=instance).success
     assert status("prompt_grid") == StaleStatus.STALE
+
+    # A new model revision (here: the tiny model's spec changed) makes the images stale.
+    monkeypatch.setattr("sd_assets.domain.tiny_model.tiny_revision", lambda: "f" * 40)
+    only_weights = defs.resolve_implicit_global_asset_job_def()
+    assert only_weights.execute_in_process(asset_selection=[dg.AssetKey("model_weights")], instance=instance).success
+    assert status("style_images") == StaleStatus.STALE
