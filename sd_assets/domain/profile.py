@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from sd_assets.domain.gallery import render_utilisation_chart
 from sd_assets.domain.grid import slugify
+from sd_assets.domain.store import ArtifactStore
 
 MIB = 1024 * 1024
 DEFAULT_INTERVAL_SECONDS = 1.0
@@ -27,6 +28,16 @@ DEFAULT_INTERVAL_SECONDS = 1.0
 def profile_key(style: str) -> str:
     """Store key of a style's last GPU profile."""
     return f"profiles/{slugify(style)}.json"
+
+
+def save_profile(store: ArtifactStore, style: str, profile: GpuProfile) -> None:
+    store.write_text(profile_key(style), profile.to_json())
+
+
+def load_profile(store: ArtifactStore, style: str) -> GpuProfile | None:
+    """The style's last GPU profile, or None before its first generation."""
+    key = profile_key(style)
+    return GpuProfile.from_json(store.read_text(key)) if store.exists(key) else None
 
 
 @dataclass(frozen=True)

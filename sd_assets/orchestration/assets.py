@@ -207,11 +207,10 @@ def build_assets(styles: dg.StaticPartitionsDefinition) -> list:
         artifact_store = store.open()
         rows = read_prompt_rows(artifact_store, style)
         present = set(catalog_lib.read_style_catalog(artifact_store, style)["key"])
-        profile_key = gpu_profile.profile_key(style)
-        profile = None
-        if artifact_store.exists(profile_key):
-            profile = gpu_profile.GpuProfile.from_json(artifact_store.read_text(profile_key)).page_view()
-        keys = gallery.render_style_pages(artifact_store, style, rows, present, profile=profile)
+        profile = gpu_profile.load_profile(artifact_store, style)
+        keys = gallery.render_style_pages(
+            artifact_store, style, rows, present, profile=profile.page_view() if profile else None
+        )
         return dg.MaterializeResult(
             metadata={
                 "pages": len(keys),
@@ -286,7 +285,7 @@ def _generate(
             writer_threads=generator.writer_threads, max_pending=generator.max_pending_images, log=context.log.info,
         )  # fmt: skip
     profile = profiler.profile()
-    artifact_store.write_text(gpu_profile.profile_key(style), profile.to_json())
+    gpu_profile.save_profile(artifact_store, style, profile)
     metadata = {
         "generated": report.generated,
         "images_per_minute": round(report.images_per_minute, 1),
