@@ -168,7 +168,7 @@ def main() -> None:
         print(f"unchanged re-run (no model, no pipeline): {rerun:.2f} s; images rewritten: "
               f"{'none' if before == after else 'some'}")  # fmt: skip
         print("load average (1, 5, 15 min) after: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
-        ratio = statistics.median(a / b for a, b in zip(dagster_times, plain_times))
+        ratio = statistics.median(a / b for a, b in zip(dagster_times, plain_times, strict=True))
         print(f"ratio A/B (median of {len(dagster_times)} pairs): {ratio:.3f} (target <= 1.25)")
 
 

@@ -34,7 +34,7 @@ def test_two_styles_make_images_catalog_and_gallery(grid_path, instance):
 
     images = _pngs(data)
     assert len(images) == 2 * 2 * 2, "2 styles x 2 subjects x 2 images"
-    for style, result in results.items():
+    for result in results.values():
         meta = _metadata(result, "style_images")
         assert meta["generated"] == 4 and meta["skipped"] == 0 and meta["device"] == "cpu"
         assert meta["images_per_minute"] > 0 and "data:image/png;base64," in meta["previews"]

@@ -283,7 +283,7 @@ def generate(
             stats.first_batch_seconds = batch_seconds
         (cold if loaded.compiled and shape not in loaded.warmed_shapes else warm).append((len(batch), batch_seconds))
         loaded.warmed_shapes.add(shape)
-        for row, image in zip(batch, pixels):
+        for row, image in zip(batch, pixels, strict=True):
             writer.submit(on_image, row, image)
         writer.raise_first_error()
         stats.generated += len(batch)
