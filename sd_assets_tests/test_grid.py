@@ -6,6 +6,7 @@ import pytest
 
 from sd_assets.domain.errors import GridError
 from sd_assets.domain.grid import load_grid, parse_subject_list, slugify, unique_subjects
+from sd_assets.domain.subject_lists import FolderSource, read_subject_lists
 from sd_assets_tests.helpers import write_grid
 
 REPO = Path(__file__).resolve().parent.parent
@@ -113,3 +114,10 @@ def test_slugs_are_file_safe():
 def test_written_grid_helper_round_trips(tmp_path):
     grid = load_grid(write_grid(tmp_path, styles=("Banksy", "Frida Kahlo")))
     assert grid.styles == ["Banksy", "Frida Kahlo"]
+
+
+def test_a_subjects_folder_without_lists_is_a_clear_error(tmp_path):
+    (tmp_path / "subjects").mkdir()
+    (tmp_path / "subjects" / "notes.md").write_text("not a list")
+    with pytest.raises(GridError, match=rf"no valid subject lists in {tmp_path / 'subjects'} \(no \*\.txt files\)$"):
+        read_subject_lists(FolderSource(tmp_path / "subjects"), 100)
