@@ -23,7 +23,7 @@ from PIL import Image
 
 from sd_assets.domain.errors import ModelError
 from sd_assets.domain.hub import HubSettings, resolve_commit, select_pipeline_files
-from sd_assets.domain.models import MANIFEST, model_prefix
+from sd_assets.domain.models import MANIFEST, VERIFIED, model_prefix
 from sd_assets.domain.pngmeta import PARAMETERS_CHUNK, PROVENANCE_CHUNK
 from sd_assets.domain.store import LocalStore
 from sd_assets_tests.helpers import materialize_style, write_grid
@@ -59,6 +59,7 @@ def hf_home(tmp_path_factory, tiny_model_store) -> Path:
     plain = next(tiny_model_store.root.glob("models/tiny-random/*/"))
     files = {p.relative_to(plain).as_posix(): p.read_bytes() for p in plain.rglob("*") if p.is_file()}
     files.pop(MANIFEST)
+    files.pop(VERIFIED)
     fp16 = tmp_path_factory.mktemp("fp16")
     build_tiny_pipeline().to(torch.float16).save_pretrained(fp16, variant="fp16")
     files.update({p.relative_to(fp16).as_posix(): p.read_bytes() for p in fp16.rglob("*.fp16.*")})
@@ -116,8 +117,10 @@ def test_offline_hub_model_is_cached_verified_and_recorded(hf_home, tmp_path, in
             assert json.loads(image.text[PROVENANCE_CHUNK])["model_revision"] == SHA
             assert f"Model hash: {SHA[:10]}, Model: {REPO}" in image.text[PARAMETERS_CHUNK]
 
-    # A sound cache is used as it is; a corrupted file makes model_weights rebuild it.
-    assert _metadata(materialize_style(grid_path, "Banksy", instance, **environ), "model_weights")["cache"] == "cached"
+    # A sound cache is used as it is, without reading it again; a corrupted file makes model_weights
+    # rebuild it.
+    warm = _metadata(materialize_style(grid_path, "Banksy", instance, **environ), "model_weights")
+    assert warm["cache"] == "cached" and warm["bytes_hashed"] == 0
     unet = tmp_path / "data" / model_prefix(REPO, SHA) / "unet" / "diffusion_pytorch_model.fp16.safetensors"
     unet.write_bytes(b"\0" * unet.stat().st_size)
     rebuilt = _metadata(materialize_style(grid_path, "Banksy", instance, **environ), "model_weights")

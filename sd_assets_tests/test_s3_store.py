@@ -17,7 +17,7 @@ from PIL import Image
 
 from sd_assets.domain.errors import GridError, ModelError, StoreError
 from sd_assets.domain.grid import load_grid
-from sd_assets.domain.models import MANIFEST, local_model_folder, read_model_ref
+from sd_assets.domain.models import MANIFEST, VERIFIED, local_model_folder, read_model_ref
 from sd_assets.domain.pngmeta import PROVENANCE_CHUNK
 from sd_assets.domain.s3_store import S3Store
 from sd_assets.domain.store import open_store
@@ -143,6 +143,7 @@ def test_two_styles_on_s3_then_a_corrupted_model_object(bucket, tmp_path, instan
     assert weights["cache"] == "built" and weights["location"].startswith(f"s3://{bucket}/grid/models/")
     assert _metadata(second, "model_weights")["cache"] == "cached"
     assert _metadata(second, "model_weights")["bytes_downloaded"] == 0
+    assert _metadata(second, "model_weights")["bytes_hashed"] == 0, "unchanged objects are not read again"
     # The first run on this node copies the model down; the second finds the verified copy.
     assert _metadata(first, "style_images")["model_bytes_copied"] == weights["model_bytes"] > 0
     assert _metadata(second, "style_images")["model_bytes_copied"] == 0
@@ -177,7 +178,7 @@ def test_two_styles_on_s3_then_a_corrupted_model_object(bucket, tmp_path, instan
     store = open_store(url)
     ref = read_model_ref(store, load_grid(grid_path).model)
     manifest = json.loads(store.read_text(ref.prefix + MANIFEST))
-    assert {ref.prefix + f["path"] for f in manifest["files"]} | {ref.prefix + MANIFEST} == {
+    assert {ref.prefix + f["path"] for f in manifest["files"]} | {ref.prefix + MANIFEST, ref.prefix + VERIFIED} == {
         k.removeprefix("grid/") for k in keys if k.startswith("grid/" + ref.prefix)
     }
     for entry in manifest["files"]:

@@ -22,6 +22,8 @@ from sd_assets.domain.hub import HubSettings, download_pipeline, resolve_commit
 from sd_assets.domain.store import ArtifactStore
 
 MANIFEST = "manifest.json"
+# Version tags of the files when they were last hashed and found sound.
+VERIFIED = "verified.json"
 _CHUNK = 8 * 1024 * 1024
 
 
@@ -103,22 +105,60 @@ def read_manifest(store: ArtifactStore, model_id: str, revision: str) -> dict | 
         return None
 
 
-def verify_in_store(store: ArtifactStore, manifest: dict) -> list[str]:
-    """Problems with the store's copy of a model (missing, resized or altered files); [] if sound."""
+def _read_stamps(store: ArtifactStore, prefix: str) -> dict[str, str]:
+    """The version tags of the files as they were when last hashed and found sound."""
+    if not store.exists(prefix + VERIFIED):
+        return {}
+    try:
+        stamps = json.loads(store.read_bytes(prefix + VERIFIED))
+    except ValueError:
+        return {}
+    return stamps if isinstance(stamps, dict) else {}
+
+
+def _write_stamps(store: ArtifactStore, manifest: dict) -> None:
     prefix = model_prefix(manifest["model_id"], manifest["revision"])
+    tags = store.version_tags(prefix)
+    stamps = {entry["path"]: tags[prefix + entry["path"]] for entry in manifest["files"]}
+    store.write_text(prefix + VERIFIED, json.dumps(stamps, indent=1, sort_keys=True))
+
+
+@dataclass(frozen=True)
+class Verification:
+    """The store's copy of a model checked against its manifest."""
+
+    problems: list[str]
+    bytes_hashed: int
+
+
+def verify_in_store(store: ArtifactStore, manifest: dict) -> Verification:
+    """Check every file of the manifest: present, the right size, the right sha256.
+
+    A file is hashed unless it is unchanged (same version tag: size and mtime, or S3 ETag) since
+    the last time it was hashed and found sound, so a warm cache is checked without reading it.
+    """
+    prefix = model_prefix(manifest["model_id"], manifest["revision"])
+    tags = store.version_tags(prefix)
+    stamps = _read_stamps(store, prefix)
     problems = []
+    hashed = 0
     for entry in manifest["files"]:
         key = prefix + entry["path"]
-        if not store.exists(key):
+        if key not in tags:
             problems.append(f"{entry['path']}: missing")
+            continue
+        if stamps.get(entry["path"]) == tags[key]:
             continue
         if store.size(key) != entry["bytes"]:
             problems.append(f"{entry['path']}: {store.size(key)} bytes, manifest says {entry['bytes']}")
             continue
         actual = store.sha256(key)
+        hashed += entry["bytes"]
         if actual != entry["sha256"]:
             problems.append(f"{entry['path']}: sha256 {actual[:12]}..., manifest says {entry['sha256'][:12]}...")
-    return problems
+    if not problems and hashed:
+        _write_stamps(store, manifest)
+    return Verification(problems, hashed)
 
 
 @dataclass(frozen=True)
@@ -131,6 +171,7 @@ class CacheReport:
     bytes_uploaded: int
     seconds: float
     problems: tuple[str, ...] = ()
+    bytes_hashed: int = 0
 
 
 def resolve_revision(model: ModelConfig, hub: HubSettings) -> str:
@@ -190,14 +231,19 @@ def ensure_model(
     manifest = read_manifest(store, model.id, revision)
     problems: list[str] = []
     if manifest is not None:
-        problems = verify_in_store(store, manifest) or _selection_problems(manifest, model, safety_checker)
+        verification = verify_in_store(store, manifest)
+        problems = verification.problems or _selection_problems(manifest, model, safety_checker)
         if not problems:
             store.write_text(ref_key(model.id, model.revision), revision)
-            return CacheReport(_ref_from_manifest(manifest), "cached", 0, 0, time.perf_counter() - start)
+            seconds = time.perf_counter() - start
+            return CacheReport(
+                _ref_from_manifest(manifest), "cached", 0, 0, seconds, bytes_hashed=verification.bytes_hashed
+            )
     elif any(True for _ in store.list_keys(model_prefix(model.id, revision))):
         problems = ["manifest.json missing or unreadable"]
     prefix = model_prefix(model.id, revision)
     store.delete(prefix + MANIFEST)
+    store.delete(prefix + VERIFIED)
     with tempfile.TemporaryDirectory(prefix="sd-assets-model-") as tmp:
         folder = Path(tmp)
         fetched = _fetch(model, revision, folder, hub, safety_checker)
@@ -205,6 +251,8 @@ def ensure_model(
         for entry in manifest["files"]:
             store.upload_file(folder / entry["path"], prefix + entry["path"])
         store.write_text(prefix + MANIFEST, json.dumps(manifest, indent=1))
+    # Just uploaded from files hashed for the manifest: stamp them as verified.
+    _write_stamps(store, manifest)
     store.write_text(ref_key(model.id, model.revision), revision)
     uploaded = sum(f["bytes"] for f in manifest["files"])
     action = "built" if model.is_tiny else "downloaded"

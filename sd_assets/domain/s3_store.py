@@ -145,6 +145,17 @@ class S3Store(ArtifactStore):
                 for item in page.get("Contents", ()):
                     yield item["Key"][len(self.prefix):]
 
+    def version_tags(self, prefix: str) -> dict[str, str]:
+        """The ETag of every key: S3 gives each write of an object a new one."""
+        _check_key(prefix)
+        paginator = self.client.get_paginator("list_objects_v2")
+        tags = {}
+        with self._errors("list", prefix):
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix):
+                for item in page.get("Contents", ()):
+                    tags[item["Key"][len(self.prefix):]] = f"{item['Size']}:{item['ETag']}"
+        return tags
+
     def existing(self, keys: list[str]) -> set[str]:
         """One listing per folder-like prefix the keys share (images fan out over 256 of them)."""
         wanted = set(keys)

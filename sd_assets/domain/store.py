@@ -50,6 +50,13 @@ class ArtifactStore(ABC):
     def size(self, key: str) -> int: ...
 
     @abstractmethod
+    def version_tags(self, prefix: str) -> dict[str, str]:
+        """An opaque tag for every key under ``prefix`` that changes whenever the object is rewritten.
+
+        It lets a verified file be trusted again without reading it while its tag is the same.
+        """
+
+    @abstractmethod
     def sha256(self, key: str) -> str:
         """The hex sha256 of the object's bytes, read as a stream (model weights are gigabytes)."""
 
@@ -141,6 +148,13 @@ class LocalStore(ArtifactStore):
 
     def size(self, key: str) -> int:
         return self._path(key).stat().st_size
+
+    def version_tags(self, prefix: str) -> dict[str, str]:
+        tags = {}
+        for key in self.list_keys(prefix):
+            stat = self._path(key).stat()
+            tags[key] = f"{stat.st_size}:{stat.st_mtime_ns}"
+        return tags
 
     def sha256(self, key: str) -> str:
         digest = hashlib.sha256()

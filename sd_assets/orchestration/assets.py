@@ -83,6 +83,7 @@ def build_assets(styles: dg.StaticPartitionsDefinition) -> list:
                 "cache": report.action,
                 "bytes_downloaded": report.bytes_downloaded,
                 "bytes_uploaded": report.bytes_uploaded,
+                "bytes_hashed": report.bytes_hashed,
                 "files": ref.file_count,
                 "model_bytes": ref.total_bytes,
                 "seconds": round(report.seconds, 3),

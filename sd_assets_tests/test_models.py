@@ -1,0 +1,48 @@
+"""The model cache's verification: a warm cache is trusted without reading it, a changed one never."""
+
+import hashlib
+import os
+
+from sd_assets.domain.models import VERIFIED, model_prefix, verify_in_store
+from sd_assets.domain.store import LocalStore
+
+FILES = {"model_index.json": b'{"scheduler": ["diffusers", "PNDMScheduler"]}', "unet/weights.bin": b"w" * 1000}
+
+
+def _cache(tmp_path):
+    store = LocalStore(tmp_path)
+    prefix = model_prefix("org/model", "a" * 40)
+    for path, data in FILES.items():
+        store.write_bytes(prefix + path, data)
+    manifest = {
+        "model_id": "org/model",
+        "revision": "a" * 40,
+        "files": [
+            {"path": path, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+            for path, data in FILES.items()
+        ],
+    }
+    return store, prefix, manifest
+
+
+def test_a_sound_cache_is_hashed_once_then_trusted_while_unchanged(tmp_path):
+    store, prefix, manifest = _cache(tmp_path)
+    first = verify_in_store(store, manifest)
+    assert first.problems == [] and first.bytes_hashed == sum(len(d) for d in FILES.values())
+    assert store.exists(prefix + VERIFIED)
+    again = verify_in_store(store, manifest)
+    assert again.problems == [] and again.bytes_hashed == 0
+
+
+def test_a_rewritten_file_is_hashed_again_and_a_same_size_corruption_is_caught(tmp_path):
+    store, prefix, manifest = _cache(tmp_path)
+    verify_in_store(store, manifest)
+    weights = store.local_path(prefix + "unet/weights.bin")
+    weights.write_bytes(b"x" * 1000)
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))  # a distinct mtime even on coarse clocks
+    result = verify_in_store(store, manifest)
+    assert result.bytes_hashed == 1000
+    assert result.problems and result.problems[0].startswith("unet/weights.bin: sha256")
+    weights.unlink()
+    assert verify_in_store(store, manifest).problems == ["unet/weights.bin: missing"]
