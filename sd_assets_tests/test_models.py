@@ -1,9 +1,10 @@
 """The model cache's verification: a warm cache is trusted without reading it, a changed one never."""
 
 import hashlib
+import json
 import os
 
-from sd_assets.domain.models import VERIFIED, model_prefix, verify_in_store
+from sd_assets.domain.models import VERIFIED, ModelRef, local_model_folder, model_prefix, verify_in_store
 from sd_assets.domain.store import LocalStore
 
 FILES = {"model_index.json": b'{"scheduler": ["diffusers", "PNDMScheduler"]}', "unet/weights.bin": b"w" * 1000}
@@ -46,3 +47,30 @@ def test_a_rewritten_file_is_hashed_again_and_a_same_size_corruption_is_caught(t
     assert result.problems and result.problems[0].startswith("unet/weights.bin: sha256")
     weights.unlink()
     assert verify_in_store(store, manifest).problems == ["unet/weights.bin: missing"]
+
+
+class _RemoteStore(LocalStore):
+    """A store that is not on this node's disk, as S3 is: workers copy the model from it."""
+
+    def local_path(self, key):
+        return None
+
+
+def test_a_node_copy_is_fetched_once_and_an_altered_file_fetched_again(tmp_path):
+    store, prefix, manifest = _cache(tmp_path / "store")
+    store.write_text(prefix + "manifest.json", json.dumps(manifest))
+    remote = _RemoteStore(tmp_path / "store")
+    ref = ModelRef("org/model", "a" * 40, "PNDMScheduler", 1045, 2)
+    node = tmp_path / "node"
+
+    first = local_model_folder(remote, ref, node)
+    assert first.bytes_copied == sum(len(d) for d in FILES.values())
+    assert (first.folder / "unet" / "weights.bin").read_bytes() == FILES["unet/weights.bin"]
+    assert local_model_folder(remote, ref, node).bytes_copied == 0
+
+    weights = first.folder / "unet" / "weights.bin"
+    weights.write_bytes(b"x" * 1000)  # same size, other bytes
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
+    again = local_model_folder(remote, ref, node)
+    assert again.bytes_copied == 1000 and weights.read_bytes() == FILES["unet/weights.bin"]

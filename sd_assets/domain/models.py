@@ -289,12 +289,19 @@ class LocalCopy:
     seconds: float
 
 
+def _local_tag(path: Path) -> str:
+    stat = path.stat()
+    return f"{stat.st_size}:{stat.st_mtime_ns}"
+
+
 def local_model_folder(store: ArtifactStore, ref: ModelRef, cache_dir: Path) -> LocalCopy:
     """A verified folder on this node holding the model, copied from the store at most once.
 
     A local-folder store is used in place. Otherwise files go to ``cache_dir/<id>/<revision>/``,
-    each checked against the manifest, and a copy of the manifest is written last, so a copy
-    interrupted half-way is finished on the next call, not trusted.
+    each checked against the manifest; then the manifest and the files' version tags (size and
+    mtime) are written. A later call trusts a file only while its tag is unchanged, and hashes
+    (or fetches again) any other, so a copy interrupted half-way or altered since is never
+    loaded as it is.
     """
     start = time.perf_counter()
     manifest_key = ref.prefix + MANIFEST
@@ -303,15 +310,16 @@ def local_model_folder(store: ArtifactStore, ref: ModelRef, cache_dir: Path) -> 
         return LocalCopy(in_place.parent, 0, time.perf_counter() - start)
     manifest = json.loads(store.read_bytes(manifest_key))
     folder = Path(cache_dir).expanduser() / model_dir_name(ref.model_id) / ref.revision
-    local_manifest = folder / MANIFEST
-    if local_manifest.is_file() and json.loads(local_manifest.read_text()) == manifest:
-        if all((folder / f["path"]).is_file() and (folder / f["path"]).stat().st_size == f["bytes"]
-               for f in manifest["files"]):
-            return LocalCopy(folder, 0, time.perf_counter() - start)
+    local_manifest, local_stamps = folder / MANIFEST, folder / VERIFIED
+    stamps: dict = {}
+    if local_manifest.is_file() and local_stamps.is_file() and json.loads(local_manifest.read_text()) == manifest:
+        stamps = json.loads(local_stamps.read_text())
     local_manifest.unlink(missing_ok=True)
     copied = 0
     for entry in manifest["files"]:
         target = folder / entry["path"]
+        if target.is_file() and stamps.get(entry["path"]) == _local_tag(target):
+            continue
         if target.is_file() and target.stat().st_size == entry["bytes"] and sha256_file(target) == entry["sha256"]:
             continue
         store.download_file(ref.prefix + entry["path"], target)
@@ -323,7 +331,7 @@ def local_model_folder(store: ArtifactStore, ref: ModelRef, cache_dir: Path) -> 
                 "does not match its manifest; materialize model_weights again to rebuild the cache"
             )
         copied += entry["bytes"]
-    local_manifest.parent.mkdir(parents=True, exist_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    local_stamps.write_text(json.dumps({e["path"]: _local_tag(folder / e["path"]) for e in manifest["files"]}))
     local_manifest.write_text(json.dumps(manifest, indent=1))
     return LocalCopy(folder, copied, time.perf_counter() - start)
-
