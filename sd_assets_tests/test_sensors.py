@@ -201,12 +201,12 @@ def test_lists_in_a_store_prefix_are_found_through_the_store_interface(tmp_path)
     store.write_text("subjects/notes.md", "not a list\n")
     source = StoreSource(store)
     first = scan_subject_lists(source, {}, max_subjects=100)
-    assert [sl.name for sl in first.changed] == ["people.txt"]
-    assert scan_subject_lists(source, first.state, max_subjects=100).changed == []
+    assert [sl.name for sl in first.changed] == ["people.txt"] and first.read == 1
+    again = scan_subject_lists(source, decode_cursor(encode_cursor(first.state)), max_subjects=100)
+    assert again.changed == [] and again.read == 0, "an unchanged object (same version tag) is not read"
     store.write_text("subjects/people.txt", "ada lovelace\n")
-    assert [sl.subjects for sl in scan_subject_lists(source, first.state, max_subjects=100).changed] == [
-        ("ada lovelace",)
-    ]
+    changed = scan_subject_lists(source, again.state, max_subjects=100)
+    assert [sl.subjects for sl in changed.changed] == [("ada lovelace",)] and changed.read == 1
 
 
 def test_reading_lists_skips_bad_ones_and_fails_only_when_none_is_valid(tmp_path):

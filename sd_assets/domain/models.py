@@ -118,8 +118,8 @@ def _read_stamps(store: ArtifactStore, prefix: str) -> dict[str, str]:
 
 def _write_stamps(store: ArtifactStore, manifest: dict) -> None:
     prefix = model_prefix(manifest["model_id"], manifest["revision"])
-    tags = store.version_tags(prefix)
-    stamps = {entry["path"]: tags[prefix + entry["path"]] for entry in manifest["files"]}
+    versions = store.versions(prefix)
+    stamps = {entry["path"]: str(versions[prefix + entry["path"]]) for entry in manifest["files"]}
     store.write_text(prefix + VERIFIED, json.dumps(stamps, indent=1, sort_keys=True))
 
 
@@ -138,16 +138,16 @@ def verify_in_store(store: ArtifactStore, manifest: dict) -> Verification:
     the last time it was hashed and found sound, so a warm cache is checked without reading it.
     """
     prefix = model_prefix(manifest["model_id"], manifest["revision"])
-    tags = store.version_tags(prefix)
+    versions = store.versions(prefix)
     stamps = _read_stamps(store, prefix)
     problems = []
     hashed = 0
     for entry in manifest["files"]:
         key = prefix + entry["path"]
-        if key not in tags:
+        if key not in versions:
             problems.append(f"{entry['path']}: missing")
             continue
-        if stamps.get(entry["path"]) == tags[key]:
+        if stamps.get(entry["path"]) == str(versions[key]):
             continue
         if store.size(key) != entry["bytes"]:
             problems.append(f"{entry['path']}: {store.size(key)} bytes, manifest says {entry['bytes']}")

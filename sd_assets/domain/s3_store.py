@@ -24,7 +24,7 @@ from typing import Any
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, PartialCredentialsError
 
 from sd_assets.domain.errors import StoreError
-from sd_assets.domain.store import ArtifactStore, _check_key
+from sd_assets.domain.store import ArtifactStore, ObjectVersion, _check_key
 
 CONTENT_TYPES = {
     ".html": "text/html; charset=utf-8",
@@ -145,16 +145,16 @@ class S3Store(ArtifactStore):
                 for item in page.get("Contents", ()):
                     yield item["Key"][len(self.prefix):]
 
-    def version_tags(self, prefix: str) -> dict[str, str]:
-        """The ETag of every key: S3 gives each write of an object a new one."""
+    def versions(self, prefix: str) -> dict[str, ObjectVersion]:
+        """Sizes and ETags from one listing: S3 gives each write of an object a new ETag."""
         _check_key(prefix)
         paginator = self.client.get_paginator("list_objects_v2")
-        tags = {}
+        found = {}
         with self._errors("list", prefix):
             for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix):
                 for item in page.get("Contents", ()):
-                    tags[item["Key"][len(self.prefix):]] = f"{item['Size']}:{item['ETag']}"
-        return tags
+                    found[item["Key"][len(self.prefix):]] = ObjectVersion(item["Size"], item["ETag"])
+        return found
 
     def existing(self, keys: list[str]) -> set[str]:
         """One listing per folder-like prefix the keys share (images fan out over 256 of them)."""

@@ -14,9 +14,19 @@ import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from sd_assets.domain.errors import StoreError
+
+
+class ObjectVersion(NamedTuple):
+    """An object's size and a tag that changes with every write (mtime on disk, ETag in S3)."""
+
+    size: int
+    tag: str
+
+    def __str__(self) -> str:
+        return f"{self.size}:{self.tag}"
 
 
 def _check_key(key: str) -> str:
@@ -50,10 +60,12 @@ class ArtifactStore(ABC):
     def size(self, key: str) -> int: ...
 
     @abstractmethod
-    def version_tags(self, prefix: str) -> dict[str, str]:
-        """An opaque tag for every key under ``prefix`` that changes whenever the object is rewritten.
+    def versions(self, prefix: str) -> dict[str, ObjectVersion]:
+        """Size and version tag of every key under ``prefix``, from one listing.
 
-        It lets a verified file be trusted again without reading it while its tag is the same.
+        The tag changes whenever the object is rewritten, so a file read and found sound (a
+        verified model file, a parsed subject list) can be trusted again without reading it
+        while its version is the same.
         """
 
     @abstractmethod
@@ -149,12 +161,12 @@ class LocalStore(ArtifactStore):
     def size(self, key: str) -> int:
         return self._path(key).stat().st_size
 
-    def version_tags(self, prefix: str) -> dict[str, str]:
-        tags = {}
+    def versions(self, prefix: str) -> dict[str, ObjectVersion]:
+        found = {}
         for key in self.list_keys(prefix):
             stat = self._path(key).stat()
-            tags[key] = f"{stat.st_size}:{stat.st_mtime_ns}"
-        return tags
+            found[key] = ObjectVersion(stat.st_size, str(stat.st_mtime_ns))
+        return found
 
     def sha256(self, key: str) -> str:
         digest = hashlib.sha256()

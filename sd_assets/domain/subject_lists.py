@@ -32,16 +32,21 @@ LIST_SUFFIX = ".txt"
 # granularity, keeping size and mtime: it is not trusted as unchanged until it has settled.
 SETTLE_NS = 2_000_000_000
 SHORT_HASH = 16
-_CURSOR_FORMAT = "z1:"
+_CURSOR_FORMAT = "z2:"
 
 
 @dataclass(frozen=True)
 class ListedFile:
-    """One list as a listing shows it; ``mtime_ns`` is None where the source gives no time."""
+    """One list as a listing shows it.
+
+    A folder gives ``mtime_ns``; a store gives ``version``, a tag that changes with every write
+    of the object (an S3 ETag).
+    """
 
     name: str
     size: int
     mtime_ns: int | None
+    version: str | None = None
 
 
 class SubjectSource(ABC):
@@ -84,8 +89,8 @@ class FolderSource(SubjectSource):
 class StoreSource(SubjectSource):
     """``*.txt`` keys directly under a prefix of an artifact store.
 
-    The store interface gives sizes but no modification times, so every list is read on every
-    look; content hashes still decide what changed.
+    One listing gives every list's size and version tag (an S3 ETag, new with every write), so
+    a look reads only the lists written since the last one; content hashes decide what changed.
     """
 
     def __init__(self, store: ArtifactStore, prefix: str = STORE_PREFIX):
@@ -98,14 +103,12 @@ class StoreSource(SubjectSource):
         )
 
     def listing(self) -> list[ListedFile]:
-        keys = [
-            key
-            for key in self.store.list_keys(self.prefix)
+        listed = [
+            ListedFile(key[len(self.prefix) :], version.size, None, version.tag)
+            for key, version in self.store.versions(self.prefix).items()
             if key.endswith(LIST_SUFFIX) and "/" not in key[len(self.prefix) :]
         ]
-        return sorted(
-            (ListedFile(key[len(self.prefix) :], self.store.size(key), None) for key in keys), key=lambda f: f.name
-        )
+        return sorted(listed, key=lambda f: f.name)
 
     def read(self, name: str) -> bytes:
         return self.store.read_bytes(self.prefix + name)
@@ -166,6 +169,15 @@ class ListState:
     mtime_ns: int | None
     sha: str
     valid: bool
+    version: str | None = None
+
+    def unchanged(self, listed: ListedFile) -> bool:
+        """Whether ``listed`` is this list as last read: same size and mtime, or same version tag."""
+        if self.size != listed.size:
+            return False
+        if listed.mtime_ns is not None:
+            return self.mtime_ns == listed.mtime_ns
+        return listed.version is not None and self.version == listed.version
 
 
 @dataclass(frozen=True)
@@ -199,11 +211,7 @@ def scan_subject_lists(
     read = 0
     for listed in listing:
         old = previous.get(listed.name)
-        if (
-            old is not None
-            and listed.mtime_ns is not None
-            and (old.size, old.mtime_ns) == (listed.size, listed.mtime_ns)
-        ):
+        if old is not None and old.unchanged(listed):
             state[listed.name] = old
             continue
         read += 1
@@ -213,7 +221,9 @@ def scan_subject_lists(
             problems.append(f"skipped subject list {listed.name}: cannot read it: {exc}")
             continue
         settled = listed.mtime_ns is not None and now_ns - listed.mtime_ns >= SETTLE_NS
-        state[listed.name] = ListState(listed.size, listed.mtime_ns if settled else None, sha, parsed is not None)
+        state[listed.name] = ListState(
+            listed.size, listed.mtime_ns if settled else None, sha, parsed is not None, listed.version
+        )
         if old is not None and old.sha == sha:
             continue
         if parsed is not None:
@@ -224,8 +234,8 @@ def scan_subject_lists(
 
 
 def encode_cursor(state: dict[str, ListState]) -> str:
-    """A compact string of ``state``: JSON ``name -> [size, mtime_ns, sha, valid]``, zlib, base64."""
-    table = {name: [s.size, s.mtime_ns, s.sha, int(s.valid)] for name, s in sorted(state.items())}
+    """A compact string of ``state``: JSON ``name -> [size, mtime_ns, sha, valid, version]``, zlib, base64."""
+    table = {name: [s.size, s.mtime_ns, s.sha, int(s.valid), s.version] for name, s in sorted(state.items())}
     raw = json.dumps(table, separators=(",", ":")).encode()
     return _CURSOR_FORMAT + base64.b64encode(zlib.compress(raw, 9)).decode("ascii")
 
@@ -243,8 +253,11 @@ def decode_cursor(cursor: str | None) -> dict[str, ListState]:
             raise ValueError(f"it does not start with {_CURSOR_FORMAT!r}")
         table = json.loads(zlib.decompress(base64.b64decode(cursor[len(_CURSOR_FORMAT) :], validate=True)))
         return {
-            name: ListState(int(size), None if mtime is None else int(mtime), str(sha), bool(valid))
-            for name, (size, mtime, sha, valid) in table.items()
+            name: ListState(
+                int(size), None if mtime is None else int(mtime), str(sha), bool(valid),
+                None if version is None else str(version),
+            )  # fmt: skip
+            for name, (size, mtime, sha, valid, version) in table.items()
         }
     except (ValueError, TypeError, AttributeError, zlib.error) as exc:
         raise SdAssetsError(f"the subject list cursor is unreadable ({exc}); every list will be read again") from None
