@@ -21,7 +21,7 @@ from sd_assets.domain.models import MANIFEST, VERIFIED, local_model_folder, read
 from sd_assets.domain.pngmeta import PROVENANCE_CHUNK
 from sd_assets.domain.s3_store import S3Store
 from sd_assets.domain.store import open_store
-from sd_assets.domain.subject_lists import StoreSource, read_subject_lists
+from sd_assets.domain.subject_lists import StoreSource, read_subject_lists, scan_subject_lists
 from sd_assets_tests.helpers import materialize_style, write_grid
 
 
@@ -211,3 +211,16 @@ def test_an_s3_store_without_subject_lists_says_where_to_put_them(bucket):
     source = StoreSource(open_store(f"s3://{bucket}/empty"))
     with pytest.raises(GridError, match=rf"no \*\.txt files\); .*aws s3 cp subjects/ s3://{bucket}/empty/subjects/"):
         read_subject_lists(source, 100)
+
+
+def test_subject_lists_in_s3_are_read_again_only_when_rewritten(bucket):
+    store = open_store(f"s3://{bucket}/lists")
+    store.write_text("subjects/people.txt", "alan turing\n")
+    source = StoreSource(store)
+    first = scan_subject_lists(source, {}, max_subjects=100)
+    assert [sl.subjects for sl in first.changed] == [("alan turing",)] and first.read == 1
+    unchanged = scan_subject_lists(source, first.state, max_subjects=100)
+    assert unchanged.read == 0 and unchanged.changed == []
+    store.write_text("subjects/people.txt", "grace hopper\n")  # same size, new ETag
+    rewritten = scan_subject_lists(source, unchanged.state, max_subjects=100)
+    assert rewritten.read == 1 and [sl.subjects for sl in rewritten.changed] == [("grace hopper",)]
