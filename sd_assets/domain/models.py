@@ -149,8 +149,8 @@ def verify_in_store(store: ArtifactStore, manifest: dict) -> Verification:
             continue
         if stamps.get(entry["path"]) == str(versions[key]):
             continue
-        if store.size(key) != entry["bytes"]:
-            problems.append(f"{entry['path']}: {store.size(key)} bytes, manifest says {entry['bytes']}")
+        if versions[key].size != entry["bytes"]:
+            problems.append(f"{entry['path']}: {versions[key].size} bytes, manifest says {entry['bytes']}")
             continue
         actual = store.sha256(key)
         hashed += entry["bytes"]
