@@ -9,25 +9,37 @@ memory format, ``pipe(prompt).images[0].save(...)``.
 
     python benchmarks/bench_gpu.py                 # on a CUDA GPU: SD 1.5, 512x512, 50 steps
     python benchmarks/bench_gpu.py --smoke         # anywhere: tiny model, 64x64, 2 steps
+    python benchmarks/bench_gpu.py --rows "compiled:32 compiled+qkv+inductor:32"
 
-Prints one table; ``--out FILE`` also writes it (markdown) with the raw numbers (JSON).
+``--rows`` lists the engine rows as ``VARIANT:BATCH,BATCH,...`` groups. A variant is ``eager`` or
+``compiled``, plus any of the engine's tunings (``sd_assets.domain.engine.Tuning``) joined by
+``+``: ``qkv`` (fused q/k/v projections), ``cudnn-benchmark``, ``cudnn-attention``, and with
+``compiled`` also ``inductor`` (Inductor's settings for convolution UNets), ``max-autotune``
+and ``vae`` (compile the VAE decoder too). Every variant starts from a freshly built pipeline.
+
+On a GPU it also counts host synchronisations per denoising step for a few schedulers, and
+samples GPU utilisation (NVML) during every timed row. Prints one table; ``--out FILE`` writes
+it (markdown) with the raw numbers (JSON) after every row, so a run cut short keeps its rows.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from sd_assets.domain.engine import LoadedPipeline, auto_batch_size, compiled_unet, configure_pipeline  # noqa: E402
+from sd_assets.domain.engine import LoadedPipeline, Tuning, auto_batch_size, configure_pipeline, render_batch  # noqa: E402
 from sd_assets.domain.generation import make_style_images  # noqa: E402
+from sd_assets.domain.profile import GpuProfiler  # noqa: E402
 from sd_assets.domain.models import ModelRef  # noqa: E402
 from sd_assets.domain.prompts import GenerationSettings, PromptRow, content_key, image_seed  # noqa: E402
 from sd_assets.domain.store import LocalStore  # noqa: E402
@@ -151,6 +163,96 @@ def run_naive(pipeline, settings: GenerationSettings, count: int, folder: Path, 
             "warmup_seconds": None, "peak_gb": peak_memory_gb(device)}  # fmt: skip
 
 
+# Each variant modifier and the Tuning field it turns on; "max-autotune" sets the compile mode.
+MODIFIERS = {
+    "qkv": "fuse_qkv",
+    "cudnn-benchmark": "cudnn_benchmark",
+    "cudnn-attention": "cudnn_attention",
+    "inductor": "inductor_tuning",
+    "vae": "compile_vae",
+    "max-autotune": "compile_mode",
+}
+COMPILED_ONLY = {"inductor", "vae", "max-autotune"}
+# Rough warm-up of a variant's first batch on an H100 (compiling dominates): a row is skipped
+# when it could not finish inside the time budget.
+EXPECTED_WARMUP_SECONDS = {"eager": 15.0, "compiled": 130.0, "max-autotune": 420.0}
+SYNC_CHECK_SCHEDULERS = ("PNDMScheduler", "DDIMScheduler", "EulerDiscreteScheduler", "DPMSolverMultistepScheduler")
+
+
+def parse_variant(variant: str) -> tuple[bool, Tuning]:
+    """'compiled+qkv+inductor' -> (compile the UNet?, the engine tuning)."""
+    base, *modifiers = variant.split("+")
+    if base not in ("eager", "compiled"):
+        raise ValueError(f"variant {variant!r} must start with 'eager' or 'compiled'")
+    fields: dict = {}
+    for modifier in modifiers:
+        if modifier not in MODIFIERS:
+            raise ValueError(f"variant {variant!r}: unknown modifier {modifier!r} (known: {', '.join(MODIFIERS)})")
+        if modifier in COMPILED_ONLY and base != "compiled":
+            raise ValueError(f"variant {variant!r}: {modifier!r} needs 'compiled'")
+        field = MODIFIERS[modifier]
+        fields[field] = "max-autotune-no-cudagraphs" if modifier == "max-autotune" else True
+    return base == "compiled", Tuning(**fields)
+
+
+def parse_rows(spec: str) -> list[tuple[str, int]]:
+    """'eager:1,4 compiled+qkv:32' -> [('eager', 1), ('eager', 4), ('compiled+qkv', 32)], validated."""
+    rows = []
+    for group in spec.split():
+        variant, _, batches = group.partition(":")
+        parse_variant(variant)
+        if not batches:
+            raise ValueError(f"row group {group!r} needs batch sizes: VARIANT:BATCH,BATCH")
+        rows.extend((variant, int(batch)) for batch in batches.split(","))
+    return rows
+
+
+def expected_warmup(variant: str) -> float:
+    if "max-autotune" in variant.split("+"):
+        return EXPECTED_WARMUP_SECONDS["max-autotune"]
+    return EXPECTED_WARMUP_SECONDS[variant.split("+")[0]]
+
+
+def count_host_syncs(pipeline, settings: GenerationSettings, device: str, steps: int) -> int:
+    """Synchronising CUDA calls made by one batch-1 pipeline call of ``steps`` steps."""
+    rows = make_rows(settings, 1, "sync")
+    loaded = LoadedPipeline(pipeline, Path("."), device, "float16", type(pipeline.scheduler).__name__, False, 0.0)
+    probe = GenerationSettings(**{**settings.__dict__, "steps": steps})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            render_batch(loaded, rows, probe)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchronizing CUDA operation" in str(w.message) for w in caught)
+
+
+def sync_check(pipeline, settings: GenerationSettings, device: str) -> list[dict]:
+    """Host syncs per denoising step and per call, for each scheduler in ``SYNC_CHECK_SCHEDULERS``.
+
+    Two calls of 3 and 6 steps: the difference divided by 3 is what each step costs, the rest
+    is the call's own (prompt encoding, the final copy of the pixels to the host).
+    """
+    import diffusers
+
+    original = pipeline.scheduler
+    results = []
+    try:
+        for name in SYNC_CHECK_SCHEDULERS:
+            pipeline.scheduler = getattr(diffusers, name).from_config(original.config)
+            render_batch(
+                LoadedPipeline(pipeline, Path("."), device, "float16", name, False, 0.0),
+                make_rows(settings, 1, "sync-warm"),
+                GenerationSettings(**{**settings.__dict__, "steps": 2}),
+            )
+            short, long = (count_host_syncs(pipeline, settings, device, steps) for steps in (3, 6))
+            results.append({"scheduler": name, "per_step": (long - short) / 3, "per_call": 2 * short - long})
+    finally:
+        pipeline.scheduler = original
+    return results
+
+
 def run_engine(loaded: LoadedPipeline, settings: GenerationSettings, batch: int, count: int, root: Path,
                label: str) -> dict:  # fmt: skip
     """Warm one batch (compiles, when compiling), then time ``count`` images through the style path."""
@@ -164,44 +266,65 @@ def run_engine(loaded: LoadedPipeline, settings: GenerationSettings, batch: int,
     warmup = time.perf_counter() - warm_start
     rows = make_rows(settings, count, f"{label}-{batch}")
     reset_peak(loaded.device)
+    profiler = GpuProfiler(loaded.device).start()
     start = time.perf_counter()
     report = make_style_images(store, loaded, ref, settings, rows, **common)
     synchronize(loaded.device)
     seconds = time.perf_counter() - start
+    profile = profiler.stop()
     written = sum(1 for _ in store.list_keys("images/"))
     assert written == count + batch, f"expected {count + batch} PNGs, found {written}"
     return {"config": f"engine, {label}", "batch": batch, "images": report.generated, "seconds": seconds,
-            "warmup_seconds": warmup, "peak_gb": peak_memory_gb(loaded.device)}  # fmt: skip
+            "warmup_seconds": warmup, "peak_gb": peak_memory_gb(loaded.device), "gpu_util_mean": profile.util_mean,
+            "gpu_util_peak": profile.util_peak, "gpu_profile": profile.summary}  # fmt: skip
 
 
 def table(results: list[dict], naive_rate: float | None, full: bool) -> str:
     lines = [
-        "| configuration | batch | images | seconds | images/min | vs naive | % of H100 limit | peak GPU memory | warm-up s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| configuration | batch | images | seconds | images/min | vs naive | % of H100 limit | peak GPU memory | GPU util mean | warm-up s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         if r.get("skipped"):
-            lines.append(f"| {r['config']} | {r['batch']} | - | - | - | - | - | - | {r['skipped']} |")
+            lines.append(f"| {r['config']} | {r['batch']} | - | - | - | - | - | - | - | {r['skipped']} |")
             continue
         rate = 60 * r["images"] / r["seconds"]
         ratio = f"{rate / naive_rate:.2f}x" if naive_rate else "-"
         limit = f"{100 * rate / H100_LIMIT_IMAGES_PER_MINUTE:.1f}%" if full else "-"
         peak = f"{r['peak_gb']:.1f} GiB" if r["peak_gb"] is not None else "-"
+        util = f"{r['gpu_util_mean']:.0f}%" if r.get("gpu_util_mean") is not None else "-"
         warm = f"{r['warmup_seconds']:.1f}" if r["warmup_seconds"] is not None else "-"
         lines.append(
-            f"| {r['config']} | {r['batch']} | {r['images']} | {r['seconds']:.1f} | {rate:.1f} | {ratio} | {limit} | {peak} | {warm} |"
+            f"| {r['config']} | {r['batch']} | {r['images']} | {r['seconds']:.1f} | {rate:.1f} | {ratio} | {limit} | {peak} | {util} | {warm} |"
         )
     return "\n".join(lines)
+
+
+def sync_table(syncs: list[dict]) -> str:
+    lines = ["| scheduler | host syncs per step | host syncs per call |", "|---|---:|---:|"]
+    lines += [f"| {s['scheduler']} | {s['per_step']:g} | {s['per_call']:g} |" for s in syncs]
+    return "\n".join(lines)
+
+
+def write_report(out: Path, header: str, results: list[dict], syncs: list[dict], naive_rate, full: bool, raw: dict) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    text = f"{header}\n\n{table(results, naive_rate, full)}\n"
+    if syncs:
+        text += f"\n{sync_table(syncs)}\n"
+    out.write_text(text)
+    out.with_suffix(".json").write_text(json.dumps({**raw, "results": results, "host_syncs": syncs}, indent=1))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny model, 64x64, 2 steps; runs on CPU")
-    parser.add_argument("--batch-sizes", default=None, help="comma-separated (default 1,4,8,16,32; smoke 1,2)")
-    parser.add_argument("--compile-batch-sizes", default=None, help="batch sizes to also run compiled")
+    parser.add_argument("--rows", default=None,
+                        help="engine rows, 'VARIANT:BATCH,... ...' (default 'eager:1,4,8,16,32 compiled:8,16,32,4,1'; "
+                             "smoke 'eager:1,2 eager+qkv:2')")  # fmt: skip
     parser.add_argument("--images", type=int, default=None, help="images per row at least (default 16; smoke 2)")
     parser.add_argument("--naive-images", type=int, default=None, help="images for the naive loop (default 8)")
-    parser.add_argument("--budget-seconds", type=float, default=420.0, help="skip rows that would start later")
+    parser.add_argument("--budget-seconds", type=float, default=420.0, help="skip rows that could not finish by then")
+    parser.add_argument("--no-sync-check", action="store_true", help="skip counting host syncs per step (GPU only)")
     parser.add_argument("--out", type=Path, default=None, help="write the table (markdown) and raw JSON here")
     args = parser.parse_args(argv)
 
@@ -209,9 +332,11 @@ def main(argv: list[str] | None = None) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if full and device != "cuda":
         parser.error("the full benchmark needs a CUDA GPU; use --smoke on CPU")
+    try:
+        plan = parse_rows(args.rows or ("eager:1,4,8,16,32 compiled:8,16,32,4,1" if full else "eager:1,2 eager+qkv:2"))
+    except ValueError as exc:
+        parser.error(str(exc))
     dtype = torch.float16 if device == "cuda" else torch.float32
-    batch_sizes = [int(b) for b in (args.batch_sizes or ("1,4,8,16,32" if full else "1,2")).split(",")]
-    compile_sizes = [int(b) for b in (args.compile_batch_sizes or ("8,16,32,4,1" if full else "")).split(",") if b]
     min_images = args.images or (16 if full else 2)
     naive_images = args.naive_images or (8 if full else 2)
     settings = GenerationSettings(
@@ -221,61 +346,84 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     started = time.perf_counter()
     device_name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
-    print(f"device: {device_name}; torch {torch.__version__}; {'SD 1.5 architecture' if full else 'tiny model'}, "
-          f"{settings.width}x{settings.height}, {settings.steps} steps, guidance {settings.guidance_scale}", flush=True)  # fmt: skip
+    header = (f"device: {device_name}; torch {torch.__version__}; {'SD 1.5 architecture' if full else 'tiny model'}, "
+              f"{settings.width}x{settings.height}, {settings.steps} steps, guidance {settings.guidance_scale}")  # fmt: skip
+    print(header, flush=True)
+    raw = {"device": device_name, "torch": torch.__version__, "rows": args.rows}
 
     build_start = time.perf_counter()
     pipeline = build_pipeline(full, device, dtype)
     print(f"built pipeline with random weights in {time.perf_counter() - build_start:.1f} s", flush=True)
     results: list[dict] = []
+    syncs: list[dict] = []
+    naive_rate = None
+
+    def record(result: dict) -> None:
+        results.append(result)
+        if args.out:
+            write_report(args.out, header, results, syncs, naive_rate, full, raw)
+
     with tempfile.TemporaryDirectory(prefix="bench-gpu-") as tmp:
         root = Path(tmp)
         naive = run_naive(pipeline, settings, naive_images, root / "naive", device)
-        results.append(naive)
         naive_rate = 60 * naive["images"] / naive["seconds"]
+        record(naive)
         print(f"naive loop: {naive_rate:.1f} images/min", flush=True)
 
-        pipeline = configure_pipeline(pipeline, device, compile_unet=False)
-        eager_unet = pipeline.unet
+        if device == "cuda" and not args.no_sync_check:
+            syncs.extend(sync_check(pipeline, settings, device))
+            print(sync_table(syncs), flush=True)
+        else:
+            print("host syncs per step: not counted (CUDA only)", flush=True)
+
+        pipeline = configure_pipeline(pipeline, device)
         loaded = LoadedPipeline(pipeline, root, device, str(dtype).removeprefix("torch."), "PNDMScheduler", False, 0.0)
-        auto = auto_batch_size(loaded, settings)
-        print(f"auto batch size on this device: {auto}", flush=True)
-        plan = [("eager", b) for b in batch_sizes] + [("compiled", b) for b in compile_sizes]
+        raw["auto_batch_size"] = auto_batch_size(loaded, settings)
+        print(f"auto batch size on this device: {raw['auto_batch_size']}", flush=True)
+        del pipeline, loaded
+        current: tuple[str, LoadedPipeline] | None = None
         for label, batch in plan:
-            if time.perf_counter() - started > args.budget_seconds:
-                results.append({"config": f"engine, {label}", "batch": batch, "skipped": "skipped: time budget"})
+            # A new variant warms up; so does a new batch shape of a compiled one (it compiles again).
+            if time.perf_counter() - started + expected_warmup(label) > args.budget_seconds:
+                record({"config": f"engine, {label}", "batch": batch, "skipped": "skipped: time budget"})
                 print(f"{label} batch {batch}: skipped (time budget)", flush=True)
                 continue
-            if label == "compiled" and not loaded.compiled:
-                pipeline.unet = compiled_unet(eager_unet)
-                loaded.compiled = True
+            if current is None or current[0] != label:
+                current = None
+                gc.collect()
+                torch._dynamo.reset()
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+                compile_unet, tuning = parse_variant(label)
+                pipeline = configure_pipeline(build_pipeline(full, device, dtype), device, compile_unet, tuning)
+                dtype_name = str(dtype).removeprefix("torch.")
+                current = (label, LoadedPipeline(pipeline, root, device, dtype_name, "PNDMScheduler", compile_unet, 0.0,
+                                                 tuning=tuning))  # fmt: skip
+                del pipeline
             count = max(2 * batch, min_images)
             count = -(-count // batch) * batch
             try:
-                result = run_engine(loaded, settings, batch, count, root, label)
+                result = run_engine(current[1], settings, batch, count, root, label)
             except Exception as exc:  # a failed row is reported, the rest still run
-                results.append({"config": f"engine, {label}", "batch": batch, "skipped": f"failed: {exc!r}"[:200]})
+                record({"config": f"engine, {label}", "batch": batch, "skipped": f"failed: {exc!r}"[:200]})
                 print(f"{label} batch {batch}: FAILED {exc!r}", flush=True)
                 continue
-            results.append(result)
+            record(result)
             rate = 60 * result["images"] / result["seconds"]
             print(f"{label} batch {batch}: {rate:.1f} images/min ({result['images']} images, "
-                  f"warm-up {result['warmup_seconds']:.1f} s)", flush=True)  # fmt: skip
+                  f"warm-up {result['warmup_seconds']:.1f} s; {result['gpu_profile']})", flush=True)  # fmt: skip
 
-    report = table(results, naive_rate, full)
     print()
-    print(report)
+    print(table(results, naive_rate, full))
     best = max((r for r in results if not r.get("skipped")), key=lambda r: r["images"] / r["seconds"])
     best_rate = 60 * best["images"] / best["seconds"]
     print(f"\nbest: {best['config']} batch {best['batch']}: {best_rate:.1f} images/min, "
           f"{best_rate / naive_rate:.2f}x the naive loop" +
           (f", {100 * best_rate / H100_LIMIT_IMAGES_PER_MINUTE:.1f}% of the H100 limit" if full else ""))  # fmt: skip
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(f"device: {device_name}\nauto batch size: {auto}\n\n{report}\n")
-        raw = {"device": device_name, "auto_batch_size": auto, "results": results}
-        args.out.with_suffix(".json").write_text(json.dumps(raw, indent=1))
-    return 0
+    failed = [r for r in results if r.get("skipped", "").startswith("failed")]
+    if failed:
+        print(f"{len(failed)} row(s) failed", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

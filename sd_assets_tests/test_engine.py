@@ -72,6 +72,54 @@ def test_pipeline_is_loaded_for_speed(loaded):
     assert engine.load_pipeline(loaded.folder, "cpu", "float32") is loaded
 
 
+def test_fused_qkv_tuning_fuses_every_attention_layer_and_keeps_the_picture(loaded):
+    fused = engine.load_pipeline(loaded.folder, "cpu", "float32", tuning=engine.Tuning(fuse_qkv=True))
+
+    assert fused is not loaded and fused.tuning.fuse_qkv
+    assert {type(p).__name__ for p in fused.pipeline.unet.attn_processors.values()} == {"FusedAttnProcessor2_0"}
+    plain = render_all(loaded, ROWS[:2], batch_size=1)
+    tuned = render_all(fused, ROWS[:2], batch_size=1)
+    for key, pixels in plain.items():
+        # One matmul instead of three sums in another order: at most a level or two moves.
+        difference = np.abs(pixels.astype(int) - tuned[key].astype(int))
+        assert difference.max() <= 2 and difference.mean() < 0.05, key
+
+
+def test_an_unknown_compile_mode_is_a_clear_error():
+    with pytest.raises(SdAssetsError, match="compile mode 'reduce-overhead' is not one of default, max-autotune"):
+        engine.Tuning(compile_mode="reduce-overhead")
+    with pytest.raises(SdAssetsError, match="compile mode 'fast' is not one of"):
+        engine.compiled_unet(torch.nn.Identity(), "fast")
+
+
+def test_inductor_tuning_switches_its_three_settings_and_back():
+    import torch._inductor.config as inductor
+
+    try:
+        engine.set_inductor_tuning(True)
+        assert (inductor.conv_1x1_as_mm, inductor.coordinate_descent_tuning, inductor.epilogue_fusion) == (True, True, False)
+    finally:
+        engine.set_inductor_tuning(False)
+    assert (inductor.conv_1x1_as_mm, inductor.coordinate_descent_tuning, inductor.epilogue_fusion) == (False, False, True)
+
+
+def test_cudnn_attention_tuning_puts_cudnn_first_only_while_rendering_on_a_gpu(loaded):
+    from torch.nn.attention import SDPBackend
+
+    def order() -> list:
+        return list(torch._C._get_sdp_priority_order())
+
+    usual = order()
+    on_gpu = engine.LoadedPipeline(loaded.pipeline, loaded.folder, "cuda", "float16", "PNDMScheduler", False, 0.0,
+                                   tuning=engine.Tuning(cudnn_attention=True))  # fmt: skip
+    with engine.attention_backend(on_gpu):
+        assert order()[0] == int(SDPBackend.CUDNN_ATTENTION)
+        assert torch.backends.cuda.cudnn_sdp_enabled() and torch.backends.cuda.flash_sdp_enabled()
+    assert order() == usual
+    with engine.attention_backend(loaded):  # a CPU pipeline: nothing changes
+        assert order() == usual
+
+
 def test_dtype_defaults_to_half_on_gpus_and_full_on_cpu():
     assert engine.pick_dtype("cuda", "auto") == "float16"
     assert engine.pick_dtype("cuda:1", "bfloat16") == "bfloat16"

@@ -12,11 +12,12 @@ for them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +59,41 @@ def pick_dtype(device: str, requested: str = "auto") -> str:
     return "float32" if device == "cpu" else "float16"
 
 
+@dataclass(frozen=True)
+class Tuning:
+    """GPU speed settings beyond the engine's defaults; all off until a GPU benchmark shows one pays.
+
+    ``benchmarks/bench_gpu.py`` measures each of them side by side (docs/PERFORMANCE.md). The
+    two cuDNN switches act on GPUs only; the compile settings act only with compile on.
+    """
+
+    # One matmul for q, k and v in every attention layer (diffusers' ``fuse_qkv_projections``).
+    fuse_qkv: bool = False
+    # Let cuDNN time its convolution algorithms once per new input shape (batches repeat shapes).
+    cudnn_benchmark: bool = False
+    # scaled_dot_product_attention through cuDNN's fused attention first (fast on Hopper).
+    cudnn_attention: bool = False
+    # With compile: Inductor treats 1x1 convolutions as matmuls, tunes its kernels by
+    # coordinate descent, and does not fuse epilogues into matmuls.
+    inductor_tuning: bool = False
+    # The UNet's torch.compile mode (with compile on). CUDA-graph modes are left out on purpose:
+    # schedulers keep earlier UNet outputs, which a graph replay would overwrite.
+    compile_mode: str = "default"
+    # Also compile the VAE decoder (with compile on).
+    compile_vae: bool = False
+
+    def __post_init__(self) -> None:
+        check_compile_mode(self.compile_mode)
+
+
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+
+
+def check_compile_mode(mode: str) -> None:
+    if mode not in COMPILE_MODES:
+        raise SdAssetsError(f"compile mode {mode!r} is not one of {', '.join(COMPILE_MODES)}")
+
+
 @dataclass
 class LoadedPipeline:
     """A pipeline on its device, with what it took to get it there."""
@@ -71,6 +107,7 @@ class LoadedPipeline:
     load_seconds: float
     # (batch size, width, height) already run once: with ``compiled``, a new shape compiles first.
     warmed_shapes: set = field(default_factory=set)
+    tuning: Tuning = field(default_factory=Tuning)
 
 
 _PIPELINES: dict[tuple, LoadedPipeline] = {}
@@ -85,6 +122,7 @@ def load_pipeline(
     compile_unet: bool = False,
     safety_checker: bool = False,
     variant: str | None = None,
+    tuning: Tuning | None = None,
 ) -> LoadedPipeline:
     """Load a diffusers Stable Diffusion folder once per process and configure it for speed.
 
@@ -96,8 +134,10 @@ def load_pipeline(
         compile_unet: wrap the UNet in ``torch.compile`` (first batch of each shape compiles).
         safety_checker: keep the model's safety checker (off unless asked: it costs a CLIP pass).
         variant: the weights variant the folder holds ('fp16' for ``*.fp16.safetensors``), or None.
+        tuning: GPU speed settings beyond the defaults (see ``Tuning``).
     """
-    cache_key = (str(folder), device, dtype, scheduler, compile_unet, safety_checker, variant)
+    tuning = tuning or Tuning()
+    cache_key = (str(folder), device, dtype, scheduler, compile_unet, safety_checker, variant, tuning)
     with _PIPELINES_LOCK:
         if cache_key in _PIPELINES:
             return _PIPELINES[cache_key]
@@ -117,7 +157,7 @@ def load_pipeline(
             if scheduler_class is None or not issubclass(scheduler_class, diffusers.SchedulerMixin):
                 raise ModelError(f"inference.scheduler {scheduler!r} is not a diffusers scheduler class")
             pipeline.scheduler = scheduler_class.from_config(pipeline.scheduler.config)
-        pipeline = configure_pipeline(pipeline, device, compile_unet)
+        pipeline = configure_pipeline(pipeline, device, compile_unet, tuning)
         loaded = LoadedPipeline(
             pipeline=pipeline,
             folder=Path(folder),
@@ -126,35 +166,69 @@ def load_pipeline(
             scheduler=type(pipeline.scheduler).__name__,
             compiled=compile_unet,
             load_seconds=time.perf_counter() - start,
+            tuning=tuning,
         )
         _PIPELINES[cache_key] = loaded
         return loaded
 
 
-def configure_pipeline(pipeline: Any, device: str, compile_unet: bool = False) -> Any:
+def configure_pipeline(pipeline: Any, device: str, compile_unet: bool = False, tuning: Tuning | None = None) -> Any:
     """Move a pipeline to its device and set it up for throughput.
 
     On GPUs the UNet and VAE use channels_last (faster convolutions on tensor cores); attention
     is PyTorch's scaled_dot_product_attention, diffusers' default with torch 2. ``compile_unet``
-    wraps the UNet in ``torch.compile`` (each new batch shape compiles on first use).
+    wraps the UNet in ``torch.compile`` (each new batch shape compiles on first use). ``tuning``
+    adds the settings a GPU benchmark measures one by one; ``cudnn_benchmark`` and
+    ``inductor_tuning`` are process-wide switches, set here for every pipeline that follows.
     """
     import torch
 
+    tuning = tuning or Tuning()
     pipeline.set_progress_bar_config(disable=True)
     pipeline = pipeline.to(device)
-    if device != "cpu":
+    if tuning.fuse_qkv:
+        pipeline.fuse_qkv_projections()
+    on_gpu = device != "cpu"
+    if on_gpu:
         pipeline.unet.to(memory_format=torch.channels_last)
         pipeline.vae.to(memory_format=torch.channels_last)
+        torch.backends.cudnn.benchmark = tuning.cudnn_benchmark
     if compile_unet:
-        pipeline.unet = compiled_unet(pipeline.unet)
+        set_inductor_tuning(tuning.inductor_tuning)
+        pipeline.unet = compiled_unet(pipeline.unet, tuning.compile_mode)
+        if tuning.compile_vae:
+            pipeline.vae.decoder = torch.compile(pipeline.vae.decoder, fullgraph=True, mode=tuning.compile_mode)
     return pipeline
 
 
-def compiled_unet(unet: Any) -> Any:
+def set_inductor_tuning(enabled: bool) -> None:
+    """Inductor's settings for convolution-heavy diffusion UNets, or Inductor's own defaults."""
+    import torch._inductor.config as inductor
+
+    inductor.conv_1x1_as_mm = enabled
+    inductor.coordinate_descent_tuning = enabled
+    inductor.epilogue_fusion = not enabled
+
+
+def compiled_unet(unet: Any, mode: str = "default") -> Any:
     """``torch.compile`` of a UNet as one graph; each new batch shape compiles on first use."""
+    check_compile_mode(mode)
     import torch
 
-    return torch.compile(unet, fullgraph=True)
+    return torch.compile(unet, fullgraph=True, mode=mode)
+
+
+@contextlib.contextmanager
+def attention_backend(loaded: LoadedPipeline) -> Iterator[None]:
+    """cuDNN attention first, then PyTorch's usual order, when the tuning asks for it on a GPU."""
+    if not (loaded.tuning.cudnn_attention and loaded.device != "cpu"):
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    with sdpa_kernel(order, set_priority=True):
+        yield
 
 
 def render_batch(loaded: LoadedPipeline, rows: Sequence[PromptRow], settings: GenerationSettings):
@@ -177,7 +251,7 @@ def _render(loaded: LoadedPipeline, rows: Sequence[PromptRow], settings: Generat
     import torch
 
     generators = [torch.Generator(device=loaded.device).manual_seed(row.seed) for row in rows]
-    with torch.inference_mode():
+    with torch.inference_mode(), attention_backend(loaded):
         output = loaded.pipeline(
             prompt=[row.prompt for row in rows],
             negative_prompt=[row.negative_prompt for row in rows] if settings.guidance_scale > 1 else None,
