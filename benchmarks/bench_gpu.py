@@ -37,7 +37,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from sd_assets.domain.engine import LoadedPipeline, Tuning, auto_batch_size, configure_pipeline, render_batch  # noqa: E402
+from sd_assets.domain.engine import (  # noqa: E402
+    LoadedPipeline,
+    Tuning,
+    attention_backend,
+    auto_batch_size,
+    configure_pipeline,
+    render_batch,
+)
 from sd_assets.domain.generation import make_style_images  # noqa: E402
 from sd_assets.domain.profile import GpuProfiler  # noqa: E402
 from sd_assets.domain.models import ModelRef  # noqa: E402
@@ -274,28 +281,50 @@ def run_engine(loaded: LoadedPipeline, settings: GenerationSettings, batch: int,
     profile = profiler.stop()
     written = sum(1 for _ in store.list_keys("images/"))
     assert written == count + batch, f"expected {count + batch} PNGs, found {written}"
+    denoise = denoise_seconds(loaded, settings, make_rows(settings, batch, f"denoise-{label}-{batch}"))
     return {"config": f"engine, {label}", "batch": batch, "images": report.generated, "seconds": seconds,
             "warmup_seconds": warmup, "peak_gb": peak_memory_gb(loaded.device), "gpu_util_mean": profile.util_mean,
-            "gpu_util_peak": profile.util_peak, "gpu_profile": profile.summary}  # fmt: skip
+            "gpu_util_peak": profile.util_peak, "gpu_profile": profile.summary,
+            "denoise_share": (denoise / batch) / (seconds / report.generated)}  # fmt: skip
+
+
+def denoise_seconds(loaded: LoadedPipeline, settings: GenerationSettings, rows: list[PromptRow]) -> float:
+    """One batch up to its final latents: prompt encoding and the UNet steps, no VAE, no PNGs.
+
+    The batch runs as one call, as the engine runs it on a GPU (on a CPU the engine renders the
+    rows one by one, so there the share is rough).
+    """
+    generators = [torch.Generator(device=loaded.device).manual_seed(row.seed) for row in rows]
+    synchronize(loaded.device)
+    start = time.perf_counter()
+    with torch.inference_mode(), attention_backend(loaded):
+        loaded.pipeline(
+            prompt=[row.prompt for row in rows], negative_prompt=[row.negative_prompt for row in rows],
+            num_inference_steps=settings.steps, guidance_scale=settings.guidance_scale, width=settings.width,
+            height=settings.height, generator=generators, output_type="latent",
+        )  # fmt: skip
+    synchronize(loaded.device)
+    return time.perf_counter() - start
 
 
 def table(results: list[dict], naive_rate: float | None, full: bool) -> str:
     lines = [
-        "| configuration | batch | images | seconds | images/min | vs naive | % of H100 limit | peak GPU memory | GPU util mean | warm-up s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| configuration | batch | images | seconds | images/min | vs naive | % of H100 limit | peak GPU memory | GPU util mean | denoising share | warm-up s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         if r.get("skipped"):
-            lines.append(f"| {r['config']} | {r['batch']} | - | - | - | - | - | - | - | {r['skipped']} |")
+            lines.append(f"| {r['config']} | {r['batch']} | - | - | - | - | - | - | - | - | {r['skipped']} |")
             continue
         rate = 60 * r["images"] / r["seconds"]
         ratio = f"{rate / naive_rate:.2f}x" if naive_rate else "-"
         limit = f"{100 * rate / H100_LIMIT_IMAGES_PER_MINUTE:.1f}%" if full else "-"
         peak = f"{r['peak_gb']:.1f} GiB" if r["peak_gb"] is not None else "-"
         util = f"{r['gpu_util_mean']:.0f}%" if r.get("gpu_util_mean") is not None else "-"
+        share = f"{100 * r['denoise_share']:.0f}%" if r.get("denoise_share") is not None else "-"
         warm = f"{r['warmup_seconds']:.1f}" if r["warmup_seconds"] is not None else "-"
         lines.append(
-            f"| {r['config']} | {r['batch']} | {r['images']} | {r['seconds']:.1f} | {rate:.1f} | {ratio} | {limit} | {peak} | {util} | {warm} |"
+            f"| {r['config']} | {r['batch']} | {r['images']} | {r['seconds']:.1f} | {rate:.1f} | {ratio} | {limit} | {peak} | {util} | {share} | {warm} |"
         )
     return "\n".join(lines)
 
@@ -411,7 +440,8 @@ def main(argv: list[str] | None = None) -> int:
             record(result)
             rate = 60 * result["images"] / result["seconds"]
             print(f"{label} batch {batch}: {rate:.1f} images/min ({result['images']} images, "
-                  f"warm-up {result['warmup_seconds']:.1f} s; {result['gpu_profile']})", flush=True)  # fmt: skip
+                  f"warm-up {result['warmup_seconds']:.1f} s, denoising {100 * result['denoise_share']:.0f}% of the "
+                  f"time per image; {result['gpu_profile']})", flush=True)  # fmt: skip
 
     print()
     print(table(results, naive_rate, full))
