@@ -57,6 +57,21 @@ def test_an_images_pixels_do_not_depend_on_its_batch(loaded):
     assert not np.array_equal(one_by_one[ROWS[0].key], one_by_one[ROWS[1].key])
 
 
+def test_a_short_last_batch_is_filled_to_the_compiled_shape_only_on_a_gpu(loaded):
+    def on(device: str, compiled: bool, warmed: set) -> engine.LoadedPipeline:
+        return engine.LoadedPipeline(None, loaded.folder, device, "float16", "PNDMScheduler", compiled, 0.0, warmed)
+
+    last = ROWS[4:]  # 2 rows left of a batch size of 4
+    compiled_gpu = on("cuda", True, {(4, 64, 64)})
+    assert engine.rows_to_render(compiled_gpu, last, 4, SETTINGS) == [ROWS[4], ROWS[5], ROWS[5], ROWS[5]]
+    assert engine.rows_to_render(compiled_gpu, ROWS[:4], 4, SETTINGS) == ROWS[:4]
+    # Not yet compiled at the full size (a style with fewer images than a batch): no filling.
+    assert engine.rows_to_render(on("cuda", True, {(2, 64, 64)}), last, 4, SETTINGS) == last
+    # Eager on a GPU, or anything on a CPU (rows render one at a time there): no filling.
+    assert engine.rows_to_render(on("cuda", False, {(4, 64, 64)}), last, 4, SETTINGS) == last
+    assert engine.rows_to_render(on("cpu", True, {(4, 64, 64)}), last, 4, SETTINGS) == last
+
+
 def test_auto_batch_size_on_cpu_is_one_and_remembers_nothing(loaded, tmp_path):
     memory_file = tmp_path / "auto-batch-sizes.json"
     assert engine.auto_batch_size(loaded, SETTINGS, memory_file, pending=48) == 1

@@ -37,6 +37,8 @@ class StyleRunReport:
     compile_seconds: float
     writer_peak_pending: int
     previews: list = field(default_factory=list)
+    # Images rendered only to fill a short last batch to a shape already compiled.
+    padded_images: int = 0
 
     @property
     def images_per_minute(self) -> float:
@@ -119,6 +121,7 @@ def make_style_images(
         batch_size=batch_size,
         first_batch_seconds=stats.first_batch_seconds or 0.0,
         compile_seconds=stats.compile_seconds,
+        padded_images=stats.padded,
         writer_peak_pending=writer.peak_pending,
         previews=previews,
     )

@@ -305,6 +305,7 @@ def _generate(
         metadata["gpu_util_chart"] = dg.MetadataValue.md(profile.chart_markdown())
     if loaded.compiled:
         metadata["compile_seconds"] = round(report.compile_seconds, 3)
+        metadata["padded_images"] = report.padded_images
     return metadata
 
 
