@@ -52,9 +52,9 @@ from sd_assets.domain.prompts import GenerationSettings, PromptRow, content_key,
 from sd_assets.domain.store import LocalStore  # noqa: E402
 from sd_assets.domain.tiny_model import TINY_SPEC, tiny_vocabulary  # noqa: E402
 
-# The compute limit of an H100 SXM for SD 1.5 at 512x512, 50 steps with guidance: 989 dense
-# fp16 TFLOP/s over ~82.9 TFLOP per image (50 x 1.61 TFLOP UNet steps + 2.5 TFLOP VAE decode).
-H100_LIMIT_IMAGES_PER_MINUTE = 60 * 989 / 82.9
+# An H100 SXM's dense fp16 tensor-core peak. The limit in images/min is this over the FLOPs of
+# one image, which the benchmark counts (``flops_per_image``) rather than assumes.
+H100_DENSE_FP16_TFLOPS = 989.0
 
 # Stable Diffusion 1.5's published component configurations.
 SD15_UNET = {
@@ -97,9 +97,48 @@ SD15_TEXT = {
 SUBJECTS = ["alan turing", "ada lovelace", "grace hopper", "a lighthouse at dusk", "a busy market street"]
 
 
+def sd15_scheduler():
+    from diffusers import PNDMScheduler
+
+    return PNDMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True, steps_offset=1
+    )
+
+
+def flops_per_image(full: bool, settings: GenerationSettings) -> dict:
+    """TFLOP of one UNet evaluation (the batch doubled by guidance), one VAE decode, and one image.
+
+    Counted by torch's ``FlopCounterMode`` over the models built on the meta device (no memory,
+    no arithmetic), and multiplied by the UNet evaluations the scheduler really makes (PNDM
+    without its Runge-Kutta warm-up makes one more than ``steps``).
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    unet_config, vae_config = (SD15_UNET, SD15_VAE) if full else (TINY_SPEC["unet"], TINY_SPEC["vae"])
+    guided = 2 if settings.guidance_scale > 1 else 1
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**unet_config).half()
+        vae = AutoencoderKL(**vae_config).half()
+        scale = 2 ** (len(vae.config.block_out_channels) - 1)
+        latents = torch.randn(guided, unet.config.in_channels, settings.height // scale, settings.width // scale,
+                              dtype=torch.half)  # fmt: skip
+        prompts = torch.randn(guided, 77, unet.config.cross_attention_dim, dtype=torch.half)
+        with FlopCounterMode(display=False) as unet_count:
+            unet(latents, torch.tensor([500] * guided), encoder_hidden_states=prompts)
+        with FlopCounterMode(display=False) as vae_count:
+            vae.decode(latents[:1])
+    scheduler = sd15_scheduler()
+    scheduler.set_timesteps(settings.steps)
+    evaluations = len(scheduler.timesteps)
+    step, decode = unet_count.get_total_flops() / 1e12, vae_count.get_total_flops() / 1e12
+    return {"unet_evaluation": step, "unet_evaluations": evaluations, "vae_decode": decode,
+            "image": evaluations * step + decode}  # fmt: skip
+
+
 def build_pipeline(full: bool, device: str, dtype: torch.dtype):
     """A Stable Diffusion pipeline with random weights, created directly on ``device``."""
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     unet_config, vae_config = (SD15_UNET, SD15_VAE) if full else (TINY_SPEC["unet"], TINY_SPEC["vae"])
@@ -109,9 +148,7 @@ def build_pipeline(full: bool, device: str, dtype: torch.dtype):
         unet = UNet2DConditionModel(**unet_config).to(dtype)
         vae = AutoencoderKL(**vae_config).to(dtype)
         text_encoder = CLIPTextModel(CLIPTextConfig(**text_config)).to(dtype)
-    scheduler = PNDMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True, steps_offset=1
-    )
+    scheduler = sd15_scheduler()
     tokenizer = CLIPTokenizer(vocab=tiny_vocabulary(), merges=[], model_max_length=77)
     pipeline = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
@@ -307,24 +344,25 @@ def denoise_seconds(loaded: LoadedPipeline, settings: GenerationSettings, rows: 
     return time.perf_counter() - start
 
 
-def table(results: list[dict], naive_rate: float | None, full: bool) -> str:
+def table(results: list[dict], naive_rate: float | None, full: bool, tflop_per_image: float) -> str:
     lines = [
-        "| configuration | batch | images | seconds | images/min | vs naive | % of H100 limit | peak GPU memory | GPU util mean | denoising share | warm-up s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| configuration | batch | images | seconds | images/min | vs naive | TFLOP/s | % of H100 limit | peak GPU memory | GPU util mean | denoising share | warm-up s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         if r.get("skipped"):
-            lines.append(f"| {r['config']} | {r['batch']} | - | - | - | - | - | - | - | - | {r['skipped']} |")
+            lines.append(f"| {r['config']} | {r['batch']} | - | - | - | - | - | - | - | - | - | {r['skipped']} |")
             continue
         rate = 60 * r["images"] / r["seconds"]
         ratio = f"{rate / naive_rate:.2f}x" if naive_rate else "-"
-        limit = f"{100 * rate / H100_LIMIT_IMAGES_PER_MINUTE:.1f}%" if full else "-"
+        achieved = rate / 60 * tflop_per_image
+        limit = f"{100 * achieved / H100_DENSE_FP16_TFLOPS:.1f}%" if full else "-"
         peak = f"{r['peak_gb']:.1f} GiB" if r["peak_gb"] is not None else "-"
         util = f"{r['gpu_util_mean']:.0f}%" if r.get("gpu_util_mean") is not None else "-"
         share = f"{100 * r['denoise_share']:.0f}%" if r.get("denoise_share") is not None else "-"
         warm = f"{r['warmup_seconds']:.1f}" if r["warmup_seconds"] is not None else "-"
         lines.append(
-            f"| {r['config']} | {r['batch']} | {r['images']} | {r['seconds']:.1f} | {rate:.1f} | {ratio} | {limit} | {peak} | {util} | {share} | {warm} |"
+            f"| {r['config']} | {r['batch']} | {r['images']} | {r['seconds']:.1f} | {rate:.1f} | {ratio} | {achieved:.3g} | {limit} | {peak} | {util} | {share} | {warm} |"
         )
     return "\n".join(lines)
 
@@ -337,7 +375,7 @@ def sync_table(syncs: list[dict]) -> str:
 
 def write_report(out: Path, header: str, results: list[dict], syncs: list[dict], naive_rate, full: bool, raw: dict) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    text = f"{header}\n\n{table(results, naive_rate, full)}\n"
+    text = f"{header}\n\n{table(results, naive_rate, full, raw['tflop']['image'])}\n"
     if syncs:
         text += f"\n{sync_table(syncs)}\n"
     out.write_text(text)
@@ -378,7 +416,13 @@ def main(argv: list[str] | None = None) -> int:
     header = (f"device: {device_name}; torch {torch.__version__}; {'SD 1.5 architecture' if full else 'tiny model'}, "
               f"{settings.width}x{settings.height}, {settings.steps} steps, guidance {settings.guidance_scale}")  # fmt: skip
     print(header, flush=True)
-    raw = {"device": device_name, "torch": torch.__version__, "rows": args.rows}
+    flops = flops_per_image(full, settings)
+    raw = {"device": device_name, "torch": torch.__version__, "rows": args.rows, "tflop": flops}
+    limit = 60 * H100_DENSE_FP16_TFLOPS / flops["image"]
+    print(f"counted: {flops['unet_evaluation']:.4g} TFLOP per UNet evaluation (guidance doubles the batch) x "
+          f"{flops['unet_evaluations']} + {flops['vae_decode']:.4g} TFLOP VAE decode = {flops['image']:.4g} TFLOP per "
+          f"image" + (f"; H100 limit {limit:.0f} images/min at {H100_DENSE_FP16_TFLOPS:g} TFLOP/s" if full else ""),
+          flush=True)  # fmt: skip
 
     build_start = time.perf_counter()
     pipeline = build_pipeline(full, device, dtype)
@@ -444,12 +488,12 @@ def main(argv: list[str] | None = None) -> int:
                   f"time per image; {result['gpu_profile']})", flush=True)  # fmt: skip
 
     print()
-    print(table(results, naive_rate, full))
+    print(table(results, naive_rate, full, flops["image"]))
     best = max((r for r in results if not r.get("skipped")), key=lambda r: r["images"] / r["seconds"])
     best_rate = 60 * best["images"] / best["seconds"]
     print(f"\nbest: {best['config']} batch {best['batch']}: {best_rate:.1f} images/min, "
           f"{best_rate / naive_rate:.2f}x the naive loop" +
-          (f", {100 * best_rate / H100_LIMIT_IMAGES_PER_MINUTE:.1f}% of the H100 limit" if full else ""))  # fmt: skip
+          (f", {100 * best_rate / limit:.1f}% of the H100 limit" if full else ""))  # fmt: skip
     failed = [r for r in results if r.get("skipped", "").startswith("failed")]
     if failed:
         print(f"{len(failed)} row(s) failed", file=sys.stderr)

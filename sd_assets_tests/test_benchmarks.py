@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -41,10 +43,15 @@ def test_gpu_benchmark_smoke_run_times_every_row_and_writes_its_table(tmp_path):
     printed = completed.stdout
     assert printed.startswith("device: CPU; torch ")
     assert "host syncs per step: not counted (CUDA only)" in printed
+    # The tiny model at 2 PNDM steps: 3 UNet evaluations (PNDM makes one more than its steps).
+    assert re.search(r"^counted: [\d.e-]+ TFLOP per UNet evaluation .* x 3 \+ [\d.e-]+ TFLOP VAE decode", printed, re.M)
     assert re.search(r"^best: .+: \d+\.\d images/min, \d+\.\d\dx the naive loop$", printed, re.M), printed
     # Every row ran through the whole style path (the script checks each row's PNG count).
     raw = json.loads(out.with_suffix(".json").read_text())
     assert raw["device"] == "CPU" and raw["auto_batch_size"] == 1
+    flops = raw["tflop"]
+    assert flops["unet_evaluations"] == 3
+    assert flops["image"] == pytest.approx(3 * flops["unet_evaluation"] + flops["vae_decode"])
     rows = [(r["config"], r["batch"], r["images"]) for r in raw["results"]]
     assert rows == [
         ("naive diffusers loop", 1, 2),
