@@ -25,6 +25,7 @@ it (markdown) with the raw numbers (JSON) after every row, so a run cut short ke
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import sys
@@ -40,10 +41,10 @@ import torch  # noqa: E402
 from sd_assets.domain.engine import (  # noqa: E402
     LoadedPipeline,
     Tuning,
-    attention_backend,
     auto_batch_size,
     configure_pipeline,
     render_batch,
+    run_pipeline,
 )
 from sd_assets.domain.generation import make_style_images  # noqa: E402
 from sd_assets.domain.profile import GpuProfiler  # noqa: E402
@@ -97,6 +98,13 @@ SD15_TEXT = {
 SUBJECTS = ["alan turing", "ada lovelace", "grace hopper", "a lighthouse at dusk", "a busy market street"]
 
 
+def model_configs(full: bool) -> tuple[dict, dict, dict]:
+    """UNet, VAE and text-encoder configurations: SD 1.5's, or the tiny model's for --smoke."""
+    if full:
+        return SD15_UNET, SD15_VAE, SD15_TEXT
+    return TINY_SPEC["unet"], TINY_SPEC["vae"], TINY_SPEC["text_encoder"]
+
+
 def sd15_scheduler():
     from diffusers import PNDMScheduler
 
@@ -115,7 +123,7 @@ def flops_per_image(full: bool, settings: GenerationSettings) -> dict:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from torch.utils.flop_counter import FlopCounterMode
 
-    unet_config, vae_config = (SD15_UNET, SD15_VAE) if full else (TINY_SPEC["unet"], TINY_SPEC["vae"])
+    unet_config, vae_config, _ = model_configs(full)
     guided = 2 if settings.guidance_scale > 1 else 1
     with torch.device("meta"):
         unet = UNet2DConditionModel(**unet_config).half()
@@ -141,8 +149,7 @@ def build_pipeline(full: bool, device: str, dtype: torch.dtype):
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    unet_config, vae_config = (SD15_UNET, SD15_VAE) if full else (TINY_SPEC["unet"], TINY_SPEC["vae"])
-    text_config = SD15_TEXT if full else TINY_SPEC["text_encoder"]
+    unet_config, vae_config, text_config = model_configs(full)
     torch.manual_seed(0)
     with torch.device(device):
         unet = UNet2DConditionModel(**unet_config).to(dtype)
@@ -257,16 +264,13 @@ def expected_warmup(variant: str) -> float:
     return EXPECTED_WARMUP_SECONDS[variant.split("+")[0]]
 
 
-def count_host_syncs(pipeline, settings: GenerationSettings, device: str, steps: int) -> int:
+def count_host_syncs(loaded: LoadedPipeline, settings: GenerationSettings, steps: int) -> int:
     """Synchronising CUDA calls made by one batch-1 pipeline call of ``steps`` steps."""
-    rows = make_rows(settings, 1, "sync")
-    loaded = LoadedPipeline(pipeline, Path("."), device, "float16", type(pipeline.scheduler).__name__, False, 0.0)
-    probe = GenerationSettings(**{**settings.__dict__, "steps": steps})
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            render_batch(loaded, rows, probe)
+            render_batch(loaded, make_rows(settings, 1, "sync"), dataclasses.replace(settings, steps=steps))
         finally:
             torch.cuda.set_sync_debug_mode("default")
     return sum("synchronizing CUDA operation" in str(w.message) for w in caught)
@@ -286,12 +290,9 @@ def sync_check(pipeline, settings: GenerationSettings, device: str) -> list[dict
         for name in SYNC_CHECK_SCHEDULERS:
             try:
                 pipeline.scheduler = getattr(diffusers, name).from_config(original.config)
-                render_batch(
-                    LoadedPipeline(pipeline, Path("."), device, "float16", name, False, 0.0),
-                    make_rows(settings, 1, "sync-warm"),
-                    GenerationSettings(**{**settings.__dict__, "steps": 2}),
-                )
-                short, long = (count_host_syncs(pipeline, settings, device, steps) for steps in (3, 6))
+                loaded = LoadedPipeline(pipeline, Path("."), device, "float16", name, False, 0.0)
+                render_batch(loaded, make_rows(settings, 1, "sync-warm"), dataclasses.replace(settings, steps=2))
+                short, long = (count_host_syncs(loaded, settings, steps) for steps in (3, 6))
             except Exception as exc:  # one scheduler failing must not cost the benchmark's rows
                 results.append({"scheduler": name, "failed": f"{exc!r}"[:200]})
                 continue
@@ -335,15 +336,9 @@ def denoise_seconds(loaded: LoadedPipeline, settings: GenerationSettings, rows: 
     The batch runs as one call, as the engine runs it on a GPU (on a CPU the engine renders the
     rows one by one, so there the share is rough).
     """
-    generators = [torch.Generator(device=loaded.device).manual_seed(row.seed) for row in rows]
     synchronize(loaded.device)
     start = time.perf_counter()
-    with torch.inference_mode(), attention_backend(loaded):
-        loaded.pipeline(
-            prompt=[row.prompt for row in rows], negative_prompt=[row.negative_prompt for row in rows],
-            num_inference_steps=settings.steps, guidance_scale=settings.guidance_scale, width=settings.width,
-            height=settings.height, generator=generators, output_type="latent",
-        )  # fmt: skip
+    run_pipeline(loaded, rows, settings, output_type="latent")
     synchronize(loaded.device)
     return time.perf_counter() - start
 

@@ -13,6 +13,7 @@ for them.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import re
 import threading
@@ -188,8 +189,7 @@ def configure_pipeline(pipeline: Any, device: str, compile_unet: bool = False, t
     pipeline = pipeline.to(device)
     if tuning.fuse_qkv:
         pipeline.fuse_qkv_projections()
-    on_gpu = device != "cpu"
-    if on_gpu:
+    if device != "cpu":
         pipeline.unet.to(memory_format=torch.channels_last)
         pipeline.vae.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = tuning.cudnn_benchmark
@@ -247,12 +247,15 @@ def render_batch(loaded: LoadedPipeline, rows: Sequence[PromptRow], settings: Ge
     return _render(loaded, rows, settings)
 
 
-def _render(loaded: LoadedPipeline, rows: Sequence[PromptRow], settings: GenerationSettings):
+def run_pipeline(loaded: LoadedPipeline, rows: Sequence[PromptRow], settings: GenerationSettings,
+                 output_type: str = "pt"):  # fmt: skip
+    """One pipeline call for ``rows``, each with its own seeded generator, under the tuning's
+    attention backend; returns the pipeline's output (``output_type`` as diffusers takes it)."""
     import torch
 
     generators = [torch.Generator(device=loaded.device).manual_seed(row.seed) for row in rows]
     with torch.inference_mode(), attention_backend(loaded):
-        output = loaded.pipeline(
+        return loaded.pipeline(
             prompt=[row.prompt for row in rows],
             negative_prompt=[row.negative_prompt for row in rows] if settings.guidance_scale > 1 else None,
             num_inference_steps=settings.steps,
@@ -260,8 +263,15 @@ def _render(loaded: LoadedPipeline, rows: Sequence[PromptRow], settings: Generat
             width=settings.width,
             height=settings.height,
             generator=generators,
-            output_type="pt",
+            output_type=output_type,
         )
+
+
+def _render(loaded: LoadedPipeline, rows: Sequence[PromptRow], settings: GenerationSettings):
+    import torch
+
+    output = run_pipeline(loaded, rows, settings)
+    with torch.inference_mode():
         # Quantise on the device: one small uint8 copy per batch crosses to the host.
         pixels = (output.images * 255).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
         return pixels.cpu().numpy()
@@ -416,7 +426,7 @@ def auto_batch_size(
     if remembered_key in remembered:
         size = int(remembered[remembered_key])
     else:
-        probe = GenerationSettings(**{**settings.__dict__, "steps": 1})
+        probe = dataclasses.replace(settings, steps=1)
         row = PromptRow("probe", "probe", 0, "probe", "", 0, "probe")
         peaks = []
         for count in (1, 2):
