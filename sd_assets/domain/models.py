@@ -15,11 +15,14 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sd_assets.domain.errors import ModelError
 from sd_assets.domain.grid import ModelConfig
-from sd_assets.domain.hub import HubSettings, download_pipeline, resolve_commit
 from sd_assets.domain.store import ArtifactStore
+
+if TYPE_CHECKING:  # the hub client (huggingface_hub, httpx2) is imported only when a model is fetched
+    from sd_assets.domain.hub import HubSettings
 
 MANIFEST = "manifest.json"
 # Version tags of the files when they were last hashed and found sound.
@@ -182,6 +185,8 @@ def resolve_revision(model: ModelConfig, hub: HubSettings) -> str:
         from sd_assets.domain.tiny_model import tiny_revision
 
         return tiny_revision()
+    from sd_assets.domain.hub import resolve_commit
+
     return resolve_commit(model.id, model.revision, hub)
 
 
@@ -198,6 +203,8 @@ def _fetch(model: ModelConfig, revision: str, folder: Path, hub: HubSettings, sa
 
         save_tiny_model(folder)
         return _Fetched(None, 0)
+    from sd_assets.domain.hub import download_pipeline
+
     download = download_pipeline(model.id, revision, hub, folder, model.variant, safety_checker)
     return _Fetched(download.selection.variant, download.bytes_downloaded)
 
@@ -225,6 +232,8 @@ def ensure_model(
     ``hub`` says how to reach the Hugging Face hub (default: huggingface_hub's own settings);
     ``safety_checker`` asks for the safety checker's weights too.
     """
+    from sd_assets.domain.hub import HubSettings
+
     start = time.perf_counter()
     hub = hub or HubSettings()
     revision = resolve_revision(model, hub)
