@@ -43,6 +43,7 @@ from sd_assets.domain.engine import (  # noqa: E402
     Tuning,
     auto_batch_size,
     configure_pipeline,
+    pipeline_calls,
     render_batch,
     run_pipeline,
 )
@@ -333,12 +334,13 @@ def run_engine(loaded: LoadedPipeline, settings: GenerationSettings, batch: int,
 def denoise_seconds(loaded: LoadedPipeline, settings: GenerationSettings, rows: list[PromptRow]) -> float:
     """One batch up to its final latents: prompt encoding and the UNet steps, no VAE, no PNGs.
 
-    The batch runs as one call, as the engine runs it on a GPU (on a CPU the engine renders the
-    rows one by one, so there the share is rough).
+    The rows run as the engine runs them: as one call on a GPU, one at a time on a CPU (so a
+    compiled UNet meets only shapes it has compiled).
     """
     synchronize(loaded.device)
     start = time.perf_counter()
-    run_pipeline(loaded, rows, settings, output_type="latent")
+    for call in pipeline_calls(loaded, rows):
+        run_pipeline(loaded, call, settings, output_type="latent")
     synchronize(loaded.device)
     return time.perf_counter() - start
 

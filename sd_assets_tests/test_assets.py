@@ -4,12 +4,13 @@ import json
 import shutil
 
 import dagster as dg
+import numpy as np
 import pandas as pd
 from PIL import Image
 
 from sd_assets.definitions import build_definitions
 from sd_assets.domain.pngmeta import read_provenance
-from sd_assets_tests.helpers import materialize_style
+from sd_assets_tests.helpers import materialize_style, write_grid
 
 STYLES = ("Banksy", "Andy Warhol")
 
@@ -132,3 +133,28 @@ def test_the_ui_marks_a_style_stale_when_its_inputs_change_and_fresh_once_regene
     only_weights = defs.resolve_implicit_global_asset_job_def()
     assert only_weights.execute_in_process(asset_selection=[dg.AssetKey("model_weights")], instance=instance).success
     assert status("style_images") == StaleStatus.STALE
+
+
+def test_a_compiled_run_reports_its_compile_time_and_makes_the_same_pictures(tmp_path, tiny_model_store, instance):
+    # The same three images, once eager and once with the UNet and the VAE decoder compiled.
+    stores = {}
+    for name, inference in (("eager", ""), ("compiled", ", compile: true, compile_vae: true")):
+        folder = tmp_path / name
+        grid = write_grid(folder, styles=("Banksy",), subjects=("alan turing",), images_per_prompt=3, batch_size=2)
+        grid.write_text(grid.read_text().replace("batch_size: 2}", f"batch_size: 2{inference}}}"))
+        shutil.copytree(tiny_model_store.root / "models", folder / "data" / "models")
+        stores[name] = (folder / "data", _metadata(materialize_style(grid, "Banksy", instance), "style_images"))
+
+    eager_data, eager = stores["eager"]
+    compiled_data, compiled = stores["compiled"]
+    assert "compiled" not in eager and "compile_seconds" not in eager
+    assert compiled["generated"] == 3 and compiled["compiled"] == "unet, vae decoder"
+    # The first batch compiled; the second ran warm and sets what running warm costs.
+    assert 0 < compiled["compile_seconds"] < compiled["first_batch_seconds"]
+    assert compiled["padded_images"] == 0, "a CPU renders rows one at a time: nothing to fill"
+    assert _pngs(eager_data).keys() == _pngs(compiled_data).keys()
+    for path in (eager_data / "images").rglob("*.png"):
+        with Image.open(path) as plain, Image.open(compiled_data / path.relative_to(eager_data)) as fast:
+            difference = np.abs(np.asarray(plain, dtype=int) - np.asarray(fast, dtype=int))
+        # Inductor fuses and reorders float sums: a level or two may move, no more.
+        assert difference.max() <= 2, path.name

@@ -100,6 +100,19 @@ def test_fused_qkv_tuning_fuses_every_attention_layer_and_keeps_the_picture(load
         assert difference.max() <= 2 and difference.mean() < 0.05, key
 
 
+def test_compile_vae_compiles_the_decoder_along_with_the_unet(loaded):
+    # Wrapping only: nothing is rendered, so nothing compiles here (that takes minutes on a CPU).
+    unet_only = engine.load_pipeline(loaded.folder, "cpu", "float32", compile_unet=True)
+    both = engine.load_pipeline(loaded.folder, "cpu", "float32", compile_unet=True,
+                                tuning=engine.Tuning(compile_vae=True))  # fmt: skip
+
+    compiled = torch._dynamo.eval_frame.OptimizedModule
+    assert isinstance(unet_only.pipeline.unet, compiled) and isinstance(both.pipeline.unet, compiled)
+    assert not isinstance(unet_only.pipeline.vae.decoder, compiled)
+    assert isinstance(both.pipeline.vae.decoder, compiled)
+    assert not isinstance(loaded.pipeline.unet, compiled)
+
+
 def test_an_unknown_compile_mode_is_a_clear_error():
     with pytest.raises(SdAssetsError, match="compile mode 'reduce-overhead' is not one of default, max-autotune"):
         engine.Tuning(compile_mode="reduce-overhead")

@@ -60,6 +60,7 @@ model: {id: tiny-random}
         (VALID + "inference: {steps: 0}\n", "field 'inference.steps' = 0"),
         (VALID + "inference: {width: 100}\n", "field 'inference.width' = 100"),
         (VALID + "inference: {batch_size: lots}\n", "inference.batch_size"),
+        (VALID + "inference: {compile_vae: true}\n", "field 'inference.compile_vae' = True: needs compile: true"),
         (VALID + 'prompt_template: "{style} only"\n', "must contain {subject}"),
         (VALID + 'prompt_template: "{subject} in {city}"\n', "unknown fields ['city']"),
         ("styles: [Banksy\n", "not valid YAML"),
@@ -68,6 +69,13 @@ model: {id: tiny-random}
 )
 def test_bad_grid_files_name_the_field_and_value(tmp_path, text, expected):
     assert expected in _error_for(tmp_path, text)
+
+
+def test_compile_vae_comes_with_compile(tmp_path):
+    path = tmp_path / "grid.yaml"
+    path.write_text(VALID + "inference: {compile: true, compile_vae: true}\n")
+    inference = load_grid(path).inference
+    assert inference.compile and inference.compile_vae
 
 
 def test_missing_grid_file_says_how_to_point_at_one(tmp_path):

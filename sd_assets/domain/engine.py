@@ -62,10 +62,12 @@ def pick_dtype(device: str, requested: str = "auto") -> str:
 
 @dataclass(frozen=True)
 class Tuning:
-    """GPU speed settings beyond the engine's defaults; all off until a GPU benchmark shows one pays.
+    """GPU speed settings beyond the engine's defaults, all off by default.
 
-    ``benchmarks/bench_gpu.py`` measures each of them side by side (docs/PERFORMANCE.md). The
-    two cuDNN switches act on GPUs only; the compile settings act only with compile on.
+    ``benchmarks/bench_gpu.py`` measures them side by side (docs/PERFORMANCE.md). Only
+    ``compile_vae`` paid on a GPU so far, and a grid can ask for it (``inference.compile_vae``);
+    the others are there for the benchmark. The two cuDNN switches act on GPUs only; the compile
+    settings act only with compile on.
     """
 
     # One matmul for q, k and v in every attention layer (diffusers' ``fuse_qkv_projections``).
@@ -242,9 +244,18 @@ def render_batch(loaded: LoadedPipeline, rows: Sequence[PromptRow], settings: Ge
     """
     import numpy as np
 
-    if loaded.device == "cpu" and len(rows) > 1:
-        return np.concatenate([_render(loaded, [row], settings) for row in rows])
+    calls = pipeline_calls(loaded, rows)
+    if len(calls) > 1:
+        return np.concatenate([_render(loaded, call, settings) for call in calls])
     return _render(loaded, rows, settings)
+
+
+def pipeline_calls(loaded: LoadedPipeline, rows: Sequence[PromptRow]) -> list[list[PromptRow]]:
+    """How a batch goes through the pipeline: one call on a GPU, one call per row on a CPU
+    (see ``render_batch``)."""
+    if loaded.device == "cpu":
+        return [[row] for row in rows]
+    return [list(rows)]
 
 
 def run_pipeline(loaded: LoadedPipeline, rows: Sequence[PromptRow], settings: GenerationSettings,
@@ -363,7 +374,8 @@ def generate(
         batch = rows[offset : offset + batch_size]
         rendered = rows_to_render(loaded, batch, batch_size, settings)
         stats.padded += len(rendered) - len(batch)
-        shape = (len(rendered), settings.width, settings.height)
+        # The shape the UNet sees (on a CPU, one row at a time whatever the batch).
+        shape = (len(pipeline_calls(loaded, rendered)[0]), settings.width, settings.height)
         batch_start = time.perf_counter()
         pixels = render_batch(loaded, rendered, settings)
         batch_seconds = time.perf_counter() - batch_start

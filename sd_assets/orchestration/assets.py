@@ -268,7 +268,7 @@ def _generate(
     dtype = engine.pick_dtype(device, inference.dtype)
     loaded = engine.load_pipeline(
         copy.folder, device, dtype, inference.scheduler, inference.compile, inference.safety_checker,
-        variant=ref.variant,
+        variant=ref.variant, tuning=engine.Tuning(compile_vae=inference.compile_vae),
     )
     if inference.batch_size == "auto":
         batch_size = engine.auto_batch_size(loaded, settings, generator.batch_memory_file, len(missing))
@@ -304,6 +304,7 @@ def _generate(
     if profile.chart_svg:
         metadata["gpu_util_chart"] = dg.MetadataValue.md(profile.chart_markdown())
     if loaded.compiled:
+        metadata["compiled"] = "unet, vae decoder" if loaded.tuning.compile_vae else "unet"
         metadata["compile_seconds"] = round(report.compile_seconds, 3)
         metadata["padded_images"] = report.padded_images
     return metadata
