@@ -21,7 +21,7 @@ from sd_assets.domain.errors import ModelError
 from sd_assets.domain.grid import ModelConfig
 from sd_assets.domain.store import ArtifactStore
 
-if TYPE_CHECKING:  # the hub client (huggingface_hub, httpx2) is imported only when a model is fetched
+if TYPE_CHECKING:  # the hub client (huggingface_hub, httpx2) is imported only where a model is resolved
     from sd_assets.domain.hub import HubSettings
 
 MANIFEST = "manifest.json"
