@@ -5,6 +5,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import dagster as dg
 from dagster_aws.s3 import S3Resource
@@ -12,8 +13,10 @@ from dagster_aws.s3 import S3Resource
 from sd_assets.domain import devices, engine
 from sd_assets.domain.errors import SdAssetsError
 from sd_assets.domain.grid import GridConfig, load_grid
-from sd_assets.domain.hub import HubSettings
 from sd_assets.domain.store import ArtifactStore, open_store
+
+if TYPE_CHECKING:  # the hub client loads only when model_weights runs, not at every run's start
+    from sd_assets.domain.hub import HubSettings
 
 
 class GridResource(dg.ConfigurableResource):
@@ -51,7 +54,9 @@ class HubResource(dg.ConfigurableResource):
     cache_dir: str | None = None
     endpoint: str | None = None
 
-    def settings(self) -> HubSettings:
+    def settings(self) -> "HubSettings":
+        from sd_assets.domain.hub import HubSettings
+
         return HubSettings(
             token=self.token, offline=self.offline, cache_dir=self.cache_dir, endpoint=self.endpoint
         )
