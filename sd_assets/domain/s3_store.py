@@ -136,25 +136,24 @@ class S3Store(ArtifactStore):
                 Bucket=self.bucket, Key=self._object_key(key), Body=data, ContentType=content_type(key)
             )
 
-    def list_keys(self, prefix: str) -> Iterator[str]:
+    def _listing(self, prefix: str) -> Iterator[tuple[str, dict]]:
+        """(store key, S3's entry) for every object under ``prefix``, page by page."""
         if prefix:
             _check_key(prefix)
         paginator = self.client.get_paginator("list_objects_v2")
         with self._errors("list", prefix):
             for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix):
                 for item in page.get("Contents", ()):
-                    yield item["Key"][len(self.prefix):]
+                    yield item["Key"][len(self.prefix):], item
+
+    def list_keys(self, prefix: str) -> Iterator[str]:
+        for key, _ in self._listing(prefix):
+            yield key
 
     def versions(self, prefix: str) -> dict[str, ObjectVersion]:
         """Sizes and ETags from one listing: S3 gives each write of an object a new ETag."""
         _check_key(prefix)
-        paginator = self.client.get_paginator("list_objects_v2")
-        found = {}
-        with self._errors("list", prefix):
-            for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix):
-                for item in page.get("Contents", ()):
-                    found[item["Key"][len(self.prefix):]] = ObjectVersion(item["Size"], item["ETag"])
-        return found
+        return {key: ObjectVersion(item["Size"], item["ETag"]) for key, item in self._listing(prefix)}
 
     def existing(self, keys: list[str]) -> set[str]:
         """One listing per folder-like prefix the keys share (images fan out over 256 of them)."""
