@@ -9,7 +9,6 @@ absent, never loaded. Hub models come through ``hub``; the tiny model is built o
 
 from __future__ import annotations
 
-import hashlib
 import json
 import tempfile
 import time
@@ -19,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from sd_assets.domain.errors import ModelError
 from sd_assets.domain.grid import ModelConfig
-from sd_assets.domain.store import ArtifactStore
+from sd_assets.domain.store import ArtifactStore, sha256_file
 
 if TYPE_CHECKING:  # the hub client (huggingface_hub, httpx2) is imported only where a model is resolved
     from sd_assets.domain.hub import HubSettings
@@ -27,7 +26,6 @@ if TYPE_CHECKING:  # the hub client (huggingface_hub, httpx2) is imported only w
 MANIFEST = "manifest.json"
 # Version tags of the files when they were last hashed and found sound.
 VERIFIED = "verified.json"
-_CHUNK = 8 * 1024 * 1024
 
 
 def model_dir_name(model_id: str) -> str:
@@ -41,14 +39,6 @@ def model_prefix(model_id: str, revision: str) -> str:
 
 def ref_key(model_id: str, revision_name: str) -> str:
     return f"models/{model_dir_name(model_id)}/refs/{revision_name}"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)

@@ -102,6 +102,15 @@ class ArtifactStore(ABC):
         self.write_bytes(key, text.encode("utf-8"))
 
 
+def sha256_file(path: Path) -> str:
+    """The hex sha256 of a file, read in 8 MiB chunks (model weights are gigabytes)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(8 * 1024 * 1024):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -169,11 +178,7 @@ class LocalStore(ArtifactStore):
         return found
 
     def sha256(self, key: str) -> str:
-        digest = hashlib.sha256()
-        with open(self._path(key), "rb") as handle:
-            while chunk := handle.read(8 * 1024 * 1024):
-                digest.update(chunk)
-        return digest.hexdigest()
+        return sha256_file(self._path(key))
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
