@@ -15,6 +15,7 @@ from sd_assets.domain.errors import GridError, SdAssetsError
 from sd_assets.domain.store import LocalStore
 from sd_assets.domain.subject_lists import (
     FolderSource,
+    ListedFile,
     StoreSource,
     decode_cursor,
     encode_cursor,
@@ -218,6 +219,28 @@ def test_reading_lists_skips_bad_ones_and_fails_only_when_none_is_valid(tmp_path
     (tmp_path / "good.txt").unlink()
     with pytest.raises(GridError, match=r"no valid subject lists in .*\n- skipped subject list bad.txt"):
         read_subject_lists(FolderSource(tmp_path), max_subjects=100)
+
+
+class VanishingListSource(FolderSource):
+    """A folder whose listing still shows a list deleted before it could be read."""
+
+    def listing(self) -> list[ListedFile]:
+        return [*super().listing(), ListedFile("gone.txt", 12, time.time_ns() - 10**10)]
+
+
+def test_a_list_that_cannot_be_read_is_skipped_and_tried_again_next_look(tmp_path):
+    (tmp_path / "good.txt").write_text("alan turing\n")
+    settle(tmp_path / "good.txt")
+    source = VanishingListSource(tmp_path)
+    read = read_subject_lists(source, max_subjects=100)
+    assert [sl.name for sl in read.lists] == ["good.txt"]
+    [problem] = read.problems
+    assert problem.startswith("skipped subject list gone.txt: cannot read it: ") and "No such file" in problem
+    first = scan_subject_lists(source, {}, max_subjects=100)
+    assert [sl.name for sl in first.changed] == ["good.txt"] and first.problems == [problem]
+    assert "gone.txt" not in first.state, "not remembered, so the next look reads it again"
+    again = scan_subject_lists(source, first.state, max_subjects=100)
+    assert (again.read, again.problems) == (1, [problem])
 
 
 def test_a_malformed_list_does_not_fail_a_run(grid_path, instance):

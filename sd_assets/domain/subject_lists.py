@@ -129,9 +129,14 @@ class SubjectListRead:
     problems: list[str]
 
 
-def _read_one(source: SubjectSource, name: str, max_subjects: int) -> tuple[SubjectList | None, str | None, str]:
-    """(the parsed list or None, the problem or None, the short content hash)."""
-    data = source.read(name)
+def _read_one(
+    source: SubjectSource, name: str, max_subjects: int
+) -> tuple[SubjectList | None, str | None, str | None]:
+    """(the parsed list or None, the problem or None, the short content hash or None if unreadable)."""
+    try:
+        data = source.read(name)
+    except (OSError, SdAssetsError) as exc:
+        return None, f"skipped subject list {name}: cannot read it: {exc}", None
     try:
         parsed = parse_subject_list(name, data, max_subjects)
     except GridError as exc:
@@ -147,10 +152,7 @@ def read_subject_lists(source: SubjectSource, max_subjects: int) -> SubjectListR
     """
     lists, problems = [], []
     for listed in source.listing():
-        try:
-            parsed, problem, _ = _read_one(source, listed.name, max_subjects)
-        except (OSError, SdAssetsError) as exc:
-            parsed, problem = None, f"skipped subject list {listed.name}: cannot read it: {exc}"
+        parsed, problem, _ = _read_one(source, listed.name, max_subjects)
         if parsed is not None:
             lists.append(parsed)
         else:
@@ -215,10 +217,9 @@ def scan_subject_lists(
             state[listed.name] = old
             continue
         read += 1
-        try:
-            parsed, problem, sha = _read_one(source, listed.name, max_subjects)
-        except (OSError, SdAssetsError) as exc:
-            problems.append(f"skipped subject list {listed.name}: cannot read it: {exc}")
+        parsed, problem, sha = _read_one(source, listed.name, max_subjects)
+        if sha is None:  # unreadable: not remembered, so the next look tries it again
+            problems.append(problem)
             continue
         settled = listed.mtime_ns is not None and now_ns - listed.mtime_ns >= SETTLE_NS
         state[listed.name] = ListState(
