@@ -52,7 +52,7 @@ from sd_assets.domain.profile import GpuProfiler  # noqa: E402
 from sd_assets.domain.models import ModelRef  # noqa: E402
 from sd_assets.domain.prompts import GenerationSettings, PromptRow, content_key, image_seed  # noqa: E402
 from sd_assets.domain.store import LocalStore  # noqa: E402
-from sd_assets.domain.tiny_model import TINY_SPEC, tiny_vocabulary  # noqa: E402
+from sd_assets.domain.tiny_model import TINY_SPEC, pipeline_from_parts  # noqa: E402
 
 # An H100 SXM's dense fp16 tensor-core peak. The limit in images/min is this over the FLOPs of
 # one image, which the benchmark counts (``flops_per_image``) rather than assumes.
@@ -147,8 +147,8 @@ def flops_per_image(full: bool, settings: GenerationSettings) -> dict:
 
 def build_pipeline(full: bool, device: str, dtype: torch.dtype):
     """A Stable Diffusion pipeline with random weights, created directly on ``device``."""
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     unet_config, vae_config, text_config = model_configs(full)
     torch.manual_seed(0)
@@ -156,12 +156,7 @@ def build_pipeline(full: bool, device: str, dtype: torch.dtype):
         unet = UNet2DConditionModel(**unet_config).to(dtype)
         vae = AutoencoderKL(**vae_config).to(dtype)
         text_encoder = CLIPTextModel(CLIPTextConfig(**text_config)).to(dtype)
-    scheduler = sd15_scheduler()
-    tokenizer = CLIPTokenizer(vocab=tiny_vocabulary(), merges=[], model_max_length=77)
-    pipeline = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )  # fmt: skip
+    pipeline = pipeline_from_parts(unet, vae, text_encoder, sd15_scheduler())
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 

@@ -92,8 +92,8 @@ def tiny_vocabulary() -> dict[str, int]:
 def build_tiny_pipeline():
     """Build the tiny Stable Diffusion pipeline in memory (float32, CPU)."""
     import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     spec = TINY_SPEC
     torch.manual_seed(spec["seed"])
@@ -104,7 +104,15 @@ def build_tiny_pipeline():
     torch.manual_seed(spec["seed"] + 2)
     text_encoder = CLIPTextModel(CLIPTextConfig(**spec["text_encoder"]))
     scheduler_spec = {k: v for k, v in spec["scheduler"].items() if k != "class"}
-    scheduler = PNDMScheduler(**scheduler_spec)
+    return pipeline_from_parts(unet, vae, text_encoder, PNDMScheduler(**scheduler_spec))
+
+
+def pipeline_from_parts(unet, vae, text_encoder, scheduler):
+    """A Stable Diffusion pipeline of the given models, with the generated CLIP tokenizer and
+    no safety checker (the tiny model's, and the GPU benchmark's SD 1.5 architecture)."""
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
     tokenizer = CLIPTokenizer(vocab=tiny_vocabulary(), merges=[], model_max_length=77)
     return StableDiffusionPipeline(
         vae=vae,
