@@ -158,3 +158,46 @@ def test_a_compiled_run_reports_its_compile_time_and_makes_the_same_pictures(tmp
             difference = np.abs(np.asarray(plain, dtype=int) - np.asarray(fast, dtype=int))
         # Inductor fuses and reorders float sums: a level or two may move, no more.
         assert difference.max() <= 2, path.name
+
+
+def test_turning_deep_cache_on_makes_new_images_that_say_so_and_keeps_the_old_ones(grid_path, instance):
+    data = grid_path.parent / "data"
+    plain = _metadata(materialize_style(grid_path, "Banksy", instance), "style_images")
+    plain_images = _pngs(data)
+    assert plain["generated"] == 4 and "deep_cache" not in plain
+
+    grid_path.write_text(grid_path.read_text().replace("batch_size: 4}", "batch_size: 4, deep_cache: {interval: 2}}"))
+    cached = _metadata(materialize_style(grid_path, "Banksy", instance), "style_images")
+    assert cached["generated"] == 4 and cached["deep_cache"] == "interval 2, branch 0"
+    images = _pngs(data)
+    assert len(images) == 8 and {k: images[k] for k in plain_images} == plain_images, "the first images are untouched"
+
+    catalog = pd.read_parquet(data / "catalog" / "banksy.parquet")
+    assert sorted(catalog["deep_cache"]) == [""] * 4 + ["interval 2, branch 0"] * 4
+    for row in catalog.itertuples():
+        with Image.open(row.path) as image:
+            assert ("DeepCache: interval 2; branch 0" in image.text["parameters"]) == bool(row.deep_cache)
+    # The same subject, image and seed with and without the option: other pixels.
+    pairs = catalog.pivot_table(index=["subject", "image_index"], columns="deep_cache", values="path", aggfunc="first")
+    for full_path, cached_path in zip(pairs[""], pairs["interval 2, branch 0"], strict=True):
+        with Image.open(full_path) as full, Image.open(cached_path) as fast:
+            assert not np.array_equal(np.asarray(full), np.asarray(fast))
+
+    again = _metadata(materialize_style(grid_path, "Banksy", instance), "style_images")
+    assert again["generated"] == 0 and again["skipped"] == 4
+
+
+def test_a_deep_cache_branch_the_model_lacks_fails_the_run_with_the_reason_and_writes_nothing(grid_path, instance):
+    grid_path.write_text(
+        grid_path.read_text().replace("batch_size: 4}", "batch_size: 4, deep_cache: {interval: 3, branch: 9}}")
+    )
+    defs = build_definitions({"SD_ASSETS_GRID": str(grid_path), "SD_ASSETS_DEVICE": "cpu"})
+    result = defs.resolve_job_def("generate_images").execute_in_process(
+        partition_key="Banksy", instance=instance, raise_on_error=False
+    )
+    assert not result.success
+    [failure] = [event for event in result.all_events if event.is_step_failure]
+    assert "inference.deep_cache.branch is 9, but this UNet has 6 skip branches (0 to 5)" in str(
+        failure.step_failure_data.error
+    )
+    assert _pngs(grid_path.parent / "data") == {}

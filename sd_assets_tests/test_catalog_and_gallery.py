@@ -55,6 +55,19 @@ def test_rows_of_an_old_grid_stay_in_the_catalog(tmp_path):
     assert list(merged["subject"]) == ["alan turing"]
 
 
+def test_a_catalog_written_before_the_deep_cache_column_still_merges(tmp_path):
+    store = LocalStore(tmp_path)
+    old, new = _row("alan turing", "Banksy"), _row("ada lovelace", "Banksy")
+    catalog.write_pending(store, "Banksy", "r1", [_store_image(store, old, "r1")])
+    catalog.merge_catalog(store, "Banksy", [old])
+    frame = pd.read_parquet(store.root / catalog.catalog_key("Banksy")).drop(columns=["deep_cache"])
+    frame.to_parquet(store.root / catalog.catalog_key("Banksy"), index=False)
+    catalog.write_pending(store, "Banksy", "r2", [_store_image(store, new, "r2")])
+    merged, report = catalog.merge_catalog(store, "Banksy", [old, new])
+    assert report.rows == 2 and list(merged["deep_cache"]) == ["", ""]
+    assert list(catalog.read_catalog(store)["deep_cache"]) == ["", ""]
+
+
 def test_search_is_case_insensitive_substring_and(tmp_path):
     frame = pd.DataFrame(
         [

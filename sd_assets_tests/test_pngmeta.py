@@ -3,7 +3,9 @@
 import io
 import json
 
-from PIL import Image
+from PIL import Image, PngImagePlugin
+
+from dataclasses import asdict, replace
 
 from sd_assets.domain.pngmeta import Provenance, a1111_parameters, encode_png, read_provenance
 
@@ -32,3 +34,16 @@ def test_png_carries_both_chunks_and_round_trips():
         assert image.text["parameters"].startswith("alan turing by Banksy\n")
         assert json.loads(image.text["sd-assets"])["seed"] == 1234
     assert read_provenance(data) == PROVENANCE
+
+
+def test_deep_cache_is_in_both_chunks_and_pngs_from_before_it_still_read():
+    cached = replace(PROVENANCE, deep_cache="interval 3, branch 0")
+    assert a1111_parameters(cached).endswith(", Model: tiny-random, DeepCache: interval 3; branch 0")
+    assert read_provenance(encode_png(Image.new("RGB", (8, 8)), cached)).deep_cache == "interval 3, branch 0"
+    # A PNG written before the field existed has no deep_cache in its JSON.
+    old_json = {k: v for k, v in asdict(PROVENANCE).items() if k != "deep_cache"}
+    info = PngImagePlugin.PngInfo()
+    info.add_text("sd-assets", json.dumps(old_json))
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, format="PNG", pnginfo=info)
+    assert read_provenance(buffer.getvalue()) == PROVENANCE

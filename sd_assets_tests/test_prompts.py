@@ -1,7 +1,10 @@
 """Per-image seeds and content keys: stable, style-independent, and sensitive to what matters."""
 
+import hashlib
+import json
 from dataclasses import replace
 
+from sd_assets.domain.deep_cache import DeepCache
 from sd_assets.domain.grid import load_grid
 from sd_assets.domain.prompts import GenerationSettings, build_prompt_rows, content_key, image_seed, keys_version
 from sd_assets_tests.helpers import write_grid
@@ -40,8 +43,36 @@ def test_content_key_changes_with_every_pixel_determining_setting():
         content_key(replace(SETTINGS, negative_prompt="blurry"), "alan turing by Banksy", 7),
         content_key(replace(SETTINGS, scheduler="DDIMScheduler"), "alan turing by Banksy", 7),
         content_key(replace(SETTINGS, model_id="other/model"), "alan turing by Banksy", 7),
+        content_key(replace(SETTINGS, deep_cache=DeepCache(interval=3)), "alan turing by Banksy", 7),
+        content_key(replace(SETTINGS, deep_cache=DeepCache(interval=3, branch=1)), "alan turing by Banksy", 7),
     ]
     assert len({base, *variants}) == len(variants) + 1
+
+
+def test_keys_of_images_made_without_deep_cache_are_those_they_had_before_the_option():
+    # The payload every key was hashed from before DeepCache existed: a store's images keep
+    # their keys across the upgrade, and none is made again.
+    before = {
+        "model_id": "tiny-random", "model_revision": "a" * 40, "scheduler": "PNDMScheduler", "steps": 4,
+        "guidance_scale": 7.5, "width": 64, "height": 64, "negative_prompt": "", "prompt": "alan turing by Banksy",
+        "seed": 7,
+    }  # fmt: skip
+    canonical = json.dumps(before, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    assert content_key(SETTINGS, "alan turing by Banksy", 7) == hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def test_a_grid_with_deep_cache_gives_its_images_their_own_keys(tmp_path):
+    plain_path = write_grid(tmp_path / "plain", styles=("Banksy",))
+    cached_path = write_grid(tmp_path / "cached", styles=("Banksy",))
+    cached_path.write_text(cached_path.read_text().replace("batch_size: 4}", "batch_size: 4, deep_cache: {interval: 3}}"))
+    rows = {}
+    for name, path in (("plain", plain_path), ("cached", cached_path)):
+        grid = load_grid(path)
+        settings = GenerationSettings.from_grid(grid, "a" * 40, "PNDMScheduler")
+        rows[name] = build_prompt_rows(grid, "Banksy", ["alan turing"], settings)
+    assert GenerationSettings.from_grid(load_grid(cached_path), "a" * 40, "PNDM").deep_cache == DeepCache(3, 0)
+    assert [r.seed for r in rows["plain"]] == [r.seed for r in rows["cached"]]
+    assert not {r.key for r in rows["plain"]} & {r.key for r in rows["cached"]}
 
 
 def test_keys_version_ignores_order():

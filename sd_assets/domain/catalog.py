@@ -21,8 +21,10 @@ from sd_assets.domain.store import ArtifactStore
 COLUMNS = [
     "key", "subject", "style", "image_index", "prompt", "negative_prompt", "seed", "model_id",
     "model_revision", "scheduler", "steps", "guidance_scale", "width", "height", "run_id",
-    "partition", "path", "created", "device", "dtype",
+    "partition", "path", "created", "device", "dtype", "deep_cache",
 ]  # fmt: skip
+# Columns added after the first catalogs were written, with the value their older rows mean.
+LATER_COLUMNS = {"deep_cache": ""}
 SEARCH_FIELDS = ("subject", "style", "model_id", "run_id")
 
 
@@ -41,7 +43,11 @@ def _to_parquet(frame: pd.DataFrame) -> bytes:
 
 
 def _from_parquet(data: bytes) -> pd.DataFrame:
-    return pd.read_parquet(io.BytesIO(data))
+    frame = pd.read_parquet(io.BytesIO(data))
+    for column, value in LATER_COLUMNS.items():
+        if column not in frame.columns:
+            frame[column] = value
+    return frame
 
 
 def empty_catalog() -> pd.DataFrame:

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sd_assets.domain import deep_cache as deep_caching
+from sd_assets.domain.deep_cache import DeepCache
 from sd_assets.domain.errors import ModelError, SdAssetsError
 from sd_assets.domain.prompts import GenerationSettings, PromptRow
 
@@ -126,6 +128,7 @@ def load_pipeline(
     safety_checker: bool = False,
     variant: str | None = None,
     tuning: Tuning | None = None,
+    deep_cache: DeepCache | None = None,
 ) -> LoadedPipeline:
     """Load a diffusers Stable Diffusion folder once per process and configure it for speed.
 
@@ -138,9 +141,10 @@ def load_pipeline(
         safety_checker: keep the model's safety checker (off unless asked: it costs a CLIP pass).
         variant: the weights variant the folder holds ('fp16' for ``*.fp16.safetensors``), or None.
         tuning: GPU speed settings beyond the defaults (see ``Tuning``).
+        deep_cache: reuse the UNet's deep features between steps (``deep_cache.DeepCache``).
     """
     tuning = tuning or Tuning()
-    cache_key = (str(folder), device, dtype, scheduler, compile_unet, safety_checker, variant, tuning)
+    cache_key = (str(folder), device, dtype, scheduler, compile_unet, safety_checker, variant, tuning, deep_cache)
     with _PIPELINES_LOCK:
         if cache_key in _PIPELINES:
             return _PIPELINES[cache_key]
@@ -160,7 +164,7 @@ def load_pipeline(
             if scheduler_class is None or not issubclass(scheduler_class, diffusers.SchedulerMixin):
                 raise ModelError(f"inference.scheduler {scheduler!r} is not a diffusers scheduler class")
             pipeline.scheduler = scheduler_class.from_config(pipeline.scheduler.config)
-        pipeline = configure_pipeline(pipeline, device, compile_unet, tuning)
+        pipeline = configure_pipeline(pipeline, device, compile_unet, tuning, deep_cache)
         loaded = LoadedPipeline(
             pipeline=pipeline,
             folder=Path(folder),
@@ -175,12 +179,14 @@ def load_pipeline(
         return loaded
 
 
-def configure_pipeline(pipeline: Any, device: str, compile_unet: bool = False, tuning: Tuning | None = None) -> Any:
+def configure_pipeline(pipeline: Any, device: str, compile_unet: bool = False, tuning: Tuning | None = None,
+                       deep_cache: DeepCache | None = None) -> Any:  # fmt: skip
     """Move a pipeline to its device and set it up for throughput.
 
     On GPUs the UNet and VAE use channels_last (faster convolutions on tensor cores); attention
     is PyTorch's scaled_dot_product_attention, diffusers' default with torch 2. ``compile_unet``
-    wraps the UNet in ``torch.compile`` (each new batch shape compiles on first use). ``tuning``
+    wraps the UNet in ``torch.compile`` (each new batch shape compiles on first use). With
+    ``deep_cache`` the UNet's forward becomes DeepCache's (compiled, with ``compile_unet``). ``tuning``
     adds the settings a GPU benchmark measures one by one; ``cudnn_benchmark`` and
     ``inductor_tuning`` are process-wide switches, set here for every pipeline that follows.
     """
@@ -197,9 +203,12 @@ def configure_pipeline(pipeline: Any, device: str, compile_unet: bool = False, t
         torch.backends.cudnn.benchmark = tuning.cudnn_benchmark
     if compile_unet:
         set_inductor_tuning(tuning.inductor_tuning)
+    if deep_cache is not None:
+        deep_caching.install(pipeline.unet, deep_cache, tuning.compile_mode if compile_unet else None)
+    elif compile_unet:
         pipeline.unet = compiled_unet(pipeline.unet, tuning.compile_mode)
-        if tuning.compile_vae:
-            pipeline.vae.decoder = torch.compile(pipeline.vae.decoder, fullgraph=True, mode=tuning.compile_mode)
+    if compile_unet and tuning.compile_vae:
+        pipeline.vae.decoder = torch.compile(pipeline.vae.decoder, fullgraph=True, mode=tuning.compile_mode)
     return pipeline
 
 
@@ -264,6 +273,14 @@ def run_pipeline(loaded: LoadedPipeline, rows: Sequence[PromptRow], settings: Ge
     attention backend; returns the pipeline's output (``output_type`` as diffusers takes it)."""
     import torch
 
+    cached_unet = deep_caching.installed(loaded.pipeline.unet)
+    if (cached_unet.cache if cached_unet else None) != settings.deep_cache:
+        raise SdAssetsError(
+            f"the pipeline was loaded with deep_cache {cached_unet.cache if cached_unet else None}, "
+            f"but the images' settings ask for {settings.deep_cache}"
+        )
+    if cached_unet is not None:
+        cached_unet.reset()
     generators = [torch.Generator(device=loaded.device).manual_seed(row.seed) for row in rows]
     with torch.inference_mode(), attention_backend(loaded):
         return loaded.pipeline(

@@ -46,6 +46,13 @@ class ModelConfig(_Strict):
         return self.id == TINY_MODEL_ID
 
 
+class DeepCacheConfig(_Strict):
+    # Run the whole UNet every `interval` steps; between them only the layers above skip branch
+    # `branch` (0 = the shallowest). Changes the pictures (see docs/PERFORMANCE.md).
+    interval: Annotated[int, pydantic.Field(ge=2, le=100)]
+    branch: Annotated[int, pydantic.Field(ge=0)] = 0
+
+
 class InferenceConfig(_Strict):
     steps: Annotated[int, pydantic.Field(ge=1, le=1000)] = 50
     guidance_scale: Annotated[float, pydantic.Field(ge=0.0, le=50.0)] = 7.5
@@ -60,6 +67,9 @@ class InferenceConfig(_Strict):
     # 35 s more compiling per process (docs/PERFORMANCE.md), so it pays only on long runs.
     compile_vae: bool = False
     safety_checker: bool = False
+    # DeepCache: reuse the UNet's deep features between steps. Off unless set; it changes the
+    # pictures, so it is part of each image's content key and provenance.
+    deep_cache: DeepCacheConfig | None = None
 
     @pydantic.field_validator("compile_vae")
     @classmethod

@@ -59,6 +59,9 @@ class Provenance:
     created: str
     device: str
     dtype: str
+    # The DeepCache setting ("interval 3, branch 0"), or "" for the full computation (and in
+    # images made before the option existed).
+    deep_cache: str = ""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, ensure_ascii=False)
@@ -71,6 +74,8 @@ def a1111_parameters(p: Provenance) -> str:
         f"Steps: {p.steps}, Sampler: {sampler}, CFG scale: {p.guidance_scale:g}, Seed: {p.seed}, "
         f"Size: {p.width}x{p.height}, Model hash: {p.model_revision[:10]}, Model: {p.model_id}"
     )
+    if p.deep_cache:
+        settings += f", DeepCache: {p.deep_cache.replace(',', ';')}"
     return f"{p.prompt}\nNegative prompt: {p.negative_prompt}\n{settings}"
 
 

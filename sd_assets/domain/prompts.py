@@ -13,6 +13,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass
 
+from sd_assets.domain.deep_cache import DeepCache
 from sd_assets.domain.errors import GridError
 from sd_assets.domain.grid import GridConfig, slugify
 from sd_assets.domain.store import ArtifactStore
@@ -38,6 +39,7 @@ class GenerationSettings:
     width: int
     height: int
     negative_prompt: str
+    deep_cache: DeepCache | None = None
 
     @classmethod
     def from_grid(cls, grid: GridConfig, model_revision: str, scheduler: str) -> GenerationSettings:
@@ -51,12 +53,19 @@ class GenerationSettings:
             width=inference.width,
             height=inference.height,
             negative_prompt=inference.negative_prompt,
+            deep_cache=DeepCache(**inference.deep_cache.model_dump()) if inference.deep_cache else None,
         )
 
 
 def content_key(settings: GenerationSettings, prompt: str, seed: int) -> str:
-    """sha256 hex of the canonical JSON of the settings, prompt and seed."""
+    """sha256 hex of the canonical JSON of the settings, prompt and seed.
+
+    Without DeepCache the settings hash as they did before that option existed, so images made
+    before it keep their keys (and are not made again).
+    """
     payload = {**asdict(settings), "prompt": prompt, "seed": seed}
+    if settings.deep_cache is None:
+        del payload["deep_cache"]
     canonical = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 

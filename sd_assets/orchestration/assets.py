@@ -268,7 +268,7 @@ def _generate(
     dtype = engine.pick_dtype(device, inference.dtype)
     loaded = engine.load_pipeline(
         copy.folder, device, dtype, inference.scheduler, inference.compile, inference.safety_checker,
-        variant=ref.variant, tuning=engine.Tuning(compile_vae=inference.compile_vae),
+        variant=ref.variant, tuning=engine.Tuning(compile_vae=inference.compile_vae), deep_cache=settings.deep_cache,
     )
     if inference.batch_size == "auto":
         batch_size = engine.auto_batch_size(loaded, settings, generator.batch_memory_file, len(missing))
@@ -301,6 +301,8 @@ def _generate(
         "previews": dg.MetadataValue.md("\n".join(_thumbnail_markdown(image, row) for row, image in report.previews)),
         **profile.metadata(),
     }
+    if settings.deep_cache:
+        metadata["deep_cache"] = settings.deep_cache.describe()
     if profile.chart_svg:
         metadata["gpu_util_chart"] = dg.MetadataValue.md(profile.chart_markdown())
     if loaded.compiled:
