@@ -15,7 +15,10 @@ memory format, ``pipe(prompt).images[0].save(...)``.
 ``compiled``, plus any of the engine's tunings (``sd_assets.domain.engine.Tuning``) joined by
 ``+``: ``qkv`` (fused q/k/v projections), ``cudnn-benchmark``, ``cudnn-attention``, and with
 ``compiled`` also ``inductor`` (Inductor's settings for convolution UNets), ``max-autotune``
-and ``vae`` (compile the VAE decoder too). Every variant starts from a freshly built pipeline.
+and ``vae`` (compile the VAE decoder too). ``deepcacheN`` (or ``deepcacheNbB``) turns on
+DeepCache with interval N (and branch B, default 0): it changes the pictures, so its rows are
+not the same work as the others; the FLOPs it does are counted for its row. Every variant
+starts from a freshly built pipeline.
 
 On a GPU it also counts host synchronisations per denoising step for a few schedulers, and
 samples GPU utilisation (NVML) during every timed row. Prints one table; ``--out FILE`` writes
@@ -28,6 +31,7 @@ import argparse
 import dataclasses
 import gc
 import json
+import re
 import sys
 import tempfile
 import time
@@ -38,6 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
+from sd_assets.domain import deep_cache  # noqa: E402
+from sd_assets.domain.deep_cache import DeepCache  # noqa: E402
 from sd_assets.domain.engine import (  # noqa: E402
     LoadedPipeline,
     Tuning,
@@ -119,13 +125,15 @@ def flops_per_image(full: bool, settings: GenerationSettings) -> dict:
 
     Counted by torch's ``FlopCounterMode`` over the models built on the meta device (no memory,
     no arithmetic), and multiplied by the UNet evaluations the scheduler really makes (PNDM
-    without its Runge-Kutta warm-up makes one more than ``steps``).
+    without its Runge-Kutta warm-up makes one more than ``steps``). With ``settings.deep_cache``
+    the evaluations between full ones are counted as the shorter ones they are.
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from torch.utils.flop_counter import FlopCounterMode
 
     unet_config, vae_config, _ = model_configs(full)
     guided = 2 if settings.guidance_scale > 1 else 1
+    cached_step = 0.0
     with torch.device("meta"):
         unet = UNet2DConditionModel(**unet_config).half()
         vae = AutoencoderKL(**vae_config).half()
@@ -133,16 +141,26 @@ def flops_per_image(full: bool, settings: GenerationSettings) -> dict:
         latents = torch.randn(guided, unet.config.in_channels, settings.height // scale, settings.width // scale,
                               dtype=torch.half)  # fmt: skip
         prompts = torch.randn(guided, 77, unet.config.cross_attention_dim, dtype=torch.half)
+        timesteps = torch.tensor([500] * guided)
         with FlopCounterMode(display=False) as unet_count:
-            unet(latents, torch.tensor([500] * guided), encoder_hidden_states=prompts)
+            unet(latents, timesteps, encoder_hidden_states=prompts)
         with FlopCounterMode(display=False) as vae_count:
             vae.decode(latents[:1])
+        if settings.deep_cache:
+            layers, branch = deep_cache.unet_layers(unet), settings.deep_cache.branch
+            _, kept = deep_cache.unet_forward(unet, layers, latents, timesteps, prompts, branch)
+            with FlopCounterMode(display=False) as cached_count:
+                deep_cache.unet_forward(unet, layers, latents, timesteps, prompts, branch, kept)
+            cached_step = cached_count.get_total_flops() / 1e12
     scheduler = sd15_scheduler()
     scheduler.set_timesteps(settings.steps)
     evaluations = len(scheduler.timesteps)
+    interval = settings.deep_cache.interval if settings.deep_cache else 1
+    full_evaluations = -(-evaluations // interval)
     step, decode = unet_count.get_total_flops() / 1e12, vae_count.get_total_flops() / 1e12
-    return {"unet_evaluation": step, "unet_evaluations": evaluations, "vae_decode": decode,
-            "image": evaluations * step + decode}  # fmt: skip
+    image = full_evaluations * step + (evaluations - full_evaluations) * cached_step + decode
+    return {"unet_evaluation": step, "unet_evaluations": evaluations, "vae_decode": decode, "image": image,
+            "unet_cached_evaluation": cached_step, "cached_evaluations": evaluations - full_evaluations}  # fmt: skip
 
 
 def build_pipeline(full: bool, device: str, dtype: torch.dtype):
@@ -226,20 +244,31 @@ EXPECTED_WARMUP_SECONDS = {"eager": 15.0, "compiled": 130.0, "max-autotune": 420
 SYNC_CHECK_SCHEDULERS = ("PNDMScheduler", "DDIMScheduler", "EulerDiscreteScheduler", "DPMSolverMultistepScheduler")
 
 
-def parse_variant(variant: str) -> tuple[bool, Tuning]:
-    """'compiled+qkv+inductor' -> (compile the UNet?, the engine tuning)."""
+DEEP_CACHE_MODIFIER = re.compile(r"^deepcache(\d+)(?:b(\d+))?$")
+
+
+def parse_variant(variant: str) -> tuple[bool, Tuning, DeepCache | None]:
+    """'compiled+qkv+deepcache3' -> (compile the UNet?, the engine tuning, the DeepCache setting)."""
     base, *modifiers = variant.split("+")
     if base not in ("eager", "compiled"):
         raise ValueError(f"variant {variant!r} must start with 'eager' or 'compiled'")
     fields: dict = {}
+    cache = None
     for modifier in modifiers:
+        if match := DEEP_CACHE_MODIFIER.match(modifier):
+            if int(match[1]) < 2:
+                raise ValueError(f"variant {variant!r}: DeepCache's interval must be 2 or more")
+            cache = DeepCache(int(match[1]), int(match[2] or 0))
+            continue
         if modifier not in MODIFIERS:
-            raise ValueError(f"variant {variant!r}: unknown modifier {modifier!r} (known: {', '.join(MODIFIERS)})")
+            raise ValueError(
+                f"variant {variant!r}: unknown modifier {modifier!r} (known: {', '.join(MODIFIERS)}, deepcacheN[bB])"
+            )
         if modifier in COMPILED_ONLY and base != "compiled":
             raise ValueError(f"variant {variant!r}: {modifier!r} needs 'compiled'")
         field = MODIFIERS[modifier]
         fields[field] = "max-autotune-no-cudagraphs" if modifier == "max-autotune" else True
-    return base == "compiled", Tuning(**fields)
+    return base == "compiled", Tuning(**fields), cache
 
 
 def parse_rows(spec: str) -> list[tuple[str, int]]:
@@ -351,7 +380,7 @@ def table(results: list[dict], naive_rate: float | None, full: bool, tflop_per_i
             continue
         rate = 60 * r["images"] / r["seconds"]
         ratio = f"{rate / naive_rate:.2f}x" if naive_rate else "-"
-        achieved = rate / 60 * tflop_per_image
+        achieved = rate / 60 * r.get("tflop_per_image", tflop_per_image)
         limit = f"{100 * achieved / H100_DENSE_FP16_TFLOPS:.1f}%" if full else "-"
         peak = f"{r['peak_gb']:.1f} GiB" if r["peak_gb"] is not None else "-"
         util = f"{r['gpu_util_mean']:.0f}%" if r.get("gpu_util_mean") is not None else "-"
@@ -382,12 +411,15 @@ def write_report(out: Path, header: str, results: list[dict], syncs: list[dict],
     out.with_suffix(".json").write_text(json.dumps({**raw, "results": results, "host_syncs": syncs}, indent=1))
 
 
+DEFAULT_ROWS = "eager:1,4,8,16,32 compiled:8,16,32,4,1"
+SMOKE_ROWS = "eager:1,2 eager+qkv:2 eager+deepcache2:2"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny model, 64x64, 2 steps; runs on CPU")
     parser.add_argument("--rows", default=None,
-                        help="engine rows, 'VARIANT:BATCH,... ...' (default 'eager:1,4,8,16,32 compiled:8,16,32,4,1'; "
-                             "smoke 'eager:1,2 eager+qkv:2')")  # fmt: skip
+                        help=f"engine rows, 'VARIANT:BATCH,... ...' (default '{DEFAULT_ROWS}'; smoke '{SMOKE_ROWS}')")
     parser.add_argument("--images", type=int, default=None, help="images per row at least (default 16; smoke 2)")
     parser.add_argument("--naive-images", type=int, default=None, help="images for the naive loop (default 8)")
     parser.add_argument("--budget-seconds", type=float, default=420.0, help="skip rows that could not finish by then")
@@ -400,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     if full and device != "cuda":
         parser.error("the full benchmark needs a CUDA GPU; use --smoke on CPU")
     try:
-        plan = parse_rows(args.rows or ("eager:1,4,8,16,32 compiled:8,16,32,4,1" if full else "eager:1,2 eager+qkv:2"))
+        plan = parse_rows(args.rows or (DEFAULT_ROWS if full else SMOKE_ROWS))
     except ValueError as exc:
         parser.error(str(exc))
     dtype = torch.float16 if device == "cuda" else torch.float32
@@ -467,8 +499,9 @@ def main(argv: list[str] | None = None) -> int:
                 torch._dynamo.reset()
                 if device == "cuda":
                     torch.cuda.empty_cache()
-                compile_unet, tuning = parse_variant(label)
-                pipeline = configure_pipeline(build_pipeline(full, device, dtype), device, compile_unet, tuning)
+                compile_unet, tuning, cache = parse_variant(label)
+                row_settings = dataclasses.replace(settings, deep_cache=cache)
+                pipeline = configure_pipeline(build_pipeline(full, device, dtype), device, compile_unet, tuning, cache)
                 dtype_name = str(dtype).removeprefix("torch.")
                 current = (label, LoadedPipeline(pipeline, root, device, dtype_name, "PNDMScheduler", compile_unet, 0.0,
                                                  tuning=tuning))  # fmt: skip
@@ -476,7 +509,8 @@ def main(argv: list[str] | None = None) -> int:
             count = max(2 * batch, min_images)
             count = -(-count // batch) * batch
             try:
-                result = run_engine(current[1], settings, batch, count, root, label)
+                result = run_engine(current[1], row_settings, batch, count, root, label)
+                result["tflop_per_image"] = flops_per_image(full, row_settings)["image"]
             except Exception as exc:  # a failed row is reported, the rest still run
                 record({"config": f"engine, {label}", "batch": batch, "skipped": f"failed: {exc!r}"[:200]})
                 print(f"{label} batch {batch}: FAILED {exc!r}", flush=True)

@@ -58,13 +58,17 @@ def test_gpu_benchmark_smoke_run_times_every_row_and_writes_its_table(tmp_path):
         ("engine, eager", 1, 2),
         ("engine, eager", 2, 4),
         ("engine, eager+qkv", 2, 4),
+        ("engine, eager+deepcache2", 2, 4),
     ]
     assert all(r["seconds"] > 0 for r in raw["results"])
     engine_rows = raw["results"][1:]
     assert all(r["gpu_profile"].startswith("CPU: no GPU utilisation measured") for r in engine_rows)
     assert all(r["denoise_share"] > 0 for r in engine_rows)
+    # DeepCache's row is credited with the FLOPs it does: 2 of the 3 evaluations are full ones.
+    exact, cached = engine_rows[-2]["tflop_per_image"], engine_rows[-1]["tflop_per_image"]
+    assert exact == pytest.approx(flops["image"]) and flops["vae_decode"] + 2 * flops["unet_evaluation"] < cached < exact
     table = out.read_text()
-    assert "| engine, eager+qkv | 2 | 4 |" in table
+    assert "| engine, eager+qkv | 2 | 4 |" in table and "| engine, eager+deepcache2 | 2 | 4 |" in table
 
 
 def test_gpu_benchmark_names_a_bad_row_before_building_anything():
@@ -73,6 +77,25 @@ def test_gpu_benchmark_names_a_bad_row_before_building_anything():
     assert completed.returncode == 2
     assert "variant 'eager+inductor': 'inductor' needs 'compiled'" in completed.stderr
     assert "built pipeline" not in completed.stdout
+
+
+def test_deep_cache_benchmark_smoke_run_prints_seconds_and_flops_per_branch():
+    completed = run_benchmark("bench_deep_cache.py", "--smoke", "--branches", "0", "5")
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    lines = completed.stdout.splitlines()
+    assert re.match(r"^tiny UNet, 64x64, batch 1 with guidance, float32 on cpu, \d+ threads$", lines[0]), lines[0]
+    assert re.match(r"^full evaluation: \d+\.\d ms$", lines[1]), lines[1]
+    shares = {}
+    for line in lines[2:]:
+        match = re.match(r"^branch (\d): [\d.]+ ms = [\d.]+ of a full evaluation \(FLOPs: ([\d.]+)\); interval 3: ", line)
+        assert match, line
+        shares[int(match[1])] = float(match[2])
+    # The deepest branch keeps most of the network: its short evaluations cost more.
+    assert shares.keys() == {0, 5} and 0 < shares[0] < shares[5] < 1
+
+    completed = run_benchmark("bench_deep_cache.py", "--smoke", "--branches", "6")
+    assert completed.returncode == 2
+    assert "this UNet has 6 skip branches (0 to 5)" in completed.stderr
 
 
 def test_sensor_benchmark_small_run_reads_only_the_changed_list():
