@@ -165,6 +165,7 @@ def test_turning_deep_cache_on_makes_new_images_that_say_so_and_keeps_the_old_on
     plain = _metadata(materialize_style(grid_path, "Banksy", instance), "style_images")
     plain_images = _pngs(data)
     assert plain["generated"] == 4 and "deep_cache" not in plain
+    assert "DeepCache" not in (data / "gallery" / "banksy" / "page-1.html").read_text()
 
     grid_path.write_text(grid_path.read_text().replace("batch_size: 4}", "batch_size: 4, deep_cache: {interval: 2}}"))
     cached = _metadata(materialize_style(grid_path, "Banksy", instance), "style_images")
@@ -182,6 +183,10 @@ def test_turning_deep_cache_on_makes_new_images_that_say_so_and_keeps_the_old_on
     for full_path, cached_path in zip(pairs[""], pairs["interval 2, branch 0"], strict=True):
         with Image.open(full_path) as full, Image.open(cached_path) as fast:
             assert not np.array_equal(np.asarray(full), np.asarray(fast))
+
+    # The gallery shows the grid's images now, each saying how it was made.
+    page = (data / "gallery" / "banksy" / "page-1.html").read_text()
+    assert page.count("· DeepCache interval 2, branch 0</span>") == 4
 
     again = _metadata(materialize_style(grid_path, "Banksy", instance), "style_images")
     assert again["generated"] == 0 and again["skipped"] == 4

@@ -1,8 +1,9 @@
 """Gallery pages: a static site under ``gallery/`` in the store, browsable from disk or a bucket.
 
-Owns rendering (Jinja2, autoescaped) of one set of pages per style, N images a page with prompt
-and seed under each, and the index: every style with its counts and a subject x style contact
-sheet, and the small utilisation-over-time chart a style page shows under "Last generation".
+Owns rendering (Jinja2, autoescaped) of one set of pages per style, N images a page with prompt,
+seed and any DeepCache setting under each, and the index: every style with its counts and a
+subject x style contact sheet, and the small utilisation-over-time chart a style page shows
+under "Last generation".
 Every link is relative, so the folder works wherever it is opened or served.
 """
 
@@ -81,15 +82,20 @@ def render_style_pages(
     present: set[str],
     page_size: int = DEFAULT_PAGE_SIZE,
     profile: dict | None = None,
+    deep_cache: dict[str, str] | None = None,
 ) -> list[str]:
-    """Write the style's pages; returns their store keys. Missing images show as placeholders."""
+    """Write the style's pages; returns their store keys. Missing images show as placeholders.
+
+    ``deep_cache`` maps the keys of images made with DeepCache to its setting, shown under them.
+    """
     template = _ENVIRONMENT.get_template("style_page.html.j2")
     pages = _page_count(len(rows), page_size)
     keys = []
     for page in range(1, pages + 1):
         chunk = rows[(page - 1) * page_size : page * page_size]
         items = [
-            {"row": row, "src": "../../" + image_key_path(row.key), "present": row.key in present}
+            {"row": row, "src": "../../" + image_key_path(row.key), "present": row.key in present,
+             "deep_cache": (deep_cache or {}).get(row.key)}  # fmt: skip
             for row in chunk
         ]
         html = template.render(

@@ -199,7 +199,7 @@ def build_assets(styles: dg.StaticPartitionsDefinition) -> list:
         **COMMON,
         code_version="1",
         kinds={"html"},
-        description="Gallery pages of a style: N images a page, prompt and seed under each.",
+        description="Gallery pages of a style: N images a page, prompt, seed and any DeepCache setting under each.",
     )
     def style_gallery(
         context: dg.AssetExecutionContext, grid: GridResource, store: ArtifactStoreResource
@@ -207,10 +207,13 @@ def build_assets(styles: dg.StaticPartitionsDefinition) -> list:
         style = grid.load().require_style(context.partition_key)
         artifact_store = store.open()
         rows = read_prompt_rows(artifact_store, style)
-        present = set(catalog_lib.read_style_catalog(artifact_store, style)["key"])
+        catalog = catalog_lib.read_style_catalog(artifact_store, style)
+        present = set(catalog["key"])
+        cached = catalog[catalog["deep_cache"] != ""]
         profile = gpu_profile.load_profile(artifact_store, style)
         keys = gallery.render_style_pages(
-            artifact_store, style, rows, present, profile=profile.page_view() if profile else None
+            artifact_store, style, rows, present, profile=profile.page_view() if profile else None,
+            deep_cache=dict(zip(cached["key"], cached["deep_cache"], strict=True)),
         )
         return dg.MaterializeResult(
             metadata={
