@@ -6,6 +6,7 @@ import shutil
 import dagster as dg
 import numpy as np
 import pandas as pd
+import pytest
 from PIL import Image
 
 from sd_assets.definitions import build_definitions
@@ -135,10 +136,14 @@ def test_the_ui_marks_a_style_stale_when_its_inputs_change_and_fresh_once_regene
     assert status("style_images") == StaleStatus.STALE
 
 
-def test_a_compiled_run_reports_its_compile_time_and_makes_the_same_pictures(tmp_path, tiny_model_store, instance):
+@pytest.mark.parametrize("deep_cache", ["", ", deep_cache: {interval: 2}"], ids=["full", "deep-cache"])
+def test_a_compiled_run_reports_its_compile_time_and_makes_the_same_pictures(
+    tmp_path, tiny_model_store, instance, deep_cache
+):
     # The same three images, once eager and once with the UNet and the VAE decoder compiled.
+    # With DeepCache, the UNet's full and short paths are compiled, two graphs.
     stores = {}
-    for name, inference in (("eager", ""), ("compiled", ", compile: true, compile_vae: true")):
+    for name, inference in (("eager", deep_cache), ("compiled", f", compile: true, compile_vae: true{deep_cache}")):
         folder = tmp_path / name
         grid = write_grid(folder, styles=("Banksy",), subjects=("alan turing",), images_per_prompt=3, batch_size=2)
         grid.write_text(grid.read_text().replace("batch_size: 2}", f"batch_size: 2{inference}}}"))
@@ -149,6 +154,7 @@ def test_a_compiled_run_reports_its_compile_time_and_makes_the_same_pictures(tmp
     compiled_data, compiled = stores["compiled"]
     assert "compiled" not in eager and "compile_seconds" not in eager
     assert compiled["generated"] == 3 and compiled["compiled"] == "unet, vae decoder"
+    assert eager.get("deep_cache") == compiled.get("deep_cache") == ("interval 2, branch 0" if deep_cache else None)
     # The first batch compiled; the second ran warm and sets what running warm costs.
     assert 0 < compiled["compile_seconds"] < compiled["first_batch_seconds"]
     assert compiled["padded_images"] == 0, "a CPU renders rows one at a time: nothing to fill"
