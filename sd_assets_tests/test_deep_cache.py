@@ -75,6 +75,10 @@ def test_a_branch_the_unet_does_not_have_or_a_unet_it_cannot_run_is_a_model_erro
         deep_cache.install(unet, DeepCache(interval=2, branch=6))
     with pytest.raises(ModelError, match="this UNet uses time_cond_proj_dim"):
         deep_cache.install(tiny_unet(time_cond_proj_dim=8), DeepCache(interval=2))
+    freeu = tiny_unet()
+    freeu.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4)
+    with pytest.raises(ModelError, match="this UNet uses FreeU"):
+        deep_cache.install(freeu, DeepCache(interval=2))
     assert deep_cache.installed(unet) is None
 
 

@@ -80,13 +80,13 @@ def branch_count(unet: Any) -> int:
 def check_unet(unet: Any, cache: DeepCache) -> None:
     """Raises ModelError when ``cache`` cannot run on ``unet``, naming the reason."""
     kinds = {type(block).__name__ for block in [*unet.down_blocks, *unet.up_blocks, unet.mid_block]}
-    unknown = sorted(kinds - set(DOWN_BLOCKS + UP_BLOCKS + MID_BLOCKS))
-    features = [name for name in UNSUPPORTED_CONFIG if unet.config.get(name) is not None]
-    freeu = any(getattr(block, "s1", None) for block in unet.up_blocks)
-    if unknown or features or freeu or unet.config.get("center_input_sample"):
-        reasons = unknown + features + (["FreeU"] if freeu else []) + (
-            ["center_input_sample"] if unet.config.get("center_input_sample") else []
-        )
+    reasons = sorted(kinds - set(DOWN_BLOCKS + UP_BLOCKS + MID_BLOCKS))
+    reasons += [name for name in UNSUPPORTED_CONFIG if unet.config.get(name) is not None]
+    if unet.config.get("center_input_sample"):
+        reasons.append("center_input_sample")
+    if any(getattr(block, "s1", None) for block in unet.up_blocks):
+        reasons.append("FreeU")
+    if reasons:
         raise ModelError(
             f"inference.deep_cache works with Stable Diffusion 1.x/2.x UNets; this UNet uses {', '.join(reasons)}"
         )
@@ -98,7 +98,8 @@ def check_unet(unet: Any, cache: DeepCache) -> None:
         )
 
 
-def unet_forward(unet: Any, layers: tuple, sample, timestep, encoder_hidden_states, branch: int, cached=None):
+def unet_forward(unet: Any, layers: tuple[list[_DownLayer], list[_UpLayer]], sample, timestep, encoder_hidden_states,
+                 branch: int, cached=None):  # fmt: skip
     """One UNet evaluation; returns (noise prediction, hidden state entering branch ``branch``'s up layer).
 
     With ``cached`` None this is the whole network, computing what ``UNet2DConditionModel.forward``
