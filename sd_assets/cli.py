@@ -31,13 +31,14 @@ def _search(args: argparse.Namespace) -> int:
     if found.empty:
         print("no images match", file=sys.stderr)
         return 0
-    table = found[list(TABLE_COLUMNS)].astype(str)
+    # The DeepCache setting tells apart images that share subject, image and seed; shown when any has one.
+    columns = list(TABLE_COLUMNS[:-1]) + (["deep_cache"] if (found["deep_cache"] != "").any() else [])
+    table = found[[*columns, "path"]].astype(str)
     table["run_id"] = table["run_id"].str[:8]
-    widths = {c: max(len(c), *(len(v) for v in table[c])) for c in TABLE_COLUMNS if c != "path"}
-    header = "  ".join(c.ljust(widths[c]) for c in TABLE_COLUMNS if c != "path") + "  path"
-    print(header)
+    widths = {c: max(len(c), *(len(v) for v in table[c])) for c in columns}
+    print("  ".join(c.ljust(widths[c]) for c in columns) + "  path")
     for _, row in table.iterrows():
-        print("  ".join(row[c].ljust(widths[c]) for c in TABLE_COLUMNS if c != "path") + "  " + row["path"])
+        print("  ".join(row[c].ljust(widths[c]) for c in columns) + "  " + row["path"])
     print(f"{len(found)} images", file=sys.stderr)
     return 0
 

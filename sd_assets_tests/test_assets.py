@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from sd_assets import cli
 from sd_assets.definitions import build_definitions
 from sd_assets.domain.pngmeta import read_provenance
 from sd_assets_tests.helpers import materialize_style, write_grid
@@ -166,7 +167,9 @@ def test_a_compiled_run_reports_its_compile_time_and_makes_the_same_pictures(
         assert difference.max() <= 2, path.name
 
 
-def test_turning_deep_cache_on_makes_new_images_that_say_so_and_keeps_the_old_ones(grid_path, instance):
+def test_turning_deep_cache_on_makes_new_images_that_say_so_and_keeps_the_old_ones(
+    grid_path, instance, monkeypatch, capsys
+):
     data = grid_path.parent / "data"
     plain = _metadata(materialize_style(grid_path, "Banksy", instance), "style_images")
     plain_images = _pngs(data)
@@ -193,6 +196,13 @@ def test_turning_deep_cache_on_makes_new_images_that_say_so_and_keeps_the_old_on
     # The gallery shows the grid's images now, each saying how it was made.
     page = (data / "gallery" / "banksy" / "page-1.html").read_text()
     assert page.count("· DeepCache interval 2, branch 0</span>") == 4
+
+    # Searching the catalog shows the setting as a column once any image has one.
+    monkeypatch.setenv("SD_ASSETS_GRID", str(grid_path))
+    assert cli.main(["search", "--style", "banksy"]) == 0
+    header, *lines = capsys.readouterr().out.splitlines()
+    assert header.split()[-2:] == ["deep_cache", "path"] and len(lines) == 8
+    assert sum("  interval 2, branch 0  " in line for line in lines) == 4
 
     again = _metadata(materialize_style(grid_path, "Banksy", instance), "style_images")
     assert again["generated"] == 0 and again["skipped"] == 4
