@@ -274,9 +274,10 @@ def run_pipeline(loaded: LoadedPipeline, rows: Sequence[PromptRow], settings: Ge
     import torch
 
     cached_unet = deep_caching.installed(loaded.pipeline.unet)
-    if (cached_unet.cache if cached_unet else None) != settings.deep_cache:
+    loaded_with = cached_unet.cache if cached_unet else None
+    if loaded_with != settings.deep_cache:
         raise SdAssetsError(
-            f"the pipeline was loaded with deep_cache {cached_unet.cache if cached_unet else None}, "
+            f"the pipeline was loaded with deep_cache {loaded_with}, "
             f"but the images' settings ask for {settings.deep_cache}"
         )
     if cached_unet is not None:

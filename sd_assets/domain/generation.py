@@ -64,6 +64,7 @@ def make_style_images(
 
     ``log`` receives a progress line (done/total, images/s, time left) every few seconds.
     """
+    deep_cache = settings.deep_cache.describe() if settings.deep_cache else ""
     records: list[dict] = []
     previews: list = []
     lock = threading.Lock()
@@ -80,7 +81,7 @@ def make_style_images(
             guidance_scale=settings.guidance_scale, width=settings.width, height=settings.height,
             run_id=run_id, partition=partition,
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"), device=loaded.device,
-            dtype=loaded.dtype, deep_cache=settings.deep_cache.describe() if settings.deep_cache else "",
+            dtype=loaded.dtype, deep_cache=deep_cache,
         )  # fmt: skip
         key = image_key_path(row.key)
         store.write_bytes(key, encode_png(image, provenance))
