@@ -65,8 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--interval", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args(argv)
-    if args.interval < 2:
-        parser.error("--interval must be 2 or more")
+    try:
+        caches = [deep_cache.DeepCache(args.interval, branch) for branch in args.branches]
+    except ValueError as exc:
+        parser.error(str(exc))
 
     from diffusers import UNet2DConditionModel
 
@@ -82,8 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         sample = torch.randn(2 * args.batch, unet.config.in_channels, size // 8, size // 8, dtype=dtype)
         prompts = torch.randn(2 * args.batch, 77, unet.config.cross_attention_dim, dtype=dtype)
     try:
-        for branch in args.branches:
-            deep_cache.check_unet(unet, deep_cache.DeepCache(args.interval, branch))
+        for cache in caches:
+            deep_cache.check_unet(unet, cache)
     except ModelError as exc:
         parser.error(str(exc))
     shares = flop_shares(unet_config, tuple(sample.shape), tuple(prompts.shape), args.branches)

@@ -256,9 +256,10 @@ def parse_variant(variant: str) -> tuple[bool, Tuning, DeepCache | None]:
     cache = None
     for modifier in modifiers:
         if match := DEEP_CACHE_MODIFIER.match(modifier):
-            if int(match[1]) < 2:
-                raise ValueError(f"variant {variant!r}: DeepCache's interval must be 2 or more")
-            cache = DeepCache(int(match[1]), int(match[2] or 0))
+            try:
+                cache = DeepCache(int(match[1]), int(match[2] or 0))
+            except ValueError as exc:
+                raise ValueError(f"variant {variant!r}: {exc}") from None
             continue
         if modifier not in MODIFIERS:
             raise ValueError(

@@ -69,6 +69,13 @@ def test_the_cached_path_uses_the_kept_state_and_costs_less(unet):
     assert flops[0] < flops[3] < flops[5] < counter.get_total_flops()
 
 
+def test_the_setting_refuses_an_interval_under_two_and_a_negative_branch():
+    with pytest.raises(ValueError, match="interval must be 2 or more, not 1"):
+        DeepCache(interval=1)
+    with pytest.raises(ValueError, match="branch must be 0 or more, not -1"):
+        DeepCache(interval=3, branch=-1)
+
+
 def test_a_branch_the_unet_does_not_have_or_a_unet_it_cannot_run_is_a_model_error(unet):
     assert deep_cache.branch_count(unet) == 6  # conv_in, and two layers and a downsampler, and two layers
     with pytest.raises(ModelError, match=r"branch is 6, but this UNet has 6 skip branches \(0 to 5\)"):

@@ -34,6 +34,12 @@ class DeepCache:
     interval: int
     branch: int = 0
 
+    def __post_init__(self) -> None:
+        if self.interval < 2:
+            raise ValueError(f"DeepCache's interval must be 2 or more, not {self.interval}")
+        if self.branch < 0:
+            raise ValueError(f"DeepCache's branch must be 0 or more, not {self.branch}")
+
     def describe(self) -> str:
         return f"interval {self.interval}, branch {self.branch}"
 
