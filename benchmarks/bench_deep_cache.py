@@ -12,6 +12,7 @@ the given interval. No pipeline and no PNGs: ``bench_gpu.py`` measures images/mi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -19,11 +20,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from benchmarks.bench_gpu import model_configs, synchronize  # noqa: E402
+from benchmarks.bench_gpu import flops_per_image, model_configs, synchronize  # noqa: E402
 from sd_assets.domain import deep_cache  # noqa: E402
 from sd_assets.domain.errors import ModelError  # noqa: E402
+from sd_assets.domain.prompts import GenerationSettings  # noqa: E402
 
 
 def timed(function, device: str, repeats: int) -> float:
@@ -37,29 +38,10 @@ def timed(function, device: str, repeats: int) -> float:
     return (time.perf_counter() - start) / repeats
 
 
-def flop_shares(unet_config: dict, shape: tuple, prompt_shape: tuple, branches: list[int]) -> dict[int, float]:
-    """Each branch's short evaluation as a share of a full one's FLOPs, counted on the meta device
-    (a CPU's attention kernel is not one the FLOP counter knows)."""
-    from diffusers import UNet2DConditionModel
-
-    with torch.device("meta"):
-        unet = UNet2DConditionModel(**unet_config)
-        sample, prompts, timestep = torch.randn(shape), torch.randn(prompt_shape), torch.tensor(500)
-        layers = deep_cache.unet_layers(unet)
-        shares = {}
-        for branch in branches:
-            with FlopCounterMode(display=False) as full:
-                _, kept = deep_cache.unet_forward(unet, layers, sample, timestep, prompts, branch)
-            with FlopCounterMode(display=False) as short:
-                deep_cache.unet_forward(unet, layers, sample, timestep, prompts, branch, kept)
-            shares[branch] = short.get_total_flops() / full.get_total_flops()
-    return shares
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="the tiny model's UNet at 64x64")
-    parser.add_argument("--size", type=int, default=512, help="image side in pixels (latents are 1/8 of it)")
+    parser.add_argument("--size", type=int, default=512, help="image side in pixels (SD 1.5's latents are 1/8 of it)")
     parser.add_argument("--batch", type=int, default=1, help="images per evaluation (guidance doubles it)")
     parser.add_argument("--branches", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--interval", type=int, default=3)
@@ -75,20 +57,27 @@ def main(argv: list[str] | None = None) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.float16 if device == "cuda" else torch.float32
     size = 64 if args.smoke else args.size
-    unet_config, _, _ = model_configs(not args.smoke)
+    unet_config, vae_config, _ = model_configs(not args.smoke)
+    latent = size // 2 ** (len(vae_config["block_out_channels"]) - 1)
     torch.manual_seed(0)
     with torch.device(device):
         unet = UNet2DConditionModel(**unet_config).eval()
         if dtype != torch.float32:
             unet = unet.to(dtype)
-        sample = torch.randn(2 * args.batch, unet.config.in_channels, size // 8, size // 8, dtype=dtype)
+        sample = torch.randn(2 * args.batch, unet.config.in_channels, latent, latent, dtype=dtype)
         prompts = torch.randn(2 * args.batch, 77, unet.config.cross_attention_dim, dtype=dtype)
     try:
         for cache in caches:
             deep_cache.check_unet(unet, cache)
     except ModelError as exc:
         parser.error(str(exc))
-    shares = flop_shares(unet_config, tuple(sample.shape), tuple(prompts.shape), args.branches)
+    # FLOPs as the GPU benchmark counts them, on the meta device (a CPU's attention kernel is
+    # not one the FLOP counter knows).
+    settings = GenerationSettings("unet", "0" * 40, "PNDMScheduler", 50, 7.5, size, size, "")
+    shares = {}
+    for cache in caches:
+        counted = flops_per_image(not args.smoke, dataclasses.replace(settings, deep_cache=cache))
+        shares[cache.branch] = counted["unet_cached_evaluation"] / counted["unet_evaluation"]
     timestep = torch.tensor(500, device=device)
     layers = deep_cache.unet_layers(unet)
     threads = f", {torch.get_num_threads()} threads" if device == "cpu" else f" ({torch.cuda.get_device_name()})"

@@ -502,6 +502,7 @@ def main(argv: list[str] | None = None) -> int:
                     torch.cuda.empty_cache()
                 compile_unet, tuning, cache = parse_variant(label)
                 row_settings = dataclasses.replace(settings, deep_cache=cache)
+                row_tflop = flops_per_image(full, row_settings)["image"]
                 pipeline = configure_pipeline(build_pipeline(full, device, dtype), device, compile_unet, tuning, cache)
                 dtype_name = str(dtype).removeprefix("torch.")
                 current = (label, LoadedPipeline(pipeline, root, device, dtype_name, "PNDMScheduler", compile_unet, 0.0,
@@ -511,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
             count = -(-count // batch) * batch
             try:
                 result = run_engine(current[1], row_settings, batch, count, root, label)
-                result["tflop_per_image"] = flops_per_image(full, row_settings)["image"]
+                result["tflop_per_image"] = row_tflop
             except Exception as exc:  # a failed row is reported, the rest still run
                 record({"config": f"engine, {label}", "batch": batch, "skipped": f"failed: {exc!r}"[:200]})
                 print(f"{label} batch {batch}: FAILED {exc!r}", flush=True)
