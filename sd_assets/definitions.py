@@ -23,7 +23,6 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import dagster as dg
-from dagster_aws.s3 import S3Resource
 
 from sd_assets.domain.errors import SdAssetsError
 from sd_assets.domain.grid import GridConfig, load_grid
@@ -50,6 +49,23 @@ def grid_from_environment(environ: Mapping[str, str] | None = None) -> tuple[Gri
     environ = os.environ if environ is None else environ
     grid = load_grid(Path(environ.get("SD_ASSETS_GRID", "grid.yaml")))
     return grid, environ.get("SD_ASSETS_STORAGE") or grid.storage
+
+
+def store_from_environment(storage: str, environ: Mapping[str, str]) -> ArtifactStoreResource:
+    """The ``store`` resource for ``storage``; an s3:// URL gets its S3 client from dagster-aws."""
+    if not storage.startswith("s3://"):
+        return ArtifactStoreResource(url=storage)
+    from dagster_aws.s3 import S3Resource
+
+    from sd_assets.orchestration.s3_resources import S3ArtifactStoreResource
+
+    return S3ArtifactStoreResource(
+        url=storage,
+        s3=S3Resource(
+            region_name=environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION") or None,
+            endpoint_url=environ.get("AWS_ENDPOINT_URL") or None,
+        ),
+    )
 
 
 def hub_from_environment(environ: Mapping[str, str]) -> HubResource:
@@ -97,13 +113,7 @@ def build_definitions(environ: Mapping[str, str] | None = None) -> dg.Definition
         sensors=[new_subject_lists],
         resources={
             "grid": GridResource(path=str(grid_path)),
-            "store": ArtifactStoreResource(
-                url=storage,
-                s3=S3Resource(
-                    region_name=environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION") or None,
-                    endpoint_url=environ.get("AWS_ENDPOINT_URL") or None,
-                ),
-            ),
+            "store": store_from_environment(storage, environ),
             "generator": GeneratorResource(**generator_config),
             "hub": hub_from_environment(environ),
         },

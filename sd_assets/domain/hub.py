@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import httpx2
-from huggingface_hub import HfApi, constants, snapshot_download
+from huggingface_hub import HfApi, snapshot_download
 from huggingface_hub.errors import (
     GatedRepoError,
     HfHubHTTPError,
@@ -28,33 +28,13 @@ from huggingface_hub.errors import (
 from huggingface_hub.file_download import repo_folder_name
 
 from sd_assets.domain.errors import ModelError
+from sd_assets.domain.hub_settings import HubSettings
 
 # The pipeline's parts, in the folders diffusers gives them; the safety checker only when asked.
 WEIGHT_COMPONENTS = ("unet", "vae", "text_encoder")
 CONFIG_COMPONENTS = ("scheduler", "tokenizer")
 SAFETY_COMPONENTS = ("safety_checker", "feature_extractor")
 FP16 = "fp16"
-
-
-@dataclass(frozen=True)
-class HubSettings:
-    """How to reach the hub: a token for gated repos, offline mode, and the HF cache folder.
-
-    ``cache_dir`` None means huggingface_hub's default (``HF_HUB_CACHE``, else ``$HF_HOME/hub``).
-    """
-
-    token: str | None = None
-    offline: bool = False
-    cache_dir: str | None = None
-    endpoint: str | None = None
-
-    @property
-    def is_offline(self) -> bool:
-        """Offline when asked here, or when the process started with HF_HUB_OFFLINE=1."""
-        return self.offline or constants.is_offline_mode()
-
-    def cache_folder(self) -> Path:
-        return Path(self.cache_dir or constants.HF_HUB_CACHE).expanduser()
 
 
 @contextlib.contextmanager

@@ -14,14 +14,11 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from sd_assets.domain.errors import ModelError
 from sd_assets.domain.grid import ModelConfig
+from sd_assets.domain.hub_settings import HubSettings
 from sd_assets.domain.store import ArtifactStore, sha256_file
-
-if TYPE_CHECKING:  # the hub client (huggingface_hub, httpx2) is imported only where a model is resolved
-    from sd_assets.domain.hub import HubSettings
 
 MANIFEST = "manifest.json"
 # Version tags of the files when they were last hashed and found sound.
@@ -222,8 +219,6 @@ def ensure_model(
     ``hub`` says how to reach the Hugging Face hub (default: huggingface_hub's own settings);
     ``safety_checker`` asks for the safety checker's weights too.
     """
-    from sd_assets.domain.hub import HubSettings
-
     start = time.perf_counter()
     hub = hub or HubSettings()
     revision = resolve_revision(model, hub)

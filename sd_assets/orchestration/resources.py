@@ -1,22 +1,17 @@
 """Resources: the only way assets touch the outside world (grid file, artifact store, GPU)."""
 
-
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import dagster as dg
-from dagster_aws.s3 import S3Resource
 
 from sd_assets.domain import devices, engine
 from sd_assets.domain.errors import SdAssetsError
 from sd_assets.domain.grid import GridConfig, load_grid
+from sd_assets.domain.hub_settings import HubSettings
 from sd_assets.domain.store import ArtifactStore, open_store
-
-if TYPE_CHECKING:  # the hub client loads only when model_weights runs, not at every run's start
-    from sd_assets.domain.hub import HubSettings
 
 
 class GridResource(dg.ConfigurableResource):
@@ -31,15 +26,16 @@ class GridResource(dg.ConfigurableResource):
 class ArtifactStoreResource(dg.ConfigurableResource):
     """Where images, galleries, catalogs and model weights live: a folder or s3://bucket/prefix.
 
-    For s3:// URLs the client comes from ``s3``; boto3 reads the credentials from the standard AWS
-    environment variables (or a profile or instance role), never from the grid file.
+    For an s3:// URL this class uses boto3's default client; ``S3ArtifactStoreResource`` (in
+    ``s3_resources``, which the definitions pick for s3:// storage) configures it through
+    dagster-aws. Either way boto3 reads the credentials from the standard AWS environment
+    variables (or a profile or instance role), never from the grid file.
     """
 
     url: str
-    s3: S3Resource
 
     def open(self) -> ArtifactStore:
-        return open_store(self.url, s3_client=self.s3.get_client)
+        return open_store(self.url)
 
 
 class HubResource(dg.ConfigurableResource):
@@ -54,12 +50,8 @@ class HubResource(dg.ConfigurableResource):
     cache_dir: str | None = None
     endpoint: str | None = None
 
-    def settings(self) -> "HubSettings":
-        from sd_assets.domain.hub import HubSettings
-
-        return HubSettings(
-            token=self.token, offline=self.offline, cache_dir=self.cache_dir, endpoint=self.endpoint
-        )
+    def settings(self) -> HubSettings:
+        return HubSettings(token=self.token, offline=self.offline, cache_dir=self.cache_dir, endpoint=self.endpoint)
 
 
 class GeneratorResource(dg.ConfigurableResource):
