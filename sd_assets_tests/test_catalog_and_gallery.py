@@ -40,7 +40,7 @@ def test_merge_folds_pending_records_and_recovers_rows_from_pngs(tmp_path):
     _store_image(store, rows[2], "run-crashed")  # PNG written, record never flushed
     merged, report = catalog.merge_catalog(store, "Banksy", rows)
     assert report.rows == 3 and report.added_from_records == 2 and report.recovered_from_png == 1
-    assert set(merged["run_id"]) == {"run-1", "run-crashed"}
+    assert set(merged["run_id"].to_pylist()) == {"run-1", "run-crashed"}
     assert list(store.list_keys("catalog/pending/")) == []
     again, report = catalog.merge_catalog(store, "Banksy", rows)
     assert len(again) == 3 and report.added_from_records == 0 and report.recovered_from_png == 0
@@ -52,7 +52,7 @@ def test_rows_of_an_old_grid_stay_in_the_catalog(tmp_path):
     catalog.write_pending(store, "Banksy", "r1", [_store_image(store, old, "r1")])
     catalog.merge_catalog(store, "Banksy", [old])
     merged, _ = catalog.merge_catalog(store, "Banksy", [_row("ada lovelace", "Banksy")])
-    assert list(merged["subject"]) == ["alan turing"]
+    assert merged["subject"].to_pylist() == ["alan turing"]
 
 
 def test_a_catalog_written_before_the_deep_cache_column_still_merges(tmp_path):
@@ -64,8 +64,20 @@ def test_a_catalog_written_before_the_deep_cache_column_still_merges(tmp_path):
     frame.to_parquet(store.root / catalog.catalog_key("Banksy"), index=False)
     catalog.write_pending(store, "Banksy", "r2", [_store_image(store, new, "r2")])
     merged, report = catalog.merge_catalog(store, "Banksy", [old, new])
-    assert report.rows == 2 and list(merged["deep_cache"]) == ["", ""]
+    assert report.rows == 2 and merged["deep_cache"].to_pylist() == ["", ""]
     assert list(catalog.read_catalog(store)["deep_cache"]) == ["", ""]
+
+
+def test_a_pending_batch_left_in_parquet_by_an_earlier_version_still_merges(tmp_path):
+    store = LocalStore(tmp_path)
+    row = _row("alan turing", "Banksy")
+    pending = store.root / catalog.pending_prefix("Banksy")
+    pending.mkdir(parents=True)
+    pd.DataFrame([_store_image(store, row, "r1")]).drop(columns=["deep_cache"]).to_parquet(pending / "r1-000001.parquet")
+    merged, report = catalog.merge_catalog(store, "Banksy", [row])
+    assert report.added_from_records == 1 and report.recovered_from_png == 0
+    assert [(r["run_id"], r["deep_cache"]) for r in merged.to_pylist()] == [("r1", "")]
+    assert list(store.list_keys("catalog/pending/")) == []
 
 
 def test_search_is_case_insensitive_substring_and(tmp_path):

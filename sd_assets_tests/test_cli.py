@@ -1,5 +1,6 @@
 """The command line as a user runs it: dagster job execute, definitions validate, sd-assets."""
 
+import ast
 import json
 import os
 import subprocess
@@ -49,6 +50,29 @@ def test_dagster_job_execute_makes_a_style_and_search_finds_it(cli_env, grid_pat
     assert len(table.stdout.splitlines()) == 1 + 4 and "4 images" in table.stderr
     none = _run([BIN / "sd-assets", "search", "--style", "warhol", "--run", "no-such-run", "--json"], cli_env)
     assert json.loads(none.stdout) == []
+
+
+def test_a_run_on_a_local_store_loads_no_aws_client_nor_pandas_and_a_rerun_no_model_library(cli_env):
+    """Every run is a new process: whatever it imports, every run pays for (docs/PERFORMANCE.md)."""
+    heavy = ("torch", "diffusers", "transformers", "huggingface_hub", "dagster_aws", "boto3", "pandas")
+    # `python -m dagster` is the `dagster` command; the atexit hook reports what the run imported.
+    probe = (
+        "import atexit, runpy, sys\n"
+        f"atexit.register(lambda: print('loaded:', [m for m in {heavy!r} if m in sys.modules]))\n"
+        "runpy.run_module('dagster', run_name='__main__', alter_sys=True)\n"
+    )
+    command = ["job", "execute", "-m", "sd_assets", "-j", "generate_images",
+               "--tags", json.dumps({"dagster/partition": "Banksy"})]  # fmt: skip
+
+    def loaded() -> list[str]:
+        last = _run([sys.executable, "-c", probe, *command], cli_env).stdout.strip().splitlines()[-1]
+        assert last.startswith("loaded: "), last
+        return ast.literal_eval(last.removeprefix("loaded: "))
+
+    first = loaded()
+    assert "torch" in first and "diffusers" in first, first  # it made the style's images
+    assert not {"dagster_aws", "pandas"} & set(first), first  # (transformers imports boto3 itself)
+    assert loaded() == []  # nothing left to make
 
 
 def test_demo_ends_with_the_gallery_path(cli_env, grid_path):

@@ -3,26 +3,45 @@
 Owns its columns, the pending record batches that generation leaves behind, merging them (and any
 image that lost its record in a crash, recovered from the PNG's own provenance chunk) into the
 catalog, and querying it. Rows are never dropped: images of an older model or grid stay findable.
+
+A run writes and merges the catalog with pyarrow alone, and makes tables only with pyarrow's
+readers (pending batches are JSON Lines): building Arrow arrays from Python values makes pyarrow
+import pandas, about half a second of every run. pandas is for the readers, ``read_catalog`` and
+``search``.
 """
 
 from __future__ import annotations
 
 import io
-from collections.abc import Iterable, Sequence
+import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
-import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.json as pa_json
+import pyarrow.parquet as pq
 
 from sd_assets.domain.grid import slugify
 from sd_assets.domain.pngmeta import Provenance, image_key_path, read_provenance
 from sd_assets.domain.prompts import PromptRow
 from sd_assets.domain.store import ArtifactStore
 
-COLUMNS = [
-    "key", "subject", "style", "image_index", "prompt", "negative_prompt", "seed", "model_id",
-    "model_revision", "scheduler", "steps", "guidance_scale", "width", "height", "run_id",
-    "partition", "path", "created", "device", "dtype", "deep_cache",
-]  # fmt: skip
+if TYPE_CHECKING:
+    import pandas as pd
+
+SCHEMA = pa.schema(
+    [
+        ("key", pa.string()), ("subject", pa.string()), ("style", pa.string()), ("image_index", pa.int64()),
+        ("prompt", pa.string()), ("negative_prompt", pa.string()), ("seed", pa.int64()),
+        ("model_id", pa.string()), ("model_revision", pa.string()), ("scheduler", pa.string()),
+        ("steps", pa.int64()), ("guidance_scale", pa.float64()), ("width", pa.int64()), ("height", pa.int64()),
+        ("run_id", pa.string()), ("partition", pa.string()), ("path", pa.string()), ("created", pa.string()),
+        ("device", pa.string()), ("dtype", pa.string()), ("deep_cache", pa.string()),
+    ]
+)  # fmt: skip
+COLUMNS = SCHEMA.names
 # Columns added after the first catalogs were written, with the value their older rows mean.
 LATER_COLUMNS = {"deep_cache": ""}
 SEARCH_FIELDS = ("subject", "style", "model_id", "run_id")
@@ -36,27 +55,40 @@ def pending_prefix(style: str) -> str:
     return f"catalog/pending/{slugify(style)}/"
 
 
-def _to_parquet(frame: pd.DataFrame) -> bytes:
+def _schema(columns: Sequence[str]) -> pa.Schema:
+    return pa.schema([SCHEMA.field(c) for c in columns])
+
+
+def _to_parquet(table: pa.Table) -> bytes:
     buffer = io.BytesIO()
-    frame.to_parquet(buffer, index=False)
+    pq.write_table(table, buffer)
     return buffer.getvalue()
 
 
-def _from_parquet(data: bytes) -> pd.DataFrame:
-    frame = pd.read_parquet(io.BytesIO(data))
-    for column, value in LATER_COLUMNS.items():
-        if column not in frame.columns:
-            frame[column] = value
-    return frame
+def _from_parquet(data: bytes, columns: Sequence[str] | None = None) -> pa.Table:
+    """A catalog file in the current schema (only ``columns`` when given), whichever version wrote it."""
+    wanted = list(columns or COLUMNS)
+    parquet = pq.ParquetFile(pa.BufferReader(data))
+    present = set(parquet.schema_arrow.names)
+    table = parquet.read(columns=[c for c in wanted if c in present])
+    for column in wanted:
+        if column not in present:
+            table = table.append_column(column, pa.array([LATER_COLUMNS[column]] * len(table)))
+    return table.select(wanted).cast(_schema(wanted))
 
 
-def empty_catalog() -> pd.DataFrame:
-    return pd.DataFrame({column: pd.Series(dtype="object") for column in COLUMNS})
+def _json_lines(records: Sequence[dict]) -> bytes:
+    return "".join(json.dumps({c: r[c] for c in COLUMNS}, ensure_ascii=False) + "\n" for r in records).encode()
 
 
-def rows_frame(records: Iterable[dict]) -> pd.DataFrame:
-    frame = pd.DataFrame(list(records), columns=COLUMNS)
-    return frame if len(frame) else empty_catalog()
+def _from_json_lines(data: bytes) -> pa.Table:
+    return pa_json.read_json(io.BytesIO(data), parse_options=pa_json.ParseOptions(explicit_schema=SCHEMA))
+
+
+def _read_pending(store: ArtifactStore, key: str) -> pa.Table:
+    data = store.read_bytes(key)
+    # Batches left by versions before JSON Lines are Parquet.
+    return _from_parquet(data) if key.endswith(".parquet") else _from_json_lines(data)
 
 
 def catalog_record(provenance: Provenance, path: str) -> dict:
@@ -66,23 +98,34 @@ def catalog_record(provenance: Provenance, path: str) -> dict:
 def write_pending(store: ArtifactStore, style: str, name: str, records: Sequence[dict]) -> None:
     """Save a batch of new images' rows until ``merge_catalog`` folds them in."""
     if records:
-        store.write_bytes(f"{pending_prefix(style)}{name}.parquet", _to_parquet(rows_frame(records)))
+        store.write_bytes(f"{pending_prefix(style)}{name}.jsonl", _json_lines(records))
 
 
-def read_style_catalog(store: ArtifactStore, style: str) -> pd.DataFrame:
+def read_style_catalog(store: ArtifactStore, style: str, columns: Sequence[str] | None = None) -> pa.Table:
+    """A style's catalog (only ``columns`` when given; empty when it has none yet)."""
     key = catalog_key(style)
-    return _from_parquet(store.read_bytes(key)) if store.exists(key) else empty_catalog()
+    if store.exists(key):
+        return _from_parquet(store.read_bytes(key), columns)
+    return _schema(columns or COLUMNS).empty_table()
+
+
+def _style_catalog_keys(store: ArtifactStore) -> list[str]:
+    return [key for key in sorted(store.list_keys("catalog/")) if key.endswith(".parquet") and key.count("/") == 1]
+
+
+def catalog_image_keys(store: ArtifactStore) -> set[str]:
+    """The content key of every image in every style's catalog (reads only that column)."""
+    return {
+        key
+        for name in _style_catalog_keys(store)
+        for key in _from_parquet(store.read_bytes(name), ["key"])["key"].to_pylist()
+    }
 
 
 def read_catalog(store: ArtifactStore) -> pd.DataFrame:
-    """Every style's catalog together (pending batches not yet merged are not included)."""
-    frames = [
-        _from_parquet(store.read_bytes(key))
-        for key in sorted(store.list_keys("catalog/"))
-        if key.endswith(".parquet") and key.count("/") == 1
-    ]
-    frames = [frame for frame in frames if len(frame)]
-    return pd.concat(frames, ignore_index=True) if frames else empty_catalog()
+    """Every style's catalog together, as a pandas DataFrame (pending batches not yet merged are not included)."""
+    tables = [_from_parquet(store.read_bytes(key)) for key in _style_catalog_keys(store)]
+    return pa.concat_tables([SCHEMA.empty_table(), *tables]).to_pandas()
 
 
 @dataclass(frozen=True)
@@ -92,36 +135,34 @@ class MergeReport:
     recovered_from_png: int
 
 
-def merge_catalog(store: ArtifactStore, style: str, grid_rows: Sequence[PromptRow]) -> tuple[pd.DataFrame, MergeReport]:
+def merge_catalog(store: ArtifactStore, style: str, grid_rows: Sequence[PromptRow]) -> tuple[pa.Table, MergeReport]:
     """Fold pending records into the style's catalog, recovering rows for images without one.
 
     An image of the grid that exists in the store but has no row (its run died between writing
     the PNG and its record) gets its row back from the PNG's provenance chunk.
     """
-    catalog = read_style_catalog(store, style)
-    pending_keys = sorted(k for k in store.list_keys(pending_prefix(style)) if k.endswith(".parquet"))
-    pending = [_from_parquet(store.read_bytes(key)) for key in pending_keys]
-    known = set(catalog["key"])
+    tables = [_from_parquet(store.read_bytes(catalog_key(style)))] if store.exists(catalog_key(style)) else []
+    pending_keys = sorted(k for k in store.list_keys(pending_prefix(style)) if k.endswith((".jsonl", ".parquet")))
     added = 0
-    frames = [catalog]
-    for frame in pending:
-        fresh = frame[~frame["key"].isin(known)]
-        known.update(fresh["key"])
-        added += len(fresh)
-        frames.append(fresh)
+    for key in pending_keys:
+        batch = _read_pending(store, key)
+        if tables:
+            known = pa.concat_arrays([chunk for table in tables for chunk in table["key"].chunks])
+            batch = batch.filter(pc.invert(pc.is_in(batch["key"], value_set=known)))
+        added += len(batch)
+        tables.append(batch)
+    known_keys = {key for table in tables for key in table["key"].to_pylist()}
     recovered = []
     for row in grid_rows:
-        if row.key in known:
-            continue
         image_key = image_key_path(row.key)
-        if store.exists(image_key):
+        if row.key not in known_keys and store.exists(image_key):
             recovered.append(catalog_record(read_provenance(store.read_bytes(image_key)), store.location(image_key)))
-            known.add(row.key)
+            known_keys.add(row.key)
     if recovered:
-        frames.append(rows_frame(recovered))
-    merged = pd.concat([f for f in frames if len(f)], ignore_index=True) if any(len(f) for f in frames) else empty_catalog()
-    merged = merged[COLUMNS].sort_values(["subject", "image_index", "created"], kind="stable", ignore_index=True)
+        tables.append(_from_json_lines(_json_lines(recovered)))
+    merged = pa.concat_tables(tables) if tables else SCHEMA.empty_table()
     if added or recovered or not store.exists(catalog_key(style)):
+        merged = merged.sort_by([("subject", "ascending"), ("image_index", "ascending"), ("created", "ascending")])
         store.write_bytes(catalog_key(style), _to_parquet(merged))
     for key in pending_keys:
         store.delete(key)
@@ -133,6 +174,8 @@ def search(catalog: pd.DataFrame, **filters: str | None) -> pd.DataFrame:
 
     Filters are named by ``SEARCH_FIELDS`` (subject, style, model_id, run_id).
     """
+    import pandas as pd
+
     mask = pd.Series(True, index=catalog.index)
     for name, value in filters.items():
         if name not in SEARCH_FIELDS:

@@ -30,6 +30,7 @@ CONTENT_TYPES = {
     ".html": "text/html; charset=utf-8",
     ".png": "image/png",
     ".json": "application/json",
+    ".jsonl": "application/jsonl",
     ".parquet": "application/vnd.apache.parquet",
     ".txt": "text/plain; charset=utf-8",
 }

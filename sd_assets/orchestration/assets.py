@@ -180,17 +180,17 @@ def build_assets(styles: dg.StaticPartitionsDefinition) -> list:
         artifact_store = store.open()
         rows = read_prompt_rows(artifact_store, style)
         merged, report = catalog_lib.merge_catalog(artifact_store, style, rows)
-        current = merged[merged["key"].isin({r.key for r in rows})]
+        keys = merged["key"].to_pylist()
         return dg.MaterializeResult(
             metadata={
                 "rows": report.rows,
-                "rows_of_current_grid": len(current),
+                "rows_of_current_grid": len(set(keys) & {r.key for r in rows}),
                 "added": report.added_from_records,
                 "recovered_from_png": report.recovered_from_png,
-                "runs": merged["run_id"].nunique(),
+                "runs": len(set(merged["run_id"].to_pylist())),
                 "path": dg.MetadataValue.path(artifact_store.location(catalog_lib.catalog_key(style))),
             },
-            data_version=dg.DataVersion(keys_version(list(merged["key"]))),
+            data_version=dg.DataVersion(keys_version(keys)),
         )
 
     @dg.asset(
@@ -207,13 +207,12 @@ def build_assets(styles: dg.StaticPartitionsDefinition) -> list:
         style = grid.load().require_style(context.partition_key)
         artifact_store = store.open()
         rows = read_prompt_rows(artifact_store, style)
-        catalog = catalog_lib.read_style_catalog(artifact_store, style)
-        present = set(catalog["key"])
-        cached = catalog[catalog["deep_cache"] != ""]
+        catalog = catalog_lib.read_style_catalog(artifact_store, style, ["key", "deep_cache"]).to_pylist()
+        present = {row["key"] for row in catalog}
         profile = gpu_profile.load_profile(artifact_store, style)
         keys = gallery.render_style_pages(
             artifact_store, style, rows, present, profile=profile.page_view() if profile else None,
-            deep_cache=dict(zip(cached["key"], cached["deep_cache"], strict=True)),
+            deep_cache={row["key"]: row["deep_cache"] for row in catalog if row["deep_cache"]},
         )
         return dg.MaterializeResult(
             metadata={
@@ -237,7 +236,7 @@ def build_assets(styles: dg.StaticPartitionsDefinition) -> list:
         for style in config.styles:
             if artifact_store.exists(grid_key(style)):
                 rows_by_style[style] = read_prompt_rows(artifact_store, style)
-        present = set(catalog_lib.read_catalog(artifact_store)["key"])
+        present = catalog_lib.catalog_image_keys(artifact_store)
         summaries = [
             gallery.StyleSummary(style, len(rows), sum(1 for r in rows if r.key in present))
             for style, rows in rows_by_style.items()
