@@ -222,3 +222,16 @@ def test_a_deep_cache_branch_the_model_lacks_fails_the_run_with_the_reason_and_w
         failure.step_failure_data.error
     )
     assert _pngs(grid_path.parent / "data") == {}
+
+
+def test_a_run_without_a_style_fails_saying_how_to_give_one(grid_path, instance):
+    defs = build_definitions({"SD_ASSETS_GRID": str(grid_path), "SD_ASSETS_DEVICE": "cpu"})
+    result = defs.resolve_job_def("generate_images").execute_in_process(instance=instance, raise_on_error=False)
+    assert not result.success
+    [failure] = [event for event in result.all_events if event.is_step_failure]
+    assert failure.step_key == "prompt_grid"
+    assert (
+        "a run of prompt_grid makes one style: give it a partition (dagster job execute ... "
+        """--tags '{"dagster/partition": "Banksy"}', or pick a style in the UI)"""
+    ) in str(failure.step_failure_data.error)
+    assert _pngs(grid_path.parent / "data") == {}

@@ -7,6 +7,7 @@ Each asset takes resources, calls domain functions and reports what it did as me
 import base64
 import hashlib
 import io
+import json
 import warnings
 
 import dagster as dg
@@ -14,8 +15,9 @@ import dagster as dg
 from sd_assets.domain import catalog as catalog_lib
 from sd_assets.domain import engine, gallery
 from sd_assets.domain import profile as gpu_profile
+from sd_assets.domain.errors import GridError
 from sd_assets.domain.generation import make_style_images
-from sd_assets.domain.grid import unique_subjects
+from sd_assets.domain.grid import GridConfig, unique_subjects
 from sd_assets.domain.models import ensure_model, local_model_folder, read_model_ref
 from sd_assets.domain.pngmeta import image_key_path
 from sd_assets.domain.prompts import (
@@ -33,6 +35,18 @@ from sd_assets.orchestration.resources import ArtifactStoreResource, GeneratorRe
 GROUP = "stable_diffusion"
 OWNERS = ["team:sd-assets"]
 COMMON = {"group_name": GROUP, "owners": OWNERS}
+
+
+def _style(context: dg.AssetExecutionContext, config: GridConfig) -> str:
+    """The style a run makes: its partition key, one of the grid's styles."""
+    if not context.has_partition_key:
+        example = json.dumps({"dagster/partition": config.styles[0]})
+        raise GridError(
+            f"a run of {context.asset_key.to_user_string()} makes one style: give it a partition "
+            f"(dagster job execute ... --tags '{example}', or pick a style in the UI); "
+            f"the grid {config.source} has {config.styles}"
+        )
+    return config.require_style(context.partition_key)
 
 
 def _grid_inputs_asset():
@@ -105,7 +119,7 @@ def build_assets(styles: dg.StaticPartitionsDefinition) -> list:
         context: dg.AssetExecutionContext, grid: GridResource, store: ArtifactStoreResource
     ) -> dg.MaterializeResult:
         config = grid.load()
-        style = config.require_style(context.partition_key)
+        style = _style(context, config)
         artifact_store = store.open()
         read = read_subject_lists(subject_source(config, artifact_store), config.max_subjects_per_list)
         for problem in read.problems:
@@ -145,7 +159,7 @@ def build_assets(styles: dg.StaticPartitionsDefinition) -> list:
         generator: GeneratorResource,
     ) -> dg.MaterializeResult:
         config = grid.load()
-        style = config.require_style(context.partition_key)
+        style = _style(context, config)
         artifact_store = store.open()
         rows = read_prompt_rows(artifact_store, style)
         present = artifact_store.existing([image_key_path(r.key) for r in rows])
@@ -176,7 +190,7 @@ def build_assets(styles: dg.StaticPartitionsDefinition) -> list:
     def image_catalog(
         context: dg.AssetExecutionContext, grid: GridResource, store: ArtifactStoreResource
     ) -> dg.MaterializeResult:
-        style = grid.load().require_style(context.partition_key)
+        style = _style(context, grid.load())
         artifact_store = store.open()
         rows = read_prompt_rows(artifact_store, style)
         merged, report = catalog_lib.merge_catalog(artifact_store, style, rows)
@@ -204,7 +218,7 @@ def build_assets(styles: dg.StaticPartitionsDefinition) -> list:
     def style_gallery(
         context: dg.AssetExecutionContext, grid: GridResource, store: ArtifactStoreResource
     ) -> dg.MaterializeResult:
-        style = grid.load().require_style(context.partition_key)
+        style = _style(context, grid.load())
         artifact_store = store.open()
         rows = read_prompt_rows(artifact_store, style)
         catalog = catalog_lib.read_style_catalog(artifact_store, style, ["key", "deep_cache"]).to_pylist()
