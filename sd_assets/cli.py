@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from sd_assets.domain.errors import SdAssetsError
+from sd_assets.domain.errors import SdAssetsError, StoreError
 
 TABLE_COLUMNS = ("subject", "style", "image_index", "seed", "model_id", "run_id", "path")
 
@@ -17,8 +17,13 @@ def _search(args: argparse.Namespace) -> int:
     from sd_assets.domain.store import open_store
 
     _grid, storage = grid_from_environment()
+    catalog = read_catalog(open_store(storage))
+    if catalog.empty:  # not "no images match": the store is new, or the wrong one
+        raise StoreError(
+            f"no catalog in {storage}: no style has been made there yet (make demo, or dagster job execute)"
+        )
     found = search(
-        read_catalog(open_store(storage)),
+        catalog,
         subject=args.subject,
         style=args.style,
         model_id=args.model,

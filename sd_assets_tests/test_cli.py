@@ -98,3 +98,13 @@ def test_search_reports_a_bad_grid_without_a_traceback(tmp_path):
     result = _run([BIN / "sd-assets", "search"], {"SD_ASSETS_GRID": str(tmp_path / "missing.yaml")}, check=False)
     assert result.returncode == 2
     assert "grid file" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_search_in_a_store_without_a_catalog_says_so(grid_path, tmp_path):
+    empty = tmp_path / "no-such-store"
+    result = _run([BIN / "sd-assets", "search", "--subject", "turing"],
+                  {"SD_ASSETS_GRID": str(grid_path), "SD_ASSETS_STORAGE": str(empty)}, check=False)  # fmt: skip
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip() == (
+        f"sd-assets: no catalog in {empty}: no style has been made there yet (make demo, or dagster job execute)"
+    )
