@@ -4,10 +4,11 @@ Owns its columns, the pending record batches that generation leaves behind, merg
 image that lost its record in a crash, recovered from the PNG's own provenance chunk) into the
 catalog, and querying it. Rows are never dropped: images of an older model or grid stay findable.
 
-A run writes and merges the catalog with pyarrow alone, and makes tables only with pyarrow's
-readers (pending batches are JSON Lines): building Arrow arrays from Python values makes pyarrow
-import pandas, about half a second of every run. pandas is for the readers, ``read_catalog`` and
-``search``.
+A run writes and merges the catalog with pyarrow, and turns Python values into a table only
+through pyarrow's JSON reader (pending batches are JSON Lines): the first array pyarrow builds
+from Python values makes it import pandas, about half a second. Only an empty catalog, or one
+written before a column of ``LATER_COLUMNS`` existed, still takes that path. pandas is for the
+readers, ``read_catalog`` and ``search``.
 """
 
 from __future__ import annotations
