@@ -142,17 +142,20 @@ def merge_catalog(store: ArtifactStore, style: str, grid_rows: Sequence[PromptRo
     An image of the grid that exists in the store but has no row (its run died between writing
     the PNG and its record) gets its row back from the PNG's provenance chunk.
     """
-    tables = [_from_parquet(store.read_bytes(catalog_key(style)))] if store.exists(catalog_key(style)) else []
+    existed = store.exists(catalog_key(style))
+    tables = [_from_parquet(store.read_bytes(catalog_key(style)))] if existed else []
     pending_keys = sorted(k for k in store.list_keys(pending_prefix(style)) if k.endswith((".jsonl", ".parquet")))
+    known = tables[0]["key"].combine_chunks() if tables else None  # keys merged so far
     added = 0
     for key in pending_keys:
         batch = _read_pending(store, key)
-        if tables:
-            known = pa.concat_arrays([chunk for table in tables for chunk in table["key"].chunks])
+        if known is not None:
             batch = batch.filter(pc.invert(pc.is_in(batch["key"], value_set=known)))
+        batch_keys = batch["key"].combine_chunks()
+        known = batch_keys if known is None else pa.concat_arrays([known, batch_keys])
         added += len(batch)
         tables.append(batch)
-    known_keys = {key for table in tables for key in table["key"].to_pylist()}
+    known_keys = set(known.to_pylist()) if known is not None else set()
     recovered = []
     for row in grid_rows:
         image_key = image_key_path(row.key)
@@ -162,7 +165,7 @@ def merge_catalog(store: ArtifactStore, style: str, grid_rows: Sequence[PromptRo
     if recovered:
         tables.append(_from_json_lines(_json_lines(recovered)))
     merged = pa.concat_tables(tables) if tables else SCHEMA.empty_table()
-    if added or recovered or not store.exists(catalog_key(style)):
+    if added or recovered or not existed:
         merged = merged.sort_by([("subject", "ascending"), ("image_index", "ascending"), ("created", "ascending")])
         store.write_bytes(catalog_key(style), _to_parquet(merged))
     for key in pending_keys:
