@@ -58,6 +58,11 @@ def test_a_style_run_is_recorded_in_postgres(grid_path, tmp_path, monkeypatch, p
     instance = dg.DagsterInstance.get()
     try:
         assert type(instance.run_storage).__name__ == "PostgresRunStorage"
+        # Like the local instance, one queued run per style at a time.
+        queue = instance.get_concurrency_config().run_queue_config
+        assert queue.tag_concurrency_limits == [
+            {"key": "dagster/partition", "value": {"applyLimitPerUniqueValue": True}, "limit": 1}
+        ]
         result = materialize_style(grid_path, "Banksy", instance)
         record = instance.get_latest_materialization_event(dg.AssetKey("style_images"))
         assert record.run_id == result.run_id
