@@ -94,7 +94,10 @@ def build_definitions(environ: Mapping[str, str] | None = None) -> dg.Definition
     assets = build_assets(styles)
     generate_job = dg.define_asset_job(
         GENERATE_JOB,
-        selection=dg.AssetSelection.all(),
+        # With the sources: each run observes grid_inputs first, so the versions its assets record
+        # are the grid's and lists' own, and a later "Observe sources" with nothing changed finds
+        # every style fresh (not stale against a never-observed source).
+        selection=dg.AssetSelection.all(include_sources=True),
         # One process per run: the model loads once and steps pay no process start-up.
         executor_def=dg.in_process_executor,
         description="Make a style's missing images, its gallery pages and catalog rows, and refresh the index.",
