@@ -50,6 +50,7 @@ model: {id: tiny-random}
     [
         (VALID.replace("styles: [Banksy]\n", ""), "missing field 'styles'"),
         (VALID + "colour: red\n", "unknown field 'colour'"),
+        (VALID + "source: /etc\n", "unknown field 'source'"),
         (VALID + "inference: {stepz: 3}\n", "unknown field 'inference.stepz'"),
         (VALID.replace("[Banksy]", "[]"), "field 'styles' = []: needs at least one style"),
         (VALID.replace("[Banksy]", "[Banksy, Banksy]"), "'Banksy' duplicates 'Banksy'"),

@@ -171,6 +171,9 @@ def load_grid(path: str | Path) -> GridConfig:
         raise GridError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
         raise GridError(f"{path}: expected a mapping of fields at the top level, got {type(raw).__name__}")
+    if "source" in raw:
+        # GridConfig.source is where the grid was read from, set below; a file cannot name it.
+        raise GridError(f"{path}: unknown field 'source'")
     try:
         grid = GridConfig.model_validate(raw)
     except pydantic.ValidationError as exc:
