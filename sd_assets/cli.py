@@ -67,7 +67,13 @@ def _demo(args: argparse.Namespace) -> int:
         print(f"materializing {style} ...", flush=True)
         result = job.execute_in_process(partition_key=style, instance=instance, raise_on_error=False)
         if not result.success:
-            print(f"run {result.run_id} for {style} failed; see its log in the Dagster UI", file=sys.stderr)
+            where = "in the Dagster UI" if os.environ.get("DAGSTER_HOME") else "above"
+            print(f"sd-assets: run {result.run_id} for {style} failed (its whole log is {where}):", file=sys.stderr)
+            for event in result.get_step_failure_events():
+                error = event.step_failure_data.error
+                # The step's own exception, under Dagster's "error occurred while executing" wrapper.
+                message = (error.cause or error).message.strip() if error else "failed"
+                print(f"  {event.step_key}: {message}", file=sys.stderr)
             return 1
     print("gallery index:")
     print(open_store(storage).location(INDEX_KEY))

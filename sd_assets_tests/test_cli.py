@@ -82,6 +82,21 @@ def test_demo_ends_with_the_gallery_path(cli_env, grid_path):
     assert "1 of 2" not in Path(last).read_text() and "4 of 4 images made" in Path(last).read_text()
 
 
+def test_a_failed_demo_names_the_step_and_its_error(cli_env, grid_path, tmp_path):
+    grid_path.write_text(grid_path.read_text().replace("id: tiny-random", "id: example-org/not-cached"))
+    offline = {**cli_env, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "empty-hf-home")}
+    result = _run([BIN / "sd-assets", "demo", "--style", "Banksy"], offline, check=False)
+    assert result.returncode == 1
+    *_, headline, reason = result.stderr.strip().splitlines()
+    assert headline.startswith("sd-assets: run ")
+    assert headline.endswith(" for Banksy failed (its whole log is in the Dagster UI):")
+    assert reason.startswith(
+        "  model_weights: sd_assets.domain.errors.ModelError: model example-org/not-cached@main is not "
+        "(completely) in the Hugging Face cache"
+    )
+    assert not (grid_path.parent / "data" / "images").exists()
+
+
 def test_definitions_validate_on_the_repo_and_a_clear_error_for_a_bad_grid(tmp_path):
     home = tmp_path / "dagster_home"
     home.mkdir()
