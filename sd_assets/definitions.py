@@ -6,8 +6,9 @@ Environment variables read here and nowhere else:
 - ``SD_ASSETS_DEVICE``: 'auto' (default), 'cpu', 'cuda' or 'cuda:<i>'.
 - ``SD_ASSETS_MODEL_CACHE``: node-local folder for model copies (default ~/.cache/sd-assets/models).
 - ``SD_ASSETS_DEVICE_COUNT``: devices runs on this node share, one run each (default: the visible
-  CUDA GPUs; none on CPU). Match the ``gpu`` pool limit to it.
-- ``SD_ASSETS_DEVICE_LOCKS``: node-local folder of the device claims (default: <tmp>/sd-assets-device-locks).
+  CUDA GPUs; none on CPU).
+- ``SD_ASSETS_DEVICE_LOCKS``: node-local folder of the device claims and of the locks that keep two
+  runs from making one style or filling one model cache at once (default: <tmp>/sd-assets-device-locks).
 - ``SD_ASSETS_SENSOR_INTERVAL``: seconds between looks of the ``new_subject_lists`` sensor (default 30).
 - The Hugging Face variables ``HF_TOKEN`` (gated repos), ``HF_HUB_OFFLINE``, ``HF_HUB_CACHE``,
   ``HF_HOME`` and ``HF_ENDPOINT``, for the ``hub`` resource.

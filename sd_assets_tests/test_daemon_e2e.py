@@ -54,8 +54,7 @@ class DagsterNode:
         shutil.copytree(tiny_model_store.root / "models", root / "grid" / "data" / "models")
         self.home = root / "dagster_home"
         self.home.mkdir()
-        config = (WORKTREE / "dagster.yaml").read_text().replace("default_limit: 1", "default_limit: 2")
-        (self.home / "dagster.yaml").write_text(config + TEST_INSTANCE_EXTRA)
+        (self.home / "dagster.yaml").write_text((WORKTREE / "dagster.yaml").read_text() + TEST_INSTANCE_EXTRA)
         self.env = {
             **os.environ,
             "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",

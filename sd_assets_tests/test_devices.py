@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import dagster as dg
@@ -17,6 +18,7 @@ import pytest
 
 from sd_assets.domain.devices import claim_device
 from sd_assets.domain.errors import SdAssetsError
+from sd_assets.domain.node_locks import hold_lock
 from sd_assets.orchestration.resources import GeneratorResource
 from sd_assets_tests.helpers import materialize_style
 
@@ -58,7 +60,7 @@ def test_claims_take_the_lowest_free_device_and_give_it_back(tmp_path):
 
 def test_when_every_device_is_busy_the_error_says_how_to_queue_instead(tmp_path):
     with claim_device(tmp_path, 1):
-        with pytest.raises(SdAssetsError, match=r"all 1 devices stayed busy for 0 s .*set the 'gpu' pool limit"):
+        with pytest.raises(SdAssetsError, match=r"all 1 devices stayed busy for 0 s .*set max_concurrent_runs in dagster.yaml"):
             with claim_device(tmp_path, 1, wait_seconds=0):
                 pass
 
@@ -122,3 +124,35 @@ def test_a_style_run_claims_a_free_device_and_reports_it(grid_path, instance, tm
     assert images.materialization.metadata["generated"].value == 4
     with claim_device(locks, 2, wait_seconds=0) as first, claim_device(locks, 2, wait_seconds=0) as second:
         assert (first.index, second.index) == (0, 1), "the run gave its device back"
+
+
+WORK_HOLDER = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from sd_assets.domain.node_locks import hold_lock
+
+    with hold_lock(Path(sys.argv[1]), "style-x.lock"):
+        print("held", flush=True)
+        time.sleep(600)
+    """
+)
+
+
+def test_a_work_lock_waits_for_its_holder_and_comes_free_when_the_holder_is_killed(tmp_path):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", WORK_HOLDER, str(tmp_path)], cwd=WORKTREE, stdout=subprocess.PIPE, text=True
+    )
+    assert holder.stdout.readline() == "held\n"
+    waited: list[str] = []
+    killer = threading.Timer(1.0, holder.kill)
+    killer.start()
+    try:
+        with hold_lock(tmp_path, "style-x.lock", waited.append) as path:
+            assert holder.poll() == -signal.SIGKILL, "the lock was taken while its holder lived"
+            assert path.read_text() == f"{os.getpid()}\n"
+    finally:
+        killer.cancel()
+        holder.kill()
+        holder.wait()
+    assert waited == [f"waiting for process {holder.pid}, which holds {tmp_path / 'style-x.lock'}"]

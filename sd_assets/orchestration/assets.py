@@ -82,11 +82,17 @@ def build_assets(styles: dg.StaticPartitionsDefinition) -> list:
         description="The Stable Diffusion pipeline the workers load, cached and verified in the store.",
     )
     def model_weights(
-        grid: GridResource, store: ArtifactStoreResource, hub: HubResource
+        context: dg.AssetExecutionContext,
+        grid: GridResource,
+        store: ArtifactStoreResource,
+        hub: HubResource,
+        generator: GeneratorResource,
     ) -> dg.MaterializeResult:
         config = grid.load()
         artifact_store = store.open()
-        report = ensure_model(artifact_store, config.model, hub.settings(), config.inference.safety_checker)
+        # The runs of a backfill start together: one fills the cache, the others wait and find it filled.
+        with generator.exclusive("model", store.url, config.model.id, config.model.revision, on_wait=context.log.info):
+            report = ensure_model(artifact_store, config.model, hub.settings(), config.inference.safety_checker)
         ref = report.ref
         return dg.MaterializeResult(
             metadata={
@@ -162,19 +168,10 @@ def build_assets(styles: dg.StaticPartitionsDefinition) -> list:
         style = _style(context, config)
         artifact_store = store.open()
         rows = read_prompt_rows(artifact_store, style)
-        present = artifact_store.existing([image_key_path(r.key) for r in rows])
-        missing = [r for r in rows if image_key_path(r.key) not in present]
-        metadata: dict = {"images": len(rows), "skipped": len(rows) - len(missing), "generated": 0}
-        if missing:
-            # Held while this run generates; the next run on this node gets another device, and a
-            # crashed run's process exit frees it.
-            with generator.claim_device() as (device, device_index):
-                if device_index is not None:
-                    context.log.info(f"{style}: claimed device index {device_index} ({device})")
-                    metadata["device_index"] = device_index
-                metadata.update(_generate(context, config, style, missing, artifact_store, generator, device))
-        else:
-            context.log.info(f"{style}: all {len(rows)} images exist; nothing to generate, no model loaded")
+        # A second run of this style on this node (a sensor run beside a backfill run, two
+        # `dagster job execute`) waits here, then skips what the first one made.
+        with generator.exclusive("style", store.url, style, on_wait=context.log.info):
+            metadata = _make_missing_images(context, config, style, rows, artifact_store, generator)
         return dg.MaterializeResult(
             metadata=metadata, data_version=dg.DataVersion(keys_version([r.key for r in rows]))
         )
@@ -265,6 +262,31 @@ def build_assets(styles: dg.StaticPartitionsDefinition) -> list:
         )
 
     return [grid_inputs, model_weights, prompt_grid, style_images, image_catalog, style_gallery, gallery_index]
+
+
+def _make_missing_images(
+    context: dg.AssetExecutionContext,
+    config,
+    style: str,
+    rows: list[PromptRow],
+    artifact_store,
+    generator: GeneratorResource,
+) -> dict:
+    """Make the images of ``rows`` that the store lacks; returns the materialization metadata."""
+    present = artifact_store.existing([image_key_path(r.key) for r in rows])
+    missing = [r for r in rows if image_key_path(r.key) not in present]
+    metadata: dict = {"images": len(rows), "skipped": len(rows) - len(missing), "generated": 0}
+    if not missing:
+        context.log.info(f"{style}: all {len(rows)} images exist; nothing to generate, no model loaded")
+        return metadata
+    # Held while this run generates; the next run on this node gets another device, and a
+    # crashed run's process exit frees it.
+    with generator.claim_device() as (device, device_index):
+        if device_index is not None:
+            context.log.info(f"{style}: claimed device index {device_index} ({device})")
+            metadata["device_index"] = device_index
+        metadata.update(_generate(context, config, style, missing, artifact_store, generator, device))
+    return metadata
 
 
 def _generate(

@@ -1,13 +1,13 @@
 """Resources: the only way assets touch the outside world (grid file, artifact store, GPU)."""
 
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import dagster as dg
 
-from sd_assets.domain import devices, engine
+from sd_assets.domain import devices, engine, node_locks
 from sd_assets.domain.errors import SdAssetsError
 from sd_assets.domain.grid import GridConfig, load_grid
 from sd_assets.domain.hub_settings import HubSettings
@@ -60,6 +60,8 @@ class GeneratorResource(dg.ConfigurableResource):
     ``device_count``: devices that runs on this node share, one run per device at a time
     (default: the visible CUDA GPUs when ``device`` is 'auto' or 'cuda'; none on CPU). Set it
     on a CPU-only node to cap how many runs generate at once. An explicit 'cuda:<i>' claims nothing.
+    ``device_lock_dir``: the node-local folder of the device claims and of the locks that keep
+    two runs from doing the same work at once (``domain.node_locks``).
     """
 
     device: str = "auto"
@@ -73,6 +75,16 @@ class GeneratorResource(dg.ConfigurableResource):
     @property
     def batch_memory_file(self) -> Path:
         return Path(self.model_cache_dir).expanduser() / "auto-batch-sizes.json"
+
+    @contextmanager
+    def exclusive(self, kind: str, *identity: str, on_wait: Callable[[str], None] | None = None) -> Iterator[None]:
+        """No other process on this node does the work ``kind`` + ``identity`` during the ``with`` block.
+
+        A second run asking for the same work waits (``on_wait`` says for whom) and then finds
+        it done; a holder that dies releases it.
+        """
+        with node_locks.hold_lock(Path(self.device_lock_dir), node_locks.work_lock_name(kind, *identity), on_wait):
+            yield
 
     @contextmanager
     def claim_device(self) -> Iterator[tuple[str, int | None]]:
