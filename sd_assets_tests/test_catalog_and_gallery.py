@@ -116,11 +116,18 @@ def test_index_lists_styles_and_a_contact_sheet(tmp_path):
     store = LocalStore(tmp_path)
     banksy = [_row("alan turing", "Banksy", i) for i in range(2)]
     warhol = [_row("alan turing", "Andy Warhol", i) for i in range(2)]
+    frida = [_row("alan turing", "Frida Kahlo", i) for i in range(2)]
     present = {banksy[0].key, banksy[1].key, warhol[0].key}
-    summaries = [gallery.StyleSummary("Banksy", 2, 2), gallery.StyleSummary("Andy Warhol", 2, 1)]
-    gallery.render_index(store, summaries, {"Banksy": banksy, "Andy Warhol": warhol}, present)
+    summaries = [
+        gallery.StyleSummary("Banksy", 2, 2, has_pages=True),
+        gallery.StyleSummary("Andy Warhol", 2, 1, has_pages=True),
+        gallery.StyleSummary("Frida Kahlo", 2, 0, has_pages=False),  # its first run has not made pages yet
+    ]
+    rows = {"Banksy": banksy, "Andy Warhol": warhol, "Frida Kahlo": frida}
+    gallery.render_index(store, summaries, rows, present)
     html = store.read_text(gallery.INDEX_KEY)
     assert 'href="banksy/page-1.html"' in html and 'href="andy-warhol/page-1.html"' in html
-    assert "1 of 2 images" in html and "3 of 4 images made" in html
+    assert "frida-kahlo/" not in html and "<li>Frida Kahlo (no gallery pages yet): 0 of 2 images</li>" in html
+    assert "1 of 2 images" in html and "3 of 6 images made" in html
     cells = re.findall(r'<img src="\.\./images/[0-9a-f]{2}/([0-9a-f]+)\.png"', html)
     assert cells == [banksy[0].key, warhol[0].key], "image 1 of each subject in each style"

@@ -43,10 +43,13 @@ class StyleSummary:
     style: str
     total: int
     present: int
+    # Whether the style's pages exist: a style whose first run has not reached style_gallery
+    # yet (queued in a backfill, or stopped) is listed without a link.
+    has_pages: bool
 
     @property
-    def link(self) -> str:
-        return f"{slugify(self.style)}/page-1.html"
+    def link(self) -> str | None:
+        return f"{slugify(self.style)}/page-1.html" if self.has_pages else None
 
 
 CHART_WIDTH = 320

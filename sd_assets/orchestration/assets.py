@@ -249,7 +249,10 @@ def build_assets(styles: dg.StaticPartitionsDefinition) -> list:
                 rows_by_style[style] = read_prompt_rows(artifact_store, style)
         present = catalog_lib.catalog_image_keys(artifact_store)
         summaries = [
-            gallery.StyleSummary(style, len(rows), sum(1 for r in rows if r.key in present))
+            gallery.StyleSummary(
+                style, len(rows), sum(1 for r in rows if r.key in present),
+                has_pages=artifact_store.exists(gallery.style_page_key(style, 1)),
+            )  # fmt: skip
             for style, rows in rows_by_style.items()
         ]
         key = gallery.render_index(artifact_store, summaries, rows_by_style, present)
