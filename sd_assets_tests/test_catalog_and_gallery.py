@@ -4,9 +4,11 @@ import hashlib
 import re
 
 import pandas as pd
+import pytest
 from PIL import Image
 
 from sd_assets.domain import catalog, gallery
+from sd_assets.domain.errors import StoreError
 from sd_assets.domain.pngmeta import Provenance, encode_png, image_key_path
 from sd_assets.domain.prompts import PromptRow
 from sd_assets.domain.store import LocalStore
@@ -44,6 +46,31 @@ def test_merge_folds_pending_records_and_recovers_rows_from_pngs(tmp_path):
     assert list(store.list_keys("catalog/pending/")) == []
     again, report = catalog.merge_catalog(store, "Banksy", rows)
     assert len(again) == 3 and report.added_from_records == 0 and report.recovered_from_png == 0
+
+
+def test_a_cut_short_catalog_or_png_is_named_with_the_way_out_and_nothing_is_deleted(tmp_path):
+    store = LocalStore(tmp_path)
+    rows = [_row("alan turing", "Banksy"), _row("ada lovelace", "Banksy")]
+    catalog.write_pending(store, "Banksy", "run-1-000001", [_store_image(store, rows[0], "run-1")])
+    catalog.merge_catalog(store, "Banksy", rows[:1])
+    whole = store.read_bytes(catalog.catalog_key("Banksy"))
+    store.write_bytes(catalog.catalog_key("Banksy"), whole[:200])
+    location = store.location(catalog.catalog_key("Banksy"))
+    for read in (lambda: catalog.read_catalog(store), lambda: catalog.merge_catalog(store, "Banksy", rows)):
+        with pytest.raises(StoreError, match=rf"^{re.escape(location)} is not a readable catalog .*move it aside"):
+            read()
+    assert store.read_bytes(catalog.catalog_key("Banksy")) == whole[:200]
+
+    store.delete(catalog.catalog_key("Banksy"))  # moved aside: the rows come back from the PNGs
+    _store_image(store, rows[1], "run-2")
+    image = image_key_path(rows[1].key)
+    png = store.read_bytes(image)
+    store.write_bytes(image, png[:100])
+    with pytest.raises(StoreError, match=rf"^{re.escape(store.location(image))} is not a readable image .*delete it"):
+        catalog.merge_catalog(store, "Banksy", rows)
+    store.write_bytes(image, png)
+    merged, report = catalog.merge_catalog(store, "Banksy", rows)
+    assert report.recovered_from_png == 2 and sorted(merged["key"].to_pylist()) == sorted(r.key for r in rows)
 
 
 def test_rows_of_an_old_grid_stay_in_the_catalog(tmp_path):

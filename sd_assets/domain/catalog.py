@@ -24,6 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
+from sd_assets.domain.errors import StoreError
 from sd_assets.domain.grid import slugify
 from sd_assets.domain.pngmeta import Provenance, image_key_path, read_provenance
 from sd_assets.domain.prompts import PromptRow
@@ -78,6 +79,22 @@ def _from_parquet(data: bytes, columns: Sequence[str] | None = None) -> pa.Table
     return table.select(wanted).cast(_schema(wanted))
 
 
+def _read_catalog_file(store: ArtifactStore, key: str, columns: Sequence[str] | None = None) -> pa.Table:
+    """``_from_parquet`` of a style's catalog in the store.
+
+    Raises:
+        StoreError: the file is not a catalog (cut short, overwritten), naming it and the way out.
+    """
+    data = store.read_bytes(key)
+    try:
+        return _from_parquet(data, columns)
+    except (pa.ArrowException, OSError) as exc:
+        raise StoreError(
+            f"{store.location(key)} is not a readable catalog ({exc}); move it aside, and the next run of "
+            "the style writes a new one, its rows rebuilt from the PNGs' own provenance"
+        ) from None
+
+
 def _json_lines(records: Sequence[dict]) -> bytes:
     return "".join(json.dumps({c: r[c] for c in COLUMNS}, ensure_ascii=False) + "\n" for r in records).encode()
 
@@ -106,7 +123,7 @@ def read_style_catalog(store: ArtifactStore, style: str, columns: Sequence[str] 
     """A style's catalog (only ``columns`` when given; empty when it has none yet)."""
     key = catalog_key(style)
     if store.exists(key):
-        return _from_parquet(store.read_bytes(key), columns)
+        return _read_catalog_file(store, key, columns)
     return _schema(columns or COLUMNS).empty_table()
 
 
@@ -119,14 +136,29 @@ def catalog_image_keys(store: ArtifactStore) -> set[str]:
     return {
         key
         for name in _style_catalog_keys(store)
-        for key in _from_parquet(store.read_bytes(name), ["key"])["key"].to_pylist()
+        for key in _read_catalog_file(store, name, ["key"])["key"].to_pylist()
     }
 
 
 def read_catalog(store: ArtifactStore) -> pd.DataFrame:
     """Every style's catalog together, as a pandas DataFrame (pending batches not yet merged are not included)."""
-    tables = [_from_parquet(store.read_bytes(key)) for key in _style_catalog_keys(store)]
+    tables = [_read_catalog_file(store, key) for key in _style_catalog_keys(store)]
     return pa.concat_tables([SCHEMA.empty_table(), *tables]).to_pandas()
+
+
+def _png_provenance(store: ArtifactStore, image_key: str) -> Provenance:
+    """The provenance chunk of an image in the store.
+
+    Raises:
+        StoreError: the file is not a PNG this project wrote (cut short, say), naming it and the way out.
+    """
+    try:
+        return read_provenance(store.read_bytes(image_key))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise StoreError(
+            f"{store.location(image_key)} is not a readable image of this project ({exc!r}); delete it, and "
+            "the next run of the style makes it again"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -143,7 +175,7 @@ def merge_catalog(store: ArtifactStore, style: str, grid_rows: Sequence[PromptRo
     the PNG and its record) gets its row back from the PNG's provenance chunk.
     """
     existed = store.exists(catalog_key(style))
-    tables = [_from_parquet(store.read_bytes(catalog_key(style)))] if existed else []
+    tables = [_read_catalog_file(store, catalog_key(style))] if existed else []
     pending_keys = sorted(k for k in store.list_keys(pending_prefix(style)) if k.endswith((".jsonl", ".parquet")))
     known = tables[0]["key"].combine_chunks() if tables else None  # keys merged so far
     added = 0
@@ -160,7 +192,7 @@ def merge_catalog(store: ArtifactStore, style: str, grid_rows: Sequence[PromptRo
     for row in grid_rows:
         image_key = image_key_path(row.key)
         if row.key not in known_keys and store.exists(image_key):
-            recovered.append(catalog_record(read_provenance(store.read_bytes(image_key)), store.location(image_key)))
+            recovered.append(catalog_record(_png_provenance(store, image_key), store.location(image_key)))
             known_keys.add(row.key)
     if recovered:
         tables.append(_from_json_lines(_json_lines(recovered)))
