@@ -48,7 +48,8 @@ def _positive_int(environ: Mapping[str, str], name: str) -> int | None:
 def grid_from_environment(environ: Mapping[str, str] | None = None) -> tuple[GridConfig, str]:
     """The grid named by ``SD_ASSETS_GRID`` and the storage URL in force (``SD_ASSETS_STORAGE`` first)."""
     environ = os.environ if environ is None else environ
-    grid = load_grid(Path(environ.get("SD_ASSETS_GRID", "grid.yaml")))
+    # An empty variable counts as unset, as SD_ASSETS_STORAGE's does.
+    grid = load_grid(Path(environ.get("SD_ASSETS_GRID") or "grid.yaml"))
     return grid, environ.get("SD_ASSETS_STORAGE") or grid.storage
 
 

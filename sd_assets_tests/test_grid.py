@@ -68,6 +68,9 @@ model: {id: tiny-random}
         (VALID + "inference: {deep_cache: {interval: 3, layer: 0}}\n", "unknown field 'inference.deep_cache.layer'"),
         (VALID + 'prompt_template: "{style} only"\n', "must contain {subject}"),
         (VALID + 'prompt_template: "{subject} in {city}"\n', "unknown fields ['city']"),
+        (VALID + 'prompt_template: "{subject!r} by {style}"\n', "without a format spec or '!' conversion"),
+        (VALID + 'prompt_template: "{subject:>999} by {style}"\n', "without a format spec or '!' conversion"),
+        (VALID.replace("id: tiny-random", 'id: "not a repo!!"'), "field 'model.id' = 'not a repo!!'"),
         ("styles: [Banksy\n", "not valid YAML"),
         ("- just a list\n", "expected a mapping"),
     ],
@@ -134,3 +137,14 @@ def test_a_subjects_folder_without_lists_is_a_clear_error(tmp_path):
     (tmp_path / "subjects" / "notes.md").write_text("not a list")
     with pytest.raises(GridError, match=rf"no valid subject lists in {tmp_path / 'subjects'} \(no \*\.txt files\)$"):
         read_subject_lists(FolderSource(tmp_path / "subjects"), 100)
+
+
+def test_a_subjects_dir_that_is_a_file_is_a_clear_error(tmp_path):
+    (tmp_path / "subjects.txt").write_text("alan turing\n")
+    with pytest.raises(GridError, match=r"subject lists folder .*subjects\.txt is a file \(the grid's 'subjects_dir'"):
+        read_subject_lists(FolderSource(tmp_path / "subjects.txt"), 100)
+
+
+def test_a_grid_path_that_is_a_folder_says_so(tmp_path):
+    with pytest.raises(GridError, match=rf"grid file {tmp_path} is a folder \(set SD_ASSETS_GRID to a grid.yaml"):
+        load_grid(tmp_path)

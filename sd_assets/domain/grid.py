@@ -24,6 +24,7 @@ _STYLE_PATTERN = re.compile(r"^[^\W_](?:[\w .'&+-]*[\w.'&+-])?$")
 MAX_STYLE_LENGTH = 64
 MAX_SUBJECT_LENGTH = 500
 TINY_MODEL_ID = "tiny-random"
+_REPO_ID_PATTERN = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
 
 def slugify(name: str) -> str:
@@ -40,6 +41,17 @@ class ModelConfig(_Strict):
     id: Annotated[str, pydantic.StringConstraints(min_length=1, strip_whitespace=True)]
     revision: Annotated[str, pydantic.StringConstraints(min_length=1, strip_whitespace=True)] = "main"
     variant: Literal["fp16", "auto", "none"] = "auto"
+
+    @pydantic.field_validator("id")
+    @classmethod
+    def _valid_id(cls, model_id: str) -> str:
+        # The hub's own rule, checked here so that a typo fails before any run, naming the field.
+        if not _REPO_ID_PATTERN.match(model_id) or len(model_id) > 96 or ".." in model_id or "--" in model_id:
+            raise ValueError(
+                f"not a Hugging Face repo id: use '{TINY_MODEL_ID}' or 'org/name' (letters, digits, '-', '_', '.'; "
+                "at most 96 characters)"
+            )
+        return model_id
 
     @property
     def is_tiny(self) -> bool:
@@ -123,9 +135,13 @@ class GridConfig(_Strict):
     @classmethod
     def _valid_template(cls, template: str) -> str:
         try:
-            fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+            parts = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(template)]
         except ValueError as exc:
             raise ValueError(f"{template!r} is not a valid template: {exc}") from None
+        fields = {name for name, _, _ in parts if name is not None}
+        if any(spec or conversion for name, spec, conversion in parts if name is not None):
+            # '{subject!r}' quotes every prompt, '{subject:>999}' pads it: the text goes in as written.
+            raise ValueError(f"{template!r}: write {{subject}} and {{style}} without a format spec or '!' conversion")
         unknown = fields - {"subject", "style"}
         if unknown:
             raise ValueError(f"{template!r} uses unknown fields {sorted(unknown)}; use {{subject}} and {{style}}")
@@ -163,6 +179,8 @@ def load_grid(path: str | Path) -> GridConfig:
         GridError: naming the file, the field and the bad value.
     """
     path = Path(path).expanduser().resolve()
+    if path.is_dir():
+        raise GridError(f"grid file {path} is a folder (set SD_ASSETS_GRID to a grid.yaml, not its folder)")
     if not path.is_file():
         raise GridError(f"grid file {path} does not exist (set SD_ASSETS_GRID to a grid.yaml)")
     try:

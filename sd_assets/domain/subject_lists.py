@@ -75,6 +75,12 @@ class FolderSource(SubjectSource):
             entries = list(os.scandir(self.folder))
         except FileNotFoundError:
             raise GridError(f"subject lists folder {self.folder} does not exist (the grid's 'subjects_dir')") from None
+        except NotADirectoryError:
+            raise GridError(
+                f"subject lists folder {self.folder} is a file (the grid's 'subjects_dir' names the folder of *.txt lists)"
+            ) from None
+        except OSError as exc:
+            raise GridError(f"cannot list the subject lists folder {self.folder} (the grid's 'subjects_dir'): {exc}") from None
         listed = []
         for entry in entries:
             if entry.name.endswith(LIST_SUFFIX) and entry.is_file():
