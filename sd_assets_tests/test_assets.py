@@ -1,6 +1,7 @@
 """The asset graph end to end on the embedded default: images, catalog, galleries, idempotence."""
 
 import json
+import logging
 import shutil
 
 import dagster as dg
@@ -237,3 +238,18 @@ def test_a_run_without_a_style_fails_saying_how_to_give_one(grid_path, instance)
         """--tags '{"dagster/partition": "Banksy"}', or pick a style in the UI)"""
     ) in str(failure.step_failure_data.error)
     assert _pngs(grid_path.parent / "data") == {}
+
+
+def test_a_prompt_longer_than_the_text_encoder_reads_is_named_in_a_warning(grid_path, instance):
+    # The pipeline reads the first 77 tokens of a prompt: here "by Banksy" is cut off.
+    long_subject = " ".join(["alan"] * 90)
+    (grid_path.parent / "subjects" / "long.txt").write_text(long_subject + "\n")
+    result = materialize_style(grid_path, "Banksy", instance)
+    assert _metadata(result, "style_images")["overlong_prompts"] == 2  # its two images, and no other
+    warnings = [entry.user_message for entry in instance.all_logs(result.run_id) if entry.level == logging.WARNING]
+    for number in (1, 2):
+        assert any(
+            f"Banksy: the prompt of {long_subject!r} #{number} is " in message
+            and "tokens, over the text encoder's 77: the pipeline reads only its first 77 tokens" in message
+            for message in warnings
+        ), warnings

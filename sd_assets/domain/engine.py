@@ -242,6 +242,23 @@ def attention_backend(loaded: LoadedPipeline) -> Iterator[None]:
         yield
 
 
+def overlong_prompts(loaded: LoadedPipeline, rows: Sequence[PromptRow]) -> tuple[int, list[tuple[PromptRow, int]]]:
+    """(the text encoder's token limit, the rows whose prompt or negative prompt is over it, with
+    their token counts). The pipeline cuts such a prompt at the limit; a style at its end is lost."""
+    tokenizer = loaded.pipeline.tokenizer
+    limit = tokenizer.model_max_length
+    counts: dict[str, int] = {}
+    found = []
+    for row in rows:
+        for text in (row.prompt, row.negative_prompt):
+            if text not in counts:
+                counts[text] = len(tokenizer(text).input_ids)
+        longest = max(counts[row.prompt], counts[row.negative_prompt])
+        if longest > limit:
+            found.append((row, longest))
+    return limit, found
+
+
 def render_batch(loaded: LoadedPipeline, rows: Sequence[PromptRow], settings: GenerationSettings):
     """Generate one batch; returns uint8 pixels, shape (len(rows), height, width, 3), on the CPU.
 

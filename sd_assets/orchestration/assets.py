@@ -311,6 +311,12 @@ def _generate(
         copy.folder, device, dtype, inference.scheduler, inference.compile, inference.safety_checker,
         variant=ref.variant, tuning=engine.Tuning(compile_vae=inference.compile_vae), deep_cache=settings.deep_cache,
     )
+    limit, overlong = engine.overlong_prompts(loaded, missing)
+    for row, tokens in overlong:
+        context.log.warning(
+            f"{style}: the prompt of {row.subject!r} #{row.image_index + 1} is {tokens} tokens, over the text "
+            f"encoder's {limit}: the pipeline reads only its first {limit} tokens (shorten the subject)"
+        )
     if inference.batch_size == "auto":
         batch_size = engine.auto_batch_size(loaded, settings, generator.batch_memory_file, len(missing))
     else:
@@ -339,6 +345,7 @@ def _generate(
         "model_load_seconds": round(loaded.load_seconds, 3),
         "first_batch_seconds": round(report.first_batch_seconds, 3),
         "writer_peak_pending": report.writer_peak_pending,
+        "overlong_prompts": len(overlong),
         "previews": dg.MetadataValue.md("\n".join(_thumbnail_markdown(image, row) for row, image in report.previews)),
         **profile.metadata(),
     }
