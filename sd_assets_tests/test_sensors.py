@@ -128,6 +128,12 @@ def test_malformed_lists_are_skipped_with_a_message_and_good_lists_still_run(tic
     quiet = ticks.tick()
     assert requests(quiet) == []
     assert "skipped subject list" not in capfd.readouterr().err, "a bad list is reported once per content"
+    (subjects / "worse.txt").write_bytes(b"\0")
+    alone = ticks.tick()  # a bad list and nothing new: the tick's skip reason names it
+    assert requests(alone) == []
+    assert alone.skip_reason.skip_message.endswith(
+        f"in {subjects}; skipped subject list worse.txt: binary content (a NUL byte); expected UTF-8 text"
+    ), alone.skip_reason.skip_message
     (subjects / "empty.txt").write_text("grace hopper\n")
     fixed = ticks.tick()
     assert {run_key.split(":")[0] for _, run_key in requests(fixed)} == {"empty.txt"}

@@ -48,7 +48,7 @@ def build_new_subject_lists_sensor(
             context.log.warning(problem)
         cursor = encode_cursor(scan.state) if scan.state != previous else None
         if not scan.changed:
-            skipped = f"; skipped: {' | '.join(scan.problems)}" if scan.problems else ""
+            skipped = f"; {' | '.join(scan.problems)}" if scan.problems else ""  # each says "skipped ..."
             return dg.SensorResult(
                 skip_reason=f"no new or changed subject lists among {scan.listed} in {source.location}{skipped}",
                 cursor=cursor,
