@@ -37,6 +37,11 @@ class _Strict(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
 
 
+# Numbers and switches as YAML writes them: `steps: true` or `width: "64"` is a mistake, not 1 or 64.
+_Int = Annotated[int, pydantic.Strict()]
+_Bool = Annotated[bool, pydantic.Strict()]
+
+
 class ModelConfig(_Strict):
     id: Annotated[str, pydantic.StringConstraints(min_length=1, strip_whitespace=True)]
     revision: Annotated[str, pydantic.StringConstraints(min_length=1, strip_whitespace=True)] = "main"
@@ -61,24 +66,24 @@ class ModelConfig(_Strict):
 class DeepCacheConfig(_Strict):
     # Run the whole UNet every `interval` steps; between them only the layers above skip branch
     # `branch` (0 = the shallowest). Changes the pictures (see docs/PERFORMANCE.md).
-    interval: Annotated[int, pydantic.Field(ge=2, le=100)]
-    branch: Annotated[int, pydantic.Field(ge=0)] = 0
+    interval: Annotated[_Int, pydantic.Field(ge=2, le=100)]
+    branch: Annotated[_Int, pydantic.Field(ge=0)] = 0
 
 
 class InferenceConfig(_Strict):
-    steps: Annotated[int, pydantic.Field(ge=1, le=1000)] = 50
-    guidance_scale: Annotated[float, pydantic.Field(ge=0.0, le=50.0)] = 7.5
-    width: Annotated[int, pydantic.Field(ge=8, le=4096, multiple_of=8)] = 512
-    height: Annotated[int, pydantic.Field(ge=8, le=4096, multiple_of=8)] = 512
+    steps: Annotated[_Int, pydantic.Field(ge=1, le=1000)] = 50
+    guidance_scale: Annotated[float, pydantic.Field(ge=0.0, le=50.0, allow_inf_nan=False)] = 7.5
+    width: Annotated[_Int, pydantic.Field(ge=8, le=4096, multiple_of=8)] = 512
+    height: Annotated[_Int, pydantic.Field(ge=8, le=4096, multiple_of=8)] = 512
     negative_prompt: str = ""
     batch_size: int | Literal["auto"] = "auto"
     scheduler: str | None = None
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
-    compile: bool = False
+    compile: _Bool = False
     # Also compile the VAE decoder: on an H200 it took 10 ms an image off the decode and about
     # 35 s more compiling per process (docs/PERFORMANCE.md), so it pays only on long runs.
-    compile_vae: bool = False
-    safety_checker: bool = False
+    compile_vae: _Bool = False
+    safety_checker: _Bool = False
     # DeepCache: reuse the UNet's deep features between steps. Off unless set; it changes the
     # pictures, so it is part of each image's content key and provenance.
     deep_cache: DeepCacheConfig | None = None
@@ -90,24 +95,25 @@ class InferenceConfig(_Strict):
             raise ValueError("needs compile: true (the VAE decoder is compiled along with the UNet)")
         return value
 
-    @pydantic.field_validator("batch_size")
+    @pydantic.field_validator("batch_size", mode="before")
     @classmethod
-    def _positive_batch(cls, value: int | str) -> int | str:
-        if isinstance(value, int) and not 1 <= value <= 256:
-            raise ValueError("must be 'auto' or an integer from 1 to 256")
-        return value
+    def _auto_or_batch(cls, value: object) -> object:
+        # Before the union's own checks, which would report one error per member.
+        if value == "auto" or (type(value) is int and 1 <= value <= 256):
+            return value
+        raise ValueError("must be 'auto' or an integer from 1 to 256")
 
 
 class GridConfig(_Strict):
     styles: list[str]
     subjects_dir: Path
     prompt_template: str = "{subject} by {style}"
-    images_per_prompt: Annotated[int, pydantic.Field(ge=1, le=1000)] = 1
-    seed: Annotated[int, pydantic.Field(ge=0, le=2**63 - 1)] = 0
+    images_per_prompt: Annotated[_Int, pydantic.Field(ge=1, le=1000)] = 1
+    seed: Annotated[_Int, pydantic.Field(ge=0, le=2**63 - 1)] = 0
     model: ModelConfig
     inference: InferenceConfig = InferenceConfig()
     storage: str = "data"
-    max_subjects_per_list: Annotated[int, pydantic.Field(ge=1)] = 10_000
+    max_subjects_per_list: Annotated[_Int, pydantic.Field(ge=1)] = 10_000
     source: Path | None = pydantic.Field(default=None, exclude=True)
 
     @pydantic.field_validator("styles")
