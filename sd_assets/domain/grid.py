@@ -114,7 +114,12 @@ class GridConfig(_Strict):
     inference: InferenceConfig = InferenceConfig()
     storage: str = "data"
     max_subjects_per_list: Annotated[_Int, pydantic.Field(ge=1)] = 10_000
-    source: Path | None = pydantic.Field(default=None, exclude=True)
+    # Where the grid was read from: set by load_grid, not a field a file can name.
+    _source: Path | None = pydantic.PrivateAttr(default=None)
+
+    @property
+    def source(self) -> Path | None:
+        return self._source
 
     @pydantic.field_validator("styles")
     @classmethod
@@ -195,9 +200,6 @@ def load_grid(path: str | Path) -> GridConfig:
         raise GridError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
         raise GridError(f"{path}: expected a mapping of fields at the top level, got {type(raw).__name__}")
-    if "source" in raw:
-        # GridConfig.source is where the grid was read from, set below; a file cannot name it.
-        raise GridError(f"{path}: unknown field 'source'")
     try:
         grid = GridConfig.model_validate(raw)
     except pydantic.ValidationError as exc:
@@ -216,7 +218,9 @@ def load_grid(path: str | Path) -> GridConfig:
     storage = grid.storage
     if "://" not in storage and not Path(storage).is_absolute():
         storage = str(path.parent / storage)
-    return grid.model_copy(update={"subjects_dir": subjects_dir.resolve(), "storage": storage, "source": path})
+    grid = grid.model_copy(update={"subjects_dir": subjects_dir.resolve(), "storage": storage})
+    grid._source = path
+    return grid
 
 
 @dataclass(frozen=True)
