@@ -91,7 +91,9 @@ def build_assets(styles: dg.StaticPartitionsDefinition) -> list:
         config = grid.load()
         artifact_store = store.open()
         # The runs of a backfill start together: one fills the cache, the others wait and find it filled.
-        with generator.exclusive("model", store.url, config.model.id, config.model.revision, on_wait=context.log.info):
+        model = config.model
+        where = artifact_store.location()
+        with generator.exclusive("model", where, model.id, model.revision, on_wait=context.log.info):
             report = ensure_model(artifact_store, config.model, hub.settings(), config.inference.safety_checker)
         ref = report.ref
         return dg.MaterializeResult(
@@ -170,7 +172,7 @@ def build_assets(styles: dg.StaticPartitionsDefinition) -> list:
         rows = read_prompt_rows(artifact_store, style)
         # A second run of this style on this node (a sensor run beside a backfill run, two
         # `dagster job execute`) waits here, then skips what the first one made.
-        with generator.exclusive("style", store.url, style, on_wait=context.log.info):
+        with generator.exclusive("style", artifact_store.location(), style, on_wait=context.log.info):
             metadata = _make_missing_images(context, config, style, rows, artifact_store, generator)
         return dg.MaterializeResult(
             metadata=metadata, data_version=dg.DataVersion(keys_version([r.key for r in rows]))
