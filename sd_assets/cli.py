@@ -1,4 +1,4 @@
-"""The ``sd-assets`` command: run the demo grid, and search the image catalog across runs."""
+"""The ``sd-assets`` command: run the demo grid, search the image catalog across runs, rebuild it."""
 
 from __future__ import annotations
 
@@ -48,6 +48,28 @@ def _search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rebuild_catalog(args: argparse.Namespace) -> int:
+    from sd_assets.definitions import grid_from_environment
+    from sd_assets.domain.catalog import rebuild_catalogs
+    from sd_assets.domain.store import open_store
+
+    _grid, storage = grid_from_environment()
+    store = open_store(storage)
+    reports, errors = rebuild_catalogs(store)
+    for report in reports:
+        print(
+            f"{store.location(report.catalog)}: {report.rows} rows "
+            f"({report.kept} kept, {report.recovered_from_png} from PNGs)"
+        )
+        if report.set_aside:
+            print(f"  it was unreadable; the old file is now {report.set_aside}")
+    if not reports:
+        print(f"every image in {storage} has its catalog row; nothing to rebuild")
+    for error in errors:
+        print(f"sd-assets: skipped {error}", file=sys.stderr)
+    return 1 if errors else 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     import os
 
@@ -91,6 +113,13 @@ def main(argv: list[str] | None = None) -> int:
     search.add_argument("--run", help="run id")
     search.add_argument("--json", action="store_true", help="print one JSON array of catalog rows")
     search.set_defaults(handler=_search)
+
+    rebuild = commands.add_parser(
+        "rebuild-catalog",
+        help="give every image in the store a catalog row from its PNG's provenance, whichever grid made it; "
+        "an unreadable catalog is set aside and replaced (run it while no run is writing)",
+    )
+    rebuild.set_defaults(handler=_rebuild_catalog)
 
     demo = commands.add_parser("demo", help="materialize the grid's styles and print the gallery index path")
     demo.add_argument("--style", action="append", help="only this style (repeatable)")

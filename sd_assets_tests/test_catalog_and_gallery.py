@@ -57,7 +57,7 @@ def test_a_cut_short_catalog_or_png_is_named_with_the_way_out_and_nothing_is_del
     store.write_bytes(catalog.catalog_key("Banksy"), whole[:200])
     location = store.location(catalog.catalog_key("Banksy"))
     for read in (lambda: catalog.read_catalog(store), lambda: catalog.merge_catalog(store, "Banksy", rows)):
-        with pytest.raises(StoreError, match=rf"^{re.escape(location)} is not a readable catalog .*move it aside"):
+        with pytest.raises(StoreError, match=rf"^{re.escape(location)} is not a readable catalog .*sd-assets rebuild-catalog"):
             read()
     assert store.read_bytes(catalog.catalog_key("Banksy")) == whole[:200]
 
@@ -71,6 +71,48 @@ def test_a_cut_short_catalog_or_png_is_named_with_the_way_out_and_nothing_is_del
     store.write_bytes(image, png)
     merged, report = catalog.merge_catalog(store, "Banksy", rows)
     assert report.recovered_from_png == 2 and sorted(merged["key"].to_pylist()) == sorted(r.key for r in rows)
+
+
+def test_rebuild_gives_every_image_a_row_whichever_grid_made_it_and_sets_a_broken_catalog_aside(tmp_path):
+    store = LocalStore(tmp_path)
+    # Banksy: an image of an old grid and one of the current grid, both merged; then the catalog breaks.
+    old, new = _row("alan turing", "Banksy"), _row("ada lovelace", "Banksy")
+    catalog.write_pending(store, "Banksy", "r1", [_store_image(store, old, "r1"), _store_image(store, new, "r2")])
+    catalog.merge_catalog(store, "Banksy", [new])
+    broken = store.read_bytes(catalog.catalog_key("Banksy"))[:300]
+    store.write_bytes(catalog.catalog_key("Banksy"), broken)
+    # Frida Kahlo: a readable catalog whose one image was deleted since, and an image with no row.
+    gone, unlisted = _row("alan turing", "Frida Kahlo"), _row("grace hopper", "Frida Kahlo")
+    catalog.write_pending(store, "Frida Kahlo", "r3", [_store_image(store, gone, "r3")])
+    catalog.merge_catalog(store, "Frida Kahlo", [gone])
+    store.delete(image_key_path(gone.key))
+    _store_image(store, unlisted, "r4")
+    # And a PNG cut short.
+    cut = _row("edsger dijkstra", "Banksy")
+    _store_image(store, cut, "r5")
+    store.write_bytes(image_key_path(cut.key), store.read_bytes(image_key_path(cut.key))[:100])
+
+    reports, errors = catalog.rebuild_catalogs(store)
+
+    banksy, kahlo = reports
+    assert (banksy.catalog, banksy.rows, banksy.kept, banksy.recovered_from_png) == ("catalog/banksy.parquet", 2, 0, 2)
+    assert (kahlo.catalog, kahlo.rows, kahlo.kept, kahlo.recovered_from_png) == ("catalog/frida-kahlo.parquet", 2, 1, 1)
+    assert kahlo.set_aside is None
+    assert re.fullmatch(rf"{re.escape(str(tmp_path))}/catalog/unreadable/banksy-\d{{8}}T\d{{6}}Z\.parquet", banksy.set_aside)
+    assert open(banksy.set_aside, "rb").read() == broken
+    (error,) = errors
+    assert error.startswith(f"{store.location(image_key_path(cut.key))} is not a readable image of this project")
+    assert error.endswith("delete it, and the next run of the style makes it again")
+
+    rows = catalog.read_catalog(store)
+    assert sorted(zip(rows["style"], rows["subject"], rows["run_id"])) == [
+        ("Banksy", "ada lovelace", "r2"), ("Banksy", "alan turing", "r1"),
+        ("Frida Kahlo", "alan turing", "r3"), ("Frida Kahlo", "grace hopper", "r4"),
+    ]  # fmt: skip
+    assert rows.set_index("key").loc[unlisted.key, "path"] == store.location(image_key_path(unlisted.key))
+    # Nothing left to do but the cut PNG, which is still named.
+    again, errors = catalog.rebuild_catalogs(store)
+    assert again == [] and len(errors) == 1
 
 
 def test_rows_of_an_old_grid_stay_in_the_catalog(tmp_path):

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from sd_assets_tests.helpers import materialize_style
+
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
@@ -123,3 +125,28 @@ def test_search_in_a_store_without_a_catalog_says_so(grid_path, tmp_path):
     assert result.stderr.strip() == (
         f"sd-assets: no catalog in {empty}: no style has been made there yet (make demo, or dagster job execute)"
     )
+
+
+def test_a_broken_catalog_is_rebuilt_with_the_images_of_every_grid(cli_env, grid_path, instance):
+    data = grid_path.parent / "data"
+    materialize_style(grid_path, "Banksy", instance)
+    grid_path.write_text(grid_path.read_text().replace("steps: 2", "steps: 3"))  # new keys: 4 more images
+    materialize_style(grid_path, "Banksy", instance)
+    catalog = data / "catalog" / "banksy.parquet"
+    catalog.write_bytes(catalog.read_bytes()[:300])
+
+    broken = _run([BIN / "sd-assets", "search", "--style", "banksy"], cli_env, check=False)
+    assert broken.returncode == 2 and "Traceback" not in broken.stderr
+    assert broken.stderr.startswith(f"sd-assets: {catalog} is not a readable catalog")
+    assert "`sd-assets rebuild-catalog` sets it aside" in broken.stderr
+
+    rebuilt = _run([BIN / "sd-assets", "rebuild-catalog"], cli_env)
+    first, second = rebuilt.stdout.splitlines()
+    assert first == f"{catalog}: 8 rows (0 kept, 8 from PNGs)"
+    assert second.startswith(f"  it was unreadable; the old file is now {data}/catalog/unreadable/banksy-")
+    found = json.loads(_run([BIN / "sd-assets", "search", "--style", "banksy", "--json"], cli_env).stdout)
+    assert sorted(row["steps"] for row in found) == [2] * 4 + [3] * 4
+    assert {Path(row["path"]) for row in found} == set((data / "images").rglob("*.png"))
+
+    again = _run([BIN / "sd-assets", "rebuild-catalog"], cli_env)
+    assert again.stdout.strip() == f"every image in {data} has its catalog row; nothing to rebuild"

@@ -15,6 +15,7 @@ import pytest
 from moto.server import ThreadedMotoServer
 from PIL import Image
 
+from sd_assets.domain.catalog import rebuild_catalogs
 from sd_assets.domain.errors import GridError, ModelError, StoreError
 from sd_assets.domain.grid import load_grid
 from sd_assets.domain.models import MANIFEST, VERIFIED, local_model_folder, read_model_ref
@@ -174,6 +175,13 @@ def test_two_styles_on_s3_then_a_corrupted_model_object(bucket, tmp_path, instan
     catalog = pd.read_parquet(io.BytesIO(catalog_bytes))
     assert len(catalog) == 4 and set(catalog["style"]) == {"Banksy"}
     assert all(path.startswith(f"s3://{bucket}/grid/images/") for path in catalog["path"])
+    # A lost catalog comes back from the PNGs in the bucket, row for row.
+    raw.delete_object(Bucket=bucket, Key="grid/catalog/banksy.parquet")
+    reports, errors = rebuild_catalogs(open_store(url))
+    assert [(r.catalog, r.rows, r.recovered_from_png) for r in reports] == [("catalog/banksy.parquet", 4, 4)]
+    assert errors == []
+    rebuilt = pd.read_parquet(io.BytesIO(raw.get_object(Bucket=bucket, Key="grid/catalog/banksy.parquet")["Body"].read()))
+    pd.testing.assert_frame_equal(rebuilt, catalog)
 
     store = open_store(url)
     ref = read_model_ref(store, load_grid(grid_path).model)

@@ -2,7 +2,8 @@
 
 Owns its columns, the pending record batches that generation leaves behind, merging them (and any
 image that lost its record in a crash, recovered from the PNG's own provenance chunk) into the
-catalog, and querying it. Rows are never dropped: images of an older model or grid stay findable.
+catalog, rebuilding every catalog from the PNGs when one is lost, and querying it. Rows are never
+dropped: images of an older model or grid stay findable.
 
 A run writes and merges the catalog with pyarrow, and turns Python values into a table only
 through pyarrow's JSON reader (pending batches are JSON Lines): the first array pyarrow builds
@@ -16,7 +17,9 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
 import pyarrow as pa
@@ -57,6 +60,9 @@ def pending_prefix(style: str) -> str:
     return f"catalog/pending/{slugify(style)}/"
 
 
+UNREADABLE_PREFIX = "catalog/unreadable/"
+
+
 def _schema(columns: Sequence[str]) -> pa.Schema:
     return pa.schema([SCHEMA.field(c) for c in columns])
 
@@ -90,8 +96,8 @@ def _read_catalog_file(store: ArtifactStore, key: str, columns: Sequence[str] | 
         return _from_parquet(data, columns)
     except (pa.ArrowException, OSError) as exc:
         raise StoreError(
-            f"{store.location(key)} is not a readable catalog ({exc}); move it aside, and the next run of "
-            "the style writes a new one, its rows rebuilt from the PNGs' own provenance"
+            f"{store.location(key)} is not a readable catalog ({exc}); `sd-assets rebuild-catalog` sets it "
+            "aside and writes a new one, its rows rebuilt from the PNGs' own provenance"
         ) from None
 
 
@@ -198,11 +204,89 @@ def merge_catalog(store: ArtifactStore, style: str, grid_rows: Sequence[PromptRo
         tables.append(_from_json_lines(_json_lines(recovered)))
     merged = pa.concat_tables(tables) if tables else SCHEMA.empty_table()
     if added or recovered or not existed:
-        merged = merged.sort_by([("subject", "ascending"), ("image_index", "ascending"), ("created", "ascending")])
+        merged = _sorted(merged)
         store.write_bytes(catalog_key(style), _to_parquet(merged))
     for key in pending_keys:
         store.delete(key)
     return merged, MergeReport(rows=len(merged), added_from_records=added, recovered_from_png=len(recovered))
+
+
+def _sorted(table: pa.Table) -> pa.Table:
+    return table.sort_by([("subject", "ascending"), ("image_index", "ascending"), ("created", "ascending")])
+
+
+@dataclass(frozen=True)
+class RebuildReport:
+    """What ``rebuild_catalogs`` did to one catalog file."""
+
+    catalog: str  # its store key
+    rows: int
+    kept: int  # rows the catalog had, when it was readable
+    recovered_from_png: int
+    set_aside: str | None  # where an unreadable catalog went
+
+
+def rebuild_catalogs(store: ArtifactStore, threads: int = 16) -> tuple[list[RebuildReport], list[str]]:
+    """Give every image in the store a catalog row, read from the PNG's own provenance.
+
+    A style's catalog keeps its rows (an image deleted since keeps its row, as in
+    ``merge_catalog``) and gains one for each image it lacks, whichever grid or model made it:
+    a run only recovers its own grid's images. An unreadable catalog is copied to
+    ``catalog/unreadable/`` and replaced by one built from the PNGs alone. Only PNGs no
+    readable catalog names are read (on ``threads`` threads: on S3 each is a request). Pending
+    batches stay for the style's next run to merge.
+
+    Returns:
+        A report for each catalog written, and the errors of the images that could not be read
+        (they get no row; each error names the file and the way out).
+    """
+    catalogs: dict[str, pa.Table] = {}
+    unreadable: list[str] = []
+    for key in _style_catalog_keys(store):
+        try:
+            catalogs[key] = _read_catalog_file(store, key)
+        except StoreError:
+            unreadable.append(key)
+    known = {image_key for table in catalogs.values() for image_key in table["key"].to_pylist()}
+    missing = [
+        key for key in sorted(store.list_keys("images/"))
+        if key.endswith(".png") and key.rsplit("/", 1)[-1].removesuffix(".png") not in known
+    ]  # fmt: skip
+
+    def read(image_key: str) -> dict | str:
+        try:
+            return catalog_record(_png_provenance(store, image_key), store.location(image_key))
+        except StoreError as exc:
+            return str(exc)
+
+    found: dict[str, list[dict]] = {}
+    errors = []
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        for result in pool.map(read, missing):
+            if isinstance(result, str):
+                errors.append(result)
+            elif result["key"] not in known:
+                known.add(result["key"])
+                found.setdefault(catalog_key(result["style"]), []).append(result)
+
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    reports = []
+    for key in sorted(set(found) | set(unreadable)):
+        kept = catalogs.get(key, SCHEMA.empty_table())
+        tables = [kept, _from_json_lines(_json_lines(found[key]))] if key in found else [kept]
+        set_aside = None
+        if key in unreadable:
+            set_aside = f"{UNREADABLE_PREFIX}{key.removeprefix('catalog/').removesuffix('.parquet')}-{stamp}.parquet"
+            store.write_bytes(set_aside, store.read_bytes(key))
+        merged = _sorted(pa.concat_tables(tables))
+        store.write_bytes(key, _to_parquet(merged))
+        reports.append(
+            RebuildReport(
+                catalog=key, rows=len(merged), kept=len(kept), recovered_from_png=len(found.get(key, [])),
+                set_aside=store.location(set_aside) if set_aside else None,
+            )
+        )  # fmt: skip
+    return reports, errors
 
 
 def search(catalog: pd.DataFrame, **filters: str | None) -> pd.DataFrame:
