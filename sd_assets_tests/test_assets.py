@@ -2,6 +2,7 @@
 
 import json
 import logging
+import re
 import shutil
 
 import dagster as dg
@@ -59,8 +60,37 @@ def test_two_styles_make_images_catalog_and_gallery(grid_path, instance):
     assert (seeds["Banksy"] == seeds["Andy Warhol"]).all()
 
     index = (data / "gallery" / "index.html").read_text()
-    assert "8 of 8 images made across 2 styles" in index
+    assert "8 of 8 images of the grid made, across 2 styles" in index
     assert (data / "gallery" / "andy-warhol" / "page-1.html").is_file()
+
+
+def test_the_gallery_follows_the_grid_and_keeps_earlier_images_in_reach(grid_path, instance):
+    data = grid_path.parent / "data"
+    for style in STYLES:
+        materialize_style(grid_path, style, instance)
+    # New settings: Banksy runs again and makes 4 new images; Andy Warhol has not run since.
+    grid_path.write_text(grid_path.read_text().replace("steps: 2", "steps: 3"))
+    materialize_style(grid_path, "Banksy", instance)
+
+    index = (data / "gallery" / "index.html").read_text()
+    assert '<a href="banksy/page-1.html">Banksy</a>: 4 of 4 images' in index
+    assert '<a href="andy-warhol/page-1.html">Andy Warhol</a>: 0 of 4 images' in index
+    assert "4 of 8 images of the grid made, across 2 styles" in index
+    page = (data / "gallery" / "banksy" / "page-1.html").read_text()
+    assert "Grid settings: 3 steps · 64x64" in page and page.count("<img ") == 4
+    assert '<a href="earlier-1.html">4 earlier images</a> of this style' in page
+    earlier = (data / "gallery" / "banksy" / "earlier-1.html").read_text()
+    assert earlier.count("<img ") == 4 and earlier.count("2 steps · 64x64 · guidance 7.5") == 4
+    for page_html in (page, earlier):  # every image link is a PNG in the store
+        for link in re.findall(r'<img src="([^"]+)"', page_html):
+            assert (data / "gallery" / "banksy" / link).resolve().is_file(), link
+
+    # A grid with other styles: the ones it lacks stay listed, with their pages.
+    grid_path.write_text(grid_path.read_text().replace("styles: [Banksy, Andy Warhol]", "styles: [Banksy, Claude Monet]"))
+    materialize_style(grid_path, "Banksy", instance)
+    index = (data / "gallery" / "index.html").read_text()
+    assert "<li>Claude Monet (no gallery pages yet): 0 of 4 images</li>" in index
+    assert "Other styles in this store" in index and '<a href="andy-warhol/page-1.html">Andy Warhol</a>: 4 images' in index
 
 
 def test_second_run_makes_nothing_and_a_new_subject_makes_exactly_its_images(grid_path, instance):

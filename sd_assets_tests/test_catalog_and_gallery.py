@@ -2,6 +2,7 @@
 
 import hashlib
 import re
+from dataclasses import replace
 
 import pandas as pd
 import pytest
@@ -10,7 +11,7 @@ from PIL import Image
 from sd_assets.domain import catalog, gallery
 from sd_assets.domain.errors import StoreError
 from sd_assets.domain.pngmeta import Provenance, encode_png, image_key_path
-from sd_assets.domain.prompts import PromptRow
+from sd_assets.domain.prompts import GenerationSettings, PromptRow
 from sd_assets.domain.store import LocalStore
 
 
@@ -163,22 +164,62 @@ def test_search_is_case_insensitive_substring_and(tmp_path):
     assert len(catalog.search(frame)) == 3
 
 
+def _made(row: PromptRow, run_id: str, steps: int = 2, created: str = "2026-11-27T00:00:00+00:00") -> dict:
+    """The catalog row of ``row`` made by ``run_id``."""
+    return catalog.catalog_record(replace(_provenance(row, run_id), steps=steps, created=created), "")
+
+
 def test_style_pages_paginate_escape_and_link_relatively(tmp_path):
     store = LocalStore(tmp_path)
     rows = [_row(f"subject {i}", "Banksy") for i in range(5)] + [_row("<script>alert(1)</script>", "Banksy")]
-    present = {r.key for r in rows[:4]}
-    keys = gallery.render_style_pages(store, "Banksy", rows, present, page_size=4)
-    assert keys == ["gallery/banksy/page-1.html", "gallery/banksy/page-2.html"]
-    first = store.read_text(keys[0])
+    made = [_made(r, "3f2a1b2c-run") for r in rows[:4]]
+    settings = GenerationSettings("tiny-random", "0123456789" * 4, "PNDMScheduler", 2, 7.5, 64, 64, "")
+    written = gallery.render_style_pages(store, "Banksy", rows, made, page_size=4, settings=settings)
+    assert written.pages == ["gallery/banksy/page-1.html", "gallery/banksy/page-2.html"]
+    assert written.earlier_pages == [] and written.earlier_images == 0
+    first = store.read_text(written.pages[0])
     assert first.count("<img ") == 4 and "4 of 6 images made" in first
+    assert "Grid settings: 2 steps · 64x64 · guidance 7.5 · PNDMScheduler · tiny-random@0123456" in first
     assert f'src="../../images/{rows[0].key[:2]}/{rows[0].key}.png"' in first
-    assert f"seed {rows[0].seed}" in first and 'href="page-2.html"' in first
-    second = store.read_text(keys[1])
+    assert f"seed {rows[0].seed} · image_index 0 · run 3f2a1b2c<" in first and 'href="page-2.html"' in first
+    assert "earlier" not in first
+    second = store.read_text(written.pages[1])
     assert "<script>alert" not in second and "&lt;script&gt;" in second
-    assert second.count("not generated yet") == 2
+    assert second.count("not made yet") == 2 and "run " not in second
     # A smaller grid later removes the page that no longer exists.
-    gallery.render_style_pages(store, "Banksy", rows[:2], present, page_size=4)
-    assert not store.exists(keys[1])
+    gallery.render_style_pages(store, "Banksy", rows[:2], made, page_size=4)
+    assert not store.exists(written.pages[1])
+    assert "1 of 1 image made" in store.read_text(
+        gallery.render_style_pages(store, "Banksy", rows[:1], made[:1]).pages[0]
+    )
+
+
+def test_images_of_earlier_grids_get_pages_of_their_own_newest_first(tmp_path):
+    store = LocalStore(tmp_path)
+    now = [_row("alan turing", "Banksy", i) for i in range(2)]
+    before = [_row("ada lovelace", "Banksy", i) for i in range(3)]
+    made = [_made(r, "run-now") for r in now] + [
+        _made(row, f"run-{i}", steps=4, created=f"2026-11-2{i}T00:00:00+00:00") for i, row in enumerate(before)
+    ]
+    written = gallery.render_style_pages(store, "Banksy", now, made, page_size=2)
+    assert written.pages == ["gallery/banksy/page-1.html"]
+    assert written.earlier_pages == ["gallery/banksy/earlier-1.html", "gallery/banksy/earlier-2.html"]
+    assert written.earlier_images == 3
+    first = store.read_text(written.pages[0])
+    assert '<a href="earlier-1.html">3 earlier images</a> of this style' in first
+    assert "ada lovelace" not in first
+    earlier = store.read_text(written.earlier_pages[0])
+    assert "Banksy: earlier images" in earlier and 'href="page-1.html"' in earlier and 'href="earlier-2.html"' in earlier
+    # Newest first, each with what made it.
+    runs = re.findall(r"· run (run-\d)", earlier + store.read_text(written.earlier_pages[1]))
+    assert runs == ["run-2", "run-1", "run-0"]
+    assert earlier.count("4 steps · 64x64 · guidance 7.5 · PNDMScheduler · tiny-random@0000000 · 2026-11-2") == 2
+    assert f'src="../../images/{before[2].key[:2]}/{before[2].key}.png"' in earlier
+
+    # Back to the grid that made them: no earlier images left, and their pages go.
+    written = gallery.render_style_pages(store, "Banksy", now + before, made)
+    assert written.earlier_pages == [] and not store.exists("gallery/banksy/earlier-1.html")
+    assert "earlier" not in store.read_text(written.pages[0])
 
 
 def test_index_lists_styles_and_a_contact_sheet(tmp_path):
@@ -193,10 +234,13 @@ def test_index_lists_styles_and_a_contact_sheet(tmp_path):
         gallery.StyleSummary("Frida Kahlo", 2, 0, has_pages=False),  # its first run has not made pages yet
     ]
     rows = {"Banksy": banksy, "Andy Warhol": warhol, "Frida Kahlo": frida}
-    gallery.render_index(store, summaries, rows, present)
+    others = [gallery.StyleSummary("Claude Monet", 1, 1, has_pages=True)]  # in the store, not in the grid
+    gallery.render_index(store, summaries, rows, present, other_styles=others)
     html = store.read_text(gallery.INDEX_KEY)
     assert 'href="banksy/page-1.html"' in html and 'href="andy-warhol/page-1.html"' in html
     assert "frida-kahlo/" not in html and "<li>Frida Kahlo (no gallery pages yet): 0 of 2 images</li>" in html
-    assert "1 of 2 images" in html and "3 of 6 images made" in html
+    assert "1 of 2 images" in html and "3 of 6 images of the grid made, across 3 styles" in html
+    assert 'Other styles in this store</h2>' in html and '<a href="claude-monet/page-1.html">Claude Monet</a>: 1 image<' in html
     cells = re.findall(r'<img src="\.\./images/[0-9a-f]{2}/([0-9a-f]+)\.png"', html)
-    assert cells == [banksy[0].key, warhol[0].key], "image 1 of each subject in each style"
+    assert cells == [banksy[0].key, warhol[0].key], "image_index 0 of each subject in each style"
+    assert html.count(">not made yet<") == 1, "Frida Kahlo's cell"

@@ -81,7 +81,9 @@ def test_demo_ends_with_the_gallery_path(cli_env, grid_path):
     result = _run([BIN / "sd-assets", "demo", "--style", "Banksy"], cli_env)
     last = result.stdout.strip().splitlines()[-1]
     assert last == str(grid_path.parent / "data" / "gallery" / "index.html")
-    assert "1 of 2" not in Path(last).read_text() and "4 of 4 images made" in Path(last).read_text()
+    index = Path(last).read_text()
+    assert '<a href="banksy/page-1.html">Banksy</a>: 4 of 4 images' in index
+    assert "<li>Andy Warhol (no gallery pages yet): 0 of 4 images</li>" in index, "a style of the grid not run"
 
 
 def test_a_failed_demo_names_the_step_and_its_error(cli_env, grid_path, tmp_path):

@@ -85,7 +85,7 @@ def test_style_page_shows_a_stored_gpu_profile_with_its_chart(tmp_path):
     store = LocalStore(tmp_path / "data")
 
     profile = profile_from_fake_gpu()
-    gallery.render_style_pages(store, "Banksy", rows, set(), profile=profile.page_view())
+    gallery.render_style_pages(store, "Banksy", rows, [], profile=profile.page_view())
 
     page = store.read_text("gallery/banksy/page-1.html")
     assert "GPU utilisation mean 55%, peak 100%" in page

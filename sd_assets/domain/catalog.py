@@ -137,13 +137,14 @@ def _style_catalog_keys(store: ArtifactStore) -> list[str]:
     return [key for key in sorted(store.list_keys("catalog/")) if key.endswith(".parquet") and key.count("/") == 1]
 
 
-def catalog_image_keys(store: ArtifactStore) -> set[str]:
-    """The content key of every image in every style's catalog (reads only that column)."""
-    return {
-        key
-        for name in _style_catalog_keys(store)
-        for key in _read_catalog_file(store, name, ["key"])["key"].to_pylist()
-    }
+def catalog_styles(store: ArtifactStore) -> dict[str, list[str]]:
+    """The content keys of every style's catalog, by style name (reads only those two columns)."""
+    styles = {}
+    for name in _style_catalog_keys(store):
+        table = _read_catalog_file(store, name, ["key", "style"])
+        style = table["style"][0].as_py() if len(table) else name.removeprefix("catalog/").removesuffix(".parquet")
+        styles.setdefault(style, []).extend(table["key"].to_pylist())
+    return styles
 
 
 def read_catalog(store: ArtifactStore) -> pd.DataFrame:

@@ -1,27 +1,36 @@
 """Gallery pages: a static site under ``gallery/`` in the store, browsable from disk or a bucket.
 
-Owns rendering (Jinja2, autoescaped) of one set of pages per style, N images a page with prompt,
-seed and any DeepCache setting under each, and the index: every style with its counts and a
-subject x style contact sheet, and the small utilisation-over-time chart a style page shows
-under "Last generation".
+Owns rendering (Jinja2, autoescaped) of the pages of each style: the current grid's images, N a
+page, with prompt, seed, run and any DeepCache setting under each and the grid's settings above;
+then the style's earlier images (other grids or models, from its catalog), each with its own
+settings. And the index: every style of the grid with its counts, the other styles the store
+holds, and a subject x style contact sheet; and the small utilisation-over-time chart a style
+page shows under "Last generation".
 Every link is relative, so the folder works wherever it is opened or served.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 
 import jinja2
 
 from sd_assets.domain.grid import slugify
 from sd_assets.domain.pngmeta import image_key_path
-from sd_assets.domain.prompts import PromptRow
+from sd_assets.domain.prompts import GenerationSettings, PromptRow
 from sd_assets.domain.store import ArtifactStore
 
 INDEX_KEY = "gallery/index.html"
 DEFAULT_PAGE_SIZE = 48
+
+
+
+def count(number: int, noun: str) -> str:
+    """``1 image``, ``2 images``."""
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
+
 
 _ENVIRONMENT = jinja2.Environment(
     loader=jinja2.PackageLoader("sd_assets", "templates"),
@@ -30,10 +39,24 @@ _ENVIRONMENT = jinja2.Environment(
     trim_blocks=True,
     lstrip_blocks=True,
 )
+_ENVIRONMENT.filters["count"] = count
 
 
 def style_page_key(style: str, page: int) -> str:
     return f"gallery/{slugify(style)}/page-{page}.html"
+
+
+def earlier_page_key(style: str, page: int) -> str:
+    return f"gallery/{slugify(style)}/earlier-{page}.html"
+
+
+def settings_text(settings: Mapping) -> str:
+    """What besides prompt and seed made an image, in one line: steps, size, guidance, scheduler, model."""
+    return (
+        f"{settings['steps']} steps · {settings['width']}x{settings['height']} · "
+        f"guidance {settings['guidance_scale']:g} · {settings['scheduler']} · "
+        f"{settings['model_id']}@{settings['model_revision'][:7]}"
+    )
 
 
 @dataclass(frozen=True)
@@ -50,6 +73,15 @@ class StyleSummary:
     @property
     def link(self) -> str | None:
         return f"{slugify(self.style)}/page-1.html" if self.has_pages else None
+
+
+@dataclass(frozen=True)
+class StylePages:
+    """The page keys ``render_style_pages`` wrote."""
+
+    pages: list[str]
+    earlier_pages: list[str] = field(default_factory=list)
+    earlier_images: int = 0
 
 
 CHART_WIDTH = 320
@@ -82,43 +114,60 @@ def render_style_pages(
     store: ArtifactStore,
     style: str,
     rows: Sequence[PromptRow],
-    present: set[str],
+    catalog_rows: Sequence[Mapping],
     page_size: int = DEFAULT_PAGE_SIZE,
     profile: dict | None = None,
-    deep_cache: dict[str, str] | None = None,
-) -> list[str]:
-    """Write the style's pages; returns their store keys. Missing images show as placeholders.
+    settings: GenerationSettings | None = None,
+) -> StylePages:
+    """Write the style's pages: the grid's ``rows`` (missing images as placeholders), then the
+    images of its catalog that are not in them, newest first. Pages left from a longer run are
+    removed.
 
-    ``deep_cache`` maps the keys of images made with DeepCache to its setting, shown under them.
+    ``catalog_rows`` are the style's catalog rows (dicts of its columns); ``settings`` are the
+    grid's, shown above its images.
     """
     template = _ENVIRONMENT.get_template("style_page.html.j2")
-    pages = _page_count(len(rows), page_size)
-    keys = []
-    for page in range(1, pages + 1):
-        chunk = rows[(page - 1) * page_size : page * page_size]
-        items = [
-            {"row": row, "src": "../../" + image_key_path(row.key), "present": row.key in present,
-             "deep_cache": (deep_cache or {}).get(row.key)}  # fmt: skip
+    made = {row["key"]: row for row in catalog_rows}
+    grid_keys = {row.key for row in rows}
+    earlier = sorted((r for r in catalog_rows if r["key"] not in grid_keys), key=lambda r: r["created"], reverse=True)
+    earlier_pages = _page_count(len(earlier), page_size) if earlier else 0
+    common = {
+        "style": style, "profile": profile, "earlier_images": len(earlier),
+        "grid_settings": settings_text(asdict(settings)) if settings else None,
+        "total": len(rows), "present": sum(1 for row in rows if row.key in made),
+    }  # fmt: skip
+
+    def items(chunk: Sequence[Mapping]) -> list[dict]:
+        return [
+            {"row": row, "src": "../../" + image_key_path(row["key"]), "made": made.get(row["key"]),
+             "settings": settings_text(row) if "steps" in row else None}  # fmt: skip
             for row in chunk
         ]
-        html = template.render(
-            style=style,
-            items=items,
-            page=page,
-            pages=pages,
-            total=len(rows),
-            present=sum(1 for row in rows if row.key in present),
-            profile=profile,
-        )
-        key = style_page_key(style, page)
-        store.write_text(key, html)
-        keys.append(key)
-    # Pages beyond the new last one (the grid shrank) would be stale: remove them.
+
+    written = StylePages(pages=[], earlier_pages=[], earlier_images=len(earlier))
+    grid_rows = [
+        {"key": r.key, "prompt": r.prompt, "seed": r.seed, "image_index": r.image_index} for r in rows
+    ]  # fmt: skip
+    for kind, entries, pages, keys, name in (
+        ("grid", grid_rows, _page_count(len(rows), page_size), written.pages, style_page_key),
+        ("earlier", earlier, earlier_pages, written.earlier_pages, earlier_page_key),
+    ):
+        for page in range(1, pages + 1):
+            chunk = entries[(page - 1) * page_size : page * page_size]
+            html = template.render(
+                **common, kind=kind, items=items(chunk), page=page, pages=pages,
+                prefix="page-" if kind == "grid" else "earlier-",
+            )  # fmt: skip
+            key = name(style, page)
+            store.write_text(key, html)
+            keys.append(key)
+    # Pages beyond the new last ones (the grid shrank, or has all the earlier images now) would be stale.
+    current = set(written.pages) | set(written.earlier_pages)
     for key in list(store.list_keys(f"gallery/{slugify(style)}/")):
         name = key.rsplit("/", 1)[-1]
-        if name.startswith("page-") and key not in keys:
+        if name.startswith(("page-", "earlier-")) and key not in current:
             store.delete(key)
-    return keys
+    return written
 
 
 def render_index(
@@ -126,8 +175,10 @@ def render_index(
     summaries: Sequence[StyleSummary],
     rows_by_style: dict[str, Sequence[PromptRow]],
     present: set[str],
+    other_styles: Sequence[StyleSummary] = (),
 ) -> str:
-    """Write ``gallery/index.html``: counts per style and the subject x style contact sheet.
+    """Write ``gallery/index.html``: counts per style of the grid, the other styles whose images
+    the store holds (``other_styles``: made by earlier grids), and the subject x style contact sheet.
 
     The contact sheet shows image 0 of every subject in every style: one row of it compares the
     styles under the same starting noise.
@@ -147,6 +198,7 @@ def render_index(
             }
     html = _ENVIRONMENT.get_template("index.html.j2").render(
         summaries=summaries,
+        other_styles=other_styles,
         styles=styles,
         subjects=list(subjects),
         cells=cells,

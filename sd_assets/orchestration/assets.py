@@ -17,14 +17,13 @@ from sd_assets.domain import engine, gallery
 from sd_assets.domain import profile as gpu_profile
 from sd_assets.domain.errors import GridError
 from sd_assets.domain.generation import make_style_images
-from sd_assets.domain.grid import GridConfig, unique_subjects
+from sd_assets.domain.grid import GridConfig, slugify, unique_subjects
 from sd_assets.domain.models import ensure_model, local_model_folder, read_model_ref
 from sd_assets.domain.pngmeta import image_key_path
 from sd_assets.domain.prompts import (
     GenerationSettings,
     PromptRow,
     build_prompt_rows,
-    grid_key,
     keys_version,
     read_prompt_rows,
     write_prompt_rows,
@@ -47,6 +46,20 @@ def _style(context: dg.AssetExecutionContext, config: GridConfig) -> str:
             f"the grid {config.source} has {config.styles}"
         )
     return config.require_style(context.partition_key)
+
+
+def _settings(config: GridConfig, artifact_store) -> GenerationSettings:
+    """The grid's generation settings, with the model revision the store's cache resolved."""
+    ref = read_model_ref(artifact_store, config.model)
+    return GenerationSettings.from_grid(config, ref.revision, config.inference.scheduler or ref.scheduler)
+
+
+def _grid_rows(config: GridConfig, artifact_store, styles: list[str]):
+    """The rows of ``styles`` as the grid and its subject lists stand now, the lists' read and the settings."""
+    read = read_subject_lists(subject_source(config, artifact_store), config.max_subjects_per_list)
+    subjects = unique_subjects(read.lists)
+    settings = _settings(config, artifact_store)
+    return {style: build_prompt_rows(config, style, subjects, settings) for style in styles}, read, settings
 
 
 def _grid_inputs_asset():
@@ -129,23 +142,20 @@ def build_assets(styles: dg.StaticPartitionsDefinition) -> list:
         config = grid.load()
         style = _style(context, config)
         artifact_store = store.open()
-        read = read_subject_lists(subject_source(config, artifact_store), config.max_subjects_per_list)
+        rows_by_style, read, settings = _grid_rows(config, artifact_store, [style])
         for problem in read.problems:
             context.log.warning(problem)
         lists = read.lists
-        subjects = unique_subjects(lists)
-        ref = read_model_ref(artifact_store, config.model)
-        settings = GenerationSettings.from_grid(config, ref.revision, config.inference.scheduler or ref.scheduler)
-        rows = build_prompt_rows(config, style, subjects, settings)
+        rows = rows_by_style[style]
         write_prompt_rows(artifact_store, style, rows)
         preview = "\n".join(f"| {r.subject} | {r.image_index} | {r.seed} | `{r.key[:12]}` |" for r in rows[:10])
         return dg.MaterializeResult(
             metadata={
                 "rows": len(rows),
-                "subjects": len(subjects),
+                "subjects": len(unique_subjects(lists)),
                 "subject_lists": ", ".join(sl.name for sl in lists),
                 "skipped_subject_lists": "\n".join(read.problems) or "-",
-                "model_revision": ref.revision,
+                "model_revision": settings.model_revision,
                 "preview": dg.MetadataValue.md("| subject | image | seed | key |\n|---|---|---|---|\n" + preview),
             },
             data_version=dg.DataVersion(keys_version([r.key for r in rows])),
@@ -210,54 +220,59 @@ def build_assets(styles: dg.StaticPartitionsDefinition) -> list:
         partitions_def=styles,
         deps=[image_catalog],
         **COMMON,
-        code_version="1",
+        code_version="2",
         kinds={"html"},
-        description="Gallery pages of a style: N images a page, prompt, seed and any DeepCache setting under each.",
+        description="Gallery pages of a style: the grid's images, N a page, then its images of earlier grids.",
     )
     def style_gallery(
         context: dg.AssetExecutionContext, grid: GridResource, store: ArtifactStoreResource
     ) -> dg.MaterializeResult:
-        style = _style(context, grid.load())
+        config = grid.load()
+        style = _style(context, config)
         artifact_store = store.open()
         rows = read_prompt_rows(artifact_store, style)
-        catalog = catalog_lib.read_style_catalog(artifact_store, style, ["key", "deep_cache"]).to_pylist()
-        present = {row["key"] for row in catalog}
+        catalog = catalog_lib.read_style_catalog(artifact_store, style).to_pylist()
         profile = gpu_profile.load_profile(artifact_store, style)
-        keys = gallery.render_style_pages(
-            artifact_store, style, rows, present, profile=profile.page_view() if profile else None,
-            deep_cache={row["key"]: row["deep_cache"] for row in catalog if row["deep_cache"]},
-        )
+        written = gallery.render_style_pages(
+            artifact_store, style, rows, catalog, profile=profile.page_view() if profile else None,
+            settings=_settings(config, artifact_store),
+        )  # fmt: skip
+        present = {row["key"] for row in catalog}
         return dg.MaterializeResult(
             metadata={
-                "pages": len(keys),
+                "pages": len(written.pages),
                 "images_shown": sum(1 for r in rows if r.key in present),
-                "first_page": dg.MetadataValue.path(artifact_store.location(keys[0])),
+                "earlier_images": written.earlier_images,
+                "first_page": dg.MetadataValue.path(artifact_store.location(written.pages[0])),
             }
         )
 
     @dg.asset(
         deps=[style_gallery],
         **COMMON,
-        code_version="1",
+        code_version="2",
         kinds={"html"},
-        description="The gallery's entry point: every style with its counts, and a subject x style contact sheet.",
+        description="The gallery's entry point: every style of the grid with its counts, and a contact sheet.",
     )
     def gallery_index(grid: GridResource, store: ArtifactStoreResource) -> dg.MaterializeResult:
         config = grid.load()
         artifact_store = store.open()
-        rows_by_style: dict[str, list[PromptRow]] = {}
-        for style in config.styles:
-            if artifact_store.exists(grid_key(style)):
-                rows_by_style[style] = read_prompt_rows(artifact_store, style)
-        present = catalog_lib.catalog_image_keys(artifact_store)
+        # The grid as it stands, not each style's last run: counts of every style compare, and
+        # a style not run since a list arrived shows what it lacks.
+        rows_by_style, _read, _settings_now = _grid_rows(config, artifact_store, config.styles)
+        made = catalog_lib.catalog_styles(artifact_store)
+        present = {key for keys in made.values() for key in keys}
+
+        def summary(style: str, total: int, present_count: int) -> gallery.StyleSummary:
+            has_pages = artifact_store.exists(gallery.style_page_key(style, 1))
+            return gallery.StyleSummary(style, total, present_count, has_pages=has_pages)
+
         summaries = [
-            gallery.StyleSummary(
-                style, len(rows), sum(1 for r in rows if r.key in present),
-                has_pages=artifact_store.exists(gallery.style_page_key(style, 1)),
-            )  # fmt: skip
-            for style, rows in rows_by_style.items()
+            summary(style, len(rows), sum(1 for r in rows if r.key in present)) for style, rows in rows_by_style.items()
         ]
-        key = gallery.render_index(artifact_store, summaries, rows_by_style, present)
+        in_grid = {slugify(style) for style in config.styles}
+        others = [summary(style, len(keys), len(keys)) for style, keys in made.items() if slugify(style) not in in_grid]
+        key = gallery.render_index(artifact_store, summaries, rows_by_style, present, other_styles=others)
         return dg.MaterializeResult(
             metadata={
                 "styles": len(summaries),
