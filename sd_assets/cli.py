@@ -11,12 +11,17 @@ from sd_assets.domain.errors import SdAssetsError, StoreError
 TABLE_COLUMNS = ("subject", "style", "image_index", "seed", "model_id", "run_id", "path")
 
 
+# Settings that tell apart images of one subject, image and seed: a column each, shown when the
+# found rows differ in it (DeepCache whenever any image has it).
+VARYING_COLUMNS = ("steps", "guidance_scale", "width", "height", "scheduler", "negative_prompt", "model_revision")
+
+
 def _search(args: argparse.Namespace) -> int:
-    from sd_assets.definitions import grid_from_environment
+    from sd_assets.definitions import storage_from_environment
     from sd_assets.domain.catalog import COLUMNS, read_catalog, search
     from sd_assets.domain.store import open_store
 
-    _grid, storage = grid_from_environment()
+    storage = storage_from_environment()
     catalog = read_catalog(open_store(storage))
     if catalog.empty:  # not "no images match": the store is new, or the wrong one
         raise StoreError(
@@ -36,24 +41,26 @@ def _search(args: argparse.Namespace) -> int:
     if found.empty:
         print("no images match", file=sys.stderr)
         return 0
-    # The DeepCache setting tells apart images that share subject, image and seed; shown when any has one.
-    columns = list(TABLE_COLUMNS[:-1]) + (["deep_cache"] if (found["deep_cache"] != "").any() else [])
+    varying = [c for c in VARYING_COLUMNS if found[c].nunique() > 1]
+    columns = list(TABLE_COLUMNS[:-1]) + varying + (["deep_cache"] if (found["deep_cache"] != "").any() else [])
     table = found[[*columns, "path"]].astype(str)
     table["run_id"] = table["run_id"].str[:8]
+    if "model_revision" in table:
+        table["model_revision"] = table["model_revision"].str[:7]
     widths = {c: max(len(c), *(len(v) for v in table[c])) for c in columns}
     print("  ".join(c.ljust(widths[c]) for c in columns) + "  path")
     for _, row in table.iterrows():
         print("  ".join(row[c].ljust(widths[c]) for c in columns) + "  " + row["path"])
-    print(f"{len(found)} images", file=sys.stderr)
+    print(f"{len(found)} image{'' if len(found) == 1 else 's'}", file=sys.stderr)
     return 0
 
 
 def _rebuild_catalog(args: argparse.Namespace) -> int:
-    from sd_assets.definitions import grid_from_environment
+    from sd_assets.definitions import storage_from_environment
     from sd_assets.domain.catalog import rebuild_catalogs
     from sd_assets.domain.store import open_store
 
-    _grid, storage = grid_from_environment()
+    storage = storage_from_environment()
     store = open_store(storage)
     reports, errors = rebuild_catalogs(store)
     for report in reports:
@@ -106,11 +113,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sd-assets", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    search = commands.add_parser("search", help="find images in the catalog (filters: substring, any case, AND)")
-    search.add_argument("--subject")
-    search.add_argument("--style")
-    search.add_argument("--model", help="model id")
-    search.add_argument("--run", help="run id")
+    search = commands.add_parser(
+        "search",
+        help="find images in the catalog across runs",
+        description="Find images in the catalog of the store (SD_ASSETS_STORAGE, else the grid's). Each filter "
+        "matches a part of its field, in any case; given filters must all match. The table adds a column for "
+        "each setting in which the found images differ; --json prints every field.",
+    )
+    search.add_argument("--subject", help="part of the subject")
+    search.add_argument("--style", help="part of the style's name or of its slug (van-gogh)")
+    search.add_argument("--model", help="part of the model id")
+    search.add_argument("--run", help="part of the run id (the table shows its first 8 characters)")
     search.add_argument("--json", action="store_true", help="print one JSON array of catalog rows")
     search.set_defaults(handler=_search)
 

@@ -53,6 +53,12 @@ def grid_from_environment(environ: Mapping[str, str] | None = None) -> tuple[Gri
     return grid, environ.get("SD_ASSETS_STORAGE") or grid.storage
 
 
+def storage_from_environment(environ: Mapping[str, str] | None = None) -> str:
+    """The storage URL in force: ``SD_ASSETS_STORAGE`` (no grid file needed), else the grid's."""
+    environ = os.environ if environ is None else environ
+    return environ.get("SD_ASSETS_STORAGE") or grid_from_environment(environ)[1]
+
+
 def store_from_environment(storage: str, environ: Mapping[str, str]) -> ArtifactStoreResource:
     """The ``store`` resource for ``storage``; an s3:// URL gets its S3 client from dagster-aws."""
     if not storage.startswith("s3://"):

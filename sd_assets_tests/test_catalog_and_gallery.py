@@ -162,6 +162,10 @@ def test_search_is_case_insensitive_substring_and(tmp_path):
     assert list(catalog.search(frame, subject="turing", style="van")["run_id"]) == ["def"]
     assert list(catalog.search(frame, model_id="org", run_id="ab")["subject"]) == ["ada lovelace"]
     assert len(catalog.search(frame)) == 3
+    # The slug of a style (its gallery folder) finds it; so does an accent typed as a separate mark.
+    assert len(catalog.search(frame, style="vincent-van-gogh")) == 2
+    accents = pd.DataFrame([{"subject": "Émile Zola", "style": "Banksy", "model_id": "m", "run_id": "r"}])
+    assert len(catalog.search(accents, subject="E\u0301mile")) == len(catalog.search(accents, subject="ÉMILE")) == 1
 
 
 def _made(row: PromptRow, run_id: str, steps: int = 2, created: str = "2026-11-27T00:00:00+00:00") -> dict:

@@ -152,3 +152,11 @@ def test_a_broken_catalog_is_rebuilt_with_the_images_of_every_grid(cli_env, grid
 
     again = _run([BIN / "sd-assets", "rebuild-catalog"], cli_env)
     assert again.stdout.strip() == f"every image in {data} has its catalog row; nothing to rebuild"
+
+    # Same subject, image and seed, other steps: the table shows the setting that tells them apart.
+    # With SD_ASSETS_STORAGE set, no grid file is needed.
+    elsewhere = {**cli_env, "SD_ASSETS_GRID": str(grid_path.parent / "no-grid-here.yaml"), "SD_ASSETS_STORAGE": str(data)}
+    table = _run([BIN / "sd-assets", "search", "--subject", "turing", "--style", "banksy"], elsewhere, cwd=data)
+    header, *lines = table.stdout.splitlines()
+    assert header.split() == ["subject", "style", "image_index", "seed", "model_id", "run_id", "steps", "path"]
+    assert sorted(line.split()[-2] for line in lines) == ["2", "2", "3", "3"] and "4 images" in table.stderr

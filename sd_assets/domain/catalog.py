@@ -293,14 +293,27 @@ def rebuild_catalogs(store: ArtifactStore, threads: int = 16) -> tuple[list[Rebu
 def search(catalog: pd.DataFrame, **filters: str | None) -> pd.DataFrame:
     """Rows matching every given filter: case-insensitive substring match on its column.
 
-    Filters are named by ``SEARCH_FIELDS`` (subject, style, model_id, run_id).
+    Filters are named by ``SEARCH_FIELDS`` (subject, style, model_id, run_id). Text is compared
+    in Unicode NFC form, so an accent typed as a separate mark matches the composed letter; a
+    style also matches by its slug (``van-gogh``), the name of its gallery folder and catalog file.
     """
+    import unicodedata
+
     import pandas as pd
+
+    def normal(text: pd.Series | str):
+        if isinstance(text, str):
+            return unicodedata.normalize("NFC", text).casefold()
+        return text.astype(str).map(lambda value: unicodedata.normalize("NFC", value).casefold())
 
     mask = pd.Series(True, index=catalog.index)
     for name, value in filters.items():
         if name not in SEARCH_FIELDS:
             raise ValueError(f"cannot filter on {name!r}; use one of {SEARCH_FIELDS}")
         if value:
-            mask &= catalog[name].astype(str).str.contains(value, case=False, regex=False)
+            wanted = normal(value)
+            hits = normal(catalog[name]).str.contains(wanted, regex=False)
+            if name == "style":
+                hits |= catalog[name].astype(str).map(slugify).str.contains(wanted, regex=False)
+            mask &= hits
     return catalog[mask].reset_index(drop=True)
