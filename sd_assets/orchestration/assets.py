@@ -297,7 +297,8 @@ def _make_missing_images(
     missing = [r for r in rows if image_key_path(r.key) not in present]
     metadata: dict = {"images": len(rows), "skipped": len(rows) - len(missing), "generated": 0}
     if not missing:
-        context.log.info(f"{style}: all {len(rows)} images exist; nothing to generate, no model loaded")
+        made = "its one image exists" if len(rows) == 1 else f"all {len(rows)} images exist"
+        context.log.info(f"{style}: {made}; nothing to generate, no model loaded")
         return metadata
     # Held while this run generates; the next run on this node gets another device, and a
     # crashed run's process exit frees it.
@@ -339,7 +340,7 @@ def _generate(
     else:
         batch_size = inference.batch_size
     context.log.info(
-        f"{style}: {len(missing)} images to make on {device} ({dtype}), batch size {batch_size}, "
+        f"{style}: {gallery.count(len(missing), 'image')} to make on {device} ({dtype}), batch size {batch_size}, "
         f"model {ref.model_id}@{ref.revision[:10]}"
     )
 
