@@ -68,7 +68,7 @@ def main() -> None:
         os.utime(changed, ns=(SETTLED_NS + 1, SETTLED_NS + 1))
         one_changed_seconds, one_changed = evaluate()
 
-        state = decode_cursor(cursor)
+        state = decode_cursor(cursor).state
         table = {name: [s.size, s.mtime_ns, s.sha, int(s.valid)] for name, s in state.items()}
         raw_json_bytes = len(json.dumps(table, separators=(",", ":")))
         scan = scan_subject_lists(FolderSource(subjects), state, 10_000)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import json
 import os
 import time
+import zlib
 from pathlib import Path
 
 import dagster as dg
@@ -41,8 +44,8 @@ def settle(path: Path) -> None:
 class SensorTicks:
     """Evaluates the sensor tick after tick, carrying the cursor as the daemon does."""
 
-    def __init__(self, grid: Path, instance: dg.DagsterInstance):
-        self.defs = build_definitions({"SD_ASSETS_GRID": str(grid), "SD_ASSETS_DEVICE": "cpu"})
+    def __init__(self, grid: Path, instance: dg.DagsterInstance, **environ: str):
+        self.defs = build_definitions({"SD_ASSETS_GRID": str(grid), "SD_ASSETS_DEVICE": "cpu", **environ})
         self.sensor = self.defs.resolve_sensor_def(NEW_SUBJECT_LISTS)
         self.instance = instance
         self.cursor: str | None = None
@@ -80,11 +83,16 @@ def test_sensor_is_stopped_until_turned_on_and_targets_the_partitioned_job(ticks
     assert ticks.sensor.minimum_interval_seconds == 30
 
 
+def in_store(folder: Path) -> str:
+    """The run key's last part: the store the run makes its images in."""
+    return "@" + hashlib.sha256(str(folder).encode()).hexdigest()[:8]
+
+
 def test_a_list_asks_for_one_run_per_style_with_keys_from_its_hash(ticks, grid):
     people = (grid.parent / "subjects" / "people.txt").read_bytes()
     first = ticks.tick()
-    key = f"people.txt:{short_hash(people)}"
-    assert requests(first) == [("Banksy", f"{key}:Banksy"), ("Andy Warhol", f"{key}:Andy Warhol")]
+    key, store = f"people.txt:{short_hash(people)}", in_store(grid.parent / "data")
+    assert requests(first) == [("Banksy", f"{key}:Banksy{store}"), ("Andy Warhol", f"{key}:Andy Warhol{store}")]
     again = ticks.tick()
     assert requests(again) == []
     assert "no new or changed subject lists among 1" in again.skip_reason.skip_message
@@ -96,8 +104,8 @@ def test_a_changed_list_asks_again_with_new_keys_and_a_touched_one_does_not(tick
     people.write_text("alan turing\nada lovelace\ngrace hopper\n")
     settle(people)
     changed = ticks.tick()
-    key = f"people.txt:{short_hash(people.read_bytes())}"
-    assert requests(changed) == [("Banksy", f"{key}:Banksy"), ("Andy Warhol", f"{key}:Andy Warhol")]
+    key, store = f"people.txt:{short_hash(people.read_bytes())}", in_store(grid.parent / "data")
+    assert requests(changed) == [("Banksy", f"{key}:Banksy{store}"), ("Andy Warhol", f"{key}:Andy Warhol{store}")]
     os.utime(people)  # touched: new mtime, same bytes
     assert requests(ticks.tick()) == []
 
@@ -107,6 +115,26 @@ def test_the_daemon_skips_run_keys_it_has_seen_so_nothing_fires_twice(ticks, gri
     first = requests(ticks.tick())
     ticks.cursor = None
     assert requests(ticks.tick()) == first
+
+
+def test_lists_run_again_into_a_new_store_and_an_older_cursor_counts_as_this_store(grid, instance, tmp_path, capfd):
+    first = SensorTicks(grid, instance)
+    assert len(requests(first.tick())) == 2 and requests(first.tick()) == []
+    # The same lists, images now going elsewhere (SD_ASSETS_STORAGE fixed, the daemon restarted).
+    moved = SensorTicks(grid, instance, SD_ASSETS_STORAGE=str(tmp_path / "other-store"))
+    moved.cursor = first.cursor
+    again = requests(moved.tick())
+    key = f"people.txt:{short_hash((grid.parent / 'subjects' / 'people.txt').read_bytes())}"
+    assert again == [(style, f"{key}:{style}{in_store(tmp_path / 'other-store')}") for style in STYLES]
+    assert f"images now go to {tmp_path / 'other-store'} (were {grid.parent / 'data'})" in capfd.readouterr().err
+    assert requests(moved.tick()) == []
+    # A cursor from before the store was kept (format z2) stands for the store in use: nothing fires.
+    older = SensorTicks(grid, instance)
+    state = decode_cursor(first.cursor).state
+    table = {name: [s.size, s.mtime_ns, s.sha, int(s.valid), s.version] for name, s in state.items()}
+    older.cursor = "z2:" + base64.b64encode(zlib.compress(json.dumps(table).encode())).decode()
+    result = older.tick()
+    assert requests(result) == [] and decode_cursor(older.cursor).store == str(grid.parent / "data")
 
 
 def test_malformed_lists_are_skipped_with_a_message_and_good_lists_still_run(ticks, grid, capfd):
@@ -154,7 +182,7 @@ def test_an_unreadable_cursor_is_reported_and_every_list_read_again(ticks, capfd
     result = ticks.tick()
     assert len(requests(result)) == 2
     assert "the subject list cursor is unreadable" in capfd.readouterr().err
-    assert decode_cursor(ticks.cursor).keys() == {"people.txt"}
+    assert decode_cursor(ticks.cursor).state.keys() == {"people.txt"}
 
 
 def test_a_missing_subjects_folder_fails_the_tick_with_the_folder_named(ticks, grid):
@@ -178,7 +206,7 @@ def test_unchanged_lists_are_not_read_again(tmp_path):
     source = FolderSource(tmp_path)
     first = scan_subject_lists(source, {}, max_subjects=100)
     assert (first.listed, first.read, len(first.changed)) == (50, 50, 50)
-    state = decode_cursor(encode_cursor(first.state))
+    state = decode_cursor(encode_cursor(first.state, "store")).state
     assert state == first.state
     second = scan_subject_lists(source, state, max_subjects=100)
     assert (second.listed, second.read, second.changed) == (50, 0, [])
@@ -209,7 +237,7 @@ def test_lists_in_a_store_prefix_are_found_through_the_store_interface(tmp_path)
     source = StoreSource(store)
     first = scan_subject_lists(source, {}, max_subjects=100)
     assert [sl.name for sl in first.changed] == ["people.txt"] and first.read == 1
-    again = scan_subject_lists(source, decode_cursor(encode_cursor(first.state)), max_subjects=100)
+    again = scan_subject_lists(source, decode_cursor(encode_cursor(first.state, "store")).state, max_subjects=100)
     assert again.changed == [] and again.read == 0, "an unchanged object (same version tag) is not read"
     store.write_text("subjects/people.txt", "ada lovelace\n")
     changed = scan_subject_lists(source, again.state, max_subjects=100)

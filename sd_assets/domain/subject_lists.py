@@ -7,7 +7,8 @@ way a list is a ``*.txt`` file; see ``grid.parse_subject_list`` for what a valid
 
 Noticing changes is built for big folders: a listing gives each file's size and modification
 time, and only files whose (size, mtime) differ from the remembered state are read and hashed.
-The remembered state is a small compressed string, so it fits in a Dagster sensor cursor.
+The remembered state is a small compressed string, so it fits in a Dagster sensor cursor; it
+names the store the lists were last run into, so that runs into another store start afresh.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ LIST_SUFFIX = ".txt"
 # granularity, keeping size and mtime: it is not trusted as unchanged until it has settled.
 SETTLE_NS = 2_000_000_000
 SHORT_HASH = 16
-_CURSOR_FORMAT = "z2:"
+_CURSOR_FORMAT = "z3:"
+_CURSOR_FORMAT_WITHOUT_STORE = "z2:"
 
 
 @dataclass(frozen=True)
@@ -240,34 +242,53 @@ def scan_subject_lists(
     return ScanResult(changed, problems, state, listed=len(listing), read=read)
 
 
-def encode_cursor(state: dict[str, ListState]) -> str:
-    """A compact string of ``state``: JSON ``name -> [size, mtime_ns, sha, valid, version]``, zlib, base64."""
+@dataclass(frozen=True)
+class Cursor:
+    """What a sensor remembers between looks: the store its runs made images in, and each list's state."""
+
+    store: str | None  # None in cursors written before the store was kept: taken as the current one
+    state: dict[str, ListState]
+
+
+def encode_cursor(state: dict[str, ListState], store: str) -> str:
+    """A compact string of ``state`` and ``store``: JSON, zlib, base64.
+
+    Each list is ``name -> [size, mtime_ns, sha, valid, version]``.
+    """
     table = {name: [s.size, s.mtime_ns, s.sha, int(s.valid), s.version] for name, s in sorted(state.items())}
-    raw = json.dumps(table, separators=(",", ":")).encode()
+    raw = json.dumps({"store": store, "lists": table}, separators=(",", ":")).encode()
     return _CURSOR_FORMAT + base64.b64encode(zlib.compress(raw, 9)).decode("ascii")
 
 
-def decode_cursor(cursor: str | None) -> dict[str, ListState]:
-    """The state ``encode_cursor`` wrote; empty for no cursor.
+def decode_cursor(cursor: str | None) -> Cursor:
+    """The store and state ``encode_cursor`` wrote; no store and no state for no cursor.
 
     Raises:
         SdAssetsError: the cursor is not one ``encode_cursor`` wrote.
     """
     if not cursor:
-        return {}
+        return Cursor(None, {})
     try:
-        if not cursor.startswith(_CURSOR_FORMAT):
+        prefix = next((p for p in (_CURSOR_FORMAT, _CURSOR_FORMAT_WITHOUT_STORE) if cursor.startswith(p)), None)
+        if prefix is None:
             raise ValueError(f"it does not start with {_CURSOR_FORMAT!r}")
-        table = json.loads(zlib.decompress(base64.b64decode(cursor[len(_CURSOR_FORMAT) :], validate=True)))
-        return {
+        data = json.loads(zlib.decompress(base64.b64decode(cursor[len(prefix) :], validate=True)))
+        store, table = (data["store"], data["lists"]) if prefix == _CURSOR_FORMAT else (None, data)
+        state = {
             name: ListState(
                 int(size), None if mtime is None else int(mtime), str(sha), bool(valid),
                 None if version is None else str(version),
             )  # fmt: skip
             for name, (size, mtime, sha, valid, version) in table.items()
         }
-    except (ValueError, TypeError, AttributeError, zlib.error) as exc:
+        return Cursor(None if store is None else str(store), state)
+    except (ValueError, TypeError, AttributeError, KeyError, zlib.error) as exc:
         raise SdAssetsError(f"the subject list cursor is unreadable ({exc}); every list will be read again") from None
+
+
+def store_tag(store: str) -> str:
+    """Eight hex digits naming a store in run keys: the same lists run again into another store."""
+    return hashlib.sha256(store.encode()).hexdigest()[:8]
 
 
 def change_key(changed: list[SubjectList]) -> str:

@@ -10,6 +10,7 @@ from sd_assets.domain.subject_lists import (
     decode_cursor,
     encode_cursor,
     scan_subject_lists,
+    store_tag,
     subject_source,
 )
 from sd_assets.orchestration.resources import ArtifactStoreResource, GridResource
@@ -37,16 +38,24 @@ def build_new_subject_lists_sensor(
         context: dg.SensorEvaluationContext, grid: GridResource, store: ArtifactStoreResource
     ) -> dg.SensorResult:
         config = grid.load()
-        source = subject_source(config, store.open())
+        artifact_store = store.open()
+        where = artifact_store.location()
+        source = subject_source(config, artifact_store)
         try:
-            previous = decode_cursor(context.cursor)
+            remembered = decode_cursor(context.cursor)
         except SdAssetsError as exc:
             context.log.warning(str(exc))
+            remembered = decode_cursor(None)
+        previous = remembered.state
+        if remembered.store not in (None, where):
+            # Another store has none of the images the lists made so far.
+            context.log.info(f"images now go to {where} (were {remembered.store}): every subject list counts as new")
             previous = {}
         scan = scan_subject_lists(source, previous, config.max_subjects_per_list)
         for problem in scan.problems:
             context.log.warning(problem)
-        cursor = encode_cursor(scan.state) if scan.state != previous else None
+        unchanged = (scan.state, where) == (remembered.state, remembered.store)
+        cursor = None if unchanged else encode_cursor(scan.state, where)
         if not scan.changed:
             skipped = f"; {' | '.join(scan.problems)}" if scan.problems else ""  # each says "skipped ..."
             return dg.SensorResult(
@@ -59,7 +68,9 @@ def build_new_subject_lists_sensor(
             f"{' ...' if len(scan.changed) > 10 else ''}): one run for each of {len(styles)} styles"
         )
         return dg.SensorResult(
-            run_requests=[dg.RunRequest(partition_key=style, run_key=f"{key}:{style}") for style in styles],
+            run_requests=[
+                dg.RunRequest(partition_key=style, run_key=f"{key}:{style}@{store_tag(where)}") for style in styles
+            ],
             cursor=cursor,
         )
 
