@@ -105,6 +105,8 @@ def test_round_trip_listing_and_content_types(bucket, tmp_path):
         ("s3:///prefix", "no bucket"),
         ("s3://Bad_Bucket/x", "not a valid S3 bucket name"),
         ("gs://bucket/x", "unsupported scheme"),
+        ("s3:/bucket/x", "an S3 store is written s3://bucket/prefix"),  # not a folder named "s3:"
+        ("S3://bucket/x", "an S3 store is written s3://bucket/prefix"),
     ],
 )
 def test_bad_urls_say_what_to_write(url, message):

@@ -221,6 +221,8 @@ def open_store(url: str, s3_client: Callable[[], Any] | None = None) -> Artifact
 
             return S3Store(url, boto3.session.Session().client("s3"))
         return S3Store(url, s3_client())
+    if url.lower().startswith("s3:"):  # s3:/bucket, S3://bucket: not a folder named "s3:"
+        raise StoreError(f"storage {url!r}: an S3 store is written s3://bucket/prefix")
     if "://" in url:
         raise StoreError(f"storage {url!r}: unsupported scheme; use a local folder path or s3://bucket/prefix")
     return LocalStore(url)
