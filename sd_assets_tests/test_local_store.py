@@ -1,10 +1,15 @@
-"""The local-folder store: whole files or nothing, and what the file system refuses, as StoreError."""
+"""The local-folder store: whole files or nothing, with the usual modes; what the file system refuses, or a
+file that is not what it should be, as StoreError."""
 
 from __future__ import annotations
+
+import os
+import stat
 
 import pytest
 
 from sd_assets.domain.errors import StoreError
+from sd_assets.domain.prompts import read_prompt_rows
 from sd_assets.domain.store import LocalStore
 
 
@@ -32,3 +37,26 @@ def test_a_failed_copy_leaves_neither_a_half_file_nor_a_temporary_one(tmp_path):
         store.upload_file(tmp_path / "no-such-source", "models/m/manifest.json")
     assert store.read_text("models/m/manifest.json") == "{}"
     assert [p.name for p in (tmp_path / "data" / "models" / "m").iterdir()] == ["manifest.json"]
+
+
+def test_files_get_the_mode_open_would_give_them_so_a_web_server_can_serve_the_gallery(tmp_path):
+    umask = os.umask(0o022)
+    os.umask(umask)
+    store = LocalStore(tmp_path / "data")
+    store.write_text("gallery/index.html", "<html>")
+    (tmp_path / "source.bin").write_bytes(b"weights")
+    store.upload_file(tmp_path / "source.bin", "models/m/weights.bin")
+    store.download_file("models/m/weights.bin", tmp_path / "node-cache" / "weights.bin")
+    plain = tmp_path / "plain"
+    plain.write_text("x")
+    for path in (tmp_path / "data/gallery/index.html", tmp_path / "data/models/m/weights.bin",
+                 tmp_path / "node-cache/weights.bin"):  # fmt: skip
+        assert stat.S_IMODE(path.stat().st_mode) == stat.S_IMODE(plain.stat().st_mode) == 0o666 & ~umask, path
+
+
+def test_a_prompt_grid_that_is_not_one_is_a_store_error_naming_it(tmp_path):
+    store = LocalStore(tmp_path / "data")
+    store.write_text("grids/frida-kahlo.json", '[{"subject": "cut sho')
+    with pytest.raises(StoreError, match=rf"^{tmp_path}/data/grids/frida-kahlo.json is not a prompt grid \(.*\); "
+                       "a run of the style 'Frida Kahlo' writes it again$"):  # fmt: skip
+        read_prompt_rows(store, "Frida Kahlo")

@@ -14,7 +14,7 @@ import json
 from dataclasses import asdict, dataclass
 
 from sd_assets.domain.deep_cache import DeepCache
-from sd_assets.domain.errors import GridError
+from sd_assets.domain.errors import GridError, StoreError
 from sd_assets.domain.grid import GridConfig, slugify
 from sd_assets.domain.store import ArtifactStore
 
@@ -135,8 +135,14 @@ def read_prompt_rows(store: ArtifactStore, style: str) -> list[PromptRow]:
 
     Raises:
         GridError: the style has no prompt grid in the store yet.
+        StoreError: the file is not one ``write_prompt_rows`` wrote (cut short, overwritten).
     """
     key = grid_key(style)
     if not store.exists(key):
         raise GridError(f"style {style!r} has no prompt grid in {store.location()}; materialize prompt_grid first")
-    return rows_from_json(store.read_text(key))
+    try:
+        return rows_from_json(store.read_text(key))
+    except (ValueError, TypeError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise StoreError(
+            f"{store.location(key)} is not a prompt grid ({exc}); a run of the style {style!r} writes it again"
+        ) from None

@@ -20,6 +20,17 @@ from typing import Any, NamedTuple
 from sd_assets.domain.errors import StoreError
 
 
+def _process_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# Files get the mode a plain open() would give them (mkstemp's are 0600): a gallery served by a
+# web server, or a model cache another user's workers read, must be readable by others.
+_FILE_MODE = 0o666 & ~_process_umask()
+
+
 class ObjectVersion(NamedTuple):
     """An object's size and a tag that changes with every write (mtime on disk, ETag in S3)."""
 
@@ -127,6 +138,7 @@ def _replacing(path: Path) -> Iterator[Path]:
         fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.close(fd)
         tmp = Path(name)
+        tmp.chmod(_FILE_MODE)
         yield tmp
         os.replace(tmp, path)
     except OSError as exc:
