@@ -24,7 +24,7 @@ from typing import Any
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, PartialCredentialsError
 
 from sd_assets.domain.errors import StoreError
-from sd_assets.domain.store import ArtifactStore, ObjectVersion, _check_key
+from sd_assets.domain.store import FILE_MODE, ArtifactStore, ObjectVersion, _check_key
 
 CONTENT_TYPES = {
     ".html": "text/html; charset=utf-8",
@@ -188,6 +188,7 @@ class S3Store(ArtifactStore):
         destination.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=destination.parent, prefix=f".{destination.name}.", suffix=".tmp")
         try:
+            os.chmod(fd, FILE_MODE)
             with os.fdopen(fd, "wb") as handle, self._errors("download", key):
                 self.client.download_fileobj(self.bucket, self._object_key(key), handle)
             os.replace(tmp, destination)

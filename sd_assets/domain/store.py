@@ -28,7 +28,7 @@ def _process_umask() -> int:
 
 # Files get the mode a plain open() would give them (mkstemp's are 0600): a gallery served by a
 # web server, or a model cache another user's workers read, must be readable by others.
-_FILE_MODE = 0o666 & ~_process_umask()
+FILE_MODE = 0o666 & ~_process_umask()
 
 
 class ObjectVersion(NamedTuple):
@@ -138,7 +138,7 @@ def _replacing(path: Path) -> Iterator[Path]:
         fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.close(fd)
         tmp = Path(name)
-        tmp.chmod(_FILE_MODE)
+        tmp.chmod(FILE_MODE)
         yield tmp
         os.replace(tmp, path)
     except OSError as exc:
