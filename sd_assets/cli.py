@@ -110,7 +110,9 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sd-assets", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="sd-assets", description="Run the demo grid, search the image catalog across runs, rebuild the catalog."
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     search = commands.add_parser(
