@@ -11,7 +11,7 @@ from PIL import Image
 from sd_assets.domain import catalog, gallery
 from sd_assets.domain.errors import StoreError
 from sd_assets.domain.pngmeta import Provenance, encode_png, image_key_path
-from sd_assets.domain.prompts import GenerationSettings, PromptRow
+from sd_assets.domain.prompts import PromptRow
 from sd_assets.domain.store import LocalStore
 
 
@@ -177,19 +177,23 @@ def test_style_pages_paginate_escape_and_link_relatively(tmp_path):
     store = LocalStore(tmp_path)
     rows = [_row(f"subject {i}", "Banksy") for i in range(5)] + [_row("<script>alert(1)</script>", "Banksy")]
     made = [_made(r, "3f2a1b2c-run") for r in rows[:4]]
-    settings = GenerationSettings("tiny-random", "0123456789" * 4, "PNDMScheduler", 2, 7.5, 64, 64, "")
-    written = gallery.render_style_pages(store, "Banksy", rows, made, page_size=4, settings=settings)
+    written = gallery.render_style_pages(store, "Banksy", rows, made, page_size=4)
     assert written.pages == ["gallery/banksy/page-1.html", "gallery/banksy/page-2.html"]
-    assert written.earlier_pages == [] and written.earlier_images == 0
+    assert written.earlier_pages == [] and written.earlier_images == 0 and written.written == 2
     first = store.read_text(written.pages[0])
     assert first.count("<img ") == 4 and "4 of 6 images made" in first
-    assert "Grid settings: 2 steps · 64x64 · guidance 7.5 · PNDMScheduler · tiny-random@0123456" in first
+    # The settings the grid's images were made with (as the catalog has them), above them.
+    assert "Grid settings: 2 steps · 64x64 · guidance 7.5 · PNDMScheduler · tiny-random@0000000<" in first
     assert f'src="../../images/{rows[0].key[:2]}/{rows[0].key}.png"' in first
     assert f"seed {rows[0].seed} · image_index 0 · run 3f2a1b2c<" in first and 'href="page-2.html"' in first
     assert "earlier" not in first
     second = store.read_text(written.pages[1])
     assert "<script>alert" not in second and "&lt;script&gt;" in second
     assert second.count("not made yet") == 2 and "run " not in second
+    # Nothing changed: nothing written again.
+    assert gallery.render_style_pages(store, "Banksy", rows, made, page_size=4).written == 0
+    store.delete(written.pages[1])  # ... unless a page went missing
+    assert gallery.render_style_pages(store, "Banksy", rows, made, page_size=4).written == 1
     # A smaller grid later removes the page that no longer exists.
     gallery.render_style_pages(store, "Banksy", rows[:2], made, page_size=4)
     assert not store.exists(written.pages[1])
@@ -205,6 +209,7 @@ def test_images_of_earlier_grids_get_pages_of_their_own_newest_first(tmp_path):
     made = [_made(r, "run-now") for r in now] + [
         _made(row, f"run-{i}", steps=4, created=f"2026-11-2{i}T00:00:00+00:00") for i, row in enumerate(before)
     ]
+    made[-1]["negative_prompt"] = "blurry"  # differs only there from the row before it
     written = gallery.render_style_pages(store, "Banksy", now, made, page_size=2)
     assert written.pages == ["gallery/banksy/page-1.html"]
     assert written.earlier_pages == ["gallery/banksy/earlier-1.html", "gallery/banksy/earlier-2.html"]
@@ -217,13 +222,21 @@ def test_images_of_earlier_grids_get_pages_of_their_own_newest_first(tmp_path):
     # Newest first, each with what made it.
     runs = re.findall(r"· run (run-\d)", earlier + store.read_text(written.earlier_pages[1]))
     assert runs == ["run-2", "run-1", "run-0"]
-    assert earlier.count("4 steps · 64x64 · guidance 7.5 · PNDMScheduler · tiny-random@0000000 · 2026-11-2") == 2
+    assert earlier.count("4 steps · 64x64 · guidance 7.5 · PNDMScheduler · tiny-random@0000000 · 2026-11-2") == 1
+    assert "4 steps · 64x64 · guidance 7.5 · PNDMScheduler · tiny-random@0000000 · negative prompt: blurry" in earlier
     assert f'src="../../images/{before[2].key[:2]}/{before[2].key}.png"' in earlier
 
     # Back to the grid that made them: no earlier images left, and their pages go.
     written = gallery.render_style_pages(store, "Banksy", now + before, made)
     assert written.earlier_pages == [] and not store.exists("gallery/banksy/earlier-1.html")
     assert "earlier" not in store.read_text(written.pages[0])
+
+
+def test_a_pager_links_a_bounded_set_of_pages():
+    assert gallery.pager_numbers(1, 3) == [1, 2, 3]
+    assert gallery.pager_numbers(1, 1250) == [1, 2, 3, None, 1250]
+    assert gallery.pager_numbers(600, 1250) == [1, None, 598, 599, 600, 601, 602, None, 1250]
+    assert gallery.pager_numbers(1250, 1250) == [1, None, 1248, 1249, 1250]
 
 
 def test_index_lists_styles_and_a_contact_sheet(tmp_path):

@@ -11,21 +11,21 @@ Every link is relative, so the folder works wherever it is opened or served.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import jinja2
 
 from sd_assets.domain.grid import slugify
 from sd_assets.domain.pngmeta import image_key_path
-from sd_assets.domain.prompts import GenerationSettings, PromptRow
+from sd_assets.domain.prompts import PromptRow
 from sd_assets.domain.store import ArtifactStore
 
 INDEX_KEY = "gallery/index.html"
 DEFAULT_PAGE_SIZE = 48
-
-
 
 def count(number: int, noun: str) -> str:
     """``1 image``, ``2 images``."""
@@ -50,13 +50,33 @@ def earlier_page_key(style: str, page: int) -> str:
     return f"gallery/{slugify(style)}/earlier-{page}.html"
 
 
-def settings_text(settings: Mapping) -> str:
-    """What besides prompt and seed made an image, in one line: steps, size, guidance, scheduler, model."""
-    return (
-        f"{settings['steps']} steps · {settings['width']}x{settings['height']} · "
-        f"guidance {settings['guidance_scale']:g} · {settings['scheduler']} · "
-        f"{settings['model_id']}@{settings['model_revision'][:7]}"
-    )
+def settings_text(row: Mapping) -> str:
+    """What besides prompt and seed made a catalog row's image, in one line: steps, size, guidance,
+    scheduler, model, and the negative prompt and DeepCache setting when it has them."""
+    parts = [
+        f"{row['steps']} steps", f"{row['width']}x{row['height']}", f"guidance {row['guidance_scale']:g}",
+        row["scheduler"], f"{row['model_id']}@{row['model_revision'][:7]}",
+    ]  # fmt: skip
+    if row.get("negative_prompt"):
+        parts.append(f"negative prompt: {row['negative_prompt']}")
+    if row.get("deep_cache"):
+        parts.append(f"DeepCache {row['deep_cache']}")
+    return " · ".join(parts)
+
+
+PAGER_WINDOW = 2
+
+
+def pager_numbers(page: int, pages: int) -> list[int | None]:
+    """The page numbers a pager links: the first, the last and ``PAGER_WINDOW`` either side of
+    ``page``; None where numbers are left out. Bounded, however many pages there are."""
+    shown = sorted({1, pages, *range(max(1, page - PAGER_WINDOW), min(pages, page + PAGER_WINDOW) + 1)})
+    numbers: list[int | None] = []
+    for number in shown:
+        if numbers and number - numbers[-1] > 1:
+            numbers.append(None)
+        numbers.append(number)
+    return numbers
 
 
 @dataclass(frozen=True)
@@ -77,11 +97,12 @@ class StyleSummary:
 
 @dataclass(frozen=True)
 class StylePages:
-    """The page keys ``render_style_pages`` wrote."""
+    """The pages of a style ``render_style_pages`` made, and how many it had to write."""
 
     pages: list[str]
     earlier_pages: list[str] = field(default_factory=list)
     earlier_images: int = 0
+    written: int = 0  # pages whose content changed (or that were missing); the others were left alone
 
 
 CHART_WIDTH = 320
@@ -110,6 +131,10 @@ def _page_count(total: int, page_size: int) -> int:
     return max(1, math.ceil(total / page_size))
 
 
+def _pages_manifest_key(style: str) -> str:
+    return f"gallery/{slugify(style)}/pages.json"
+
+
 def render_style_pages(
     store: ArtifactStore,
     style: str,
@@ -117,23 +142,24 @@ def render_style_pages(
     catalog_rows: Sequence[Mapping],
     page_size: int = DEFAULT_PAGE_SIZE,
     profile: dict | None = None,
-    settings: GenerationSettings | None = None,
 ) -> StylePages:
     """Write the style's pages: the grid's ``rows`` (missing images as placeholders), then the
-    images of its catalog that are not in them, newest first. Pages left from a longer run are
-    removed.
+    images of its catalog that are not in them, newest first, each with its settings.
 
-    ``catalog_rows`` are the style's catalog rows (dicts of its columns); ``settings`` are the
-    grid's, shown above its images.
+    ``catalog_rows`` are the style's catalog rows (dicts of its columns). The grid's settings,
+    shown above its images, are those its made images have. A page whose content is what
+    ``gallery/<slug>/pages.json`` says was written last time is not written again (a style with
+    thousands of earlier images costs no writes when nothing changed); pages left from a longer
+    run are removed.
     """
     template = _ENVIRONMENT.get_template("style_page.html.j2")
     made = {row["key"]: row for row in catalog_rows}
     grid_keys = {row.key for row in rows}
     earlier = sorted((r for r in catalog_rows if r["key"] not in grid_keys), key=lambda r: r["created"], reverse=True)
-    earlier_pages = _page_count(len(earlier), page_size) if earlier else 0
+    first_made = next((made[row.key] for row in rows if row.key in made), None)
     common = {
         "style": style, "profile": profile, "earlier_images": len(earlier),
-        "grid_settings": settings_text(asdict(settings)) if settings else None,
+        "grid_settings": settings_text(first_made) if first_made else None,
         "total": len(rows), "present": sum(1 for row in rows if row.key in made),
     }  # fmt: skip
 
@@ -144,30 +170,41 @@ def render_style_pages(
             for row in chunk
         ]
 
-    written = StylePages(pages=[], earlier_pages=[], earlier_images=len(earlier))
     grid_rows = [
         {"key": r.key, "prompt": r.prompt, "seed": r.seed, "image_index": r.image_index} for r in rows
     ]  # fmt: skip
-    for kind, entries, pages, keys, name in (
-        ("grid", grid_rows, _page_count(len(rows), page_size), written.pages, style_page_key),
-        ("earlier", earlier, earlier_pages, written.earlier_pages, earlier_page_key),
-    ):
+    html_by_key: dict[str, str] = {}
+    keys: dict[str, list[str]] = {"grid": [], "earlier": []}
+    for kind, entries, name in (("grid", grid_rows, style_page_key), ("earlier", earlier, earlier_page_key)):
+        pages = _page_count(len(entries), page_size) if (entries or kind == "grid") else 0
         for page in range(1, pages + 1):
             chunk = entries[(page - 1) * page_size : page * page_size]
-            html = template.render(
+            html_by_key[name(style, page)] = template.render(
                 **common, kind=kind, items=items(chunk), page=page, pages=pages,
-                prefix="page-" if kind == "grid" else "earlier-",
+                pager_links=pager_numbers(page, pages), prefix="page-" if kind == "grid" else "earlier-",
             )  # fmt: skip
-            key = name(style, page)
+            keys[kind].append(name(style, page))
+
+    manifest_key = _pages_manifest_key(style)
+    existing = set(store.list_keys(f"gallery/{slugify(style)}/"))
+    try:
+        written_before = json.loads(store.read_text(manifest_key)) if manifest_key in existing else {}
+    except ValueError:  # unreadable: every page is written again
+        written_before = {}
+    manifest, written = {}, 0
+    for key, html in html_by_key.items():
+        manifest[key] = hashlib.sha256(html.encode()).hexdigest()
+        if key not in existing or written_before.get(key) != manifest[key]:
             store.write_text(key, html)
-            keys.append(key)
+            written += 1
+    if manifest != written_before:
+        store.write_text(manifest_key, json.dumps(manifest, indent=0, sort_keys=True))
     # Pages beyond the new last ones (the grid shrank, or has all the earlier images now) would be stale.
-    current = set(written.pages) | set(written.earlier_pages)
-    for key in list(store.list_keys(f"gallery/{slugify(style)}/")):
+    for key in existing:
         name = key.rsplit("/", 1)[-1]
-        if name.startswith(("page-", "earlier-")) and key not in current:
+        if name.startswith(("page-", "earlier-")) and key not in html_by_key:
             store.delete(key)
-    return written
+    return StylePages(keys["grid"], keys["earlier"], earlier_images=len(earlier), written=written)
 
 
 def render_index(

@@ -234,15 +234,15 @@ def build_assets(styles: dg.StaticPartitionsDefinition) -> list:
         catalog = catalog_lib.read_style_catalog(artifact_store, style).to_pylist()
         profile = gpu_profile.load_profile(artifact_store, style)
         written = gallery.render_style_pages(
-            artifact_store, style, rows, catalog, profile=profile.page_view() if profile else None,
-            settings=_settings(config, artifact_store),
-        )  # fmt: skip
+            artifact_store, style, rows, catalog, profile=profile.page_view() if profile else None
+        )
         present = {row["key"] for row in catalog}
         return dg.MaterializeResult(
             metadata={
                 "pages": len(written.pages),
                 "images_shown": sum(1 for r in rows if r.key in present),
                 "earlier_images": written.earlier_images,
+                "pages_written": written.written,
                 "first_page": dg.MetadataValue.path(artifact_store.location(written.pages[0])),
             }
         )
