@@ -19,6 +19,7 @@ VARYING_COLUMNS = ("steps", "guidance_scale", "width", "height", "scheduler", "n
 def _search(args: argparse.Namespace) -> int:
     from sd_assets.definitions import storage_from_environment
     from sd_assets.domain.catalog import COLUMNS, read_catalog, search
+    from sd_assets.domain.gallery import count
     from sd_assets.domain.store import open_store
 
     storage = storage_from_environment()
@@ -51,30 +52,35 @@ def _search(args: argparse.Namespace) -> int:
     print("  ".join(c.ljust(widths[c]) for c in columns) + "  path")
     for _, row in table.iterrows():
         print("  ".join(row[c].ljust(widths[c]) for c in columns) + "  " + row["path"])
-    print(f"{len(found)} image{'' if len(found) == 1 else 's'}", file=sys.stderr)
+    print(count(len(found), "image"), file=sys.stderr)
     return 0
 
 
 def _rebuild_catalog(args: argparse.Namespace) -> int:
     from sd_assets.definitions import storage_from_environment
     from sd_assets.domain.catalog import rebuild_catalogs
+    from sd_assets.domain.gallery import count
     from sd_assets.domain.store import open_store
 
     storage = storage_from_environment()
     store = open_store(storage)
-    reports, errors = rebuild_catalogs(store)
-    for report in reports:
+    rebuild = rebuild_catalogs(store)
+    if not rebuild.images and not rebuild.catalogs:
+        raise StoreError(f"no images and no catalog in {storage}: nothing to rebuild there (is it the right store?)")
+    for report in rebuild.reports:
         print(
             f"{store.location(report.catalog)}: {report.rows} rows "
             f"({report.kept} kept, {report.recovered_from_png} from PNGs)"
         )
         if report.set_aside:
             print(f"  it was unreadable; the old file is now {report.set_aside}")
-    if not reports:
+    if not rebuild.reports and not rebuild.errors:
         print(f"every image in {storage} has its catalog row; nothing to rebuild")
-    for error in errors:
+    for error in rebuild.errors:
         print(f"sd-assets: skipped {error}", file=sys.stderr)
-    return 1 if errors else 0
+    if rebuild.errors:
+        print(f"sd-assets: {count(len(rebuild.errors), 'image')} skipped, without a catalog row", file=sys.stderr)
+    return 1 if rebuild.errors else 0
 
 
 def _demo(args: argparse.Namespace) -> int:

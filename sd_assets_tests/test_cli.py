@@ -152,6 +152,9 @@ def test_a_broken_catalog_is_rebuilt_with_the_images_of_every_grid(cli_env, grid
 
     again = _run([BIN / "sd-assets", "rebuild-catalog"], cli_env)
     assert again.stdout.strip() == f"every image in {data} has its catalog row; nothing to rebuild"
+    typo = _run([BIN / "sd-assets", "rebuild-catalog"], {**cli_env, "SD_ASSETS_STORAGE": str(data) + "-typo"}, check=False)
+    assert typo.returncode == 2
+    assert typo.stderr.strip() == f"sd-assets: no images and no catalog in {data}-typo: nothing to rebuild there (is it the right store?)"
 
     # Same subject, image and seed, other steps: the table shows the setting that tells them apart.
     # With SD_ASSETS_STORAGE set, no grid file is needed.

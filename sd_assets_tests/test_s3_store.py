@@ -182,9 +182,9 @@ def test_two_styles_on_s3_then_a_corrupted_model_object(bucket, tmp_path, instan
     assert all(path.startswith(f"s3://{bucket}/grid/images/") for path in catalog["path"])
     # A lost catalog comes back from the PNGs in the bucket, row for row.
     raw.delete_object(Bucket=bucket, Key="grid/catalog/banksy.parquet")
-    reports, errors = rebuild_catalogs(open_store(url))
-    assert [(r.catalog, r.rows, r.recovered_from_png) for r in reports] == [("catalog/banksy.parquet", 4, 4)]
-    assert errors == []
+    rebuild = rebuild_catalogs(open_store(url))
+    assert [(r.catalog, r.rows, r.recovered_from_png) for r in rebuild.reports] == [("catalog/banksy.parquet", 4, 4)]
+    assert rebuild.errors == [] and (rebuild.images, rebuild.catalogs) == (8, 1)
     rebuilt = pd.read_parquet(io.BytesIO(raw.get_object(Bucket=bucket, Key="grid/catalog/banksy.parquet")["Body"].read()))
     pd.testing.assert_frame_equal(rebuilt, catalog)
 

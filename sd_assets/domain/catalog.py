@@ -153,19 +153,19 @@ def read_catalog(store: ArtifactStore) -> pd.DataFrame:
     return pa.concat_tables([SCHEMA.empty_table(), *tables]).to_pandas()
 
 
-def _png_provenance(store: ArtifactStore, image_key: str) -> Provenance:
+REMAKE = "delete it, and the next run of the style makes it again"
+
+
+def _png_provenance(store: ArtifactStore, image_key: str, way_out: str = REMAKE) -> Provenance:
     """The provenance chunk of an image in the store.
 
     Raises:
-        StoreError: the file is not a PNG this project wrote (cut short, say), naming it and the way out.
+        StoreError: the file is not a PNG this project wrote (cut short, say), naming it and ``way_out``.
     """
     try:
         return read_provenance(store.read_bytes(image_key))
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise StoreError(
-            f"{store.location(image_key)} is not a readable image of this project ({exc!r}); delete it, and "
-            "the next run of the style makes it again"
-        ) from None
+        raise StoreError(f"{store.location(image_key)} is not a readable image of this project ({exc!r}); {way_out}") from None
 
 
 @dataclass(frozen=True)
@@ -216,6 +216,23 @@ def _sorted(table: pa.Table) -> pa.Table:
     return table.sort_by([("subject", "ascending"), ("image_index", "ascending"), ("created", "ascending")])
 
 
+# An image rebuild_catalogs reads may be of an earlier grid, which no run makes again.
+NOT_REMADE = (
+    "it gets no catalog row; if it is an image of the current grid, deleting it makes the next run "
+    "of the style make it again"
+)
+
+
+@dataclass(frozen=True)
+class Rebuild:
+    """What ``rebuild_catalogs`` found and did."""
+
+    reports: list[RebuildReport]
+    errors: list[str]  # images that could not be read: no row, each error names the file
+    images: int  # PNGs in the store
+    catalogs: int  # catalog files found, readable or not
+
+
 @dataclass(frozen=True)
 class RebuildReport:
     """What ``rebuild_catalogs`` did to one catalog file."""
@@ -227,7 +244,7 @@ class RebuildReport:
     set_aside: str | None  # where an unreadable catalog went
 
 
-def rebuild_catalogs(store: ArtifactStore, threads: int = 16) -> tuple[list[RebuildReport], list[str]]:
+def rebuild_catalogs(store: ArtifactStore, threads: int = 16) -> Rebuild:
     """Give every image in the store a catalog row, read from the PNG's own provenance.
 
     A style's catalog keeps its rows (an image deleted since keeps its row, as in
@@ -239,7 +256,7 @@ def rebuild_catalogs(store: ArtifactStore, threads: int = 16) -> tuple[list[Rebu
 
     Returns:
         A report for each catalog written, and the errors of the images that could not be read
-        (they get no row; each error names the file and the way out).
+        or whose provenance does not fit the catalog's columns (they get no row).
     """
     catalogs: dict[str, pa.Table] = {}
     unreadable: list[str] = []
@@ -249,37 +266,39 @@ def rebuild_catalogs(store: ArtifactStore, threads: int = 16) -> tuple[list[Rebu
         except StoreError:
             unreadable.append(key)
     known = {image_key for table in catalogs.values() for image_key in table["key"].to_pylist()}
-    missing = [
-        key for key in sorted(store.list_keys("images/"))
-        if key.endswith(".png") and key.rsplit("/", 1)[-1].removesuffix(".png") not in known
-    ]  # fmt: skip
+    images = [key for key in sorted(store.list_keys("images/")) if key.endswith(".png")]
+    missing = [key for key in images if key.rsplit("/", 1)[-1].removesuffix(".png") not in known]
 
-    def read(image_key: str) -> dict | str:
+    def read(image_key: str) -> pa.Table | str:
         try:
-            return catalog_record(_png_provenance(store, image_key), store.location(image_key))
+            record = catalog_record(_png_provenance(store, image_key, NOT_REMADE), store.location(image_key))
         except StoreError as exc:
             return str(exc)
+        try:
+            return _from_json_lines(_json_lines([record]))  # the catalog's column types, or an error
+        except (pa.ArrowException, TypeError) as exc:
+            return f"{store.location(image_key)} has provenance the catalog cannot hold ({exc}); {NOT_REMADE}"
 
-    found: dict[str, list[dict]] = {}
+    found: dict[str, list[pa.Table]] = {}
     errors = []
     with ThreadPoolExecutor(max_workers=threads) as pool:
         for result in pool.map(read, missing):
             if isinstance(result, str):
                 errors.append(result)
-            elif result["key"] not in known:
-                known.add(result["key"])
-                found.setdefault(catalog_key(result["style"]), []).append(result)
+            elif result["key"][0].as_py() not in known:
+                known.add(result["key"][0].as_py())
+                found.setdefault(catalog_key(result["style"][0].as_py()), []).append(result)
 
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     reports = []
     for key in sorted(set(found) | set(unreadable)):
         kept = catalogs.get(key, SCHEMA.empty_table())
-        tables = [kept, _from_json_lines(_json_lines(found[key]))] if key in found else [kept]
+        tables = [kept, *found.get(key, [])]
         set_aside = None
         if key in unreadable:
             set_aside = f"{UNREADABLE_PREFIX}{key.removeprefix('catalog/').removesuffix('.parquet')}-{stamp}.parquet"
             store.write_bytes(set_aside, store.read_bytes(key))
-        merged = _sorted(pa.concat_tables(tables))
+        merged = _sorted(pa.concat_tables(tables).combine_chunks())
         store.write_bytes(key, _to_parquet(merged))
         reports.append(
             RebuildReport(
@@ -287,7 +306,7 @@ def rebuild_catalogs(store: ArtifactStore, threads: int = 16) -> tuple[list[Rebu
                 set_aside=store.location(set_aside) if set_aside else None,
             )
         )  # fmt: skip
-    return reports, errors
+    return Rebuild(reports, errors, images=len(images), catalogs=len(catalogs) + len(unreadable))
 
 
 def search(catalog: pd.DataFrame, **filters: str | None) -> pd.DataFrame:
