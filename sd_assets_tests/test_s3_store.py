@@ -22,7 +22,7 @@ from sd_assets.domain.grid import load_grid
 from sd_assets.domain.models import MANIFEST, VERIFIED, local_model_folder, read_model_ref
 from sd_assets.domain.pngmeta import PROVENANCE_CHUNK
 from sd_assets.domain.s3_store import S3Store
-from sd_assets.domain.store import FILE_MODE, open_store
+from sd_assets.domain.store import open_store
 from sd_assets.domain.subject_lists import StoreSource, read_subject_lists, scan_subject_lists
 from sd_assets_tests.helpers import materialize_style, write_grid
 
@@ -153,7 +153,9 @@ def test_two_styles_on_s3_then_a_corrupted_model_object(bucket, tmp_path, instan
     assert _metadata(second, "style_images")["model_bytes_copied"] == 0
     assert _metadata(second, "style_images")["generated"] == 4
     cached = [p for p in (tmp_path / "node-cache").rglob("*") if p.is_file()]
-    assert cached and {stat.S_IMODE(p.stat().st_mode) for p in cached} == {FILE_MODE}, "other users' workers read it"
+    (tmp_path / "plain").write_text("a file as open() makes it")
+    usual = stat.S_IMODE((tmp_path / "plain").stat().st_mode)
+    assert cached and {stat.S_IMODE(p.stat().st_mode) for p in cached} == {usual}, "other users' workers read it"
 
     raw = boto3.client("s3")
     keys = {o["Key"] for page in raw.get_paginator("list_objects_v2").paginate(Bucket=bucket)

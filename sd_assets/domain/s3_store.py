@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from typing import Any
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, PartialCredentialsError
 
 from sd_assets.domain.errors import StoreError
-from sd_assets.domain.store import FILE_MODE, ArtifactStore, ObjectVersion, _check_key
+from sd_assets.domain.store import ArtifactStore, ObjectVersion, _check_key, new_temporary_file
 
 CONTENT_TYPES = {
     ".html": "text/html; charset=utf-8",
@@ -186,14 +185,13 @@ class S3Store(ArtifactStore):
     def download_file(self, key: str, destination: Path) -> None:
         destination = Path(destination)
         destination.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=destination.parent, prefix=f".{destination.name}.", suffix=".tmp")
+        fd, tmp = new_temporary_file(destination.parent, destination.name)
         try:
-            os.chmod(fd, FILE_MODE)
             with os.fdopen(fd, "wb") as handle, self._errors("download", key):
                 self.client.download_fileobj(self.bucket, self._object_key(key), handle)
             os.replace(tmp, destination)
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
             raise
 
     def upload_file(self, source: Path, key: str) -> None:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import secrets
 import shutil
-import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -20,15 +20,19 @@ from typing import Any, NamedTuple
 from sd_assets.domain.errors import StoreError
 
 
-def _process_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def new_temporary_file(folder: Path, name: str) -> tuple[int, Path]:
+    """A new empty hidden file in ``folder`` for ``name``'s next content, open for writing.
 
-
-# Files get the mode a plain open() would give them (mkstemp's are 0600): a gallery served by a
-# web server, or a model cache another user's workers read, must be readable by others.
-FILE_MODE = 0o666 & ~_process_umask()
+    It gets the mode ``open()`` would give it (0666 less the umask), not mkstemp's 0600: a
+    gallery served by a web server, or a model cache another user's workers read, must be
+    readable by others.
+    """
+    while True:
+        path = folder / f".{name}.{secrets.token_hex(6)}.tmp"
+        try:
+            return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), path
+        except FileExistsError:
+            continue
 
 
 class ObjectVersion(NamedTuple):
@@ -135,10 +139,8 @@ def _replacing(path: Path) -> Iterator[Path]:
     tmp: Path | None = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = new_temporary_file(path.parent, path.name)
         os.close(fd)
-        tmp = Path(name)
-        tmp.chmod(FILE_MODE)
         yield tmp
         os.replace(tmp, path)
     except OSError as exc:
