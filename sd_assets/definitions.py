@@ -25,7 +25,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from sd_assets.domain.errors import SdAssetsError
+from sd_assets.domain.errors import GridError, SdAssetsError
 from sd_assets.domain.grid import GridConfig, load_grid
 from sd_assets.orchestration.assets import build_assets
 from sd_assets.orchestration.resources import ArtifactStoreResource, GeneratorResource, GridResource, HubResource
@@ -56,7 +56,12 @@ def grid_from_environment(environ: Mapping[str, str] | None = None) -> tuple[Gri
 def storage_from_environment(environ: Mapping[str, str] | None = None) -> str:
     """The storage URL in force: ``SD_ASSETS_STORAGE`` (no grid file needed), else the grid's."""
     environ = os.environ if environ is None else environ
-    return environ.get("SD_ASSETS_STORAGE") or grid_from_environment(environ)[1]
+    if environ.get("SD_ASSETS_STORAGE"):
+        return environ["SD_ASSETS_STORAGE"]
+    try:
+        return grid_from_environment(environ)[1]
+    except GridError as exc:
+        raise GridError(f"{exc}; or set SD_ASSETS_STORAGE to the store") from None
 
 
 def store_from_environment(storage: str, environ: Mapping[str, str]) -> ArtifactStoreResource:

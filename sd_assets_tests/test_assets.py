@@ -91,6 +91,7 @@ def test_the_gallery_follows_the_grid_and_keeps_earlier_images_in_reach(grid_pat
     index = (data / "gallery" / "index.html").read_text()
     assert "<li>Claude Monet (no gallery pages yet): 0 of 4 images</li>" in index
     assert "Other styles in this store" in index and '<a href="andy-warhol/page-1.html">Andy Warhol</a>: 4 images' in index
+    assert "a style's own pages are as of its last run" in index
 
 
 def test_second_run_makes_nothing_and_a_new_subject_makes_exactly_its_images(grid_path, instance):

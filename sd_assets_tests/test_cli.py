@@ -117,6 +117,7 @@ def test_search_reports_a_bad_grid_without_a_traceback(tmp_path):
     result = _run([BIN / "sd-assets", "search"], {"SD_ASSETS_GRID": str(tmp_path / "missing.yaml")}, check=False)
     assert result.returncode == 2
     assert "grid file" in result.stderr and "Traceback" not in result.stderr
+    assert result.stderr.strip().endswith("; or set SD_ASSETS_STORAGE to the store")
 
 
 def test_search_in_a_store_without_a_catalog_says_so(grid_path, tmp_path):

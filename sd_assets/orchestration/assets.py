@@ -271,7 +271,9 @@ def build_assets(styles: dg.StaticPartitionsDefinition) -> list:
             summary(style, len(rows), sum(1 for r in rows if r.key in present)) for style, rows in rows_by_style.items()
         ]
         in_grid = {slugify(style) for style in config.styles}
-        others = [summary(style, len(keys), len(keys)) for style, keys in made.items() if slugify(style) not in in_grid]
+        others = [
+            summary(style, len(keys), len(keys)) for style, keys in made.items() if keys and slugify(style) not in in_grid
+        ]
         key = gallery.render_index(artifact_store, summaries, rows_by_style, present, other_styles=others)
         return dg.MaterializeResult(
             metadata={
