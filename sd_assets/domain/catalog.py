@@ -138,12 +138,13 @@ def _style_catalog_keys(store: ArtifactStore) -> list[str]:
 
 
 def catalog_styles(store: ArtifactStore) -> dict[str, list[str]]:
-    """The content keys of every style's catalog, by style name (reads only those two columns)."""
-    styles = {}
+    """The content keys of every style's catalog, by style name (reads only those two columns); an
+    empty catalog has none to give."""
+    styles: dict[str, list[str]] = {}
     for name in _style_catalog_keys(store):
         table = _read_catalog_file(store, name, ["key", "style"])
-        style = table["style"][0].as_py() if len(table) else name.removeprefix("catalog/").removesuffix(".parquet")
-        styles.setdefault(style, []).extend(table["key"].to_pylist())
+        if len(table):
+            styles.setdefault(table["style"][0].as_py(), []).extend(table["key"].to_pylist())
     return styles
 
 

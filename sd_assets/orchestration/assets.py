@@ -48,17 +48,12 @@ def _style(context: dg.AssetExecutionContext, config: GridConfig) -> str:
     return config.require_style(context.partition_key)
 
 
-def _settings(config: GridConfig, artifact_store) -> GenerationSettings:
-    """The grid's generation settings, with the model revision the store's cache resolved."""
-    ref = read_model_ref(artifact_store, config.model)
-    return GenerationSettings.from_grid(config, ref.revision, config.inference.scheduler or ref.scheduler)
-
-
 def _grid_rows(config: GridConfig, artifact_store, styles: list[str]):
     """The rows of ``styles`` as the grid and its subject lists stand now, the lists' read and the settings."""
     read = read_subject_lists(subject_source(config, artifact_store), config.max_subjects_per_list)
     subjects = unique_subjects(read.lists)
-    settings = _settings(config, artifact_store)
+    ref = read_model_ref(artifact_store, config.model)
+    settings = GenerationSettings.from_grid(config, ref.revision, config.inference.scheduler or ref.scheduler)
     return {style: build_prompt_rows(config, style, subjects, settings) for style in styles}, read, settings
 
 
@@ -271,9 +266,7 @@ def build_assets(styles: dg.StaticPartitionsDefinition) -> list:
             summary(style, len(rows), sum(1 for r in rows if r.key in present)) for style, rows in rows_by_style.items()
         ]
         in_grid = {slugify(style) for style in config.styles}
-        others = [
-            summary(style, len(keys), len(keys)) for style, keys in made.items() if keys and slugify(style) not in in_grid
-        ]
+        others = [summary(style, len(keys), len(keys)) for style, keys in made.items() if slugify(style) not in in_grid]
         key = gallery.render_index(artifact_store, summaries, rows_by_style, present, other_styles=others)
         return dg.MaterializeResult(
             metadata={
