@@ -16,6 +16,24 @@ TABLE_COLUMNS = ("subject", "style", "image_index", "seed", "model_id", "run_id"
 VARYING_COLUMNS = ("steps", "guidance_scale", "width", "height", "scheduler", "negative_prompt", "model_revision")
 
 
+def display_width(text: str) -> int:
+    """Columns ``text`` takes in a terminal: wide (CJK) characters two, combining marks none."""
+    import unicodedata
+
+    return sum(
+        0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text
+    )
+
+
+def text_table(rows: list[list[str]]) -> list[str]:
+    """``rows`` (the first the header) as lines of aligned columns, two spaces apart; the last column unpadded."""
+    widths = [max(display_width(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    return [
+        "  ".join(cell + " " * (width - display_width(cell)) for cell, width in zip(row, widths)) + "  " + row[-1]
+        for row in rows
+    ]
+
+
 def _search(args: argparse.Namespace) -> int:
     from sd_assets.definitions import storage_from_environment
     from sd_assets.domain.catalog import COLUMNS, read_catalog, search
@@ -48,10 +66,8 @@ def _search(args: argparse.Namespace) -> int:
     table["run_id"] = table["run_id"].str[:8]
     if "model_revision" in table:
         table["model_revision"] = table["model_revision"].str[:7]
-    widths = {c: max(len(c), *(len(v) for v in table[c])) for c in columns}
-    print("  ".join(c.ljust(widths[c]) for c in columns) + "  path")
-    for _, row in table.iterrows():
-        print("  ".join(row[c].ljust(widths[c]) for c in columns) + "  " + row["path"])
+    for line in text_table([[*columns, "path"], *table[[*columns, "path"]].values.tolist()]):
+        print(line)
     print(count(len(found), "image"), file=sys.stderr)
     return 0
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from sd_assets.cli import text_table
 from sd_assets_tests.helpers import materialize_style
 
 REPO = Path(__file__).resolve().parent.parent
@@ -164,3 +165,12 @@ def test_a_broken_catalog_is_rebuilt_with_the_images_of_every_grid(cli_env, grid
     header, *lines = table.stdout.splitlines()
     assert header.split() == ["subject", "style", "image_index", "seed", "model_id", "run_id", "steps", "path"]
     assert sorted(line.split()[-2] for line in lines) == ["2", "2", "3", "3"] and "4 images" in table.stderr
+
+
+def test_the_search_table_lines_up_wide_characters_and_accents():
+    lines = text_table([["subject", "style", "path"], ["北斎", "Banksy", "/a.png"], ["E\u0301mile", "Frida Kahlo", "/b.png"]])
+    assert lines == [
+        "subject  style        path",
+        "北斎     Banksy       /a.png",  # two wide characters take four columns
+        "E\u0301mile    Frida Kahlo  /b.png",  # the combining accent takes none
+    ]
