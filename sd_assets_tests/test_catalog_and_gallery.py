@@ -74,6 +74,16 @@ def test_a_cut_short_catalog_or_png_is_named_with_the_way_out_and_nothing_is_del
     assert report.recovered_from_png == 2 and sorted(merged["key"].to_pylist()) == sorted(r.key for r in rows)
 
 
+def test_a_png_whose_provenance_does_not_fit_the_catalog_is_named_when_a_run_recovers_it(tmp_path):
+    store = LocalStore(tmp_path)
+    odd = _row("odd seed", "Banksy")
+    store.write_bytes(image_key_path(odd.key), encode_png(Image.new("RGB", (8, 8)), replace(_provenance(odd, "r"), seed="x")))
+    location = re.escape(store.location(image_key_path(odd.key)))
+    with pytest.raises(StoreError, match=rf"^{location} has provenance the catalog cannot hold .*delete it"):
+        catalog.merge_catalog(store, "Banksy", [odd])
+    assert not store.exists(catalog.catalog_key("Banksy"))
+
+
 def test_rebuild_gives_every_image_a_row_whichever_grid_made_it_and_sets_a_broken_catalog_aside(tmp_path):
     store = LocalStore(tmp_path)
     # Banksy: an image of an old grid and one of the current grid, both merged; then the catalog breaks.

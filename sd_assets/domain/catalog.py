@@ -157,16 +157,22 @@ def read_catalog(store: ArtifactStore) -> pd.DataFrame:
 REMAKE = "delete it, and the next run of the style makes it again"
 
 
-def _png_provenance(store: ArtifactStore, image_key: str, way_out: str = REMAKE) -> Provenance:
-    """The provenance chunk of an image in the store.
+def _png_row(store: ArtifactStore, image_key: str, way_out: str = REMAKE) -> pa.Table:
+    """The catalog row of an image in the store, from its provenance chunk, as a one-row table.
 
     Raises:
-        StoreError: the file is not a PNG this project wrote (cut short, say), naming it and ``way_out``.
+        StoreError: the file is not a PNG this project wrote (cut short, say), or its provenance
+            does not fit the catalog's columns, naming it and ``way_out``.
     """
+    location = store.location(image_key)
     try:
-        return read_provenance(store.read_bytes(image_key))
+        provenance = read_provenance(store.read_bytes(image_key))
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise StoreError(f"{store.location(image_key)} is not a readable image of this project ({exc!r}); {way_out}") from None
+        raise StoreError(f"{location} is not a readable image of this project ({exc!r}); {way_out}") from None
+    try:
+        return _from_json_lines(_json_lines([catalog_record(provenance, location)]))
+    except (pa.ArrowException, TypeError) as exc:
+        raise StoreError(f"{location} has provenance the catalog cannot hold ({exc}); {way_out}") from None
 
 
 @dataclass(frozen=True)
@@ -200,10 +206,9 @@ def merge_catalog(store: ArtifactStore, style: str, grid_rows: Sequence[PromptRo
     for row in grid_rows:
         image_key = image_key_path(row.key)
         if row.key not in known_keys and store.exists(image_key):
-            recovered.append(catalog_record(_png_provenance(store, image_key), store.location(image_key)))
+            recovered.append(_png_row(store, image_key))
             known_keys.add(row.key)
-    if recovered:
-        tables.append(_from_json_lines(_json_lines(recovered)))
+    tables.extend(recovered)
     merged = pa.concat_tables(tables) if tables else SCHEMA.empty_table()
     if added or recovered or not existed:
         merged = _sorted(merged)
@@ -272,13 +277,9 @@ def rebuild_catalogs(store: ArtifactStore, threads: int = 16) -> Rebuild:
 
     def read(image_key: str) -> pa.Table | str:
         try:
-            record = catalog_record(_png_provenance(store, image_key, NOT_REMADE), store.location(image_key))
+            return _png_row(store, image_key, NOT_REMADE)
         except StoreError as exc:
             return str(exc)
-        try:
-            return _from_json_lines(_json_lines([record]))  # the catalog's column types, or an error
-        except (pa.ArrowException, TypeError) as exc:
-            return f"{store.location(image_key)} has provenance the catalog cannot hold ({exc}); {NOT_REMADE}"
 
     found: dict[str, list[pa.Table]] = {}
     errors = []
