@@ -258,6 +258,36 @@ def test_a_deep_cache_branch_the_model_lacks_fails_the_run_with_the_reason_and_w
     assert _pngs(grid_path.parent / "data") == {}
 
 
+def test_images_step_alone_refuses_a_prompt_grid_built_with_other_settings(grid_path, instance):
+    data = grid_path.parent / "data"
+    materialize_style(grid_path, "Banksy", instance)
+    made = _pngs(data)
+    # A new subject's rows are written at 2 steps; then the grid says 3 and only the images step runs.
+    (grid_path.parent / "subjects" / "more.txt").write_text("grace hopper\n")
+    defs = build_definitions({"SD_ASSETS_GRID": str(grid_path), "SD_ASSETS_DEVICE": "cpu"})
+    job = defs.resolve_implicit_global_asset_job_def()
+    assert job.execute_in_process(
+        asset_selection=[dg.AssetKey("prompt_grid")], partition_key="Banksy", instance=instance
+    ).success
+    grid_path.write_text(grid_path.read_text().replace("steps: 2", "steps: 3"))
+    result = job.execute_in_process(
+        asset_selection=[dg.AssetKey("style_images")], partition_key="Banksy", instance=instance, raise_on_error=False
+    )
+
+    assert not result.success
+    [failure] = [event for event in result.all_events if event.is_step_failure]
+    assert failure.step_key == "style_images"
+    error = str(failure.step_failure_data.error)
+    assert "the prompt grid of 'Banksy'" in error and f"than {grid_path} and model tiny-random@" in error
+    assert "(2 of 2 images to make would not match their keys); materialize prompt_grid again" in error
+    assert _pngs(data) == made, "no image made under a key of other settings"
+
+    # The whole job rebuilds the grid first and makes the new subject at 3 steps, under new keys.
+    materialize_style(grid_path, "Banksy", instance)
+    steps = {read_provenance(p.read_bytes()).steps for p in (data / "images").rglob("*.png")}
+    assert len(_pngs(data)) == len(made) + 6 and steps == {2, 3}
+
+
 def test_a_run_without_a_style_fails_saying_how_to_give_one(grid_path, instance):
     defs = build_definitions({"SD_ASSETS_GRID": str(grid_path), "SD_ASSETS_DEVICE": "cpu"})
     result = defs.resolve_job_def("generate_images").execute_in_process(instance=instance, raise_on_error=False)

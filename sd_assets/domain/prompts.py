@@ -146,3 +146,26 @@ def read_prompt_rows(store: ArtifactStore, style: str) -> list[PromptRow]:
         raise StoreError(
             f"{store.location(key)} is not a prompt grid ({exc}); a run of the style {style!r} writes it again"
         ) from None
+
+
+def check_rows_match_settings(
+    store: ArtifactStore, style: str, rows: list[PromptRow], settings: GenerationSettings, grid_source: object
+) -> None:
+    """Refuse to make images whose stored keys were computed from other settings.
+
+    The prompt grid is written by one step and read by a later one; the grid file or the model
+    revision may change in between (an image step materialized alone, a run waiting on the
+    style's lock). An image made then would carry the new settings under a key of the old ones,
+    and every later run would take it for the old image.
+
+    Raises:
+        GridError: a row's key is not the content key of its prompt and seed under ``settings``.
+    """
+    stale = [row for row in rows if content_key(settings, row.prompt, row.seed) != row.key]
+    if stale:
+        raise GridError(
+            f"the prompt grid of {style!r} ({store.location(grid_key(style))}) was built with other settings "
+            f"than {grid_source} and model {settings.model_id}@{settings.model_revision[:10]} give now "
+            f"({len(stale)} of {len(rows)} images to make would not match their keys); materialize prompt_grid "
+            "again before style_images (the generate_images job runs both)"
+        )

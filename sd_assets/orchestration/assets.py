@@ -24,6 +24,7 @@ from sd_assets.domain.prompts import (
     GenerationSettings,
     PromptRow,
     build_prompt_rows,
+    check_rows_match_settings,
     keys_version,
     read_prompt_rows,
     write_prompt_rows,
@@ -318,6 +319,7 @@ def _generate(
     ref = read_model_ref(artifact_store, config.model)
     inference = config.inference
     settings = GenerationSettings.from_grid(config, ref.revision, inference.scheduler or ref.scheduler)
+    check_rows_match_settings(artifact_store, style, missing, settings, config.source)
     copy = local_model_folder(artifact_store, ref, generator.model_cache_dir)
     dtype = engine.pick_dtype(device, inference.dtype)
     loaded = engine.load_pipeline(
