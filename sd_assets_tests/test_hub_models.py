@@ -146,6 +146,18 @@ def test_variant_and_safety_checker_choose_the_files(hf_home):
         select_pipeline_files(REPO, [f for f in files if f != "model_index.json"])
 
 
+def test_training_only_weights_beside_the_plain_ones_are_not_downloaded(hf_home):
+    snapshot = next(hf_home.glob("hub/*/snapshots/*"))
+    files = [p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file()]
+    # The other UNet files a published Stable Diffusion 1.5 repo holds.
+    extra = ("bin", "fp16.bin", "non_ema.bin", "non_ema.safetensors")
+    files += [f"unet/diffusion_pytorch_model.{name}" for name in extra]
+    for variant, weights in (("none", "safetensors"), ("auto", "fp16.safetensors")):
+        selection = select_pipeline_files(REPO, files, variant=variant)
+        unet_weights = [p for p in selection.paths if p.startswith("unet/diffusion_pytorch_model")]
+        assert unet_weights == [f"unet/diffusion_pytorch_model.{weights}"]
+
+
 def test_offline_without_the_model_says_how_to_fill_the_cache(tmp_path):
     with pytest.raises(ModelError, match=r"HF_HUB_OFFLINE=1 forbids downloading it.*HF_HOME or HF_HUB_CACHE"):
         resolve_commit(REPO, "main", HubSettings(offline=True, cache_dir=str(tmp_path)))

@@ -116,10 +116,13 @@ def list_files(repo_id: str, sha: str, settings: HubSettings) -> list[str]:
         return sorted(_api(settings).list_repo_files(repo_id, revision=sha, token=settings.token))
 
 
-def _is_fp16(name: str) -> bool:
+def _weights_variant(name: str) -> str | None:
+    """The variant a weights file belongs to ('fp16', 'non_ema', ...); None for the plain weights."""
     # diffusers names variants 'model.fp16.safetensors', 'model-00001-of-00002.fp16.safetensors'
-    # and 'model.safetensors.index.fp16.json'.
-    return FP16 in PurePosixPath(name).name.split(".")[1:]
+    # and 'model.safetensors.index.fp16.json'; a repo may also hold training-only variants such
+    # as 'diffusion_pytorch_model.non_ema.safetensors', which inference never loads.
+    parts = [p for p in PurePosixPath(name).name.split(".")[1:] if p not in ("safetensors", "bin", "index", "json")]
+    return ".".join(parts) or None
 
 
 def _is_weights(name: str) -> bool:
@@ -127,9 +130,9 @@ def _is_weights(name: str) -> bool:
     return base.endswith((".safetensors", ".bin")) or ".safetensors.index." in base or ".bin.index." in base
 
 
-def _component_weights(files: list[str], fp16: bool) -> list[str]:
-    """The weights of one component: its fp16 or plain files, safetensors over .bin."""
-    chosen = [f for f in files if _is_weights(f) and _is_fp16(f) == fp16]
+def _component_weights(files: list[str], variant: str | None) -> list[str]:
+    """The weights of one component in ``variant`` (None: plain), safetensors over .bin."""
+    chosen = [f for f in files if _is_weights(f) and _weights_variant(f) == variant]
     safetensors = [f for f in chosen if ".safetensors" in PurePosixPath(f).name]
     return safetensors or chosen
 
@@ -158,11 +161,11 @@ def select_pipeline_files(
     by_component = {c: [f for f in files if f.startswith(f"{c}/")] for c in weight_components + config_components}
     missing = [
         c for c in weight_components
-        if not _component_weights(by_component[c], False) and not _component_weights(by_component[c], True)
+        if not _component_weights(by_component[c], None) and not _component_weights(by_component[c], FP16)
     ]
     if missing:
         raise ModelError(f"model {repo_id}: no weights for {', '.join(missing)}; not a Stable Diffusion repo")
-    has_fp16 = all(_component_weights(by_component[c], True) for c in weight_components)
+    has_fp16 = all(_component_weights(by_component[c], FP16) for c in weight_components)
     if variant == FP16 and not has_fp16:
         raise ModelError(
             f"model {repo_id} has no fp16 weights for every component; set model.variant to 'auto' or 'none'"
@@ -173,7 +176,7 @@ def select_pipeline_files(
         paths += [f for f in by_component[component] if not _is_weights(f)]
     for component in weight_components:
         paths += [f for f in by_component[component] if f.endswith("config.json")]
-        paths += _component_weights(by_component[component], use_fp16)
+        paths += _component_weights(by_component[component], FP16 if use_fp16 else None)
     return FileSelection(tuple(sorted(set(paths))), FP16 if use_fp16 else None)
 
 
