@@ -57,6 +57,14 @@ def test_an_images_pixels_do_not_depend_on_its_batch(loaded):
     assert not np.array_equal(one_by_one[ROWS[0].key], one_by_one[ROWS[1].key])
 
 
+def test_an_images_starting_noise_is_drawn_on_the_cpu_whatever_the_device(loaded):
+    # The same pipeline recorded as on a GPU: its generators must still be the CPU's, whose numbers
+    # for a seed are the same everywhere (a CUDA generator draws others, and this torch has none).
+    on_gpu = engine.LoadedPipeline(loaded.pipeline, loaded.folder, "cuda", "float32", "PNDMScheduler", False, 0.0)
+    as_on_gpu = engine.run_pipeline(on_gpu, ROWS[:1], SETTINGS).images
+    assert torch.equal(as_on_gpu, engine.run_pipeline(loaded, ROWS[:1], SETTINGS).images)
+
+
 def test_a_short_last_batch_is_filled_to_the_compiled_shape_only_on_a_gpu(loaded):
     def on(device: str, compiled: bool, warmed: set) -> engine.LoadedPipeline:
         return engine.LoadedPipeline(None, loaded.folder, device, "float16", "PNDMScheduler", compiled, 0.0, warmed)

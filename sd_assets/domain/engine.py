@@ -299,7 +299,10 @@ def run_pipeline(loaded: LoadedPipeline, rows: Sequence[PromptRow], settings: Ge
         )
     if cached_unet is not None:
         cached_unet.reset()
-    generators = [torch.Generator(device=loaded.device).manual_seed(row.seed) for row in rows]
+    # CPU generators on every device: CUDA's generator draws other numbers from the same seed, and
+    # a content key names one picture wherever it is made. diffusers draws the starting noise on
+    # the CPU and moves it (one small copy a batch; schedulers that add noise each step copy each step).
+    generators = [torch.Generator(device="cpu").manual_seed(row.seed) for row in rows]
     with torch.inference_mode(), attention_backend(loaded):
         return loaded.pipeline(
             prompt=[row.prompt for row in rows],
