@@ -298,6 +298,12 @@ def _make_missing_images(
         return metadata
     # Held while this run generates; the next run on this node gets another device, and a
     # crashed run's process exit frees it.
+    if context.instance.is_ephemeral:
+        context.log.warning(
+            f"{style}: this run's Dagster instance is in memory only (DAGSTER_HOME is not set): the run id "
+            f"{context.run.run_id}, which every image made now records, will be found in no instance later; "
+            "set DAGSTER_HOME to keep the run"
+        )
     with generator.claim_device() as (device, device_index):
         if device_index is not None:
             context.log.info(f"{style}: claimed device index {device_index} ({device})")
