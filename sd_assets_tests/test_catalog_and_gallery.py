@@ -5,6 +5,8 @@ import re
 from dataclasses import replace
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -61,6 +63,10 @@ def test_a_cut_short_catalog_or_png_is_named_with_the_way_out_and_nothing_is_del
         with pytest.raises(StoreError, match=rf"^{re.escape(location)} is not a readable catalog .*sd-assets rebuild-catalog"):
             read()
     assert store.read_bytes(catalog.catalog_key("Banksy")) == whole[:200]
+    # A whole Parquet file, but not a catalog: a search export of two columns saved in its place.
+    pq.write_table(pa.table({"subject": ["x"], "style": ["y"]}), store.local_path(catalog.catalog_key("Banksy")))
+    with pytest.raises(StoreError, match=rf"^{re.escape(location)} is not a readable catalog \(no column 'key', "):
+        catalog.read_catalog(store)
 
     store.delete(catalog.catalog_key("Banksy"))  # moved aside: the rows come back from the PNGs
     _store_image(store, rows[1], "run-2")

@@ -81,6 +81,8 @@ def _from_parquet(data: bytes, columns: Sequence[str] | None = None) -> pa.Table
     table = parquet.read(columns=[c for c in wanted if c in present])
     for column in wanted:
         if column not in present:
+            if column not in LATER_COLUMNS:
+                raise pa.ArrowInvalid(f"no column {column!r}, which every catalog has")
             table = table.append_column(column, pa.array([LATER_COLUMNS[column]] * len(table)))
     return table.select(wanted).cast(_schema(wanted))
 
