@@ -4,7 +4,9 @@ import hashlib
 import json
 import os
 
-from sd_assets.domain.models import VERIFIED, ModelRef, local_model_folder, model_prefix, verify_in_store
+import pytest
+
+from sd_assets.domain.models import MANIFEST, VERIFIED, ModelRef, local_model_folder, model_prefix, verify_in_store
 from sd_assets.domain.store import LocalStore
 
 FILES = {"model_index.json": b'{"scheduler": ["diffusers", "PNDMScheduler"]}', "unet/weights.bin": b"w" * 1000}
@@ -74,3 +76,19 @@ def test_a_node_copy_is_fetched_once_and_an_altered_file_fetched_again(tmp_path)
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
     again = local_model_folder(remote, ref, node)
     assert again.bytes_copied == 1000 and weights.read_bytes() == FILES["unet/weights.bin"]
+
+
+@pytest.mark.parametrize("damaged", [MANIFEST, VERIFIED])
+def test_a_node_copy_whose_bookkeeping_was_cut_short_is_checked_again_not_a_crash(tmp_path, damaged):
+    store, prefix, manifest = _cache(tmp_path / "store")
+    store.write_text(prefix + "manifest.json", json.dumps(manifest))
+    remote = _RemoteStore(tmp_path / "store")
+    ref = ModelRef("org/model", "a" * 40, "PNDMScheduler", 1045, 2)
+    first = local_model_folder(remote, ref, tmp_path / "node")
+    # A worker killed while writing it (before writes were atomic) left half a JSON file.
+    (first.folder / damaged).write_text('{"files": [{"path": ')
+    again = local_model_folder(remote, ref, tmp_path / "node")
+    assert again.bytes_copied == 0, "files that match the manifest are hashed, not fetched again"
+    assert json.loads((first.folder / MANIFEST).read_text()) == manifest
+    assert local_model_folder(remote, ref, tmp_path / "node").bytes_copied == 0
+

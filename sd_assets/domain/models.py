@@ -18,7 +18,7 @@ from pathlib import Path
 from sd_assets.domain.errors import ModelError
 from sd_assets.domain.grid import ModelConfig
 from sd_assets.domain.hub_settings import HubSettings
-from sd_assets.domain.store import ArtifactStore, sha256_file
+from sd_assets.domain.store import ArtifactStore, atomic_write, sha256_file
 
 MANIFEST = "manifest.json"
 # Version tags of the files when they were last hashed and found sound.
@@ -288,6 +288,14 @@ def _local_tag(path: Path) -> str:
     return f"{stat.st_size}:{stat.st_mtime_ns}"
 
 
+def _read_json(path: Path):
+    """A node-local JSON file, or None if it is missing or unreadable (a node's disk may hold anything)."""
+    try:
+        return json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+
+
 def local_model_folder(store: ArtifactStore, ref: ModelRef, cache_dir: Path) -> LocalCopy:
     """A verified folder on this node holding the model, copied from the store at most once.
 
@@ -305,9 +313,8 @@ def local_model_folder(store: ArtifactStore, ref: ModelRef, cache_dir: Path) -> 
     manifest = json.loads(store.read_bytes(manifest_key))
     folder = Path(cache_dir).expanduser() / model_dir_name(ref.model_id) / ref.revision
     local_manifest, local_stamps = folder / MANIFEST, folder / VERIFIED
-    stamps: dict = {}
-    if local_manifest.is_file() and local_stamps.is_file() and json.loads(local_manifest.read_text()) == manifest:
-        stamps = json.loads(local_stamps.read_text())
+    stamps = _read_json(local_stamps) if _read_json(local_manifest) == manifest else None
+    stamps = stamps if isinstance(stamps, dict) else {}
     local_manifest.unlink(missing_ok=True)
     copied = 0
     for entry in manifest["files"]:
@@ -326,6 +333,7 @@ def local_model_folder(store: ArtifactStore, ref: ModelRef, cache_dir: Path) -> 
             )
         copied += entry["bytes"]
     folder.mkdir(parents=True, exist_ok=True)
-    local_stamps.write_text(json.dumps({e["path"]: _local_tag(folder / e["path"]) for e in manifest["files"]}))
-    local_manifest.write_text(json.dumps(manifest, indent=1))
+    # Stamps first, the manifest last: without the manifest the stamps are not trusted.
+    atomic_write(local_stamps, json.dumps({e["path"]: _local_tag(folder / e["path"]) for e in manifest["files"]}).encode())
+    atomic_write(local_manifest, json.dumps(manifest, indent=1).encode())
     return LocalCopy(folder, copied, time.perf_counter() - start)

@@ -150,7 +150,8 @@ def _replacing(path: Path) -> Iterator[Path]:
             tmp.unlink(missing_ok=True)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``path`` whole or not at all: a reader, or a process killed half-way, never leaves half a file."""
     with _replacing(path) as tmp:
         tmp.write_bytes(data)
 
@@ -180,7 +181,7 @@ class LocalStore(ArtifactStore):
             raise StoreError(f"{self._path(key)} does not exist") from None
 
     def write_bytes(self, key: str, data: bytes) -> None:
-        _atomic_write(self._path(key), data)
+        atomic_write(self._path(key), data)
 
     def list_keys(self, prefix: str) -> Iterator[str]:
         base = self.root / prefix if prefix else self.root
