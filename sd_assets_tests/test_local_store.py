@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -13,10 +14,24 @@ from sd_assets.domain.prompts import read_prompt_rows
 from sd_assets.domain.store import LocalStore
 
 
-def test_writes_replace_whole_files_and_leave_no_temporary_files(tmp_path):
+def test_writes_replace_whole_files_and_leave_no_temporary_files(tmp_path, monkeypatch):
     store = LocalStore(tmp_path / "data")
     store.write_text("grids/banksy.json", "[1]")
-    store.write_text("grids/banksy.json", "[1, 2]")
+    with open(tmp_path / "data" / "grids" / "banksy.json") as reader:  # a reader that opened the old file
+        store.write_text("grids/banksy.json", "[1, 2]")
+        assert reader.read() == "[1]"
+    assert store.read_text("grids/banksy.json") == "[1, 2]"
+
+    # A write that dies half-way (a full disk) leaves the old file whole.
+    def half_then_fail(path, data):
+        with open(path, "wb") as out:
+            out.write(data[: len(data) // 2])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", half_then_fail)
+    with pytest.raises(StoreError, match="No space left on device"):
+        store.write_text("grids/banksy.json", "[1, 2, 3, 4]")
+    monkeypatch.undo()
     assert store.read_text("grids/banksy.json") == "[1, 2]"
     assert sorted(p.name for p in (tmp_path / "data" / "grids").iterdir()) == ["banksy.json"]
 
