@@ -121,6 +121,12 @@ def test_compile_vae_compiles_the_decoder_along_with_the_unet(loaded):
     assert not isinstance(loaded.pipeline.unet, compiled)
 
 
+def test_an_unknown_scheduler_is_named_with_the_close_ones_before_any_weights_load(loaded):
+    with pytest.raises(SdAssetsError, match=r"'EulerDiscreetScheduler' is not a diffusers scheduler class; did you mean "
+                       r"EulerDiscreteScheduler"):  # fmt: skip
+        engine.load_pipeline(loaded.folder / "no-weights-here", "cpu", "float32", scheduler="EulerDiscreetScheduler")
+
+
 def test_an_unknown_compile_mode_is_a_clear_error():
     with pytest.raises(SdAssetsError, match="compile mode 'reduce-overhead' is not one of default, max-autotune"):
         engine.Tuning(compile_mode="reduce-overhead")

@@ -65,6 +65,8 @@ model: {id: tiny-random}
         (VALID + "inference: {steps: true}\n", "field 'inference.steps' = True: Input should be a valid integer"),
         (VALID + 'inference: {width: "64"}\n', "field 'inference.width' = '64': Input should be a valid integer"),
         (VALID + "inference: {guidance_scale: .nan}\n", "field 'inference.guidance_scale' = nan: Input should be a finite"),
+        (VALID + "inference: {guidance_scale: true}\n", "field 'inference.guidance_scale' = True: Input should be a valid number"),
+        (VALID + "inference: {scheduler: EulerDiscrete}\n", "field 'inference.scheduler' = 'EulerDiscrete': must be a diffusers"),
         (VALID + "inference: {compile: 1}\n", "field 'inference.compile' = 1: Input should be a valid boolean"),
         (VALID + "inference: {compile_vae: true}\n", "field 'inference.compile_vae' = True: needs compile: true"),
         (VALID + "inference: {deep_cache: {interval: 1}}\n", "field 'inference.deep_cache.interval' = 1"),

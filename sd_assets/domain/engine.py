@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import json
 import re
 import threading
@@ -152,6 +153,7 @@ def load_pipeline(
         import diffusers
         import torch
 
+        scheduler_class = _scheduler_class(diffusers, scheduler) if scheduler else None
         kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype), "variant": variant}
         if not safety_checker:
             kwargs.update(safety_checker=None, requires_safety_checker=False)
@@ -159,10 +161,7 @@ def load_pipeline(
             pipeline = diffusers.StableDiffusionPipeline.from_pretrained(str(folder), **kwargs)
         except (OSError, ValueError) as exc:
             raise ModelError(f"cannot load a Stable Diffusion pipeline from {folder}: {exc}") from exc
-        if scheduler:
-            scheduler_class = getattr(diffusers, scheduler, None)
-            if scheduler_class is None or not issubclass(scheduler_class, diffusers.SchedulerMixin):
-                raise ModelError(f"inference.scheduler {scheduler!r} is not a diffusers scheduler class")
+        if scheduler_class is not None:
             pipeline.scheduler = scheduler_class.from_config(pipeline.scheduler.config)
         pipeline = configure_pipeline(pipeline, device, compile_unet, tuning, deep_cache)
         loaded = LoadedPipeline(
@@ -177,6 +176,17 @@ def load_pipeline(
         )
         _PIPELINES[cache_key] = loaded
         return loaded
+
+
+def _scheduler_class(diffusers, name: str):
+    """The diffusers scheduler class ``name``, before any weights load; a ModelError with the close names."""
+    scheduler_class = getattr(diffusers, name, None)
+    if isinstance(scheduler_class, type) and issubclass(scheduler_class, diffusers.SchedulerMixin):
+        return scheduler_class
+    names = [n for n in dir(diffusers) if n.endswith("Scheduler")]
+    close = difflib.get_close_matches(name, names, n=3)
+    hint = f"; did you mean {' or '.join(close)}?" if close else ""
+    raise ModelError(f"inference.scheduler {name!r} is not a diffusers scheduler class{hint}")
 
 
 def configure_pipeline(pipeline: Any, device: str, compile_unet: bool = False, tuning: Tuning | None = None,

@@ -72,7 +72,7 @@ class DeepCacheConfig(_Strict):
 
 class InferenceConfig(_Strict):
     steps: Annotated[_Int, pydantic.Field(ge=1, le=1000)] = 50
-    guidance_scale: Annotated[float, pydantic.Field(ge=0.0, le=50.0, allow_inf_nan=False)] = 7.5
+    guidance_scale: Annotated[float, pydantic.Strict(), pydantic.Field(ge=0.0, le=50.0, allow_inf_nan=False)] = 7.5
     width: Annotated[_Int, pydantic.Field(ge=8, le=4096, multiple_of=8)] = 512
     height: Annotated[_Int, pydantic.Field(ge=8, le=4096, multiple_of=8)] = 512
     negative_prompt: str = ""
@@ -87,6 +87,17 @@ class InferenceConfig(_Strict):
     # DeepCache: reuse the UNet's deep features between steps. Off unless set; it changes the
     # pictures, so it is part of each image's content key and provenance.
     deep_cache: DeepCacheConfig | None = None
+
+    @pydantic.field_validator("scheduler")
+    @classmethod
+    def _scheduler_class_name(cls, value: str | None) -> str | None:
+        # The names themselves are checked when diffusers loads (importing it here would cost
+        # every run, even one with nothing to make, about two seconds); the shape is checked now.
+        if value is not None and not (value.isidentifier() and value.endswith("Scheduler")):
+            raise ValueError(
+                "must be a diffusers scheduler class name, such as EulerDiscreteScheduler or DDIMScheduler"
+            )
+        return value
 
     @pydantic.field_validator("compile_vae")
     @classmethod
