@@ -40,7 +40,7 @@ def _positive_int(environ: Mapping[str, str], name: str) -> int | None:
     value = environ.get(name)
     if value is None or value == "":
         return None
-    if not value.strip().isdigit() or int(value) < 1:
+    if not value.strip().isdecimal() or int(value) < 1:  # isdigit() also passes '²', which int() refuses
         raise SdAssetsError(f"environment variable {name}={value!r}: expected a whole number of 1 or more")
     return int(value)
 

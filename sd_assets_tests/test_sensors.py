@@ -195,8 +195,9 @@ def test_a_missing_subjects_folder_fails_the_tick_with_the_folder_named(ticks, g
 def test_the_sensor_interval_comes_from_the_environment(grid):
     defs = build_definitions({"SD_ASSETS_GRID": str(grid), "SD_ASSETS_SENSOR_INTERVAL": "2"})
     assert defs.resolve_sensor_def(NEW_SUBJECT_LISTS).minimum_interval_seconds == 2
-    with pytest.raises(SdAssetsError, match="SD_ASSETS_SENSOR_INTERVAL='0': expected a whole number of 1 or more"):
-        build_definitions({"SD_ASSETS_GRID": str(grid), "SD_ASSETS_SENSOR_INTERVAL": "0"})
+    for bad in ("0", "²", "30s"):
+        with pytest.raises(SdAssetsError, match=f"SD_ASSETS_SENSOR_INTERVAL='{bad}': expected a whole number of 1 or more"):
+            build_definitions({"SD_ASSETS_GRID": str(grid), "SD_ASSETS_SENSOR_INTERVAL": bad})
 
 
 def test_unchanged_lists_are_not_read_again(tmp_path):
