@@ -316,7 +316,7 @@ def sync_check(pipeline, settings: GenerationSettings, device: str) -> list[dict
         for name in SYNC_CHECK_SCHEDULERS:
             try:
                 pipeline.scheduler = getattr(diffusers, name).from_config(original.config)
-                loaded = LoadedPipeline(pipeline, Path("."), device, "float16", name, False, 0.0)
+                loaded = LoadedPipeline(pipeline, Path("."), device, "float16", name, False)
                 render_batch(loaded, make_rows(settings, 1, "sync-warm"), dataclasses.replace(settings, steps=2))
                 short, long = (count_host_syncs(loaded, settings, steps) for steps in (3, 6))
             except Exception as exc:  # one scheduler failing must not cost the benchmark's rows
@@ -483,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
             print("host syncs per step: not counted (CUDA only)", flush=True)
 
         pipeline = configure_pipeline(pipeline, device)
-        loaded = LoadedPipeline(pipeline, root, device, str(dtype).removeprefix("torch."), "PNDMScheduler", False, 0.0)
+        loaded = LoadedPipeline(pipeline, root, device, str(dtype).removeprefix("torch."), "PNDMScheduler", False)
         raw["auto_batch_size"] = auto_batch_size(loaded, settings)
         print(f"auto batch size on this device: {raw['auto_batch_size']}", flush=True)
         del pipeline, loaded
@@ -505,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
                 row_tflop = flops_per_image(full, row_settings)["image"]
                 pipeline = configure_pipeline(build_pipeline(full, device, dtype), device, compile_unet, tuning, cache)
                 dtype_name = str(dtype).removeprefix("torch.")
-                current = (label, LoadedPipeline(pipeline, root, device, dtype_name, "PNDMScheduler", compile_unet, 0.0,
+                current = (label, LoadedPipeline(pipeline, root, device, dtype_name, "PNDMScheduler", compile_unet,
                                                  tuning=tuning))  # fmt: skip
                 del pipeline
             count = max(2 * batch, min_images)

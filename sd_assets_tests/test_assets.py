@@ -43,6 +43,8 @@ def test_two_styles_make_images_catalog_and_gallery(grid_path, instance):
         meta = _metadata(result, "style_images")
         assert meta["generated"] == 4 and meta["skipped"] == 0 and meta["device"] == "cpu"
         assert meta["images_per_minute"] > 0 and "data:image/png;base64," in meta["previews"]
+    # The second style reuses the pipeline this process loaded for the first: it reports no load time.
+    assert _metadata(results["Andy Warhol"], "style_images")["model_load_seconds"] < 0.05
 
     catalog = pd.concat(pd.read_parquet(p) for p in (data / "catalog").glob("*.parquet"))
     assert len(catalog) == 8 and set(catalog["style"]) == set(STYLES)

@@ -60,14 +60,14 @@ def test_an_images_pixels_do_not_depend_on_its_batch(loaded):
 def test_an_images_starting_noise_is_drawn_on_the_cpu_whatever_the_device(loaded):
     # The same pipeline recorded as on a GPU: its generators must still be the CPU's, whose numbers
     # for a seed are the same everywhere (a CUDA generator draws others, and this torch has none).
-    on_gpu = engine.LoadedPipeline(loaded.pipeline, loaded.folder, "cuda", "float32", "PNDMScheduler", False, 0.0)
+    on_gpu = engine.LoadedPipeline(loaded.pipeline, loaded.folder, "cuda", "float32", "PNDMScheduler", False)
     as_on_gpu = engine.run_pipeline(on_gpu, ROWS[:1], SETTINGS).images
     assert torch.equal(as_on_gpu, engine.run_pipeline(loaded, ROWS[:1], SETTINGS).images)
 
 
 def test_a_short_last_batch_is_filled_to_the_compiled_shape_only_on_a_gpu(loaded):
     def on(device: str, compiled: bool, warmed: set) -> engine.LoadedPipeline:
-        return engine.LoadedPipeline(None, loaded.folder, device, "float16", "PNDMScheduler", compiled, 0.0, warmed)
+        return engine.LoadedPipeline(None, loaded.folder, device, "float16", "PNDMScheduler", compiled, warmed)
 
     last = ROWS[4:]  # 2 rows left of a batch size of 4
     compiled_gpu = on("cuda", True, {(4, 64, 64)})
@@ -152,7 +152,7 @@ def test_cudnn_attention_tuning_puts_cudnn_first_only_while_rendering_on_a_gpu(l
         return list(torch._C._get_sdp_priority_order())
 
     usual = order()
-    on_gpu = engine.LoadedPipeline(loaded.pipeline, loaded.folder, "cuda", "float16", "PNDMScheduler", False, 0.0,
+    on_gpu = engine.LoadedPipeline(loaded.pipeline, loaded.folder, "cuda", "float16", "PNDMScheduler", False,
                                    tuning=engine.Tuning(cudnn_attention=True))  # fmt: skip
     with engine.attention_backend(on_gpu):
         assert order()[0] == int(SDPBackend.CUDNN_ATTENTION)

@@ -110,7 +110,6 @@ class LoadedPipeline:
     dtype: str
     scheduler: str
     compiled: bool
-    load_seconds: float
     # (batch size, width, height) already run once: with ``compiled``, a new shape compiles first.
     warmed_shapes: set = field(default_factory=set)
     tuning: Tuning = field(default_factory=Tuning)
@@ -149,7 +148,6 @@ def load_pipeline(
     with _PIPELINES_LOCK:
         if cache_key in _PIPELINES:
             return _PIPELINES[cache_key]
-        start = time.perf_counter()
         import diffusers
         import torch
 
@@ -171,7 +169,6 @@ def load_pipeline(
             dtype=dtype,
             scheduler=type(pipeline.scheduler).__name__,
             compiled=compile_unet,
-            load_seconds=time.perf_counter() - start,
             tuning=tuning,
         )
         _PIPELINES[cache_key] = loaded
