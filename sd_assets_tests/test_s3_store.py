@@ -81,7 +81,7 @@ def test_round_trip_listing_and_content_types(bucket, tmp_path):
     assert store.existing(["images/ab/abcd.png", "images/ab/none.png", "images/cd/cdef.png"]) == {
         "images/ab/abcd.png", "images/cd/cdef.png",
     }  # fmt: skip
-    assert store.size("models/m/r/unet/weights.bin") == 1000
+    assert len(store.read_bytes("models/m/r/unet/weights.bin")) == 1000
     assert store.location("images/ab/abcd.png") == f"s3://{bucket}/run-1/images/ab/abcd.png"
 
     raw = boto3.client("s3")
@@ -197,7 +197,7 @@ def test_two_styles_on_s3_then_a_corrupted_model_object(bucket, tmp_path, instan
         k.removeprefix("grid/") for k in keys if k.startswith("grid/" + ref.prefix)
     }
     for entry in manifest["files"]:
-        assert store.size(ref.prefix + entry["path"]) == entry["bytes"]
+        assert len(store.read_bytes(ref.prefix + entry["path"])) == entry["bytes"]
         assert store.sha256(ref.prefix + entry["path"]) == entry["sha256"]
 
     # Corrupt one weights object, keeping its size, as a bad disk or a stray upload would.

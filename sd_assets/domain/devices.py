@@ -25,7 +25,6 @@ class DeviceClaim:
     """A device index held by this process until released (or until the process ends)."""
 
     index: int
-    count: int
     lock_path: Path
 
 
@@ -54,7 +53,7 @@ def claim_device(lock_dir: Path, count: int, wait_seconds: float = 600.0) -> Ite
             if fd is None:
                 continue
             try:
-                yield DeviceClaim(index=index, count=count, lock_path=path)
+                yield DeviceClaim(index=index, lock_path=path)
             finally:
                 os.close(fd)
             return

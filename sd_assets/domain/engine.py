@@ -384,18 +384,12 @@ class BoundedWriter:
 @dataclass
 class GenerationStats:
     generated: int = 0
-    seconds: float = 0.0
     first_batch_seconds: float | None = None
-    batch_size: int = 0
     # With torch.compile: time of the batches that compiled a new shape, less what running them
     # warm would have taken (estimated per image from the other batches).
     compile_seconds: float = 0.0
     # Extra images rendered (and thrown away) to fill a short last batch; see ``rows_to_render``.
     padded: int = 0
-
-    @property
-    def images_per_second(self) -> float:
-        return self.generated / self.seconds if self.seconds > 0 else 0.0
 
 
 def generate(
@@ -411,7 +405,7 @@ def generate(
 
     ``on_progress(done, total, elapsed_seconds)`` is called after each batch.
     """
-    stats = GenerationStats(batch_size=batch_size)
+    stats = GenerationStats()
     cold: list[tuple[int, float]] = []
     warm: list[tuple[int, float]] = []
     start = time.perf_counter()
@@ -434,7 +428,6 @@ def generate(
         stats.generated += len(batch)
         if on_progress is not None:
             on_progress(stats.generated, len(rows), time.perf_counter() - start)
-    stats.seconds = time.perf_counter() - start
     if cold:
         warm_per_image = sum(t for _, t in warm) / sum(n for n, _ in warm) if warm else 0.0
         stats.compile_seconds = sum(max(t - n * warm_per_image, 0.0) for n, t in cold)

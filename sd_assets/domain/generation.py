@@ -32,7 +32,6 @@ class StyleRunReport:
 
     generated: int
     seconds: float
-    batch_size: int
     first_batch_seconds: float
     compile_seconds: float
     writer_peak_pending: int
@@ -119,7 +118,6 @@ def make_style_images(
     return StyleRunReport(
         generated=stats.generated,
         seconds=time.perf_counter() - start,
-        batch_size=batch_size,
         first_batch_seconds=stats.first_batch_seconds or 0.0,
         compile_seconds=stats.compile_seconds,
         padded_images=stats.padded,

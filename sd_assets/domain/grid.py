@@ -187,9 +187,6 @@ class GridConfig(_Strict):
     def prompt(self, subject: str, style: str) -> str:
         return self.prompt_template.format(subject=subject, style=style)
 
-    def style_for_slug(self) -> dict[str, str]:
-        return {slugify(style): style for style in self.styles}
-
     def require_style(self, style: str) -> str:
         if style not in self.styles:
             raise GridError(f"unknown style {style!r}; the grid {self.source} has {self.styles}")

@@ -53,11 +53,6 @@ class ModelRef:
     def prefix(self) -> str:
         return model_prefix(self.model_id, self.revision)
 
-    @property
-    def short_hash(self) -> str:
-        """The 10-hex 'Model hash' that Stable Diffusion tools show."""
-        return self.revision[:10]
-
 
 def build_manifest(folder: Path, model_id: str, revision: str, variant: str | None = None) -> dict:
     files = []
@@ -280,7 +275,6 @@ class LocalCopy:
 
     folder: Path
     bytes_copied: int
-    seconds: float
 
 
 def _local_tag(path: Path) -> str:
@@ -305,11 +299,10 @@ def local_model_folder(store: ArtifactStore, ref: ModelRef, cache_dir: Path) -> 
     (or fetches again) any other, so a copy interrupted half-way or altered since is never
     loaded as it is.
     """
-    start = time.perf_counter()
     manifest_key = ref.prefix + MANIFEST
     in_place = store.local_path(manifest_key)
     if in_place is not None:
-        return LocalCopy(in_place.parent, 0, time.perf_counter() - start)
+        return LocalCopy(in_place.parent, 0)
     manifest = json.loads(store.read_bytes(manifest_key))
     folder = Path(cache_dir).expanduser() / model_dir_name(ref.model_id) / ref.revision
     local_manifest, local_stamps = folder / MANIFEST, folder / VERIFIED
@@ -336,4 +329,4 @@ def local_model_folder(store: ArtifactStore, ref: ModelRef, cache_dir: Path) -> 
     # Stamps first, the manifest last: without the manifest the stamps are not trusted.
     atomic_write(local_stamps, json.dumps({e["path"]: _local_tag(folder / e["path"]) for e in manifest["files"]}).encode())
     atomic_write(local_manifest, json.dumps(manifest, indent=1).encode())
-    return LocalCopy(folder, copied, time.perf_counter() - start)
+    return LocalCopy(folder, copied)

@@ -164,12 +164,6 @@ class S3Store(ArtifactStore):
             found.update(k for k in self.list_keys(f"{folder}/" if folder else "") if k in wanted)
         return found
 
-    def size(self, key: str) -> int:
-        head = self._head(key)
-        if head is None:
-            raise StoreError(f"{self.location(key)} does not exist")
-        return int(head["ContentLength"])
-
     def sha256(self, key: str) -> str:
         digest = hashlib.sha256()
         with self._errors("read", key):

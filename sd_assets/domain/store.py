@@ -73,9 +73,6 @@ class ArtifactStore(ABC):
         """Every key under ``prefix`` (a folder-like prefix ending in '/', or '')."""
 
     @abstractmethod
-    def size(self, key: str) -> int: ...
-
-    @abstractmethod
     def versions(self, prefix: str) -> dict[str, ObjectVersion]:
         """Size and version tag of every key under ``prefix``, from one listing.
 
@@ -192,9 +189,6 @@ class LocalStore(ArtifactStore):
                 if name.startswith(".") and name.endswith(".tmp"):
                     continue
                 yield Path(dirpath, name).relative_to(self.root).as_posix()
-
-    def size(self, key: str) -> int:
-        return self._path(key).stat().st_size
 
     def versions(self, prefix: str) -> dict[str, ObjectVersion]:
         found = {}
