@@ -1,6 +1,7 @@
 """The one Definitions entry point, and the one place where the environment picks resources.
 
-Environment variables read here and nowhere else:
+The project's environment variables, read here and nowhere else (Dagster's own, such as
+``DAGSTER_HOME``, and CUDA's are read where they are used):
 - ``SD_ASSETS_GRID``: the grid file (default: ``grid.yaml`` in the current directory).
 - ``SD_ASSETS_STORAGE``: overrides the grid's ``storage`` (a folder or s3://bucket/prefix).
 - ``SD_ASSETS_DEVICE``: 'auto' (default), 'cpu', 'cuda' or 'cuda:<i>'.

@@ -28,7 +28,8 @@ _REPO_ID_PATTERN = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
 
 def slugify(name: str) -> str:
-    """Lower-case, ASCII-friendly file name for a style: 'Jean-Michel Basquiat' -> 'jean-michel-basquiat'."""
+    """Lower-case file name for a style, runs of other characters as one '-': 'Jean-Michel Basquiat' ->
+    'jean-michel-basquiat'; letters of other scripts are kept ('葛飾 北斎' -> '葛飾-北斎')."""
     slug = re.sub(r"[^\w]+", "-", name.lower(), flags=re.UNICODE).strip("-")
     return slug
 

@@ -3,7 +3,7 @@
 Owns sampling a device once a second on a daemon thread while a style generates (NVML through
 ``pynvml`` / ``nvidia-ml-py`` when installed, ``torch.cuda`` otherwise, nothing on a CPU),
 summarising the samples (mean and peak utilisation, peak memory), drawing them as a small
-utilisation-over-time chart, and the JSON form kept in the store at ``profiles/<style>.json``.
+utilisation-over-time chart, and the JSON form kept in the store at ``profiles/<slug>.json``.
 On a CPU the profile says that no GPU was measured; it never invents numbers.
 """
 
