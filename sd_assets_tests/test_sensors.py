@@ -110,8 +110,9 @@ def test_a_changed_list_asks_again_with_new_keys_and_a_touched_one_does_not(tick
     assert requests(ticks.tick()) == []
 
 
-def test_the_daemon_skips_run_keys_it_has_seen_so_nothing_fires_twice(ticks, grid):
-    """A cursor lost (reset in the UI) yields the same run keys again, which Dagster drops."""
+def test_a_lost_cursor_yields_the_same_run_keys_again(ticks, grid):
+    """A cursor lost (reset in the UI) asks for the same runs under the same keys, which Dagster
+    drops as seen (the daemon's side is test_daemon_e2e's: no run twice)."""
     first = requests(ticks.tick())
     ticks.cursor = None
     assert requests(ticks.tick()) == first
