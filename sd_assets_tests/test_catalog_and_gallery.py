@@ -2,7 +2,9 @@
 
 import hashlib
 import re
+import shutil
 from dataclasses import replace
+from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
@@ -147,6 +149,17 @@ def test_rows_of_an_old_grid_stay_in_the_catalog(tmp_path):
     catalog.merge_catalog(store, "Banksy", [old])
     merged, _ = catalog.merge_catalog(store, "Banksy", [_row("ada lovelace", "Banksy")])
     assert merged["subject"].to_pylist() == ["alan turing"]
+
+
+def test_a_copied_store_finds_its_own_images_not_those_where_it_was_written(tmp_path):
+    store = LocalStore(tmp_path / "data")
+    row = _row("alan turing", "Banksy")
+    catalog.write_pending(store, "Banksy", "r1", [_store_image(store, row, "r1")])
+    catalog.merge_catalog(store, "Banksy", [row])
+    shutil.copytree(tmp_path / "data", tmp_path / "moved")
+    shutil.rmtree(tmp_path / "data")
+    [path] = catalog.read_catalog(LocalStore(tmp_path / "moved"))["path"]
+    assert path == str(tmp_path / "moved" / image_key_path(row.key)) and Path(path).is_file()
 
 
 def test_a_catalog_written_before_the_deep_cache_column_still_merges(tmp_path):

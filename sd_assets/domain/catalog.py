@@ -151,9 +151,15 @@ def catalog_styles(store: ArtifactStore) -> dict[str, list[str]]:
 
 
 def read_catalog(store: ArtifactStore) -> pd.DataFrame:
-    """Every style's catalog together, as a pandas DataFrame (pending batches not yet merged are not included)."""
+    """Every style's catalog together, as a pandas DataFrame (pending batches not yet merged are not included).
+
+    ``path`` is where each image is in ``store`` now: a store copied or moved elsewhere (another
+    folder, a bucket synced from one) finds its own images, not those of the place it was written.
+    """
     tables = [_read_catalog_file(store, key) for key in _style_catalog_keys(store)]
-    return pa.concat_tables([SCHEMA.empty_table(), *tables]).to_pandas()
+    frame = pa.concat_tables([SCHEMA.empty_table(), *tables]).to_pandas()
+    frame["path"] = [store.location(image_key_path(key)) for key in frame["key"]]
+    return frame
 
 
 REMAKE = "delete it, and the next run of the style makes it again"
