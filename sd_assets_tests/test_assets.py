@@ -310,9 +310,9 @@ def test_a_prompt_longer_than_the_text_encoder_reads_is_named_in_a_warning(grid_
     result = materialize_style(grid_path, "Banksy", instance)
     assert _metadata(result, "style_images")["overlong_prompts"] == 2  # its two images, and no other
     warnings = [entry.user_message for entry in instance.all_logs(result.run_id) if entry.level == logging.WARNING]
-    for number in (1, 2):
+    for index in (0, 1):
         assert any(
-            f"Banksy: the prompt of {long_subject!r} #{number} is " in message
+            f"Banksy: the prompt of {long_subject!r} (image_index {index}) is " in message
             and "tokens, over the text encoder's 77: the pipeline reads only its first 77 tokens" in message
             for message in warnings
         ), warnings

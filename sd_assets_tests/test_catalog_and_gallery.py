@@ -222,7 +222,9 @@ def test_style_pages_paginate_escape_and_link_relatively(tmp_path):
     # The settings the grid's images were made with (as the catalog has them), above them.
     assert "Grid settings: 2 steps · 64x64 · guidance 7.5 · PNDMScheduler · tiny-random@0000000<" in first
     assert f'src="../../images/{rows[0].key[:2]}/{rows[0].key}.png"' in first
-    assert f"seed {rows[0].seed} · image_index 0 · run 3f2a1b2c<" in first and 'href="page-2.html"' in first
+    # The run's first 8 characters, and its whole id on hover (to find it in Dagster).
+    assert f'seed {rows[0].seed} · image_index 0 · <span title="run 3f2a1b2c-run">run 3f2a1b2c</span>' in first
+    assert 'href="page-2.html"' in first
     assert "earlier" not in first
     second = store.read_text(written.pages[1])
     assert "<script>alert" not in second and "&lt;script&gt;" in second
@@ -257,7 +259,7 @@ def test_images_of_earlier_grids_get_pages_of_their_own_newest_first(tmp_path):
     earlier = store.read_text(written.earlier_pages[0])
     assert "Banksy: earlier images" in earlier and 'href="page-1.html"' in earlier and 'href="earlier-2.html"' in earlier
     # Newest first, each with what made it.
-    runs = re.findall(r"· run (run-\d)", earlier + store.read_text(written.earlier_pages[1]))
+    runs = re.findall(r">run (run-\d)<", earlier + store.read_text(written.earlier_pages[1]))
     assert runs == ["run-2", "run-1", "run-0"]
     assert earlier.count("4 steps · 64x64 · guidance 7.5 · PNDMScheduler · tiny-random@0000000 · 2026-11-2") == 1
     assert "4 steps · 64x64 · guidance 7.5 · PNDMScheduler · tiny-random@0000000 · negative prompt: blurry" in earlier

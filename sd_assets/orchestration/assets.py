@@ -339,7 +339,7 @@ def _generate(
     limit, overlong = engine.overlong_prompts(loaded, missing)
     for row, tokens in overlong:
         context.log.warning(
-            f"{style}: the prompt of {row.subject!r} #{row.image_index + 1} is {tokens} tokens, over the text "
+            f"{style}: the prompt of {row.subject!r} (image_index {row.image_index}) is {tokens} tokens, over the text "
             f"encoder's {limit}: the pipeline reads only its first {limit} tokens (shorten the subject)"
         )
     if inference.batch_size == "auto":
@@ -391,4 +391,4 @@ def _thumbnail_markdown(image, row: PromptRow) -> str:
     buffer = io.BytesIO()
     thumbnail.save(buffer, format="PNG")
     data = base64.b64encode(buffer.getvalue()).decode()
-    return f"![{row.subject} #{row.image_index + 1}](data:image/png;base64,{data})"
+    return f"![{row.subject}, image_index {row.image_index}](data:image/png;base64,{data})"
