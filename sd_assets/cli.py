@@ -13,7 +13,10 @@ TABLE_COLUMNS = ("subject", "style", "image_index", "seed", "model_id", "run_id"
 
 # Settings that tell apart images of one subject, image and seed: a column each, shown when the
 # found rows differ in it (DeepCache whenever any image has it).
-VARYING_COLUMNS = ("steps", "guidance_scale", "width", "height", "scheduler", "negative_prompt", "model_revision")
+VARYING_COLUMNS = (
+    "steps", "guidance_scale", "width", "height", "scheduler", "negative_prompt", "model_revision", "model_variant",
+    "dtype", "software",
+)  # fmt: skip
 
 
 def display_width(text: str) -> int:

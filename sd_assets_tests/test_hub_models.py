@@ -112,6 +112,7 @@ def test_offline_hub_model_is_cached_verified_and_recorded(hf_home, tmp_path, in
     assert _metadata(first, "style_images")["model_revision"] == SHA
     catalog = pd.read_parquet(tmp_path / "data" / "catalog" / "banksy.parquet")
     assert len(catalog) == 2 and set(catalog["model_revision"]) == {SHA} and set(catalog["model_id"]) == {REPO}
+    assert set(catalog["model_variant"]) == {"fp16"}  # the weights loaded, which move pixels by rounding
     for path in catalog["path"]:
         with Image.open(io.BytesIO(Path(path).read_bytes())) as image:
             assert json.loads(image.text[PROVENANCE_CHUNK])["model_revision"] == SHA

@@ -175,6 +175,14 @@ def load_pipeline(
         return loaded
 
 
+def software_versions() -> str:
+    """The libraries that compute an image's pixels, as its provenance records them."""
+    import diffusers
+    import torch
+
+    return f"torch {torch.__version__}, diffusers {diffusers.__version__}"
+
+
 def _scheduler_class(diffusers, name: str):
     """The diffusers scheduler class ``name``, before any weights load; a ModelError with the close names."""
     scheduler_class = getattr(diffusers, name, None)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from sd_assets.domain import catalog
-from sd_assets.domain.engine import BoundedWriter, LoadedPipeline, generate
+from sd_assets.domain.engine import BoundedWriter, LoadedPipeline, generate, software_versions
 from sd_assets.domain.models import ModelRef
 from sd_assets.domain.pngmeta import Provenance, encode_png, image_key_path
 from sd_assets.domain.prompts import GenerationSettings, PromptRow
@@ -64,6 +64,7 @@ def make_style_images(
     ``log`` receives a progress line (done/total, images/s, time left) every few seconds.
     """
     deep_cache = settings.deep_cache.describe() if settings.deep_cache else ""
+    software = software_versions()
     records: list[dict] = []
     previews: list = []
     lock = threading.Lock()
@@ -80,7 +81,7 @@ def make_style_images(
             guidance_scale=settings.guidance_scale, width=settings.width, height=settings.height,
             run_id=run_id, partition=partition,
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"), device=loaded.device,
-            dtype=loaded.dtype, deep_cache=deep_cache,
+            dtype=loaded.dtype, deep_cache=deep_cache, model_variant=ref.variant or "", software=software,
         )  # fmt: skip
         key = image_key_path(row.key)
         store.write_bytes(key, encode_png(image, provenance))

@@ -62,6 +62,11 @@ class Provenance:
     # The DeepCache setting ("interval 3, branch 0"), or "" for the full computation (and in
     # images made before the option existed).
     deep_cache: str = ""
+    # The weights variant loaded ("fp16", or "" for the plain weights) and the libraries that
+    # computed the pixels ("torch 2.13.0, diffusers 0.42.1"): both move pixels by rounding, not
+    # the picture, so they are recorded, not hashed. "" in images made before they were recorded.
+    model_variant: str = ""
+    software: str = ""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, ensure_ascii=False)
