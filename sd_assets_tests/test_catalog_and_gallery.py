@@ -229,6 +229,7 @@ def test_style_pages_paginate_escape_and_link_relatively(tmp_path):
     second = store.read_text(written.pages[1])
     assert "<script>alert" not in second and "&lt;script&gt;" in second
     assert second.count("not made yet") == 2 and "run " not in second
+    assert "counts and the last generation are on" in second and "images made" not in second
     # Nothing changed: nothing written again.
     assert gallery.render_style_pages(store, "Banksy", rows, made, page_size=4).written == 0
     store.delete(written.pages[1])  # ... unless a page went missing
@@ -239,6 +240,17 @@ def test_style_pages_paginate_escape_and_link_relatively(tmp_path):
     assert "1 of 1 image made" in store.read_text(
         gallery.render_style_pages(store, "Banksy", rows[:1], made[:1]).pages[0]
     )
+    gallery.render_style_pages(store, "Banksy", rows, made, page_size=4)
+    # A new image on page 2 and a new profile: page 2 for its image, page 1 for the counts, no more.
+    profile = {"summary": "CPU: no GPU utilisation measured (1.0 s of generation).", "chart_svg": ""}
+    pages = gallery.render_style_pages(store, "Banksy", rows, made + [_made(rows[4], "r2")], 4, profile)
+    assert pages.written == 2 and "5 of 6 images made" in store.read_text(written.pages[0])
+    # Later runs that add images to page 2 leave page 1's images as they were, but not its counts.
+    rows_on_three_pages = rows + [_row(f"late {i}", "Banksy") for i in range(4)]
+    third = gallery.render_style_pages(store, "Banksy", rows_on_three_pages, made + [_made(rows[4], "r2")], 4, profile)
+    assert third.written == 3, "a page more: every page's pager changes"
+    more = made + [_made(rows[4], "r2"), _made(rows_on_three_pages[8], "r3")]
+    assert gallery.render_style_pages(store, "Banksy", rows_on_three_pages, more, 4, profile).written == 2
 
 
 def test_images_of_earlier_grids_get_pages_of_their_own_newest_first(tmp_path):
