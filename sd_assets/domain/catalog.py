@@ -166,8 +166,9 @@ def read_catalog(store: ArtifactStore) -> pd.DataFrame:
 REMAKE = "delete it, and the next run of the style makes it again"
 
 
-def _png_row(store: ArtifactStore, image_key: str, way_out: str = REMAKE) -> pa.Table:
-    """The catalog row of an image in the store, from its provenance chunk, as a one-row table.
+def _png_record(store: ArtifactStore, image_key: str, way_out: str = REMAKE) -> dict:
+    """The catalog record of an image in the store, from its provenance chunk, checked against the
+    catalog's columns (a plain dict: a rebuild holds one per image, a one-row table would cost ten times more).
 
     Raises:
         StoreError: the file is not a PNG this project wrote (cut short, say), or its provenance
@@ -178,10 +179,12 @@ def _png_row(store: ArtifactStore, image_key: str, way_out: str = REMAKE) -> pa.
         provenance = read_provenance(store.read_bytes(image_key))
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise StoreError(f"{location} is not a readable image of this project ({exc!r}); {way_out}") from None
+    record = catalog_record(provenance, location)
     try:
-        return _from_json_lines(_json_lines([catalog_record(provenance, location)]))
+        _from_json_lines(_json_lines([record]))
     except (pa.ArrowException, TypeError) as exc:
         raise StoreError(f"{location} has provenance the catalog cannot hold ({exc}); {way_out}") from None
+    return record
 
 
 @dataclass(frozen=True)
@@ -215,9 +218,10 @@ def merge_catalog(store: ArtifactStore, style: str, grid_rows: Sequence[PromptRo
     for row in grid_rows:
         image_key = image_key_path(row.key)
         if row.key not in known_keys and store.exists(image_key):
-            recovered.append(_png_row(store, image_key))
+            recovered.append(_png_record(store, image_key))
             known_keys.add(row.key)
-    tables.extend(recovered)
+    if recovered:
+        tables.append(_from_json_lines(_json_lines(recovered)))
     merged = pa.concat_tables(tables) if tables else SCHEMA.empty_table()
     if added or recovered or not existed:
         merged = _sorted(merged)
@@ -284,27 +288,27 @@ def rebuild_catalogs(store: ArtifactStore, threads: int = 16) -> Rebuild:
     images = [key for key in sorted(store.list_keys("images/")) if key.endswith(".png")]
     missing = [key for key in images if key.rsplit("/", 1)[-1].removesuffix(".png") not in known]
 
-    def read(image_key: str) -> pa.Table | str:
+    def read(image_key: str) -> dict | str:
         try:
-            return _png_row(store, image_key, NOT_REMADE)
+            return _png_record(store, image_key, NOT_REMADE)
         except StoreError as exc:
             return str(exc)
 
-    found: dict[str, list[pa.Table]] = {}
+    found: dict[str, list[dict]] = {}
     errors = []
     with ThreadPoolExecutor(max_workers=threads) as pool:
         for result in pool.map(read, missing):
             if isinstance(result, str):
                 errors.append(result)
-            elif result["key"][0].as_py() not in known:
-                known.add(result["key"][0].as_py())
-                found.setdefault(catalog_key(result["style"][0].as_py()), []).append(result)
+            elif result["key"] not in known:
+                known.add(result["key"])
+                found.setdefault(catalog_key(result["style"]), []).append(result)
 
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     reports = []
     for key in sorted(set(found) | set(unreadable)):
         kept = catalogs.get(key, SCHEMA.empty_table())
-        tables = [kept, *found.get(key, [])]
+        tables = [kept, _from_json_lines(_json_lines(found[key]))] if key in found else [kept]
         set_aside = None
         if key in unreadable:
             set_aside = f"{UNREADABLE_PREFIX}{key.removeprefix('catalog/').removesuffix('.parquet')}-{stamp}.parquet"
