@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,8 @@ CONTENT_TYPES = {
     ".txt": "text/plain; charset=utf-8",
 }
 _CHUNK = 8 * 1024 * 1024
+# Below botocore's default connection pool of 10, so no thread waits for a connection.
+LISTING_THREADS = 8
 _MISSING = {"404", "NoSuchKey", "NotFound"}
 
 
@@ -156,13 +159,17 @@ class S3Store(ArtifactStore):
         return {key: ObjectVersion(item["Size"], item["ETag"]) for key, item in self._listing(prefix)}
 
     def existing(self, keys: list[str]) -> set[str]:
-        """One listing per folder-like prefix the keys share (images fan out over 256 of them)."""
+        """One listing per folder-like prefix the keys share (images fan out over 256 of them),
+        ``LISTING_THREADS`` at a time: one after another, an unchanged style's 256 round trips
+        were most of its run."""
         wanted = set(keys)
-        folders = {key.rpartition("/")[0] for key in wanted}
-        found: set[str] = set()
-        for folder in sorted(folders):
-            found.update(k for k in self.list_keys(f"{folder}/" if folder else "") if k in wanted)
-        return found
+        folders = sorted({key.rpartition("/")[0] for key in wanted})
+
+        def listed(folder: str) -> list[str]:
+            return [k for k in self.list_keys(f"{folder}/" if folder else "") if k in wanted]
+
+        with ThreadPoolExecutor(max_workers=LISTING_THREADS) as pool:
+            return {key for found in pool.map(listed, folders) for key in found}
 
     def sha256(self, key: str) -> str:
         digest = hashlib.sha256()
