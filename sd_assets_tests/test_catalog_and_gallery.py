@@ -312,3 +312,31 @@ def test_index_lists_styles_and_a_contact_sheet(tmp_path):
     cells = re.findall(r'<img src="\.\./images/[0-9a-f]{2}/([0-9a-f]+)\.png"', html)
     assert cells == [banksy[0].key, warhol[0].key], "image_index 0 of each subject in each style"
     assert html.count(">not made yet<") == 1, "Frida Kahlo's cell"
+
+
+def test_a_contact_sheet_of_many_subjects_goes_on_pages_written_only_when_they_change(tmp_path):
+    store = LocalStore(tmp_path)
+    per_page = gallery.CONTACT_PAGE_SUBJECTS
+    rows = {"Banksy": [_row(f"subject {i:03d}", "Banksy") for i in range(2 * per_page + 5)]}
+    present = {row.key for row in rows["Banksy"]}
+    summaries = [gallery.StyleSummary("Banksy", len(present), len(present), has_pages=True)]
+    gallery.render_index(store, summaries, rows, present)
+
+    index = store.read_text(gallery.INDEX_KEY)
+    assert index.count("<tr><th>subject ") == per_page
+    assert "subject 000<" in index and f"subject {per_page:03d}<" not in index
+    assert '<a href="contact/page-2.html">next &rarr;</a>' in index and '<a href="contact/page-3.html">3</a>' in index
+    second = store.read_text("gallery/contact/page-2.html")
+    assert "Contact sheet, page 2 of 3" in second and '<a href="../index.html">Gallery</a>' in second
+    assert '<a href="../index.html">&larr; previous</a>' in second and '<a href="page-3.html">3</a>' in second
+    first_cell = rows["Banksy"][per_page].key
+    assert f'<img src="../../images/{first_cell[:2]}/{first_cell}.png"' in second
+    assert store.read_text("gallery/contact/page-3.html").count("<tr><th>subject ") == 5
+
+    # A run that changes nothing on them leaves the contact pages as they are; the index has the counts.
+    pages = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "gallery" / "contact").glob("*.html")}
+    fewer = {"Banksy": rows["Banksy"][: per_page + 1]}
+    gallery.render_index(store, summaries, rows, present)
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "gallery" / "contact").glob("*.html")} == pages
+    gallery.render_index(store, summaries, fewer, present)
+    assert sorted(p.name for p in (tmp_path / "gallery" / "contact").glob("*.html")) == ["page-2.html"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import posixpath
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -26,6 +27,9 @@ from sd_assets.domain.store import ArtifactStore
 
 INDEX_KEY = "gallery/index.html"
 DEFAULT_PAGE_SIZE = 48
+# Subjects a contact-sheet page shows: the index holds the first ones, gallery/contact/ the rest.
+CONTACT_PAGE_SUBJECTS = 100
+CONTACT_FOLDER = "gallery/contact/"
 
 def count(number: int, noun: str) -> str:
     """``1 image``, ``2 images``."""
@@ -131,8 +135,33 @@ def _page_count(total: int, page_size: int) -> int:
     return max(1, math.ceil(total / page_size))
 
 
-def _pages_manifest_key(style: str) -> str:
-    return f"gallery/{slugify(style)}/pages.json"
+def contact_page_key(page: int) -> str:
+    """Page ``page`` of the contact sheet: the index is page 1."""
+    return INDEX_KEY if page == 1 else f"{CONTACT_FOLDER}page-{page}.html"
+
+
+def _write_changed_pages(store: ArtifactStore, folder: str, html_by_key: Mapping[str, str]) -> int:
+    """Write the pages of ``folder`` whose content differs from what ``<folder>pages.json`` says
+    was written last time (or that went missing), record them, and remove the folder's pages that
+    are gone (the run before had more); returns how many pages were written."""
+    manifest_key = f"{folder}pages.json"
+    existing = set(store.list_keys(folder))
+    try:
+        written_before = json.loads(store.read_text(manifest_key)) if manifest_key in existing else {}
+    except ValueError:  # unreadable: every page is written again
+        written_before = {}
+    manifest, written = {}, 0
+    for key, html in html_by_key.items():
+        manifest[key] = hashlib.sha256(html.encode()).hexdigest()
+        if key not in existing or written_before.get(key) != manifest[key]:
+            store.write_text(key, html)
+            written += 1
+    if manifest != written_before:
+        store.write_text(manifest_key, json.dumps(manifest, indent=0, sort_keys=True))
+    for key in existing:
+        if key.endswith(".html") and key not in html_by_key:
+            store.delete(key)
+    return written
 
 
 def render_style_pages(
@@ -177,33 +206,15 @@ def render_style_pages(
     keys: dict[str, list[str]] = {"grid": [], "earlier": []}
     for kind, entries, name in (("grid", grid_rows, style_page_key), ("earlier", earlier, earlier_page_key)):
         pages = _page_count(len(entries), page_size) if (entries or kind == "grid") else 0
+        prefix = "page-" if kind == "grid" else "earlier-"
         for page in range(1, pages + 1):
             chunk = entries[(page - 1) * page_size : page * page_size]
             html_by_key[name(style, page)] = template.render(
                 **common, kind=kind, items=items(chunk), page=page, pages=pages,
-                pager_links=pager_numbers(page, pages), prefix="page-" if kind == "grid" else "earlier-",
+                pager_links=pager_numbers(page, pages), href=lambda number, prefix=prefix: f"{prefix}{number}.html",
             )  # fmt: skip
             keys[kind].append(name(style, page))
-
-    manifest_key = _pages_manifest_key(style)
-    existing = set(store.list_keys(f"gallery/{slugify(style)}/"))
-    try:
-        written_before = json.loads(store.read_text(manifest_key)) if manifest_key in existing else {}
-    except ValueError:  # unreadable: every page is written again
-        written_before = {}
-    manifest, written = {}, 0
-    for key, html in html_by_key.items():
-        manifest[key] = hashlib.sha256(html.encode()).hexdigest()
-        if key not in existing or written_before.get(key) != manifest[key]:
-            store.write_text(key, html)
-            written += 1
-    if manifest != written_before:
-        store.write_text(manifest_key, json.dumps(manifest, indent=0, sort_keys=True))
-    # Pages beyond the new last ones (the grid shrank, or has all the earlier images now) would be stale.
-    for key in existing:
-        name = key.rsplit("/", 1)[-1]
-        if name.startswith(("page-", "earlier-")) and key not in html_by_key:
-            store.delete(key)
+    written = _write_changed_pages(store, f"gallery/{slugify(style)}/", html_by_key)
     return StylePages(keys["grid"], keys["earlier"], earlier_images=len(earlier), written=written)
 
 
@@ -218,7 +229,9 @@ def render_index(
     the store holds (``other_styles``: made by earlier grids), and the subject x style contact sheet.
 
     The contact sheet shows image 0 of every subject in every style: one row of it compares the
-    styles under the same starting noise.
+    styles under the same starting noise. The index holds its first ``CONTACT_PAGE_SUBJECTS``
+    subjects, ``gallery/contact/page-<n>.html`` the rest; those pages are written only when
+    their content changed (the index, with its counts, every time).
     """
     styles = [summary.style for summary in summaries]
     subjects: dict[str, None] = {}
@@ -233,14 +246,28 @@ def render_index(
                 "present": row.key in present,
                 "row": row,
             }
-    html = _ENVIRONMENT.get_template("index.html.j2").render(
-        summaries=summaries,
-        other_styles=other_styles,
-        styles=styles,
-        subjects=list(subjects),
-        cells=cells,
-        total=sum(s.total for s in summaries),
-        present=sum(s.present for s in summaries),
-    )
-    store.write_text(INDEX_KEY, html)
+    template = _ENVIRONMENT.get_template("index.html.j2")
+    subject_list = list(subjects)
+    pages = _page_count(len(subject_list), CONTACT_PAGE_SUBJECTS)
+    contact_pages: dict[str, str] = {}
+    for page in range(1, pages + 1):
+        html = template.render(
+            summaries=summaries, other_styles=other_styles, styles=styles, cells=cells,
+            subjects=subject_list[(page - 1) * CONTACT_PAGE_SUBJECTS : page * CONTACT_PAGE_SUBJECTS],
+            total=sum(s.total for s in summaries), present=sum(s.present for s in summaries),
+            page=page, pages=pages, pager_links=pager_numbers(page, pages), subjects_per_page=CONTACT_PAGE_SUBJECTS,
+            # Page 1 is gallery/index.html, the others are one folder down.
+            root="" if page == 1 else "../",
+            href=lambda number, here=page: _relative(contact_page_key(here), contact_page_key(number)),
+        )  # fmt: skip
+        if page == 1:
+            store.write_text(INDEX_KEY, html)
+        else:
+            contact_pages[contact_page_key(page)] = html
+    _write_changed_pages(store, CONTACT_FOLDER, contact_pages)
     return INDEX_KEY
+
+
+def _relative(source: str, target: str) -> str:
+    """The link from the page ``source`` to the page ``target`` (both store keys under gallery/)."""
+    return posixpath.relpath(target, posixpath.dirname(source))
