@@ -1,9 +1,11 @@
 """The asset graph end to end on the embedded default: images, catalog, galleries, idempotence."""
 
+import hashlib
 import json
 import logging
 import re
 import shutil
+from pathlib import Path
 
 import dagster as dg
 import diffusers
@@ -331,3 +333,21 @@ def test_a_run_on_an_in_memory_instance_warns_that_its_run_id_will_lead_nowhere(
         f"{result.run_id}, which every image made now records, will be found in no instance later" in message
         for message in warnings
     ), warnings
+
+
+def test_the_readmes_recipe_remakes_an_image_from_its_png_alone(grid_path, instance):
+    materialize_style(grid_path, "Banksy", instance)
+    data = grid_path.parent / "data"
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    recipe = re.search(r"### Reproducing an image\n.*?```python\n(.*?)```", readme, re.S).group(1)
+    assert 'f"data/models/' in recipe
+    for png_path in sorted((data / "images").rglob("*.png"))[:2]:
+        scope = {"png_path": png_path}
+        exec(recipe.replace('f"data/models/', f'f"{data}/models/'), scope)  # noqa: S102 - the README's own code
+        with Image.open(png_path) as made:
+            assert np.array_equal(np.asarray(scope["image"]), np.asarray(made.convert("RGB"))), png_path
+    # The seed formula the README gives is the one the grid uses.
+    formula = re.search(r"`(int\.from_bytes\(hashlib\.sha256.*?% 2\*\*32)`", readme).group(1)
+    provenance = read_provenance(png_path.read_bytes())
+    base_seed, subject, image_index = 42, provenance.subject, provenance.image_index  # noqa: F841 - used by eval
+    assert eval(formula, {"hashlib": hashlib, **locals()}) == provenance.seed  # noqa: S307
