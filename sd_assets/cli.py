@@ -65,6 +65,7 @@ def _search(args: argparse.Namespace) -> int:
         return 0
     varying = [c for c in VARYING_COLUMNS if found[c].nunique() > 1]
     columns = list(TABLE_COLUMNS[:-1]) + varying + (["deep_cache"] if (found["deep_cache"] != "").any() else [])
+    columns += ["safety_flagged"] if found["safety_flagged"].any() else []
     table = found[[*columns, "path"]].astype(str)
     table["run_id"] = table["run_id"].str[:8]
     if "model_revision" in table:

@@ -253,6 +253,15 @@ def test_style_pages_paginate_escape_and_link_relatively(tmp_path):
     assert gallery.render_style_pages(store, "Banksy", rows_on_three_pages, more, 4, profile).written == 2
 
 
+def test_an_image_the_safety_checker_blacked_out_says_so_under_it(tmp_path):
+    store = LocalStore(tmp_path)
+    rows = [_row("alan turing", "Banksy"), _row("ada lovelace", "Banksy")]
+    made = [_made(rows[0], "r1"), {**_made(rows[1], "r1"), "safety_flagged": True}]
+    page = store.read_text(gallery.render_style_pages(store, "Banksy", rows, made).pages[0])
+    alan, ada = page.split("<figure>")[1:]
+    assert "flagged by the safety checker (blacked out)" in ada and "flagged" not in alan
+
+
 def test_images_of_earlier_grids_get_pages_of_their_own_newest_first(tmp_path):
     store = LocalStore(tmp_path)
     now = [_row("alan turing", "Banksy", i) for i in range(2)]

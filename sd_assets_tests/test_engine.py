@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
+import io
+import json
 import threading
 import time
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from sd_assets.domain import engine
 from sd_assets.domain.errors import SdAssetsError
-from sd_assets.domain.prompts import GenerationSettings, PromptRow, image_seed
+from sd_assets.domain.generation import make_style_images
+from sd_assets.domain.models import ModelRef
+from sd_assets.domain.pngmeta import image_key_path, read_provenance
+from sd_assets.domain.prompts import GenerationSettings, PromptRow, content_key, image_seed
+from sd_assets.domain.store import LocalStore
 
 SETTINGS = GenerationSettings(
     model_id="tiny-random",
@@ -39,7 +47,8 @@ def loaded(tiny_model_store) -> engine.LoadedPipeline:
 def render_all(loaded: engine.LoadedPipeline, rows: list[PromptRow], batch_size: int) -> dict[str, np.ndarray]:
     images: dict[str, np.ndarray] = {}
     with engine.BoundedWriter(workers=2, max_pending=8) as writer:
-        engine.generate(loaded, rows, SETTINGS, batch_size, lambda row, pixels: images.update({row.key: pixels}), writer)
+        engine.generate(loaded, rows, SETTINGS, batch_size, lambda row, pixels, _flagged: images.update({row.key: pixels}),
+                        writer)  # fmt: skip
     return images
 
 
@@ -241,7 +250,7 @@ def test_a_failed_write_surfaces_from_the_writer():
 def test_generation_stops_at_the_first_batch_after_a_failed_write(loaded):
     calls: list[str] = []
 
-    def fail(row: PromptRow, _pixels) -> None:
+    def fail(row: PromptRow, _pixels, _flagged) -> None:
         calls.append(row.key)
         raise OSError("disk full")
 
@@ -249,3 +258,52 @@ def test_generation_stops_at_the_first_batch_after_a_failed_write(loaded):
         with engine.BoundedWriter(workers=1, max_pending=1) as writer:
             engine.generate(loaded, ROWS, SETTINGS, 2, fail, writer)
     assert len(calls) < len(ROWS)
+
+
+def _with_safety_checker(folder, destination, flag_everything: bool):
+    """A copy of the tiny model with a tiny random safety checker that flags every image, or none."""
+    import shutil
+
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    shutil.copytree(folder, destination)
+    vision = {"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4, "num_hidden_layers": 2,
+              "image_size": 32, "patch_size": 4}  # fmt: skip
+    checker = StableDiffusionSafetyChecker(CLIPConfig(vision_config=vision, projection_dim=32))
+    # A concept's score is cosine similarity less its weight; above 0 flags the image.
+    checker.concept_embeds_weights.data.fill_(-1.0 if flag_everything else 2.0)
+    checker.special_care_embeds_weights.data.fill_(2.0)
+    checker.save_pretrained(destination / "safety_checker")
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        destination / "feature_extractor"
+    )
+    index = json.loads((destination / "model_index.json").read_text())
+    index.update(safety_checker=["stable_diffusion", "StableDiffusionSafetyChecker"],
+                 feature_extractor=["transformers", "CLIPImageProcessor"], requires_safety_checker=True)  # fmt: skip
+    (destination / "model_index.json").write_text(json.dumps(index))
+    return destination
+
+
+def test_images_the_safety_checker_flags_are_kept_blacked_out_and_marked(loaded, tmp_path):
+    settings = dataclasses.replace(SETTINGS, safety_checker=True)
+    rows = [dataclasses.replace(row, key=content_key(settings, row.prompt, row.seed)) for row in ROWS[:3]]
+    assert rows[0].key != content_key(SETTINGS, rows[0].prompt, rows[0].seed), "checked images are other pictures"
+    ref = ModelRef("tiny-random", "rev", "PNDMScheduler", 0, 0)
+    for flag_everything in (True, False):
+        folder = _with_safety_checker(loaded.folder, tmp_path / f"model-{flag_everything}", flag_everything)
+        checked = engine.load_pipeline(folder, "cpu", "float32", safety_checker=True)
+        store = LocalStore(tmp_path / f"store-{flag_everything}")
+        report = make_style_images(store, checked, ref, settings, rows, style="Banksy", partition="Banksy",
+                                   run_id="r1", batch_size=2)  # fmt: skip
+        assert report.safety_flagged == (3 if flag_everything else 0)
+        for row in rows:
+            png = store.read_bytes(image_key_path(row.key))
+            assert read_provenance(png).safety_flagged is flag_everything
+            with Image.open(io.BytesIO(png)) as image:
+                assert bool(np.asarray(image).max() == 0) is flag_everything, "flagged: all black"
+
+
+def test_asking_for_the_safety_checker_of_a_model_without_one_is_a_clear_error(loaded):
+    with pytest.raises(SdAssetsError, match=r"has no safety checker; set inference.safety_checker: false"):
+        engine.load_pipeline(loaded.folder, "cpu", "float32", safety_checker=True)

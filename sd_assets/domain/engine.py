@@ -161,6 +161,9 @@ def load_pipeline(
             raise ModelError(f"cannot load a Stable Diffusion pipeline from {folder}: {exc}") from exc
         if scheduler_class is not None:
             pipeline.scheduler = scheduler_class.from_config(pipeline.scheduler.config)
+        if safety_checker and pipeline.safety_checker is None:
+            # Its images would be keyed and recorded as checked without being checked.
+            raise ModelError(f"the model in {folder} has no safety checker; set inference.safety_checker: false")
         pipeline = configure_pipeline(pipeline, device, compile_unet, tuning, deep_cache)
         loaded = LoadedPipeline(
             pipeline=pipeline,
@@ -283,12 +286,18 @@ def render_batch(loaded: LoadedPipeline, rows: Sequence[PromptRow], settings: Ge
     is no slower there; so on a CPU an image's pixels are exactly those of any other batching. On
     a GPU the batch runs as one, identical up to kernel nondeterminism.
     """
+    return render_checked(loaded, rows, settings)[0]
+
+
+def render_checked(loaded: LoadedPipeline, rows: Sequence[PromptRow], settings: GenerationSettings):
+    """``render_batch``'s pixels, and for each image whether the model's safety checker flagged
+    it (and blacked it out); all False when the pipeline has no safety checker."""
     import numpy as np
 
-    calls = pipeline_calls(loaded, rows)
-    if len(calls) > 1:
-        return np.concatenate([_render(loaded, call, settings) for call in calls])
-    return _render(loaded, rows, settings)
+    rendered = [_render(loaded, call, settings) for call in pipeline_calls(loaded, rows)]
+    if len(rendered) == 1:
+        return rendered[0]
+    return np.concatenate([pixels for pixels, _ in rendered]), [flag for _, flags in rendered for flag in flags]
 
 
 def pipeline_calls(loaded: LoadedPipeline, rows: Sequence[PromptRow]) -> list[list[PromptRow]]:
@@ -335,10 +344,11 @@ def _render(loaded: LoadedPipeline, rows: Sequence[PromptRow], settings: Generat
     import torch
 
     output = run_pipeline(loaded, rows, settings)
+    flagged = [bool(flag) for flag in output.nsfw_content_detected or [False] * len(rows)]
     with torch.inference_mode():
         # Quantise on the device: one small uint8 copy per batch crosses to the host.
         pixels = (output.images * 255).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
-        return pixels.cpu().numpy()
+        return pixels.cpu().numpy(), flagged
 
 
 class BoundedWriter:
@@ -405,11 +415,12 @@ def generate(
     rows: Sequence[PromptRow],
     settings: GenerationSettings,
     batch_size: int,
-    on_image: Callable[[PromptRow, Any], None],
+    on_image: Callable[[PromptRow, Any, bool], None],
     writer: BoundedWriter,
     on_progress: Callable[[int, int, float], None] | None = None,
 ) -> GenerationStats:
-    """Render ``rows`` in batches; each image's pixels go to ``on_image`` on the writer's pool.
+    """Render ``rows`` in batches; each image's pixels, and whether the safety checker flagged
+    it, go to ``on_image`` on the writer's pool.
 
     ``on_progress(done, total, elapsed_seconds)`` is called after each batch.
     """
@@ -424,14 +435,14 @@ def generate(
         # The shape the UNet sees (on a CPU, one row at a time whatever the batch).
         shape = (len(pipeline_calls(loaded, rendered)[0]), settings.width, settings.height)
         batch_start = time.perf_counter()
-        pixels = render_batch(loaded, rendered, settings)
+        pixels, flagged = render_checked(loaded, rendered, settings)
         batch_seconds = time.perf_counter() - batch_start
         if stats.first_batch_seconds is None:
             stats.first_batch_seconds = batch_seconds
         (cold if loaded.compiled and shape not in loaded.warmed_shapes else warm).append((len(rendered), batch_seconds))
         loaded.warmed_shapes.add(shape)
-        for row, image in zip(batch, pixels[: len(batch)], strict=True):
-            writer.submit(on_image, row, image)
+        for row, image, flag in zip(batch, pixels[: len(batch)], flagged[: len(batch)], strict=True):
+            writer.submit(on_image, row, image, flag)
         writer.raise_first_error()
         stats.generated += len(batch)
         if on_progress is not None:

@@ -38,6 +38,8 @@ class StyleRunReport:
     previews: list = field(default_factory=list)
     # Images rendered only to fill a short last batch to a shape already compiled.
     padded_images: int = 0
+    # Images the model's safety checker flagged and blacked out.
+    safety_flagged: int = 0
 
     @property
     def images_per_minute(self) -> float:
@@ -67,10 +69,11 @@ def make_style_images(
     software = software_versions()
     records: list[dict] = []
     previews: list = []
+    flagged: list[PromptRow] = []
     lock = threading.Lock()
     flushed = 0
 
-    def write_image(row: PromptRow, pixels) -> None:
+    def write_image(row: PromptRow, pixels, safety_flagged: bool) -> None:
         from PIL import Image
 
         image = Image.fromarray(pixels)
@@ -82,11 +85,14 @@ def make_style_images(
             run_id=run_id, partition=partition,
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"), device=loaded.device,
             dtype=loaded.dtype, deep_cache=deep_cache, model_variant=ref.variant or "", software=software,
+            safety_flagged=safety_flagged,
         )  # fmt: skip
         key = image_key_path(row.key)
         store.write_bytes(key, encode_png(image, provenance))
         with lock:
             records.append(catalog.catalog_record(provenance, store.location(key)))
+            if safety_flagged:
+                flagged.append(row)
             if len(previews) < PREVIEW_COUNT:
                 previews.append((row, image))
 
@@ -123,5 +129,6 @@ def make_style_images(
         compile_seconds=stats.compile_seconds,
         padded_images=stats.padded,
         writer_peak_pending=writer.peak_pending,
+        safety_flagged=len(flagged),
         previews=previews,
     )

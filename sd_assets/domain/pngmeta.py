@@ -67,6 +67,8 @@ class Provenance:
     # the picture, so they are recorded, not hashed. "" in images made before they were recorded.
     model_variant: str = ""
     software: str = ""
+    # The model's safety checker flagged the image and blacked it out (only with inference.safety_checker).
+    safety_flagged: bool = False
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, ensure_ascii=False)

@@ -40,6 +40,8 @@ class GenerationSettings:
     height: int
     negative_prompt: str
     deep_cache: DeepCache | None = None
+    # With the model's safety checker an image it flags is blacked out: another picture.
+    safety_checker: bool = False
 
     @classmethod
     def from_grid(cls, grid: GridConfig, model_revision: str, scheduler: str) -> GenerationSettings:
@@ -54,18 +56,21 @@ class GenerationSettings:
             height=inference.height,
             negative_prompt=inference.negative_prompt,
             deep_cache=DeepCache(**inference.deep_cache.model_dump()) if inference.deep_cache else None,
+            safety_checker=inference.safety_checker,
         )
 
 
 def content_key(settings: GenerationSettings, prompt: str, seed: int) -> str:
     """sha256 hex of the canonical JSON of the settings, prompt and seed.
 
-    Without DeepCache the settings hash as they did before that option existed, so images made
-    before it keep their keys (and are not made again).
+    Without DeepCache and the safety checker the settings hash as they did before those options
+    existed, so images made before them keep their keys (and are not made again).
     """
     payload = {**asdict(settings), "prompt": prompt, "seed": seed}
     if settings.deep_cache is None:
         del payload["deep_cache"]
+    if not settings.safety_checker:
+        del payload["safety_checker"]
     canonical = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 

@@ -376,6 +376,13 @@ def _generate(
     }
     if settings.deep_cache:
         metadata["deep_cache"] = settings.deep_cache.describe()
+    if settings.safety_checker:
+        metadata["safety_flagged"] = report.safety_flagged
+        if report.safety_flagged:
+            context.log.warning(
+                f"{style}: the safety checker flagged {gallery.count(report.safety_flagged, 'image')} and blacked "
+                "them out; they are kept, marked safety_flagged in the catalog and the gallery, and not made again"
+            )
     if profile.chart_svg:
         metadata["gpu_util_chart"] = dg.MetadataValue.md(profile.chart_markdown())
     if loaded.compiled:
