@@ -1,6 +1,7 @@
 """Catalog merging and searching, and the static gallery pages, on a local store."""
 
 import hashlib
+import json
 import re
 import shutil
 from dataclasses import replace
@@ -334,18 +335,27 @@ def test_a_contact_sheet_of_many_subjects_goes_on_pages_written_only_when_they_c
     index = store.read_text(gallery.INDEX_KEY)
     assert index.count("<tr><th>subject ") == per_page
     assert "subject 000<" in index and f"subject {per_page:03d}<" not in index
-    assert '<a href="contact/page-2.html">next &rarr;</a>' in index and '<a href="contact/page-3.html">3</a>' in index
-    second = store.read_text("gallery/contact/page-2.html")
+    assert '<a href="_contact/page-2.html">next &rarr;</a>' in index and '<a href="_contact/page-3.html">3</a>' in index
+    second = store.read_text("gallery/_contact/page-2.html")
     assert "Contact sheet, page 2 of 3" in second and '<a href="../index.html">Gallery</a>' in second
     assert '<a href="../index.html">&larr; previous</a>' in second and '<a href="page-3.html">3</a>' in second
     first_cell = rows["Banksy"][per_page].key
     assert f'<img src="../../images/{first_cell[:2]}/{first_cell}.png"' in second
-    assert store.read_text("gallery/contact/page-3.html").count("<tr><th>subject ") == 5
+    assert store.read_text("gallery/_contact/page-3.html").count("<tr><th>subject ") == 5
 
     # A run that changes nothing on them leaves the contact pages as they are; the index has the counts.
-    pages = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "gallery" / "contact").glob("*.html")}
+    pages = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "gallery" / "_contact").glob("*.html")}
     fewer = {"Banksy": rows["Banksy"][: per_page + 1]}
     gallery.render_index(store, summaries, rows, present)
-    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "gallery" / "contact").glob("*.html")} == pages
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "gallery" / "_contact").glob("*.html")} == pages
     gallery.render_index(store, summaries, fewer, present)
-    assert sorted(p.name for p in (tmp_path / "gallery" / "contact").glob("*.html")) == ["page-2.html"]
+    assert sorted(p.name for p in (tmp_path / "gallery" / "_contact").glob("*.html")) == ["page-2.html"]
+    # A record that is JSON but not one (written by hand, say) means: write every page again.
+    store.write_text("gallery/_contact/pages.json", "null")
+    gallery.render_index(store, summaries, fewer, present)
+    assert json.loads(store.read_text("gallery/_contact/pages.json")) != {}
+    # A style named Contact keeps its own pages beside the contact sheet's.
+    contact = [_row("alan turing", "Contact")]
+    gallery.render_style_pages(store, "Contact", contact, [_made(contact[0], "r1")])
+    gallery.render_index(store, summaries, rows, present)
+    assert store.exists("gallery/contact/page-1.html") and store.exists("gallery/_contact/page-3.html")

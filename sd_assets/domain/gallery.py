@@ -27,9 +27,10 @@ from sd_assets.domain.store import ArtifactStore
 
 INDEX_KEY = "gallery/index.html"
 DEFAULT_PAGE_SIZE = 48
-# Subjects a contact-sheet page shows: the index holds the first ones, gallery/contact/ the rest.
+# Subjects a contact-sheet page shows: the index holds the first ones, CONTACT_FOLDER the rest.
 CONTACT_PAGE_SUBJECTS = 100
-CONTACT_FOLDER = "gallery/contact/"
+# No style's folder: a style starts with a letter or digit, and so does its slug.
+CONTACT_FOLDER = "gallery/_contact/"
 
 def count(number: int, noun: str) -> str:
     """``1 image``, ``2 images``."""
@@ -150,6 +151,8 @@ def _write_changed_pages(store: ArtifactStore, folder: str, html_by_key: Mapping
         written_before = json.loads(store.read_text(manifest_key)) if manifest_key in existing else {}
     except ValueError:  # unreadable: every page is written again
         written_before = {}
+    if not isinstance(written_before, dict):
+        written_before = {}
     manifest, written = {}, 0
     for key, html in html_by_key.items():
         manifest[key] = hashlib.sha256(html.encode()).hexdigest()
@@ -230,7 +233,7 @@ def render_index(
 
     The contact sheet shows image 0 of every subject in every style: one row of it compares the
     styles under the same starting noise. The index holds its first ``CONTACT_PAGE_SUBJECTS``
-    subjects, ``gallery/contact/page-<n>.html`` the rest; those pages are written only when
+    subjects, ``gallery/_contact/page-<n>.html`` the rest; those pages are written only when
     their content changed (the index, with its counts, every time).
     """
     styles = [summary.style for summary in summaries]
