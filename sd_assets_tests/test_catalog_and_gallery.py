@@ -176,6 +176,17 @@ def test_a_catalog_written_before_the_deep_cache_column_still_merges(tmp_path):
     assert list(catalog.read_catalog(store)["deep_cache"]) == ["", ""]
 
 
+def test_a_pending_batch_written_before_the_later_columns_merges_with_their_old_values(tmp_path):
+    store = LocalStore(tmp_path)
+    row = _row("alan turing", "Banksy")
+    record = {k: v for k, v in _store_image(store, row, "r1").items() if k not in catalog.LATER_COLUMNS}
+    store.write_bytes(catalog.pending_prefix("Banksy") + "r1-000001.jsonl", (json.dumps(record) + "\n").encode())
+    merged, report = catalog.merge_catalog(store, "Banksy", [row])
+    assert report.added_from_records == 1
+    [merged_row] = merged.to_pylist()
+    assert {column: merged_row[column] for column in catalog.LATER_COLUMNS} == catalog.LATER_COLUMNS
+
+
 def test_a_pending_batch_left_in_parquet_by_an_earlier_version_still_merges(tmp_path):
     store = LocalStore(tmp_path)
     row = _row("alan turing", "Banksy")

@@ -109,7 +109,13 @@ def _json_lines(records: Sequence[dict]) -> bytes:
 
 
 def _from_json_lines(data: bytes) -> pa.Table:
-    return pa_json.read_json(io.BytesIO(data), parse_options=pa_json.ParseOptions(explicit_schema=SCHEMA))
+    table = pa_json.read_json(io.BytesIO(data), parse_options=pa_json.ParseOptions(explicit_schema=SCHEMA))
+    # Records written before a later column existed lack it: they mean its old value, as in Parquet.
+    for column, value in LATER_COLUMNS.items():
+        if table[column].null_count:
+            index = table.schema.get_field_index(column)
+            table = table.set_column(index, column, pc.fill_null(table[column], value))
+    return table
 
 
 def _read_pending(store: ArtifactStore, key: str) -> pa.Table:
