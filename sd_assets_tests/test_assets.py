@@ -324,12 +324,18 @@ def test_a_prompt_longer_than_the_text_encoder_reads_is_named_in_a_warning(grid_
         ), warnings
 
 
-def test_a_run_on_an_in_memory_instance_warns_that_its_run_id_will_lead_nowhere(grid_path):
-    instance = dg.DagsterInstance.ephemeral()  # what `dagster job execute` and the demo use without DAGSTER_HOME
+@pytest.mark.parametrize("kind", ["in memory", "the CLI's temporary folder"])
+def test_a_run_on_an_instance_that_is_not_kept_warns_that_its_run_id_will_lead_nowhere(grid_path, kind):
+    # Without DAGSTER_HOME the demo runs in memory, and `dagster job execute` in a folder it deletes at exit.
+    if kind == "in memory":
+        instance = dg.DagsterInstance.ephemeral()
+    else:
+        (home := grid_path.parent / ".tmp_dagster_home_abc123").mkdir()
+        instance = dg.DagsterInstance.local_temp(tempdir=str(home))
     result = materialize_style(grid_path, "Banksy", instance)
     warnings = [entry.user_message for entry in instance.all_logs(result.run_id) if entry.level == logging.WARNING]
     assert any(
-        f"Banksy: this run's Dagster instance is in memory only (DAGSTER_HOME is not set): the run id "
+        f"Banksy: this run's Dagster instance is not kept (DAGSTER_HOME is not set): the run id "
         f"{result.run_id}, which every image made now records, will be found in no instance later" in message
         for message in warnings
     ), warnings

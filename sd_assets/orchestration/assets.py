@@ -10,6 +10,7 @@ import io
 import json
 import time
 import warnings
+from pathlib import Path
 
 import dagster as dg
 
@@ -281,6 +282,15 @@ def build_assets(styles: dg.StaticPartitionsDefinition) -> list:
     return [grid_inputs, model_weights, prompt_grid, style_images, image_catalog, style_gallery, gallery_index]
 
 
+# `dagster job execute` without DAGSTER_HOME keeps its run in a folder of this name, deleted at exit.
+_TEMPORARY_DAGSTER_HOME = ".tmp_dagster_home_"
+
+
+def _run_record_is_lost(instance: dg.DagsterInstance) -> bool:
+    """Whether the run's record goes with its process: an in-memory instance, or the CLI's temporary one."""
+    return instance.is_ephemeral or Path(instance.root_directory).name.startswith(_TEMPORARY_DAGSTER_HOME)
+
+
 def _make_missing_images(
     context: dg.AssetExecutionContext,
     config,
@@ -299,9 +309,9 @@ def _make_missing_images(
         return metadata
     # Held while this run generates; the next run on this node gets another device, and a
     # crashed run's process exit frees it.
-    if context.instance.is_ephemeral:
+    if _run_record_is_lost(context.instance):
         context.log.warning(
-            f"{style}: this run's Dagster instance is in memory only (DAGSTER_HOME is not set): the run id "
+            f"{style}: this run's Dagster instance is not kept (DAGSTER_HOME is not set): the run id "
             f"{context.run.run_id}, which every image made now records, will be found in no instance later; "
             "set DAGSTER_HOME to keep the run"
         )
