@@ -134,6 +134,9 @@ def test_an_unknown_scheduler_is_named_with_the_close_ones_before_any_weights_lo
     with pytest.raises(SdAssetsError, match=r"'EulerDiscreetScheduler' is not a diffusers scheduler class; did you mean "
                        r"EulerDiscreteScheduler"):  # fmt: skip
         engine.load_pipeline(loaded.folder / "no-weights-here", "cpu", "float32", scheduler="EulerDiscreetScheduler")
+    # diffusers names it, but without torchsde it is a placeholder.
+    with pytest.raises(SdAssetsError, match=r"'DPMSolverSDEScheduler' needs torchsde: pip install torchsde"):
+        engine.load_pipeline(loaded.folder, "cpu", "float32", scheduler="DPMSolverSDEScheduler")
 
 
 def test_an_unknown_compile_mode_is_a_clear_error():

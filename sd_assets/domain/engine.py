@@ -151,7 +151,7 @@ def load_pipeline(
         import diffusers
         import torch
 
-        scheduler_class = _scheduler_class(diffusers, scheduler) if scheduler else None
+        chosen_scheduler = scheduler_class(scheduler) if scheduler else None
         kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype), "variant": variant}
         if not safety_checker:
             kwargs.update(safety_checker=None, requires_safety_checker=False)
@@ -159,8 +159,8 @@ def load_pipeline(
             pipeline = diffusers.StableDiffusionPipeline.from_pretrained(str(folder), **kwargs)
         except (OSError, ValueError) as exc:
             raise ModelError(f"cannot load a Stable Diffusion pipeline from {folder}: {exc}") from exc
-        if scheduler_class is not None:
-            pipeline.scheduler = scheduler_class.from_config(pipeline.scheduler.config)
+        if chosen_scheduler is not None:
+            pipeline.scheduler = chosen_scheduler.from_config(pipeline.scheduler.config)
         if safety_checker and pipeline.safety_checker is None:
             # Its images would be keyed and recorded as checked without being checked.
             raise ModelError(f"the model in {folder} has no safety checker; set inference.safety_checker: false")
@@ -186,11 +186,17 @@ def software_versions() -> str:
     return f"torch {torch.__version__}, diffusers {diffusers.__version__}"
 
 
-def _scheduler_class(diffusers, name: str):
-    """The diffusers scheduler class ``name``, before any weights load; a ModelError with the close names."""
-    scheduler_class = getattr(diffusers, name, None)
-    if isinstance(scheduler_class, type) and issubclass(scheduler_class, diffusers.SchedulerMixin):
-        return scheduler_class
+def scheduler_class(name: str):
+    """The diffusers scheduler class ``name``; a ModelError with the close names, or with the
+    library it needs (diffusers names such a class but leaves it a placeholder without that)."""
+    import diffusers
+
+    found = getattr(diffusers, name, None)
+    if isinstance(found, type) and issubclass(found, diffusers.SchedulerMixin):
+        return found
+    missing = [backend for backend in getattr(found, "_backends", ()) if backend != "torch"]
+    if missing:
+        raise ModelError(f"inference.scheduler {name!r} needs {' and '.join(missing)}: pip install {' '.join(missing)}")
     names = [n for n in dir(diffusers) if n.endswith("Scheduler")]
     close = difflib.get_close_matches(name, names, n=3)
     hint = f"; did you mean {' or '.join(close)}?" if close else ""

@@ -337,6 +337,8 @@ def _generate(
     inference = config.inference
     settings = GenerationSettings.from_grid(config, ref.revision, inference.scheduler or ref.scheduler)
     check_rows_match_settings(artifact_store, style, missing, settings, config.source)
+    if inference.scheduler:
+        engine.scheduler_class(inference.scheduler)  # a misspelt one fails before the model is copied here
     copy = local_model_folder(artifact_store, ref, generator.model_cache_dir)
     dtype = engine.pick_dtype(device, inference.dtype)
     loading = time.perf_counter()
