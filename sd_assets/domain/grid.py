@@ -156,7 +156,7 @@ class GridConfig(_Strict):
 
     @pydantic.field_validator("prompt_template")
     @classmethod
-    def _valid_template(cls, template: str, info: pydantic.ValidationInfo) -> str:
+    def _valid_template(cls, template: str) -> str:
         try:
             parts = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(template)]
         except ValueError as exc:
@@ -170,12 +170,10 @@ class GridConfig(_Strict):
             raise ValueError(f"{template!r} uses unknown fields {sorted(unknown)}; use {{subject}} and {{style}}")
         if "subject" not in fields:
             raise ValueError(f"{template!r} must contain {{subject}}")
-        styles = info.data.get("styles") or []
-        if "style" not in fields and len(styles) > 1:
-            # Every style would make the same prompts, so the same images under the same keys.
-            raise ValueError(
-                f"{template!r} must contain {{style}}: without it the grid's {len(styles)} styles make the same images"
-            )
+        if "style" not in fields:
+            # Two styles (of this grid, or one that replaces it later) would make the same prompts,
+            # so the same images under the same keys, each filed as the other's.
+            raise ValueError(f"{template!r} must contain {{style}}: without it, styles make the same images")
         return template
 
     @pydantic.field_validator("storage")
