@@ -214,7 +214,9 @@ def test_the_sensor_turned_on_runs_every_style_for_a_dropped_list(node, node_ins
     node.wait_for_runs(node_instance, sensor_runs, len(STYLES), deadline)
     (node.grid.parent / "subjects" / "new.txt").write_text("grace hopper\n")
     runs = node.wait_for_runs(node_instance, sensor_runs, 2 * len(STYLES), deadline)
-    assert len(runs) == 2 * len(STYLES), "no run key launched twice"
+    every_run = node_instance.get_runs(filters=dg.RunsFilter(tags=sensor_runs))  # whatever their status
+    keys = [run.tags["dagster/run_key"] for run in every_run]
+    assert len(keys) == len(set(keys)) == 2 * len(STYLES), "no run key launched twice"
     new_list_runs = [run for run in runs if run.tags["dagster/run_key"].startswith("new.txt:")]
     assert sorted(run.tags["dagster/partition"] for run in new_list_runs) == sorted(STYLES)
     for style in STYLES:
