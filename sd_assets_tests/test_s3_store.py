@@ -239,3 +239,21 @@ def test_subject_lists_in_s3_are_read_again_only_when_rewritten(bucket):
     store.write_text("subjects/people.txt", "grace hopper\n")  # same size, new ETag
     rewritten = scan_subject_lists(source, unchanged.state, max_subjects=100)
     assert rewritten.read == 1 and [sl.subjects for sl in rewritten.changed] == [("grace hopper",)]
+
+
+def test_a_runs_steps_fetch_each_subject_list_once_until_it_is_rewritten(bucket):
+    store = open_store(f"s3://{bucket}/fetches")
+    for i in range(5):
+        store.write_text(f"subjects/list-{i}.txt", f"subject {i}\n")
+    gets: list[str] = []
+    store.client.meta.events.register(
+        "before-parameter-build.s3.GetObject", lambda params, **_: gets.append(params["Key"])
+    )
+    # grid_inputs, prompt_grid and gallery_index each read the lists, each with a source of its own.
+    for _ in range(3):
+        read = read_subject_lists(StoreSource(store), 100)
+        assert [sl.subjects for sl in read.lists] == [(f"subject {i}",) for i in range(5)]
+    assert sorted(gets) == [f"fetches/subjects/list-{i}.txt" for i in range(5)]
+    store.write_text("subjects/list-3.txt", "grace hopper\n")  # a new ETag: fetched again
+    read = read_subject_lists(StoreSource(store), 100)
+    assert read.lists[3].subjects == ("grace hopper",) and gets[5:] == ["fetches/subjects/list-3.txt"]

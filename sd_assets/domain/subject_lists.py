@@ -17,9 +17,11 @@ import base64
 import hashlib
 import json
 import os
+import threading
 import time
 import zlib
 from abc import ABC, abstractmethod
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +37,8 @@ SETTLE_NS = 2_000_000_000
 SHORT_HASH = 16
 _CURSOR_FORMAT = "z3:"
 _CURSOR_FORMAT_WITHOUT_STORE = "z2:"
+# Lists read at once: on S3 each read is a request.
+READ_THREADS = 8
 
 
 @dataclass(frozen=True)
@@ -99,7 +103,14 @@ class StoreSource(SubjectSource):
 
     One listing gives every list's size and version tag (an S3 ETag, new with every write), so
     a look reads only the lists written since the last one; content hashes decide what changed.
+    A list read once in this process is not fetched again while its tag is the same: every
+    step of a run reads the lists, and each fetch is a request.
     """
+
+    # (location, version tag) -> content; emptied when it would pass _CACHE_BYTES.
+    _cache: dict[tuple[str, str], bytes] = {}
+    _cache_lock = threading.Lock()
+    _CACHE_BYTES = 64 * 1024 * 1024
 
     def __init__(self, store: ArtifactStore, prefix: str = STORE_PREFIX):
         self.store = store
@@ -109,6 +120,7 @@ class StoreSource(SubjectSource):
             f"; with this storage the subject lists live in the store: copy them there, "
             f"for example `aws s3 cp subjects/ {self.location} --recursive`"
         )
+        self._versions: dict[str, str] = {}
 
     def listing(self) -> list[ListedFile]:
         listed = [
@@ -116,10 +128,22 @@ class StoreSource(SubjectSource):
             for key, version in self.store.versions(self.prefix).items()
             if key.endswith(LIST_SUFFIX) and "/" not in key[len(self.prefix) :]
         ]
+        self._versions = {f.name: f.version for f in listed if f.version}
         return sorted(listed, key=lambda f: f.name)
 
     def read(self, name: str) -> bytes:
-        return self.store.read_bytes(self.prefix + name)
+        version = self._versions.get(name)
+        cache_key = (self.store.location(self.prefix + name), version or "")
+        with self._cache_lock:
+            if version and cache_key in self._cache:
+                return self._cache[cache_key]
+        data = self.store.read_bytes(self.prefix + name)
+        if version:
+            with self._cache_lock:
+                if sum(map(len, self._cache.values())) + len(data) > self._CACHE_BYTES:
+                    self._cache.clear()
+                self._cache[cache_key] = data
+        return data
 
 
 def subject_source(grid: GridConfig, store: ArtifactStore) -> SubjectSource:
@@ -159,8 +183,10 @@ def read_subject_lists(source: SubjectSource, max_subjects: int) -> SubjectListR
         GridError: the source is missing, or holds no valid list at all.
     """
     lists, problems = [], []
-    for listed in source.listing():
-        parsed, problem, _ = _read_one(source, listed.name, max_subjects)
+    listing = source.listing()
+    with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:
+        read = list(pool.map(lambda listed: _read_one(source, listed.name, max_subjects), listing))
+    for parsed, problem, _ in read:
         if parsed is not None:
             lists.append(parsed)
         else:
