@@ -198,8 +198,10 @@ def test_a_compiled_run_reports_its_compile_time_and_makes_the_same_pictures(
     assert "compiled" not in eager and "compile_seconds" not in eager
     assert compiled["generated"] == 3 and compiled["compiled"] == "unet, vae decoder"
     assert eager.get("deep_cache") == compiled.get("deep_cache") == ("interval 2, branch 0" if deep_cache else None)
-    # The first batch compiled; the second ran warm and sets what running warm costs.
-    assert 0 < compiled["compile_seconds"] < compiled["first_batch_seconds"]
+    # The first batch compiled; the second ran warm and sets what running warm costs. (How much
+    # the compile took is timing: with Inductor's disk cache warm and the machine busy it may be 0;
+    # test_engine checks the arithmetic.)
+    assert 0 <= compiled["compile_seconds"] <= compiled["first_batch_seconds"]
     assert compiled["padded_images"] == 0, "a CPU renders rows one at a time: nothing to fill"
     assert _pngs(eager_data).keys() == _pngs(compiled_data).keys()
     for path in (eager_data / "images").rglob("*.png"):

@@ -139,6 +139,16 @@ def test_an_unknown_scheduler_is_named_with_the_close_ones_before_any_weights_lo
         engine.load_pipeline(loaded.folder, "cpu", "float32", scheduler="DPMSolverSDEScheduler")
 
 
+def test_compile_time_is_what_new_shapes_took_beyond_the_warm_rate():
+    # 2 warm batches: 4 images in 2 s, so 0.5 s an image. A cold batch of 2 images took 6 s: 5 s compiling.
+    assert engine.compile_seconds([(2, 6.0)], [(2, 1.0), (2, 1.0)]) == 5.0
+    # A cold batch no slower than warm ones (a compile cache hit on a busy machine) counts nothing.
+    assert engine.compile_seconds([(2, 0.9)], [(2, 1.0)]) == 0.0
+    # Nothing warm to compare with (every batch a new shape): all of it.
+    assert engine.compile_seconds([(2, 6.0), (1, 4.0)], []) == 10.0
+    assert engine.compile_seconds([], [(2, 1.0)]) == 0.0
+
+
 def test_an_unknown_compile_mode_is_a_clear_error():
     with pytest.raises(SdAssetsError, match="compile mode 'reduce-overhead' is not one of default, max-autotune"):
         engine.Tuning(compile_mode="reduce-overhead")

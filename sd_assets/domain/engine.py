@@ -416,6 +416,14 @@ class GenerationStats:
     padded: int = 0
 
 
+def compile_seconds(cold: Sequence[tuple[int, float]], warm: Sequence[tuple[int, float]]) -> float:
+    """Time spent compiling: what the batches of a new shape (``cold``, as (images, seconds))
+    took beyond what their images cost in the warm batches; all of their time without warm ones."""
+    warm_images = sum(n for n, _ in warm)
+    warm_per_image = sum(t for _, t in warm) / warm_images if warm_images else 0.0
+    return sum(max(t - n * warm_per_image, 0.0) for n, t in cold)
+
+
 def generate(
     loaded: LoadedPipeline,
     rows: Sequence[PromptRow],
@@ -453,9 +461,7 @@ def generate(
         stats.generated += len(batch)
         if on_progress is not None:
             on_progress(stats.generated, len(rows), time.perf_counter() - start)
-    if cold:
-        warm_per_image = sum(t for _, t in warm) / sum(n for n, _ in warm) if warm else 0.0
-        stats.compile_seconds = sum(max(t - n * warm_per_image, 0.0) for n, t in cold)
+    stats.compile_seconds = compile_seconds(cold, warm)
     return stats
 
 
