@@ -47,8 +47,9 @@ def test_two_styles_make_images_catalog_and_gallery(grid_path, instance):
         meta = _metadata(result, "style_images")
         assert meta["generated"] == 4 and meta["skipped"] == 0 and meta["device"] == "cpu"
         assert meta["images_per_minute"] > 0 and meta["previews"].count("](data:image/jpeg;base64,") == 4
-    # The second style reuses the pipeline this process loaded for the first: it reports no load time.
-    assert _metadata(results["Andy Warhol"], "style_images")["model_load_seconds"] < 0.05
+    # The second style reuses the pipeline this process loaded for the first: a dict lookup, not a load.
+    loads = {style: _metadata(result, "style_images")["model_load_seconds"] for style, result in results.items()}
+    assert loads["Andy Warhol"] < loads["Banksy"], loads
 
     catalog = pd.concat(pd.read_parquet(p) for p in (data / "catalog").glob("*.parquet"))
     assert len(catalog) == 8 and set(catalog["style"]) == set(STYLES)
