@@ -295,6 +295,7 @@ def test_images_of_earlier_grids_get_pages_of_their_own_newest_first(tmp_path):
     runs = re.findall(r">run (run-\d)<", earlier + store.read_text(written.earlier_pages[1]))
     assert runs == ["run-2", "run-1", "run-0"]
     assert earlier.count("4 steps · 64x64 · guidance 7.5 · PNDMScheduler · tiny-random@0000000 · 2026-11-2") == 1
+    assert "· 2026-11-20 00:00 UTC" in store.read_text(written.earlier_pages[1])
     assert "4 steps · 64x64 · guidance 7.5 · PNDMScheduler · tiny-random@0000000 · negative prompt: blurry" in earlier
     assert f'src="../../images/{before[2].key[:2]}/{before[2].key}.png"' in earlier
 
@@ -302,6 +303,20 @@ def test_images_of_earlier_grids_get_pages_of_their_own_newest_first(tmp_path):
     written = gallery.render_style_pages(store, "Banksy", now + before, made)
     assert written.earlier_pages == [] and not store.exists("gallery/banksy/earlier-1.html")
     assert "earlier" not in store.read_text(written.pages[0])
+
+
+def test_one_runs_earlier_images_stay_in_subject_order_whatever_second_each_was_written(tmp_path):
+    store = LocalStore(tmp_path)
+    subjects = ["zeno", "alan turing", "ada lovelace"]
+    old = [_row(subject, "Banksy") for subject in subjects]
+    # One run over two seconds, zeno written last; an older run's one image; one step each.
+    made = [_made(row, "run-b", steps=1, created=f"2026-11-27T10:00:0{i}+00:00") for i, row in enumerate(old)]
+    made.append(_made(_row("grace hopper", "Banksy"), "run-a", steps=1, created="2026-11-26T09:00:00+00:00"))
+    written = gallery.render_style_pages(store, "Banksy", [_row("new", "Banksy")], made)
+    earlier = store.read_text(written.earlier_pages[0])
+    order = re.findall(r"<figcaption>(.*?) by Banksy<br>", earlier)
+    assert order == ["ada lovelace", "alan turing", "zeno", "grace hopper"]
+    assert "1 step · 64x64" in earlier and "1 steps" not in earlier
 
 
 def test_a_pager_links_a_bounded_set_of_pages():

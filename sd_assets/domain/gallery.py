@@ -59,7 +59,7 @@ def settings_text(row: Mapping) -> str:
     """What besides prompt and seed made a catalog row's image, in one line: steps, size, guidance,
     scheduler, model, and the negative prompt and DeepCache setting when it has them."""
     parts = [
-        f"{row['steps']} steps", f"{row['width']}x{row['height']}", f"guidance {row['guidance_scale']:g}",
+        count(row["steps"], "step"), f"{row['width']}x{row['height']}", f"guidance {row['guidance_scale']:g}",
         row["scheduler"], f"{row['model_id']}@{row['model_revision'][:7]}",
     ]  # fmt: skip
     if row.get("negative_prompt"):
@@ -167,6 +167,16 @@ def _write_changed_pages(store: ArtifactStore, folder: str, html_by_key: Mapping
     return written
 
 
+def _newest_runs_first(rows: list[Mapping]) -> list[Mapping]:
+    """Catalog rows by run, the newest run first, and in subject and image order within a run
+    (a row's time has one-second steps, so sorting by it alone scrambles a run's images)."""
+    latest: dict[str, str] = {}
+    for row in rows:
+        latest[row["run_id"]] = max(latest.get(row["run_id"], ""), row["created"])
+    in_grid_order = sorted(rows, key=lambda r: (r["subject"], r["image_index"]))
+    return sorted(in_grid_order, key=lambda r: (latest[r["run_id"]], r["run_id"]), reverse=True)
+
+
 def render_style_pages(
     store: ArtifactStore,
     style: str,
@@ -187,7 +197,7 @@ def render_style_pages(
     template = _ENVIRONMENT.get_template("style_page.html.j2")
     made = {row["key"]: row for row in catalog_rows}
     grid_keys = {row.key for row in rows}
-    earlier = sorted((r for r in catalog_rows if r["key"] not in grid_keys), key=lambda r: r["created"], reverse=True)
+    earlier = _newest_runs_first([r for r in catalog_rows if r["key"] not in grid_keys])
     first_made = next((made[row.key] for row in rows if row.key in made), None)
     common = {
         "style": style, "profile": profile, "earlier_images": len(earlier),
