@@ -28,6 +28,19 @@ def display_width(text: str) -> int:
     )
 
 
+# Free-text columns cut to this many terminal columns in the table (--json has them whole).
+CELL_WIDTH = 40
+
+
+def shorten(text: str, width: int = CELL_WIDTH) -> str:
+    """``text`` cut to at most ``width`` terminal columns, ending in '…' where it was cut."""
+    if display_width(text) <= width:
+        return text
+    while display_width(text) > width - 1:
+        text = text[:-1]
+    return text + "…"
+
+
 def text_table(rows: list[list[str]]) -> list[str]:
     """``rows`` (the first the header) as lines of aligned columns, two spaces apart; the last column unpadded."""
     widths = [max(display_width(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
@@ -68,6 +81,8 @@ def _search(args: argparse.Namespace) -> int:
     columns += ["safety_flagged"] if found["safety_flagged"].any() else []
     table = found[[*columns, "path"]].astype(str)
     table["run_id"] = table["run_id"].str[:8]
+    for free_text in {"subject", "negative_prompt"} & set(columns):
+        table[free_text] = table[free_text].map(shorten)
     if "model_revision" in table:
         table["model_revision"] = table["model_revision"].str[:7]
     for line in text_table([[*columns, "path"], *table[[*columns, "path"]].values.tolist()]):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sd_assets.cli import text_table
+from sd_assets.cli import shorten, text_table
 from sd_assets_tests.helpers import materialize_style
 
 REPO = Path(__file__).resolve().parent.parent
@@ -165,6 +165,12 @@ def test_a_broken_catalog_is_rebuilt_with_the_images_of_every_grid(cli_env, grid
     header, *lines = table.stdout.splitlines()
     assert header.split() == ["subject", "style", "image_index", "seed", "model_id", "run_id", "steps", "path"]
     assert sorted(line.split()[-2] for line in lines) == ["2", "2", "3", "3"] and "4 images" in table.stderr
+
+
+def test_a_long_subject_is_cut_to_forty_columns_in_the_search_table():
+    assert shorten("a" * 40) == "a" * 40
+    assert shorten("a" * 41) == "a" * 39 + "…"
+    assert shorten("北" * 30) == "北" * 19 + "…", "wide characters count two columns"
 
 
 def test_the_search_table_lines_up_wide_characters_and_accents():
