@@ -87,6 +87,8 @@ def test_the_gallery_follows_the_grid_and_keeps_earlier_images_in_reach(grid_pat
     assert "4 of 8 images of the grid made, across 2 styles" in index
     page = (data / "gallery" / "banksy" / "page-1.html").read_text()
     assert "Grid settings: 3 steps · 64x64" in page and page.count("<img ") == 4
+    # The page says which run wrote it, and when: a style not run since keeps its older pages.
+    assert re.search(r"4 of 4 images made, as of run [0-9a-f]{8}, \d{4}-\d\d-\d\d \d\d:\d\d UTC\.", page)
     assert '<a href="earlier-1.html">4 earlier images</a> of this style' in page
     earlier = (data / "gallery" / "banksy" / "earlier-1.html").read_text()
     assert earlier.count("<img ") == 4 and earlier.count("2 steps · 64x64 · guidance 7.5") == 4

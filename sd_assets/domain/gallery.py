@@ -184,11 +184,13 @@ def render_style_pages(
     catalog_rows: Sequence[Mapping],
     page_size: int = DEFAULT_PAGE_SIZE,
     profile: dict | None = None,
+    as_of: str = "",
 ) -> StylePages:
     """Write the style's pages: the grid's ``rows`` (missing images as placeholders), then the
     images of its catalog that are not in them, newest first, each with its settings.
 
-    ``catalog_rows`` are the style's catalog rows (dicts of its columns). The grid's settings,
+    ``catalog_rows`` are the style's catalog rows (dicts of its columns); ``as_of`` (the run and
+    time writing the pages) is shown on page 1 beside the counts. The grid's settings,
     shown above its images, are those its made images have. A page whose content is what
     ``gallery/<slug>/pages.json`` says was written last time is not written again (a style with
     thousands of earlier images costs no writes when nothing changed); pages left from a longer
@@ -200,7 +202,7 @@ def render_style_pages(
     earlier = _newest_runs_first([r for r in catalog_rows if r["key"] not in grid_keys])
     first_made = next((made[row.key] for row in rows if row.key in made), None)
     common = {
-        "style": style, "profile": profile, "earlier_images": len(earlier),
+        "style": style, "profile": profile, "earlier_images": len(earlier), "as_of": as_of,
         "grid_settings": settings_text(first_made) if first_made else None,
         "total": len(rows), "present": sum(1 for row in rows if row.key in made),
     }  # fmt: skip
@@ -271,7 +273,8 @@ def render_index(
             page=page, pages=pages, pager_links=pager_numbers(page, pages), subjects_per_page=CONTACT_PAGE_SUBJECTS,
             # Page 1 is gallery/index.html, the others are one folder down.
             root="" if page == 1 else "../",
-            href=lambda number, here=page: _relative(contact_page_key(here), contact_page_key(number)),
+            href=lambda number, here=page: _relative(contact_page_key(here), contact_page_key(number))
+            + ("#contact-sheet" if number == 1 else ""),
         )  # fmt: skip
         if page == 1:
             store.write_text(INDEX_KEY, html)

@@ -10,6 +10,7 @@ import io
 import json
 import time
 import warnings
+from datetime import datetime, timezone
 from pathlib import Path
 
 import dagster as dg
@@ -231,8 +232,9 @@ def build_assets(styles: dg.StaticPartitionsDefinition) -> list:
         rows = read_prompt_rows(artifact_store, style)
         catalog = catalog_lib.read_style_catalog(artifact_store, style).to_pylist()
         profile = gpu_profile.load_profile(artifact_store, style)
+        as_of = f"run {context.run.run_id[:8]}, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC"
         written = gallery.render_style_pages(
-            artifact_store, style, rows, catalog, profile=profile.page_view() if profile else None
+            artifact_store, style, rows, catalog, profile=profile.page_view() if profile else None, as_of=as_of
         )
         present = {row["key"] for row in catalog}
         return dg.MaterializeResult(
