@@ -47,6 +47,10 @@ def test_two_styles_make_images_catalog_and_gallery(grid_path, instance):
         meta = _metadata(result, "style_images")
         assert meta["generated"] == 4 and meta["skipped"] == 0 and meta["device"] == "cpu"
         assert meta["images_per_minute"] > 0 and meta["previews"].count("](data:image/jpeg;base64,") == 4
+        # The first images of the grid, in its order, each with its caption: alike in every style.
+        captions = re.findall(r"\*\*(.*?)\*\*", meta["previews"])
+        assert captions == ["alan turing, image_index 0", "alan turing, image_index 1",
+                            "ada lovelace, image_index 0", "ada lovelace, image_index 1"]  # fmt: skip
     # The second style reuses the pipeline this process loaded for the first: a dict lookup, not a load.
     loads = {style: _metadata(result, "style_images")["model_load_seconds"] for style, result in results.items()}
     assert loads["Andy Warhol"] < loads["Banksy"], loads

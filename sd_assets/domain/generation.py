@@ -69,6 +69,8 @@ def make_style_images(
     software = software_versions()
     records: list[dict] = []
     previews: list = []
+    # The first rows in grid order (not the first written): the same subjects in every style.
+    preview_order = {row.key: index for index, row in enumerate(rows[:PREVIEW_COUNT])}
     flagged: list[PromptRow] = []
     lock = threading.Lock()
     flushed = 0
@@ -93,7 +95,7 @@ def make_style_images(
             records.append(catalog.catalog_record(provenance, store.location(key)))
             if safety_flagged:
                 flagged.append(row)
-            if len(previews) < PREVIEW_COUNT:
+            if row.key in preview_order:
                 previews.append((row, image))
 
     def flush(force: bool = False) -> None:
@@ -130,5 +132,5 @@ def make_style_images(
         padded_images=stats.padded,
         writer_peak_pending=writer.peak_pending,
         safety_flagged=len(flagged),
-        previews=previews,
+        previews=sorted(previews, key=lambda preview: preview_order[preview[0].key]),
     )

@@ -385,7 +385,7 @@ def _generate(
         "first_batch_seconds": round(report.first_batch_seconds, 3),
         "writer_peak_pending": report.writer_peak_pending,
         "overlong_prompts": len(overlong),
-        "previews": dg.MetadataValue.md("\n".join(_thumbnail_markdown(image, row) for row, image in report.previews)),
+        "previews": dg.MetadataValue.md("\n\n".join(_thumbnail_markdown(image, row) for row, image in report.previews)),
         **profile.metadata(),
     }
     if settings.deep_cache:
@@ -413,4 +413,5 @@ def _thumbnail_markdown(image, row: PromptRow) -> str:
     # JPEG: the instance keeps every run's metadata (twice), and a 96-pixel PNG is 4-5 times larger.
     thumbnail.save(buffer, format="JPEG", quality=85)
     data = base64.b64encode(buffer.getvalue()).decode()
-    return f"![{row.subject}, image_index {row.image_index}](data:image/jpeg;base64,{data})"
+    caption = f"{row.subject}, image_index {row.image_index}"
+    return f"**{caption}**  \n![{caption}](data:image/jpeg;base64,{data})"
