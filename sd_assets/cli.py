@@ -135,7 +135,11 @@ def _demo(args: argparse.Namespace) -> int:
     instance = dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else dg.DagsterInstance.ephemeral()
     for style in styles:
         print(f"materializing {style} ...", flush=True)
-        result = job.execute_in_process(partition_key=style, instance=instance, raise_on_error=False)
+        result = job.execute_in_process(
+            partition_key=style, instance=instance, raise_on_error=False,
+            # The steps' own messages; Dagster's DEBUG events (step starts, outputs) stay in the run's log.
+            run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
+        )  # fmt: skip
         if not result.success:
             where = "in the Dagster UI" if os.environ.get("DAGSTER_HOME") else "above"
             print(f"sd-assets: run {result.run_id} for {style} failed (its whole log is {where}):", file=sys.stderr)

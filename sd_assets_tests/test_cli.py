@@ -80,6 +80,8 @@ def test_a_run_on_a_local_store_loads_no_aws_client_nor_pandas_and_a_rerun_no_mo
 
 def test_demo_ends_with_the_gallery_path(cli_env, grid_path):
     result = _run([BIN / "sd-assets", "demo", "--style", "Banksy"], cli_env)
+    # The steps' messages, not Dagster's DEBUG events (about 45 a style).
+    assert "Banksy: 4 images to make on cpu" in result.stderr and " - DEBUG - " not in result.stderr
     last = result.stdout.strip().splitlines()[-1]
     assert last == str(grid_path.parent / "data" / "gallery" / "index.html")
     index = Path(last).read_text()
