@@ -364,7 +364,8 @@ def test_a_contact_sheet_of_many_subjects_goes_on_pages_written_only_when_they_c
     assert '<a href="_contact/page-2.html">next &rarr;</a>' in index and '<a href="_contact/page-3.html">3</a>' in index
     second = store.read_text("gallery/_contact/page-2.html")
     assert "Contact sheet, page 2 of 3" in second and '<a href="../index.html">Gallery</a>' in second
-    assert '<a href="../index.html#contact-sheet">&larr; previous</a>' in second and '<a href="page-3.html">3</a>' in second
+    assert '<a href="../index.html#contact-sheet">&larr; previous</a>' in second
+    assert '<a href="page-3.html">3</a>' in second
     first_cell = rows["Banksy"][per_page].key
     assert f'<img src="../../images/{first_cell[:2]}/{first_cell}.png"' in second
     assert store.read_text("gallery/_contact/page-3.html").count("<tr><th>subject ") == 5

@@ -197,7 +197,8 @@ def test_the_sensor_interval_comes_from_the_environment(grid):
     defs = build_definitions({"SD_ASSETS_GRID": str(grid), "SD_ASSETS_SENSOR_INTERVAL": "2"})
     assert defs.resolve_sensor_def(NEW_SUBJECT_LISTS).minimum_interval_seconds == 2
     for bad in ("0", "²", "30s"):
-        with pytest.raises(SdAssetsError, match=f"SD_ASSETS_SENSOR_INTERVAL='{bad}': expected a whole number of 1 or more"):
+        expected = f"SD_ASSETS_SENSOR_INTERVAL='{bad}': expected a whole number of 1 or more"
+        with pytest.raises(SdAssetsError, match=expected):
             build_definitions({"SD_ASSETS_GRID": str(grid), "SD_ASSETS_SENSOR_INTERVAL": bad})
 
 

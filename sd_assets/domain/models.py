@@ -327,6 +327,7 @@ def local_model_folder(store: ArtifactStore, ref: ModelRef, cache_dir: Path) -> 
         copied += entry["bytes"]
     folder.mkdir(parents=True, exist_ok=True)
     # Stamps first, the manifest last: without the manifest the stamps are not trusted.
-    atomic_write(local_stamps, json.dumps({e["path"]: _local_tag(folder / e["path"]) for e in manifest["files"]}).encode())
+    tags = {entry["path"]: _local_tag(folder / entry["path"]) for entry in manifest["files"]}
+    atomic_write(local_stamps, json.dumps(tags).encode())
     atomic_write(local_manifest, json.dumps(manifest, indent=1).encode())
     return LocalCopy(folder, copied)

@@ -309,14 +309,14 @@ def _make_missing_images(
         made = "its one image exists" if len(rows) == 1 else f"all {len(rows)} images exist"
         context.log.info(f"{style}: {made}; nothing to generate, no model loaded")
         return metadata
-    # Held while this run generates; the next run on this node gets another device, and a
-    # crashed run's process exit frees it.
     if _run_record_is_lost(context.instance):
         context.log.warning(
             f"{style}: this run's Dagster instance is not kept (DAGSTER_HOME is not set): the run id "
             f"{context.run.run_id}, which every image made now records, will be found in no instance later; "
             "set DAGSTER_HOME to keep the run"
         )
+    # Held while this run generates; the next run on this node gets another device, and a
+    # crashed run's process exit frees it.
     with generator.claim_device() as (device, device_index):
         if device_index is not None:
             context.log.info(f"{style}: claimed device index {device_index} ({device})")
