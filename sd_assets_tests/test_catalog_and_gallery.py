@@ -187,6 +187,22 @@ def test_a_pending_batch_written_before_the_later_columns_merges_with_their_old_
     assert {column: merged_row[column] for column in catalog.LATER_COLUMNS} == catalog.LATER_COLUMNS
 
 
+def test_an_image_recorded_twice_gets_one_row_its_first_record(tmp_path):
+    store = LocalStore(tmp_path)
+    old, new = _row("alan turing", "Banksy"), _row("ada lovelace", "Banksy")
+    catalog.write_pending(store, "Banksy", "r0-000001", [_store_image(store, old, "r0")])
+    catalog.merge_catalog(store, "Banksy", [old])
+    # A run's batches record the catalog's image again and the new one twice; one batch is Parquet.
+    records = [_store_image(store, old, "r1"), _store_image(store, new, "r1")]
+    catalog.write_pending(store, "Banksy", "r1-000001", records)
+    pending = store.root / catalog.pending_prefix("Banksy")
+    pd.DataFrame([_store_image(store, new, "r2")]).to_parquet(pending / "r2-000001.parquet")
+    merged, report = catalog.merge_catalog(store, "Banksy", [old, new])
+    assert report.added_from_records == 1 and report.rows == 2
+    rows = sorted((r["subject"], r["run_id"]) for r in merged.to_pylist())
+    assert rows == [("ada lovelace", "r1"), ("alan turing", "r0")]
+
+
 def test_a_pending_batch_left_in_parquet_by_an_earlier_version_still_merges(tmp_path):
     store = LocalStore(tmp_path)
     row = _row("alan turing", "Banksy")
