@@ -82,6 +82,7 @@ def test_demo_ends_with_the_gallery_path(cli_env, grid_path):
     result = _run([BIN / "sd-assets", "demo", "--style", "Banksy"], cli_env)
     # The steps' messages, not Dagster's DEBUG events (about 45 a style).
     assert "Banksy: 4 images to make on cpu" in result.stderr and " - DEBUG - " not in result.stderr
+    assert "Warning" not in result.stderr and "Loading pipeline components" not in result.stderr
     last = result.stdout.strip().splitlines()[-1]
     assert last == str(grid_path.parent / "data" / "gallery" / "index.html")
     index = Path(last).read_text()

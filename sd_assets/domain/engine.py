@@ -150,6 +150,11 @@ def load_pipeline(
             return _PIPELINES[cache_key]
         import diffusers
         import torch
+        import transformers
+
+        # Loading from a local folder takes a second or two; its progress bars only fill the run's log.
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
 
         chosen_scheduler = scheduler_class(scheduler) if scheduler else None
         kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype), "variant": variant}

@@ -128,5 +128,8 @@ def pipeline_from_parts(unet, vae, text_encoder, scheduler):
 
 def save_tiny_model(folder: Path) -> None:
     """Build the tiny pipeline and save it in diffusers format (safetensors) under ``folder``."""
+    import transformers
+
     pipeline = build_tiny_pipeline()
+    transformers.utils.logging.disable_progress_bar()  # a bar for a file written in milliseconds
     pipeline.save_pretrained(folder, safe_serialization=True)
