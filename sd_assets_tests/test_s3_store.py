@@ -257,3 +257,14 @@ def test_a_runs_steps_fetch_each_subject_list_once_until_it_is_rewritten(bucket)
     store.write_text("subjects/list-3.txt", "grace hopper\n")  # a new ETag: fetched again
     read = read_subject_lists(StoreSource(store), 100)
     assert read.lists[3].subjects == ("grace hopper",) and gets[5:] == ["fetches/subjects/list-3.txt"]
+
+
+def test_a_list_rewritten_between_listing_and_reading_is_not_remembered_under_its_old_tag(bucket):
+    store = open_store(f"s3://{bucket}/race")
+    store.write_text("subjects/people.txt", "alan turing\n")
+    source = StoreSource(store)
+    source.listing()  # the tag of "alan turing"
+    store.write_text("subjects/people.txt", "ada lovelace\n")  # rewritten before it is read
+    assert source.read("people.txt") == b"ada lovelace\n"
+    store.write_text("subjects/people.txt", "alan turing\n")  # put back: S3 gives it the first tag again
+    assert read_subject_lists(StoreSource(store), 100).lists[0].subjects == ("alan turing",)

@@ -125,9 +125,13 @@ class S3Store(ArtifactStore):
         return self._head(key) is not None
 
     def read_bytes(self, key: str) -> bytes:
+        return self.read_version(key)[0]
+
+    def read_version(self, key: str) -> tuple[bytes, str | None]:
         with self._errors("read", key):
             try:
-                return self.client.get_object(Bucket=self.bucket, Key=self._object_key(key))["Body"].read()
+                response = self.client.get_object(Bucket=self.bucket, Key=self._object_key(key))
+                return response["Body"].read(), response["ETag"]
             except ClientError as exc:
                 if _error_code(exc) in _MISSING:
                     raise StoreError(f"{self.location(key)} does not exist") from None

@@ -64,6 +64,11 @@ class ArtifactStore(ABC):
     @abstractmethod
     def read_bytes(self, key: str) -> bytes: ...
 
+    def read_version(self, key: str) -> tuple[bytes, str | None]:
+        """The object's bytes and the version tag of exactly those bytes (as ``versions`` gives
+        tags), or None where the backend has no tags."""
+        return self.read_bytes(key), None
+
     @abstractmethod
     def write_bytes(self, key: str, data: bytes) -> None:
         """Write atomically: readers see the old object or the whole new one."""

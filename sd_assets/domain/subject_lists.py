@@ -109,6 +109,7 @@ class StoreSource(SubjectSource):
 
     # (location, version tag) -> content; emptied when it would pass _CACHE_BYTES.
     _cache: dict[tuple[str, str], bytes] = {}
+    _cache_size = 0
     _cache_lock = threading.Lock()
     _CACHE_BYTES = 64 * 1024 * 1024
 
@@ -132,17 +133,23 @@ class StoreSource(SubjectSource):
         return sorted(listed, key=lambda f: f.name)
 
     def read(self, name: str) -> bytes:
-        version = self._versions.get(name)
-        cache_key = (self.store.location(self.prefix + name), version or "")
-        with self._cache_lock:
-            if version and cache_key in self._cache:
-                return self._cache[cache_key]
-        data = self.store.read_bytes(self.prefix + name)
-        if version:
-            with self._cache_lock:
-                if sum(map(len, self._cache.values())) + len(data) > self._CACHE_BYTES:
-                    self._cache.clear()
-                self._cache[cache_key] = data
+        listed = self._versions.get(name)
+        cache_key = (self.store.location(self.prefix + name), listed or "")
+        cls = type(self)
+        with cls._cache_lock:
+            if listed and cache_key in cls._cache:
+                return cls._cache[cache_key]
+        data, read = self.store.read_version(self.prefix + name)
+        # Only bytes known to be the listed version: a list rewritten since the listing (and
+        # perhaps put back later, with the old tag again) must not be filed under the old tag.
+        if listed and read == listed:
+            with cls._cache_lock:
+                if cls._cache_size + len(data) > cls._CACHE_BYTES:
+                    cls._cache.clear()
+                    cls._cache_size = 0
+                if cache_key not in cls._cache:
+                    cls._cache[cache_key] = data
+                    cls._cache_size += len(data)
         return data
 
 
