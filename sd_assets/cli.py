@@ -36,9 +36,13 @@ def shorten(text: str, width: int = CELL_WIDTH) -> str:
     """``text`` cut to at most ``width`` terminal columns, ending in '…' where it was cut."""
     if display_width(text) <= width:
         return text
-    while display_width(text) > width - 1:
-        text = text[:-1]
-    return text + "…"
+    kept, used = [], 0
+    for char in text:  # one pass: measuring the whole string again per character took seconds
+        used += display_width(char)
+        if used > width - 1:
+            break
+        kept.append(char)
+    return "".join(kept) + "…"
 
 
 def text_table(rows: list[list[str]]) -> list[str]:
