@@ -48,9 +48,10 @@ def test_two_styles_make_images_catalog_and_gallery(grid_path, instance):
         assert meta["generated"] == 4 and meta["skipped"] == 0 and meta["device"] == "cpu"
         assert meta["images_per_minute"] > 0 and meta["previews"].count("](data:image/jpeg;base64,") == 4
         # The first images of the grid, in its order, each with its caption: alike in every style.
+        # (Markdown's own characters escaped: "_" would start italics.)
         captions = re.findall(r"\*\*(.*?)\*\*", meta["previews"])
-        assert captions == ["alan turing, image_index 0", "alan turing, image_index 1",
-                            "ada lovelace, image_index 0", "ada lovelace, image_index 1"]  # fmt: skip
+        assert captions == ["alan turing, image\\_index 0", "alan turing, image\\_index 1",
+                            "ada lovelace, image\\_index 0", "ada lovelace, image\\_index 1"]  # fmt: skip
     # The second style reuses the pipeline this process loaded for the first: a dict lookup, not a load.
     loads = {style: _metadata(result, "style_images")["model_load_seconds"] for style, result in results.items()}
     assert loads["Andy Warhol"] < loads["Banksy"], loads
@@ -369,3 +370,16 @@ def test_the_readmes_recipe_remakes_an_image_from_its_png_alone(grid_path, insta
     provenance = read_provenance(png_path.read_bytes())
     base_seed, subject, image_index = 42, provenance.subject, provenance.image_index  # noqa: F841 - used by eval
     assert eval(formula, {"hashlib": hashlib, **locals()}) == provenance.seed  # noqa: S307
+
+
+def test_a_preview_caption_shows_a_subject_as_written_whatever_markdown_it_holds():
+    from markdown_it import MarkdownIt
+
+    from sd_assets.domain.prompts import PromptRow
+    from sd_assets.orchestration.assets import _thumbnail_markdown
+
+    for subject in ("a] strange one", "snake_case_name and *stars", "**bold** idea"):
+        row = PromptRow(subject, "Banksy", 0, f"{subject} by Banksy", "", 1, "k")
+        html = MarkdownIt().render(_thumbnail_markdown(Image.new("RGB", (64, 64)), row))
+        assert f"<strong>{subject}, image_index 0</strong>" in html and f'alt="{subject}, image_index 0"' in html
+        assert 'src="data:image/jpeg;base64,' in html

@@ -8,6 +8,7 @@ import base64
 import hashlib
 import io
 import json
+import re
 import time
 import warnings
 from datetime import datetime, timezone
@@ -413,5 +414,6 @@ def _thumbnail_markdown(image, row: PromptRow) -> str:
     # JPEG: the instance keeps every run's metadata (twice), and a 96-pixel PNG is 4-5 times larger.
     thumbnail.save(buffer, format="JPEG", quality=85)
     data = base64.b64encode(buffer.getvalue()).decode()
-    caption = f"{row.subject}, image_index {row.image_index}"
+    # A subject is any text: Markdown's own characters in it would make bold or links of it.
+    caption = re.sub(r"([\\`*_\[\]<>!#|~&])", r"\\\1", f"{row.subject}, image_index {row.image_index}")
     return f"**{caption}**  \n![{caption}](data:image/jpeg;base64,{data})"
