@@ -359,7 +359,7 @@ def _render(loaded: LoadedPipeline, rows: Sequence[PromptRow], settings: Generat
     with torch.inference_mode():
         # Quantise on the device: one small uint8 copy per batch crosses to the host. In float32,
         # as diffusers' own PIL output does: in half precision a few values round to other levels.
-        pixels = (output.images.float() * 255).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+        pixels = output.images.float().mul_(255).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
         return pixels.cpu().numpy(), flagged
 
 
