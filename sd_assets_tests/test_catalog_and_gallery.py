@@ -203,6 +203,29 @@ def test_an_image_recorded_twice_gets_one_row_its_first_record(tmp_path):
     assert rows == [("ada lovelace", "r1"), ("alan turing", "r0")]
 
 
+def test_an_image_recorded_twice_in_one_batch_gets_one_row(tmp_path):
+    store = LocalStore(tmp_path)
+    row = _row("alan turing", "Banksy")
+    catalog.write_pending(store, "Banksy", "r1-000001", [_store_image(store, row, "r1"), _store_image(store, row, "r9")])
+    merged, report = catalog.merge_catalog(store, "Banksy", [row])
+    assert report.added_from_records == 1 and [r["run_id"] for r in merged.to_pylist()] == ["r1"]
+
+
+def test_a_broken_pending_batch_is_named_with_the_way_out_and_an_empty_one_is_nothing(tmp_path):
+    store = LocalStore(tmp_path)
+    row = _row("alan turing", "Banksy")
+    record = _store_image(store, row, "r1")
+    store.write_bytes(catalog.pending_prefix("Banksy") + "r0-000001.jsonl", b"")
+    newer = {**record, "a_field_of_a_newer_version": 1}
+    store.write_bytes(catalog.pending_prefix("Banksy") + "r1-000001.jsonl", (json.dumps(newer) + "\n").encode())
+    merged, report = catalog.merge_catalog(store, "Banksy", [row])
+    assert report.added_from_records == 1 and merged["run_id"].to_pylist() == ["r1"]
+    broken = catalog.pending_prefix("Banksy") + "r2-000001.jsonl"
+    store.write_bytes(broken, b'{"key": ')
+    with pytest.raises(StoreError, match=rf"^{re.escape(store.location(broken))} is not a readable batch .*delete it"):
+        catalog.merge_catalog(store, "Banksy", [row])
+
+
 def test_a_pending_batch_left_in_parquet_by_an_earlier_version_still_merges(tmp_path):
     store = LocalStore(tmp_path)
     row = _row("alan turing", "Banksy")

@@ -109,7 +109,9 @@ def _json_lines(records: Sequence[dict]) -> bytes:
 
 
 def _from_json_lines(data: bytes) -> pa.Table:
-    table = pa_json.read_json(io.BytesIO(data), parse_options=pa_json.ParseOptions(explicit_schema=SCHEMA))
+    # A field this version does not know (written by a newer one) is left out, not an error.
+    options = pa_json.ParseOptions(explicit_schema=SCHEMA, unexpected_field_behavior="ignore")
+    table = pa_json.read_json(io.BytesIO(data), parse_options=options)
     # Records written before a later column existed lack it: they mean its old value, as in Parquet.
     for column, value in LATER_COLUMNS.items():
         if table[column].null_count:
@@ -119,9 +121,22 @@ def _from_json_lines(data: bytes) -> pa.Table:
 
 
 def _read_pending(store: ArtifactStore, key: str) -> pa.Table:
+    """A pending batch as a table in the current schema.
+
+    Raises:
+        StoreError: the file is not a batch this project wrote, naming it and the way out.
+    """
     data = store.read_bytes(key)
-    # Batches left by versions before JSON Lines are Parquet.
-    return _from_parquet(data) if key.endswith(".parquet") else _from_json_lines(data)
+    if not data.strip():
+        return SCHEMA.empty_table()
+    try:
+        # Batches left by versions before JSON Lines are Parquet.
+        return _from_parquet(data) if key.endswith(".parquet") else _from_json_lines(data)
+    except (pa.ArrowException, OSError) as exc:
+        raise StoreError(
+            f"{store.location(key)} is not a readable batch of catalog records ({exc}); delete it: the next run "
+            "of the style recovers its images' rows from the PNGs (`sd-assets rebuild-catalog` those of older grids)"
+        ) from None
 
 
 def catalog_record(provenance: Provenance, path: str) -> dict:
