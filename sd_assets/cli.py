@@ -145,8 +145,9 @@ def _demo(args: argparse.Namespace) -> int:
             run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
         )  # fmt: skip
         if not result.success:
-            where = "in the Dagster UI" if os.environ.get("DAGSTER_HOME") else "above"
-            print(f"sd-assets: run {result.run_id} for {style} failed (its whole log is {where}):", file=sys.stderr)
+            kept = os.environ.get("DAGSTER_HOME")
+            where = "is in the Dagster UI" if kept else "was not kept: DAGSTER_HOME is not set"
+            print(f"sd-assets: run {result.run_id} for {style} failed (its whole log {where}):", file=sys.stderr)
             for event in result.get_step_failure_events():
                 error = event.step_failure_data.error
                 # The step's own exception, under Dagster's "error occurred while executing" wrapper.

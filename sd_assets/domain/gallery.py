@@ -193,8 +193,8 @@ def render_style_pages(
     time writing the pages) is shown on page 1 beside the counts. The grid's settings,
     shown above its images, are those its made images have. A page whose content is what
     ``gallery/<slug>/pages.json`` says was written last time is not written again (a style with
-    thousands of earlier images costs no writes when nothing changed); pages left from a longer
-    run are removed.
+    thousands of earlier images costs two writes when nothing changed: page 1, whose ``as_of``
+    changes, and the record); pages left from a longer run are removed.
     """
     template = _ENVIRONMENT.get_template("style_page.html.j2")
     made = {row["key"]: row for row in catalog_rows}
