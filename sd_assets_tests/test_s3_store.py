@@ -16,7 +16,7 @@ import pytest
 from moto.server import ThreadedMotoServer
 from PIL import Image
 
-from sd_assets.domain.catalog import rebuild_catalogs
+from sd_assets.domain.catalog import read_catalog, rebuild_catalogs
 from sd_assets.domain.errors import GridError, ModelError, StoreError
 from sd_assets.domain.grid import load_grid
 from sd_assets.domain.models import MANIFEST, VERIFIED, local_model_folder, read_model_ref
@@ -177,6 +177,9 @@ def test_two_styles_on_s3_then_a_corrupted_model_object(bucket, tmp_path, instan
     for link in links:  # every page and image link resolves to an object in the bucket
         if link.endswith((".png", ".html")):
             assert posixpath.normpath(posixpath.join("grid/gallery", link)) in keys, link
+    # The catalog's paths are the images' objects.
+    paths = read_catalog(open_store(url))["path"]
+    assert sorted(paths) == [f"s3://{bucket}/{key}" for key in images]
 
     catalog_bytes = raw.get_object(Bucket=bucket, Key="grid/catalog/banksy.parquet")["Body"].read()
     catalog = pd.read_parquet(io.BytesIO(catalog_bytes))
