@@ -53,12 +53,17 @@ def _style(context: dg.AssetExecutionContext, config: GridConfig) -> str:
     return config.require_style(context.partition_key)
 
 
+def _settings_now(config: GridConfig, artifact_store):
+    """The model in the store and the generation settings the grid gives with it now."""
+    ref = read_model_ref(artifact_store, config.model)
+    return ref, GenerationSettings.from_grid(config, ref.revision, config.inference.scheduler or ref.scheduler)
+
+
 def _grid_rows(config: GridConfig, artifact_store, styles: list[str]):
     """The rows of ``styles`` as the grid and its subject lists stand now, the lists' read and the settings."""
     read = read_subject_lists(subject_source(config, artifact_store), config.max_subjects_per_list)
     subjects = unique_subjects(read.lists)
-    ref = read_model_ref(artifact_store, config.model)
-    settings = GenerationSettings.from_grid(config, ref.revision, config.inference.scheduler or ref.scheduler)
+    _ref, settings = _settings_now(config, artifact_store)
     return {style: build_prompt_rows(config, style, subjects, settings) for style in styles}, read, settings
 
 
@@ -336,9 +341,8 @@ def _generate(
     device: str,
 ) -> dict:
     """Make the missing images of one style on ``device``; returns the materialization metadata."""
-    ref = read_model_ref(artifact_store, config.model)
+    ref, settings = _settings_now(config, artifact_store)
     inference = config.inference
-    settings = GenerationSettings.from_grid(config, ref.revision, inference.scheduler or ref.scheduler)
     check_rows_match_settings(artifact_store, style, missing, settings, config.source)
     if inference.scheduler:
         engine.scheduler_class(inference.scheduler)  # a misspelt one fails before the model is copied here
