@@ -71,7 +71,6 @@ def make_style_images(
     previews: list = []
     # The first rows in grid order (not the first written): the same subjects in every style.
     preview_order = {row.key: index for index, row in enumerate(rows[:PREVIEW_COUNT])}
-    flagged: list[PromptRow] = []
     lock = threading.Lock()
     flushed = 0
 
@@ -93,8 +92,6 @@ def make_style_images(
         store.write_bytes(key, encode_png(image, provenance))
         with lock:
             records.append(catalog.catalog_record(provenance, store.location(key)))
-            if safety_flagged:
-                flagged.append(row)
             if row.key in preview_order:
                 previews.append((row, image))
 
@@ -131,6 +128,6 @@ def make_style_images(
         compile_seconds=stats.compile_seconds,
         padded_images=stats.padded,
         writer_peak_pending=writer.peak_pending,
-        safety_flagged=len(flagged),
+        safety_flagged=sum(1 for record in records if record["safety_flagged"]),
         previews=sorted(previews, key=lambda preview: preview_order[preview[0].key]),
     )
