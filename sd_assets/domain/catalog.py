@@ -120,6 +120,11 @@ def _from_json_lines(data: bytes) -> pa.Table:
     return table
 
 
+def _records_table(records: Sequence[dict]) -> pa.Table:
+    """Catalog records as a table, through the JSON reader (see the module docstring: no pandas)."""
+    return _from_json_lines(_json_lines(records))
+
+
 def _read_pending(store: ArtifactStore, key: str) -> pa.Table:
     """A pending batch as a table in the current schema.
 
@@ -205,7 +210,7 @@ def _png_record(store: ArtifactStore, image_key: str, way_out: str = REMAKE) -> 
         raise StoreError(f"{location} is not a readable image of this project ({exc!r}); {way_out}") from None
     record = catalog_record(provenance, location)
     try:
-        _from_json_lines(_json_lines([record]))
+        _records_table([record])
     except (pa.ArrowException, TypeError) as exc:
         raise StoreError(f"{location} has provenance the catalog cannot hold ({exc}); {way_out}") from None
     return record
@@ -247,7 +252,7 @@ def merge_catalog(store: ArtifactStore, style: str, grid_rows: Sequence[PromptRo
             recovered.append(_png_record(store, image_key))
             known_keys.add(row.key)
     if recovered:
-        tables.append(_from_json_lines(_json_lines(recovered)))
+        tables.append(_records_table(recovered))
     merged = pa.concat_tables(tables) if tables else SCHEMA.empty_table()
     if added or recovered or not existed:
         merged = _sorted(merged)
@@ -334,7 +339,7 @@ def rebuild_catalogs(store: ArtifactStore, threads: int = 16) -> Rebuild:
     reports = []
     for key in sorted(set(found) | set(unreadable)):
         kept = catalogs.get(key, SCHEMA.empty_table())
-        tables = [kept, _from_json_lines(_json_lines(found[key]))] if key in found else [kept]
+        tables = [kept, _records_table(found[key])] if key in found else [kept]
         set_aside = None
         if key in unreadable:
             set_aside = f"{UNREADABLE_PREFIX}{key.removeprefix('catalog/').removesuffix('.parquet')}-{stamp}.parquet"
