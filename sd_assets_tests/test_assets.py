@@ -147,6 +147,21 @@ def test_a_crash_after_writing_pngs_loses_no_catalog_rows(grid_path, instance):
     assert _metadata(result, "style_images")["generated"] == 0
 
 
+def test_an_image_made_again_after_its_png_was_deleted_has_the_new_runs_catalog_row(grid_path, instance):
+    data = grid_path.parent / "data"
+    first = materialize_style(grid_path, "Banksy", instance)
+    [deleted, *_] = sorted((data / "images").rglob("*.png"))
+    deleted.unlink()
+    second = materialize_style(grid_path, "Banksy", instance)
+    assert _metadata(second, "style_images")["generated"] == 1
+    meta = _metadata(second, "image_catalog")
+    assert (meta["rows"], meta["added"], meta["replaced"]) == (4, 0, 1)
+    rows = pd.read_parquet(data / "catalog" / "banksy.parquet")
+    run_of = dict(zip(rows["key"], rows["run_id"]))
+    assert run_of.pop(deleted.stem) == second.run_id == read_provenance(deleted.read_bytes()).run_id
+    assert set(run_of.values()) == {first.run_id}
+
+
 def test_the_ui_marks_a_style_stale_when_its_inputs_change_and_fresh_once_regenerated(
     grid_path, instance, monkeypatch
 ):

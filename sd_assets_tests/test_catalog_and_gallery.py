@@ -15,7 +15,7 @@ from PIL import Image
 
 from sd_assets.domain import catalog, gallery
 from sd_assets.domain.errors import StoreError
-from sd_assets.domain.pngmeta import Provenance, encode_png, image_key_path
+from sd_assets.domain.pngmeta import Provenance, encode_png, image_key_path, read_provenance
 from sd_assets.domain.prompts import PromptRow
 from sd_assets.domain.store import LocalStore
 
@@ -187,20 +187,31 @@ def test_a_pending_batch_written_before_the_later_columns_merges_with_their_old_
     assert {column: merged_row[column] for column in catalog.LATER_COLUMNS} == catalog.LATER_COLUMNS
 
 
-def test_an_image_recorded_twice_gets_one_row_its_first_record(tmp_path):
+def test_an_image_recorded_twice_gets_one_row_the_record_of_the_png_in_the_store(tmp_path):
     store = LocalStore(tmp_path)
     old, new = _row("alan turing", "Banksy"), _row("ada lovelace", "Banksy")
-    catalog.write_pending(store, "Banksy", "r0-000001", [_store_image(store, old, "r0")])
+
+    def made(row, run_id, created):  # writes the PNG, as a run does, and gives its record
+        return {**_store_image(store, row, run_id), "created": created}
+
+    catalog.write_pending(store, "Banksy", "r0-000001", [made(old, "r0", "2026-11-27T01:00:00+00:00")])
     catalog.merge_catalog(store, "Banksy", [old])
-    # A run's batches record the catalog's image again and the new one twice; one batch is Parquet.
-    records = [_store_image(store, old, "r1"), _store_image(store, new, "r1")]
+    # Its PNG deleted, r1 makes the catalog's image again, and the new one; r2 makes the new one
+    # again later (one batch is Parquet); r3's record of it is older than r2's.
+    store.delete(image_key_path(old.key))
+    records = [made(old, "r1", "2026-11-27T02:00:00+00:00"), made(new, "r1", "2026-11-27T02:00:00+00:00")]
+    catalog.write_pending(store, "Banksy", "r3-000001", [made(new, "r3", "2026-11-27T02:30:00+00:00")])
     catalog.write_pending(store, "Banksy", "r1-000001", records)
     pending = store.root / catalog.pending_prefix("Banksy")
-    pd.DataFrame([_store_image(store, new, "r2")]).to_parquet(pending / "r2-000001.parquet")
+    pd.DataFrame([made(new, "r2", "2026-11-27T03:00:00+00:00")]).to_parquet(pending / "r2-000001.parquet")
     merged, report = catalog.merge_catalog(store, "Banksy", [old, new])
-    assert report.added_from_records == 1 and report.rows == 2
+    assert (report.added_from_records, report.replaced_from_records, report.rows) == (1, 1, 2)
     rows = sorted((r["subject"], r["run_id"]) for r in merged.to_pylist())
-    assert rows == [("ada lovelace", "r1"), ("alan turing", "r0")]
+    assert rows == [("ada lovelace", "r2"), ("alan turing", "r1")]
+    assert rows == sorted((r["subject"], r["run_id"]) for r in catalog.read_catalog(store).to_dict("records"))
+    # Each row is the record of the PNG the store holds now.
+    for row in merged.to_pylist():
+        assert read_provenance(store.read_bytes(image_key_path(row["key"]))).run_id == row["run_id"]
 
 
 def test_an_image_recorded_twice_in_one_batch_gets_one_row(tmp_path):

@@ -214,6 +214,7 @@ def build_assets(styles: dg.StaticPartitionsDefinition) -> list:
                 "rows": report.rows,
                 "rows_of_current_grid": len(set(keys) & {r.key for r in rows}),
                 "added": report.added_from_records,
+                "replaced": report.replaced_from_records,
                 "recovered_from_png": report.recovered_from_png,
                 "runs": len(set(merged["run_id"].to_pylist())),
                 "path": dg.MetadataValue.path(artifact_store.location(catalog_lib.catalog_key(style))),
