@@ -334,19 +334,31 @@ def test_a_run_without_a_style_fails_saying_how_to_give_one(grid_path, instance)
     assert _pngs(grid_path.parent / "data") == {}
 
 
-def test_a_prompt_longer_than_the_text_encoder_reads_is_named_in_a_warning(grid_path, instance):
-    # The pipeline reads the first 77 tokens of a prompt: here "by Banksy" is cut off.
+def test_a_prompt_longer_than_the_text_encoder_reads_is_refused_by_name_and_nothing_is_made(grid_path, instance):
+    # The pipeline reads the first 77 tokens of a prompt: "by Banksy" would be cut off, and Banksy
+    # and Andy Warhol would make one picture under two keys.
+    data = grid_path.parent / "data"
     long_subject = " ".join(["alan"] * 90)
     (grid_path.parent / "subjects" / "long.txt").write_text(long_subject + "\n")
-    result = materialize_style(grid_path, "Banksy", instance)
-    assert _metadata(result, "style_images")["overlong_prompts"] == 2  # its two images, and no other
-    warnings = [entry.user_message for entry in instance.all_logs(result.run_id) if entry.level == logging.WARNING]
-    for index in (0, 1):
-        assert any(
-            f"Banksy: the prompt of {long_subject!r} (image_index {index}) is " in message
-            and "tokens, over the text encoder's 77: the pipeline reads only its first 77 tokens" in message
-            for message in warnings
-        ), warnings
+    defs = build_definitions({"SD_ASSETS_GRID": str(grid_path), "SD_ASSETS_DEVICE": "cpu"})
+    result = defs.resolve_job_def("generate_images").execute_in_process(
+        partition_key="Banksy", instance=instance, raise_on_error=False
+    )
+
+    assert not result.success
+    [failure] = [event for event in result.all_events if event.is_step_failure]
+    assert failure.step_key == "style_images"
+    error = str(failure.step_failure_data.error)
+    shown = " ".join(["alan"] * 11) + " al..."
+    assert f"Banksy: the text encoder reads 77 tokens of a prompt, and these are longer: the prompt of {shown!r} (" in (
+        error
+    )
+    assert "Shorten them (the subject lists, or the grid's prompt template or negative prompt)" in error
+    assert error.count("the prompt of") == 1, "one subject named once, not once per image"
+    assert _pngs(data) == {}, "not even the other subjects' images: the run is refused whole"
+
+    (grid_path.parent / "subjects" / "long.txt").write_text("grace hopper\n")
+    assert _metadata(materialize_style(grid_path, "Banksy", instance), "style_images")["generated"] == 6
 
 
 @pytest.mark.parametrize("kind", ["in memory", "the CLI's temporary folder"])

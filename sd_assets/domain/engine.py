@@ -27,7 +27,7 @@ from typing import Any
 
 from sd_assets.domain import deep_cache as deep_caching
 from sd_assets.domain.deep_cache import DeepCache
-from sd_assets.domain.errors import ModelError, SdAssetsError
+from sd_assets.domain.errors import GridError, ModelError, SdAssetsError
 from sd_assets.domain.prompts import GenerationSettings, PromptRow
 
 _DTYPES = {"float16": "float16", "bfloat16": "bfloat16", "float32": "float32"}
@@ -271,21 +271,29 @@ def attention_backend(loaded: LoadedPipeline) -> Iterator[None]:
         yield
 
 
-def overlong_prompts(loaded: LoadedPipeline, rows: Sequence[PromptRow]) -> tuple[int, list[tuple[PromptRow, int]]]:
-    """(the text encoder's token limit, the rows whose prompt or negative prompt is over it, with
-    their token counts). The pipeline cuts such a prompt at the limit; a style at its end is lost."""
+def check_prompt_lengths(loaded: LoadedPipeline, rows: Sequence[PromptRow], style: str) -> None:
+    """A GridError naming every prompt (or negative prompt) of ``rows`` longer than the text
+    encoder reads. The pipeline would cut it at the limit, and the picture filed under the whole
+    prompt would show only its start: with a style at the end, every style the same picture."""
     tokenizer = loaded.pipeline.tokenizer
     limit = tokenizer.model_max_length
-    counts: dict[str, int] = {}
-    found = []
-    for row in rows:
-        for text in (row.prompt, row.negative_prompt):
-            if text not in counts:
-                counts[text] = len(tokenizer(text).input_ids)
-        longest = max(counts[row.prompt], counts[row.negative_prompt])
-        if longest > limit:
-            found.append((row, longest))
-    return limit, found
+    too_long = []
+    for negative in sorted({row.negative_prompt for row in rows}):
+        if (tokens := len(tokenizer(negative).input_ids)) > limit:
+            too_long.append(f"the grid's negative prompt ({tokens} tokens)")
+    subject_of = {row.prompt: row.subject for row in rows}
+    for prompt, subject in subject_of.items():
+        if (tokens := len(tokenizer(prompt).input_ids)) > limit:
+            shown = subject if len(subject) <= 60 else subject[:57] + "..."
+            too_long.append(f"the prompt of {shown!r} ({tokens} tokens)")
+    if too_long:
+        listed = "; ".join(too_long[:5]) + (f"; and {len(too_long) - 5} more" if len(too_long) > 5 else "")
+        raise GridError(
+            f"{style}: the text encoder reads {limit} tokens of a prompt, and these are longer: {listed}. The pipeline "
+            "would cut them, and each picture would show only the start of the prompt it is filed under (a style "
+            "at the end is lost: every style, the same picture). Shorten them (the subject lists, or the grid's "
+            "prompt template or negative prompt) and run again; no image was made"
+        )
 
 
 def render_batch(loaded: LoadedPipeline, rows: Sequence[PromptRow], settings: GenerationSettings):

@@ -356,12 +356,7 @@ def _generate(
     )
     # Nothing when this process loaded it before (the demo runs every style in one process).
     load_seconds = time.perf_counter() - loading
-    limit, overlong = engine.overlong_prompts(loaded, missing)
-    for row, tokens in overlong:
-        context.log.warning(
-            f"{style}: the prompt of {row.subject!r} (image_index {row.image_index}) is {tokens} tokens, over the text "
-            f"encoder's {limit}: the pipeline reads only its first {limit} tokens (shorten the subject)"
-        )
+    engine.check_prompt_lengths(loaded, missing, style)
     if inference.batch_size == "auto":
         batch_size = engine.auto_batch_size(loaded, settings, generator.batch_memory_file, len(missing))
     else:
@@ -390,7 +385,6 @@ def _generate(
         "model_load_seconds": round(load_seconds, 3),
         "first_batch_seconds": round(report.first_batch_seconds, 3),
         "writer_peak_pending": report.writer_peak_pending,
-        "overlong_prompts": len(overlong),
         "previews": dg.MetadataValue.md("\n\n".join(_thumbnail_markdown(image, row) for row, image in report.previews)),
         **profile.metadata(),
     }
