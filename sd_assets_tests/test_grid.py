@@ -83,6 +83,8 @@ model: {id: tiny-random}
         (VALID + 'prompt_template: "{subject:>999} by {style}"\n', "without a format spec or '!' conversion"),
         (VALID.replace("id: tiny-random", 'id: "not a repo!!"'), "field 'model.id' = 'not a repo!!'"),
         ("styles: [Banksy\n", "not valid YAML"),
+        (VALID + "seed: 7\nseed: 42\n", "not valid YAML: field 'seed' is given twice (first at line "),
+        (VALID + "inference: {steps: 2, steps: 3}\n", "field 'steps' is given twice"),
         ("- just a list\n", "expected a mapping"),
     ],
 )

@@ -196,6 +196,27 @@ def _describe_location(loc: tuple) -> str:
     return ".".join(str(part) for part in loc) or "(top level)"
 
 
+class _GridLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a field given twice in one mapping (plain PyYAML keeps the
+    last silently: a second ``seed:`` further down would remake every image)."""
+
+    def construct_mapping(self, node, deep=False):
+        first_line: dict = {}
+        for key_node, _value in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                given = key in first_line
+            except TypeError:  # an unhashable key: the base class says what is wrong with it
+                continue
+            if given:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"field {key!r} is given twice (first at line {first_line[key]}); keep one",
+                    key_node.start_mark,
+                )  # fmt: skip
+            first_line[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
 def load_grid(path: str | Path) -> GridConfig:
     """Read and validate a grid file; relative paths inside it are relative to the file.
 
@@ -208,7 +229,7 @@ def load_grid(path: str | Path) -> GridConfig:
     if not path.is_file():
         raise GridError(f"grid file {path} does not exist (set SD_ASSETS_GRID to a grid.yaml)")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_GridLoader)
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise GridError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
