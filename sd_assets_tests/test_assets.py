@@ -5,6 +5,7 @@ import json
 import logging
 import re
 import shutil
+from html import escape
 from pathlib import Path
 
 import dagster as dg
@@ -410,3 +411,18 @@ def test_a_preview_caption_shows_a_subject_as_written_whatever_markdown_it_holds
         html = MarkdownIt().render(_thumbnail_markdown(Image.new("RGB", (64, 64)), row))
         assert f"<strong>{subject}, image_index 0</strong>" in html and f'alt="{subject}, image_index 0"' in html
         assert 'src="data:image/jpeg;base64,' in html
+
+
+def test_the_prompt_grid_preview_shows_each_subject_as_written_in_its_own_cell():
+    from markdown_it import MarkdownIt
+
+    from sd_assets.domain.prompts import PromptRow
+    from sd_assets.orchestration.assets import _rows_markdown
+
+    subjects = ["a | b | c", "<script>alert(1)</script>", "[link](javascript:alert(1))", "**bold** & _it_"]
+    rows = [PromptRow(subject, "Banksy", 0, f"{subject} by Banksy", "", 7, "0123456789abcdef") for subject in subjects]
+    html = MarkdownIt("js-default").render(_rows_markdown(rows))
+    body = re.findall(r"<tr>\s*(.*?)\s*</tr>", html, flags=re.S)[1:]
+    cells = [re.findall(r"<td>(.*?)</td>", row, flags=re.S) for row in body]
+    assert cells == [[escape(subject, quote=False), "0", "7", "<code>0123456789ab</code>"] for subject in subjects]
+    assert "<script>" not in html and "href=" not in html

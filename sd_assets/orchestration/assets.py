@@ -153,7 +153,6 @@ def build_assets(styles: dg.StaticPartitionsDefinition) -> list:
         lists = read.lists
         rows = rows_by_style[style]
         write_prompt_rows(artifact_store, style, rows)
-        preview = "\n".join(f"| {r.subject} | {r.image_index} | {r.seed} | `{r.key[:12]}` |" for r in rows[:10])
         return dg.MaterializeResult(
             metadata={
                 "rows": len(rows),
@@ -161,7 +160,7 @@ def build_assets(styles: dg.StaticPartitionsDefinition) -> list:
                 "subject_lists": ", ".join(sl.name for sl in lists),
                 "skipped_subject_lists": "\n".join(read.problems) or "-",
                 "model_revision": settings.model_revision,
-                "preview": dg.MetadataValue.md("| subject | image | seed | key |\n|---|---|---|---|\n" + preview),
+                "preview": dg.MetadataValue.md(_rows_markdown(rows[:10])),
             },
             data_version=dg.DataVersion(keys_version([r.key for r in rows])),
         )
@@ -406,6 +405,17 @@ def _generate(
     return metadata
 
 
+def _markdown_text(text: str) -> str:
+    """``text`` as Markdown shows it: a subject is any text, and Markdown's own characters in it
+    would make bold, links, HTML or table cells of it."""
+    return re.sub(r"([\\`*_\[\]<>!#|~&])", r"\\\1", text)
+
+
+def _rows_markdown(rows: list[PromptRow]) -> str:
+    lines = [f"| {_markdown_text(r.subject)} | {r.image_index} | {r.seed} | `{r.key[:12]}` |" for r in rows]
+    return "\n".join(["| subject | image | seed | key |", "|---|---|---|---|", *lines])
+
+
 def _thumbnail_markdown(image, row: PromptRow) -> str:
     thumbnail = image.copy()
     thumbnail.thumbnail((96, 96))
@@ -413,6 +423,5 @@ def _thumbnail_markdown(image, row: PromptRow) -> str:
     # JPEG: the instance keeps every run's metadata (twice), and a 96-pixel PNG is 4-5 times larger.
     thumbnail.save(buffer, format="JPEG", quality=85)
     data = base64.b64encode(buffer.getvalue()).decode()
-    # A subject is any text: Markdown's own characters in it would make bold or links of it.
-    caption = re.sub(r"([\\`*_\[\]<>!#|~&])", r"\\\1", f"{row.subject}, image_index {row.image_index}")
+    caption = _markdown_text(f"{row.subject}, image_index {row.image_index}")
     return f"**{caption}**  \n![{caption}](data:image/jpeg;base64,{data})"
