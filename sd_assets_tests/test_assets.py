@@ -335,7 +335,7 @@ def test_a_run_without_a_style_fails_saying_how_to_give_one(grid_path, instance)
     assert _pngs(grid_path.parent / "data") == {}
 
 
-def test_a_prompt_longer_than_the_text_encoder_reads_is_refused_by_name_and_nothing_is_made(grid_path, instance):
+def test_a_prompt_longer_than_the_text_encoder_reads_is_refused_by_name_and_the_rest_is_made(grid_path, instance):
     # The pipeline reads the first 77 tokens of a prompt: "by Banksy" would be cut off, and Banksy
     # and Andy Warhol would make one picture under two keys.
     data = grid_path.parent / "data"
@@ -355,11 +355,19 @@ def test_a_prompt_longer_than_the_text_encoder_reads_is_refused_by_name_and_noth
         error
     )
     assert "Shorten them (the subject lists, or the grid's prompt template or negative prompt)" in error
+    assert "Not made: the 2 images of these prompts; made: 4 other images of the style" in error
     assert error.count("the prompt of") == 1, "one subject named once, not once per image"
-    assert _pngs(data) == {}, "not even the other subjects' images: the run is refused whole"
+    made = _pngs(data)
+    assert len(made) == 4 and {read_provenance(p.read_bytes()).subject for p in (data / "images").rglob("*.png")} == {
+        "alan turing", "ada lovelace"
+    }  # fmt: skip
 
+    # Shortened, it is made; the images made beside the refusal are kept, and catalogued now.
     (grid_path.parent / "subjects" / "long.txt").write_text("grace hopper\n")
-    assert _metadata(materialize_style(grid_path, "Banksy", instance), "style_images")["generated"] == 6
+    again = materialize_style(grid_path, "Banksy", instance)
+    assert _metadata(again, "style_images")["generated"] == 2
+    assert {k: v for k, v in _pngs(data).items() if k in made} == made
+    assert _metadata(again, "image_catalog")["rows"] == 6
 
 
 @pytest.mark.parametrize("kind", ["in memory", "the CLI's temporary folder"])

@@ -271,29 +271,42 @@ def attention_backend(loaded: LoadedPipeline) -> Iterator[None]:
         yield
 
 
-def check_prompt_lengths(loaded: LoadedPipeline, rows: Sequence[PromptRow], style: str) -> None:
-    """A GridError naming every prompt (or negative prompt) of ``rows`` longer than the text
-    encoder reads. The pipeline would cut it at the limit, and the picture filed under the whole
-    prompt would show only its start: with a style at the end, every style the same picture."""
+@dataclass(frozen=True)
+class OverlongPrompts:
+    """The prompts and negative prompts of a style's rows that are longer than the text encoder
+    reads. The pipeline would cut them at ``limit`` tokens, and a picture filed under the whole
+    prompt would show only its start: with the style at the end, every style the same picture."""
+
+    limit: int
+    tokens: dict[str, int]  # each such text: its length in tokens
+
+    def refuses(self, row: PromptRow) -> bool:
+        return row.prompt in self.tokens or row.negative_prompt in self.tokens
+
+    def error(self, style: str, refused: Sequence[PromptRow], made: int) -> GridError:
+        """The error that names them, for a run that made ``made`` other images and not ``refused``."""
+        negatives = sorted({row.negative_prompt for row in refused} & self.tokens.keys())
+        named = [f"the grid's negative prompt ({self.tokens[negative]} tokens)" for negative in negatives]
+        for prompt, subject in {row.prompt: row.subject for row in refused if row.prompt in self.tokens}.items():
+            shown = subject if len(subject) <= 60 else subject[:57] + "..."
+            named.append(f"the prompt of {shown!r} ({self.tokens[prompt]} tokens)")
+        listed = "; ".join(named[:5]) + (f"; and {len(named) - 5} more" if len(named) > 5 else "")
+        return GridError(
+            f"{style}: the text encoder reads {self.limit} tokens of a prompt, and these are longer: {listed}. The "
+            "pipeline would cut them, and each picture would show only the start of the prompt it is filed under "
+            "(a style at the end is lost: every style, the same picture). Shorten them (the subject lists, or the "
+            f"grid's prompt template or negative prompt) and run again. Not made: the {len(refused)} images of these "
+            f"prompts; made: {made} other images of the style"
+        )
+
+
+def overlong_prompts(loaded: LoadedPipeline, rows: Sequence[PromptRow]) -> OverlongPrompts:
+    """Which prompts and negative prompts of ``rows`` are longer than the text encoder reads."""
     tokenizer = loaded.pipeline.tokenizer
     limit = tokenizer.model_max_length
-    too_long = []
-    for negative in sorted({row.negative_prompt for row in rows}):
-        if (tokens := len(tokenizer(negative).input_ids)) > limit:
-            too_long.append(f"the grid's negative prompt ({tokens} tokens)")
-    subject_of = {row.prompt: row.subject for row in rows}
-    for prompt, subject in subject_of.items():
-        if (tokens := len(tokenizer(prompt).input_ids)) > limit:
-            shown = subject if len(subject) <= 60 else subject[:57] + "..."
-            too_long.append(f"the prompt of {shown!r} ({tokens} tokens)")
-    if too_long:
-        listed = "; ".join(too_long[:5]) + (f"; and {len(too_long) - 5} more" if len(too_long) > 5 else "")
-        raise GridError(
-            f"{style}: the text encoder reads {limit} tokens of a prompt, and these are longer: {listed}. The pipeline "
-            "would cut them, and each picture would show only the start of the prompt it is filed under (a style "
-            "at the end is lost: every style, the same picture). Shorten them (the subject lists, or the grid's "
-            "prompt template or negative prompt) and run again; no image was made"
-        )
+    texts = {text for row in rows for text in (row.prompt, row.negative_prompt)}
+    counts = {text: len(tokenizer(text).input_ids) for text in texts}
+    return OverlongPrompts(limit, {text: tokens for text, tokens in counts.items() if tokens > limit})
 
 
 def render_batch(loaded: LoadedPipeline, rows: Sequence[PromptRow], settings: GenerationSettings):

@@ -355,7 +355,12 @@ def _generate(
     )
     # Nothing when this process loaded it before (the demo runs every style in one process).
     load_seconds = time.perf_counter() - loading
-    engine.check_prompt_lengths(loaded, missing, style)
+    # Refused, not cut short; the rest of the style is made, and the step then fails naming them.
+    overlong = engine.overlong_prompts(loaded, missing)
+    refused = [row for row in missing if overlong.refuses(row)]
+    missing = [row for row in missing if not overlong.refuses(row)]
+    if not missing:
+        raise overlong.error(style, refused, made=0)
     if inference.batch_size == "auto":
         batch_size = engine.auto_batch_size(loaded, settings, generator.batch_memory_file, len(missing))
     else:
@@ -373,6 +378,9 @@ def _generate(
         )  # fmt: skip
     profile = profiler.profile()
     gpu_profile.save_profile(artifact_store, style, profile)
+    if refused:
+        # Their records wait in the store; the next run's catalog step merges them.
+        raise overlong.error(style, refused, made=report.generated)
     metadata = {
         "generated": report.generated,
         "images_per_minute": round(report.images_per_minute, 1),
