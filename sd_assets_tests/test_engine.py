@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import re
+import shutil
 import threading
 import time
 
@@ -320,3 +322,13 @@ def test_images_the_safety_checker_flags_are_kept_blacked_out_and_marked(loaded,
 def test_asking_for_the_safety_checker_of_a_model_without_one_is_a_clear_error(loaded):
     with pytest.raises(SdAssetsError, match=r"has no safety checker; set inference.safety_checker: false"):
         engine.load_pipeline(loaded.folder, "cpu", "float32", safety_checker=True)
+
+
+def test_a_model_folder_with_damaged_weights_fails_to_load_saying_how_to_fetch_it_again(tiny_model_store, tmp_path):
+    source = next((tiny_model_store.root / "models" / "tiny-random").glob("*/model_index.json")).parent
+    folder = shutil.copytree(source, tmp_path / "model")
+    weights = next((folder / "unet").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:1000])
+    expected = rf"^cannot load a Stable Diffusion pipeline from {re.escape(str(folder))}: .*If its files were damaged, "
+    with pytest.raises(SdAssetsError, match=expected + r"materialize model_weights \(or run the whole generate_images"):
+        engine.load_pipeline(folder, "cpu", "float32")

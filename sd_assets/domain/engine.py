@@ -163,7 +163,11 @@ def load_pipeline(
         try:
             pipeline = diffusers.StableDiffusionPipeline.from_pretrained(str(folder), **kwargs)
         except (OSError, ValueError) as exc:
-            raise ModelError(f"cannot load a Stable Diffusion pipeline from {folder}: {exc}") from exc
+            raise ModelError(
+                f"cannot load a Stable Diffusion pipeline from {folder}: {exc}. If its files were damaged, "
+                "materialize model_weights (or run the whole generate_images job): it checks the cached model "
+                "against its manifest and fetches it again"
+            ) from exc
         if chosen_scheduler is not None:
             pipeline.scheduler = chosen_scheduler.from_config(pipeline.scheduler.config)
         if safety_checker and pipeline.safety_checker is None:
