@@ -114,14 +114,20 @@ def test_subject_lists_skip_blank_lines_and_comments():
     ("data", "expected"),
     [
         (b"\x00\x01binary", "binary content"),
-        (b"caf\xe9\n", "not UTF-8"),
+        (b"ok\ncaf\xe9\n", r"not UTF-8 text \(line 2, byte 6\): invalid continuation byte; save it as UTF-8"),
         (b"# only a comment\n\n", "no subjects"),
-        (b"x" * 501 + b"\n", "line 1: 501 characters"),
+        (b"x" * 501 + b"\n", r"no subjects \(line 1: 501 characters, over the 500 a subject has\)"),
     ],
 )
 def test_malformed_subject_lists_are_refused_with_the_reason(data, expected):
     with pytest.raises(GridError, match=expected):
         parse_subject_list("bad.txt", data)
+
+
+def test_a_line_over_the_length_a_subject_has_is_skipped_and_the_rest_of_the_list_stands():
+    parsed = parse_subject_list("people.txt", b"alan turing\n" + b"x" * 501 + b"\nada lovelace\n")
+    assert parsed.subjects == ("alan turing", "ada lovelace")
+    assert parsed.skipped_lines == ("line 2: 501 characters, over the 500 a subject has",)
 
 
 def test_subject_cap_is_enforced():

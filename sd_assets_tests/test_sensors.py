@@ -143,16 +143,19 @@ def test_malformed_lists_are_skipped_with_a_message_and_good_lists_still_run(tic
     (subjects / "binary.txt").write_bytes(b"a\0b\n")
     (subjects / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
     (subjects / "empty.txt").write_text("# nothing yet\n\n")
-    (subjects / "long.txt").write_text("x" * 501 + "\n")
+    (subjects / "long.txt").write_text("katherine johnson\n" + "x" * 501 + "\n")  # its good line stands
     (subjects / "many.txt").write_text("\n".join(f"subject {i}" for i in range(10_001)))
     result = ticks.tick()
     assert [partition for partition, _ in requests(result)] == STYLES
-    assert all(run_key.startswith("people.txt:") for _, run_key in requests(result))
+    assert all(run_key.startswith("long.txt+1more:") for _, run_key in requests(result))
     logged = capfd.readouterr().err
     assert "skipped subject list binary.txt: binary content (a NUL byte)" in logged
-    assert "skipped subject list latin1.txt: not UTF-8 text (byte 3)" in logged
+    assert "skipped subject list latin1.txt: not UTF-8 text (line 1, byte 3)" in logged
     assert "skipped subject list empty.txt: no subjects" in logged
-    assert "skipped subject list long.txt, line 1: 501 characters" in logged
+    assert (
+        "subject list long.txt, skipped line 2: 501 characters, over the 500 a subject has; the list's other "
+        "subjects are taken"
+    ) in logged
     assert "skipped subject list many.txt: 10001 subjects, more than max_subjects_per_list=10000" in logged
     quiet = ticks.tick()
     assert requests(quiet) == []
@@ -252,7 +255,9 @@ def test_reading_lists_skips_bad_ones_and_fails_only_when_none_is_valid(tmp_path
     (tmp_path / "bad.txt").write_bytes(b"\xff\xfe")
     read = read_subject_lists(FolderSource(tmp_path), max_subjects=100)
     assert [sl.name for sl in read.lists] == ["good.txt"]
-    assert read.problems == ["skipped subject list bad.txt: not UTF-8 text (byte 0): invalid start byte"]
+    assert read.problems == [
+        "skipped subject list bad.txt: not UTF-8 text (line 1, byte 0): invalid start byte; save it as UTF-8"
+    ]
     (tmp_path / "good.txt").unlink()
     with pytest.raises(GridError, match=r"no valid subject lists in .*\n- skipped subject list bad.txt"):
         read_subject_lists(FolderSource(tmp_path), max_subjects=100)

@@ -264,39 +264,47 @@ class SubjectList:
     name: str
     sha256: str
     subjects: tuple[str, ...]
+    skipped_lines: tuple[str, ...] = ()  # "line <n>: <why>" for each line it could not take as a subject
 
 
 def parse_subject_list(name: str, data: bytes, max_subjects: int = 10_000) -> SubjectList:
     """Parse one list: one subject per line, blank lines and '#' comments ignored.
 
+    A line over MAX_SUBJECT_LENGTH characters is skipped, with a message in ``skipped_lines``;
+    the list's other subjects stand.
+
     Raises:
-        GridError: binary or non-UTF-8 content, no subjects, a line over MAX_SUBJECT_LENGTH
-            characters, or more than ``max_subjects`` subjects.
+        GridError: binary or non-UTF-8 content, no subjects, or more than ``max_subjects``.
     """
     if b"\0" in data:
         raise GridError(f"subject list {name}: binary content (a NUL byte); expected UTF-8 text")
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise GridError(f"subject list {name}: not UTF-8 text (byte {exc.start}): {exc.reason}") from None
+        line = data[: exc.start].count(b"\n") + 1
+        raise GridError(
+            f"subject list {name}: not UTF-8 text (line {line}, byte {exc.start}): {exc.reason}; save it as UTF-8"
+        ) from None
     subjects: list[str] = []
+    skipped: list[str] = []
     for number, line in enumerate(text.splitlines(), start=1):
         subject = line.strip()
         if not subject or subject.startswith("#"):
             continue
         if len(subject) > MAX_SUBJECT_LENGTH:
-            raise GridError(
-                f"subject list {name}, line {number}: {len(subject)} characters, "
-                f"more than the {MAX_SUBJECT_LENGTH} a subject may have"
-            )
+            skipped.append(f"line {number}: {len(subject)} characters, over the {MAX_SUBJECT_LENGTH} a subject has")
+            continue
         subjects.append(subject)
     if not subjects:
-        raise GridError(f"subject list {name}: no subjects (only blank lines or '#' comments)")
+        detail = f" ({'; '.join(skipped)})" if skipped else " (only blank lines or '#' comments)"
+        raise GridError(f"subject list {name}: no subjects{detail}")
     if len(subjects) > max_subjects:
         raise GridError(
             f"subject list {name}: {len(subjects)} subjects, more than max_subjects_per_list={max_subjects}"
         )
-    return SubjectList(name=name, sha256=hashlib.sha256(data).hexdigest(), subjects=tuple(subjects))
+    return SubjectList(
+        name=name, sha256=hashlib.sha256(data).hexdigest(), subjects=tuple(subjects), skipped_lines=tuple(skipped)
+    )
 
 
 def unique_subjects(lists: list[SubjectList]) -> list[str]:

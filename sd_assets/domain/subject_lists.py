@@ -171,7 +171,9 @@ class SubjectListRead:
 def _read_one(
     source: SubjectSource, name: str, max_subjects: int
 ) -> tuple[SubjectList | None, str | None, str | None]:
-    """(the parsed list or None, the problem or None, the short content hash or None if unreadable)."""
+    """(the parsed list or None, the problem or None, the short content hash or None if unreadable).
+
+    A list with lines it skipped comes with a problem naming them."""
     try:
         data = source.read(name)
     except (OSError, SdAssetsError) as exc:
@@ -180,11 +182,16 @@ def _read_one(
         parsed = parse_subject_list(name, data, max_subjects)
     except GridError as exc:
         return None, f"skipped {exc}", hashlib.sha256(data).hexdigest()[:SHORT_HASH]
-    return parsed, None, parsed.sha256[:SHORT_HASH]
+    problem = None
+    if parsed.skipped_lines:
+        lines = "; ".join(parsed.skipped_lines)
+        problem = f"subject list {name}, skipped {lines}; the list's other subjects are taken"
+    return parsed, problem, parsed.sha256[:SHORT_HASH]
 
 
 def read_subject_lists(source: SubjectSource, max_subjects: int) -> SubjectListRead:
-    """Read every list, sorted by name; a malformed or unreadable list is skipped with a message.
+    """Read every list, sorted by name; a malformed or unreadable list, or a line a list cannot
+    take, is skipped with a message.
 
     Raises:
         GridError: the source is missing, or holds no valid list at all.
@@ -196,7 +203,7 @@ def read_subject_lists(source: SubjectSource, max_subjects: int) -> SubjectListR
     for parsed, problem, _ in read:
         if parsed is not None:
             lists.append(parsed)
-        else:
+        if problem is not None:
             problems.append(problem)
     if not lists:
         detail = "".join(f"\n- {p}" for p in problems) or f" (no *.txt files){source.empty_hint}"
@@ -270,7 +277,7 @@ def scan_subject_lists(
             continue
         if parsed is not None:
             changed.append(parsed)
-        else:
+        if problem is not None:
             problems.append(problem)
     return ScanResult(changed, problems, state, listed=len(listing), read=read)
 
