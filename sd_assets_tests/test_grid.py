@@ -92,6 +92,12 @@ def test_bad_grid_files_name_the_field_and_value(tmp_path, text, expected):
     assert expected in _error_for(tmp_path, text)
 
 
+def test_a_style_with_a_combining_accent_is_the_same_as_its_composed_form(tmp_path):
+    path = tmp_path / "grid.yaml"
+    path.write_text(VALID.replace("styles: [Banksy]", 'styles: ["E\u0301douard Manet", Banksy]'))
+    assert load_grid(path).styles == ["\u00c9douard Manet", "Banksy"]
+
+
 def test_compile_vae_comes_with_compile(tmp_path):
     path = tmp_path / "grid.yaml"
     path.write_text(VALID + "inference: {compile: true, compile_vae: true}\n")

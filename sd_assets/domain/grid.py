@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import re
 import string
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
@@ -138,6 +139,8 @@ class GridConfig(_Strict):
     def _valid_styles(cls, styles: list[str]) -> list[str]:
         if not styles:
             raise ValueError("needs at least one style")
+        # An accent typed as its own combining mark is the same name, and the pattern takes only its composed form.
+        styles = [unicodedata.normalize("NFC", style) for style in styles]
         seen: dict[str, str] = {}
         for style in styles:
             if len(style) > MAX_STYLE_LENGTH:
