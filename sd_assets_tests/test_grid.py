@@ -134,6 +134,8 @@ def test_a_line_over_the_length_a_subject_has_is_skipped_and_the_rest_of_the_lis
     parsed = parse_subject_list("people.txt", b"alan turing\n" + b"x" * 501 + b"\nada lovelace\n")
     assert parsed.subjects == ("alan turing", "ada lovelace")
     assert parsed.skipped_lines == ("line 2: 501 characters, over the 500 a subject has",)
+    many = parse_subject_list("people.txt", b"alan turing\n" + (b"x" * 501 + b"\n") * 7)
+    assert len(many.skipped_lines) == 6 and many.skipped_lines[-1] == "2 more lines like these"
 
 
 def test_subject_cap_is_enforced():

@@ -267,7 +267,7 @@ class SubjectList:
     name: str
     sha256: str
     subjects: tuple[str, ...]
-    skipped_lines: tuple[str, ...] = ()  # "line <n>: <why>" for each line it could not take as a subject
+    skipped_lines: tuple[str, ...] = ()  # "line <n>: <why>" for the lines it could not take (the first 5)
 
 
 def parse_subject_list(name: str, data: bytes, max_subjects: int = 10_000) -> SubjectList:
@@ -298,6 +298,8 @@ def parse_subject_list(name: str, data: bytes, max_subjects: int = 10_000) -> Su
             skipped.append(f"line {number}: {len(subject)} characters, over the {MAX_SUBJECT_LENGTH} a subject has")
             continue
         subjects.append(subject)
+    if len(skipped) > 5:  # the first few name the problem; a message a screen long would bury it
+        skipped[5:] = [f"{len(skipped) - 5} more lines like these"]
     if not subjects:
         detail = f" ({'; '.join(skipped)})" if skipped else " (only blank lines or '#' comments)"
         raise GridError(f"subject list {name}: no subjects{detail}")
