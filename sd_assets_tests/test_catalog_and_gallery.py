@@ -341,6 +341,7 @@ def test_images_of_earlier_grids_get_pages_of_their_own_newest_first(tmp_path):
     assert "ada lovelace" not in first
     earlier = store.read_text(written.earlier_pages[0])
     assert "Banksy: earlier images" in earlier and 'href="page-1.html"' in earlier and 'href="earlier-2.html"' in earlier
+    assert "of this style not in its grid now (subjects its lists no longer hold, other settings or models)" in earlier
     # Newest first, each with what made it.
     runs = re.findall(r">run (run-\d)<", earlier + store.read_text(written.earlier_pages[1]))
     assert runs == ["run-2", "run-1", "run-0"]
