@@ -26,6 +26,13 @@ def test_parameters_chunk_is_in_the_web_ui_format():
     ]
 
 
+def test_parameters_chunk_has_no_negative_prompt_line_without_one():
+    assert a1111_parameters(replace(PROVENANCE, negative_prompt="")).splitlines() == [
+        "alan turing by Banksy",
+        "Steps: 4, Sampler: PLMS, CFG scale: 7.5, Seed: 1234, Size: 64x64, Model hash: 0123456789, Model: tiny-random",
+    ]
+
+
 def test_png_carries_both_chunks_and_round_trips():
     data = encode_png(Image.new("RGB", (64, 64), (200, 10, 10)), PROVENANCE)
     with Image.open(io.BytesIO(data)) as image:

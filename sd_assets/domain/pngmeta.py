@@ -83,7 +83,9 @@ def a1111_parameters(p: Provenance) -> str:
     )
     if p.deep_cache:
         settings += f", DeepCache: {p.deep_cache.replace(',', ';')}"
-    return f"{p.prompt}\nNegative prompt: {p.negative_prompt}\n{settings}"
+    # The web UI leaves the negative prompt's line out when there is none.
+    negative = f"Negative prompt: {p.negative_prompt}\n" if p.negative_prompt else ""
+    return f"{p.prompt}\n{negative}{settings}"
 
 
 def encode_png(image: Image.Image, provenance: Provenance) -> bytes:
