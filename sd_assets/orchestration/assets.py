@@ -128,7 +128,7 @@ def build_assets(styles: dg.StaticPartitionsDefinition) -> list:
                 "model_bytes": ref.total_bytes,
                 "seconds": round(report.seconds, 3),
                 "rebuilt_because": "; ".join(report.problems) or "-",
-                "location": artifact_store.location(ref.prefix),
+                "location": dg.MetadataValue.path(artifact_store.location(ref.prefix)),
             },
             data_version=dg.DataVersion(ref.revision),
         )
