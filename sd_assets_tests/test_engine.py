@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from sd_assets.domain import engine
+from sd_assets.domain.deep_cache import DeepCache, installed, unet_forward
 from sd_assets.domain.errors import SdAssetsError
 from sd_assets.domain.generation import make_style_images
 from sd_assets.domain.models import ModelRef
@@ -130,6 +131,24 @@ def test_compile_vae_compiles_the_decoder_along_with_the_unet(loaded):
     assert not isinstance(unet_only.pipeline.vae.decoder, compiled)
     assert isinstance(both.pipeline.vae.decoder, compiled)
     assert not isinstance(loaded.pipeline.unet, compiled)
+
+
+@pytest.mark.parametrize("deep_cache", [None, DeepCache(interval=2, branch=0)])
+def test_the_batch_size_probe_runs_a_compiled_pipeline_eagerly_and_compiles_nothing(loaded, deep_cache):
+    compiled = engine.load_pipeline(loaded.folder, "cpu", "float32", compile_unet=True,
+                                    tuning=engine.Tuning(compile_vae=True), deep_cache=deep_cache)  # fmt: skip
+    pipeline = compiled.pipeline
+    unet, decoder = pipeline.unet, pipeline.vae.decoder
+    graphs = dict(torch._dynamo.utils.counters["stats"])
+    with engine.uncompiled(pipeline):
+        assert not isinstance(pipeline.unet, torch._dynamo.eval_frame.OptimizedModule)
+        assert not isinstance(pipeline.vae.decoder, torch._dynamo.eval_frame.OptimizedModule)
+        pixels = engine.render_batch(compiled, ROWS[:1], dataclasses.replace(SETTINGS, steps=1, deep_cache=deep_cache))
+    assert dict(torch._dynamo.utils.counters["stats"]) == graphs, "nothing was compiled"
+    assert pixels.shape == (1, 64, 64, 3)
+    assert (pipeline.unet, pipeline.vae.decoder) == (unet, decoder), "the compiled parts are back"
+    if deep_cache is not None:
+        assert installed(pipeline.unet)._forward is not unet_forward, "DeepCache's compiled paths are back"
 
 
 def test_an_unknown_scheduler_is_named_with_the_close_ones_before_any_weights_load(loaded):

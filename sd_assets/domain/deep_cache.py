@@ -14,6 +14,8 @@ torch is imported inside functions, like the rest of the generation code.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -193,7 +195,16 @@ class DeepCachedUNet:
         if compile_mode is not None:
             import torch
 
-            self._forward = torch.compile(unet_forward, fullgraph=True, mode=compile_mode)
+            self._forward = torch.compile(unet_forward, fullgraph=True, mode=compile_mode, dynamic=False)
+
+    @contextlib.contextmanager
+    def uncompiled(self) -> Iterator[None]:
+        """Both paths run eagerly inside the block (one-off calls that should compile no shape)."""
+        compiled, self._forward = self._forward, unet_forward
+        try:
+            yield
+        finally:
+            self._forward = compiled
 
     def reset(self) -> None:
         self._calls = 0

@@ -241,8 +241,25 @@ def configure_pipeline(pipeline: Any, device: str, compile_unet: bool = False, t
     elif compile_unet:
         pipeline.unet = compiled_unet(pipeline.unet, tuning.compile_mode)
     if compile_unet and tuning.compile_vae:
-        pipeline.vae.decoder = torch.compile(pipeline.vae.decoder, fullgraph=True, mode=tuning.compile_mode)
+        decoder = pipeline.vae.decoder
+        pipeline.vae.decoder = torch.compile(decoder, fullgraph=True, mode=tuning.compile_mode, dynamic=False)
     return pipeline
+
+
+@contextlib.contextmanager
+def uncompiled(pipeline: Any) -> Iterator[None]:
+    """Inside the block the pipeline runs its UNet and VAE decoder eagerly, for one-off calls
+    (the batch-size probe) that should compile no batch shape of their own: a compiled call of a
+    new shape costs a minute or more on a GPU."""
+    unet, decoder = pipeline.unet, pipeline.vae.decoder
+    cached_unet = deep_caching.installed(getattr(unet, "_orig_mod", unet))
+    pipeline.unet = getattr(unet, "_orig_mod", unet)
+    pipeline.vae.decoder = getattr(decoder, "_orig_mod", decoder)
+    try:
+        with cached_unet.uncompiled() if cached_unet is not None else contextlib.nullcontext():
+            yield
+    finally:
+        pipeline.unet, pipeline.vae.decoder = unet, decoder
 
 
 def set_inductor_tuning(enabled: bool) -> None:
@@ -255,11 +272,13 @@ def set_inductor_tuning(enabled: bool) -> None:
 
 
 def compiled_unet(unet: Any, mode: str = "default") -> Any:
-    """``torch.compile`` of a UNet as one graph; each new batch shape compiles on first use."""
+    """``torch.compile`` of a UNet as one graph; each new batch shape compiles on first use, for
+    that shape alone (``dynamic=False``: by default a second shape would recompile the graph for
+    any batch size, slower kernels for every batch after it)."""
     check_compile_mode(mode)
     import torch
 
-    return torch.compile(unet, fullgraph=True, mode=mode)
+    return torch.compile(unet, fullgraph=True, mode=mode, dynamic=False)
 
 
 @contextlib.contextmanager
@@ -546,7 +565,8 @@ def auto_batch_size(
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(loaded.device)
             base = torch.cuda.memory_allocated(loaded.device)
-            render_batch(loaded, [row] * count, probe)
+            with uncompiled(loaded.pipeline):  # a compiled probe would compile two shapes nobody uses
+                render_batch(loaded, [row] * count, probe)
             peaks.append(torch.cuda.max_memory_allocated(loaded.device) - base)
         per_image = max(peaks[1] - peaks[0], 1)
         fixed = max(peaks[0] - per_image, 0)
