@@ -65,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         if dtype != torch.float32:
             unet = unet.to(dtype)
         sample = torch.randn(2 * args.batch, unet.config.in_channels, latent, latent, dtype=dtype)
+        if device == "cuda":  # as the engine runs it on a GPU
+            unet = unet.to(memory_format=torch.channels_last)
+            sample = sample.to(memory_format=torch.channels_last)
         prompts = torch.randn(2 * args.batch, 77, unet.config.cross_attention_dim, dtype=dtype)
     try:
         for cache in caches:
