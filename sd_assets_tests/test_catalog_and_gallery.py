@@ -54,6 +54,33 @@ def test_merge_folds_pending_records_and_recovers_rows_from_pngs(tmp_path):
     assert len(again) == 3 and report.added_from_records == 0 and report.recovered_from_png == 0
 
 
+def test_a_png_whose_record_was_lost_gets_its_row_in_a_catalog_that_already_exists(tmp_path):
+    store = LocalStore(tmp_path)
+    first, second = _row("alan turing", "Banksy"), _row("ada lovelace", "Banksy")
+    catalog.write_pending(store, "Banksy", "run-1-000001", [_store_image(store, first, "run-1")])
+    catalog.merge_catalog(store, "Banksy", [first])
+    _store_image(store, second, "run-2")  # a later run died between the PNG and its record
+    _merged, report = catalog.merge_catalog(store, "Banksy", [first, second])
+    assert report.recovered_from_png == 1
+    found = catalog.search(catalog.read_catalog(store), subject="ada")
+    assert found["run_id"].tolist() == ["run-2"], "the row is in the catalog file, where search reads it"
+
+
+def test_a_catalog_written_before_the_later_columns_reads_with_their_old_values(tmp_path):
+    store = LocalStore(tmp_path)
+    row = _row("alan turing", "Banksy")
+    old = {k: v for k, v in _store_image(store, row, "r1").items() if k not in catalog.LATER_COLUMNS}
+    (tmp_path / "catalog").mkdir(exist_ok=True)
+    pd.DataFrame([old]).to_parquet(tmp_path / catalog.catalog_key("Banksy"))
+    [read] = catalog.read_catalog(store).to_dict("records")
+    # What images made before these columns existed were: no DeepCache, no weights variant
+    # chosen, library versions not recorded, not checked for safety.
+    assert {c: read[c] for c in ("deep_cache", "model_variant", "software", "safety_flagged")} == {
+        "deep_cache": "", "model_variant": "", "software": "", "safety_flagged": False
+    }  # fmt: skip
+    assert read["run_id"] == "r1"
+
+
 def test_a_cut_short_catalog_or_png_is_named_with_the_way_out_and_nothing_is_deleted(tmp_path):
     store = LocalStore(tmp_path)
     rows = [_row("alan turing", "Banksy"), _row("ada lovelace", "Banksy")]
@@ -399,6 +426,17 @@ def test_index_lists_styles_and_a_contact_sheet(tmp_path):
     cells = re.findall(r'<img src="\.\./images/[0-9a-f]{2}/([0-9a-f]+)\.png"', html)
     assert cells == [banksy[0].key, warhol[0].key], "image_index 0 of each subject in each style"
     assert html.count(">not made yet<") == 1, "Frida Kahlo's cell"
+
+
+def test_the_index_and_contact_sheet_show_subjects_and_styles_as_text(tmp_path):
+    store = LocalStore(tmp_path)
+    subject, style = "<script>alert(1)</script> & co", "Tom & Jerry"
+    rows = {style: [_row(subject, style)]}
+    present = {rows[style][0].key}
+    gallery.render_index(store, [gallery.StyleSummary(style, 1, 1, has_pages=True)], rows, present)
+    index = store.read_text(gallery.INDEX_KEY)
+    assert "&lt;script&gt;alert(1)&lt;/script&gt; &amp; co" in index and "Tom &amp; Jerry" in index
+    assert "<script>" not in index
 
 
 def test_a_contact_sheet_of_many_subjects_goes_on_pages_written_only_when_they_change(tmp_path):

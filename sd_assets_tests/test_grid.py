@@ -60,6 +60,7 @@ model: {id: tiny-random}
         (VALID.replace("[Banksy]", '[" padded"]'), "may hold only"),
         (VALID + "inference: {steps: 0}\n", "field 'inference.steps' = 0"),
         (VALID + "inference: {width: 100}\n", "field 'inference.width' = 100"),
+        (VALID + "inference: {height: 100}\n", "field 'inference.height' = 100"),
         (VALID + "inference: {batch_size: lots}\n", "field 'inference.batch_size' = 'lots': must be 'auto' or an integer"),
         (VALID + "inference: {batch_size: true}\n", "field 'inference.batch_size' = True: must be 'auto' or an integer"),
         (VALID + "inference: {steps: true}\n", "field 'inference.steps' = True: Input should be a valid integer"),
@@ -111,8 +112,10 @@ def test_missing_grid_file_says_how_to_point_at_one(tmp_path):
 
 
 def test_subject_lists_skip_blank_lines_and_comments():
-    parsed = parse_subject_list("people.txt", b"# heading\nalan turing\n\n  ada lovelace  \n#x\n")
+    parsed = parse_subject_list("people.txt", b"# heading\nalan turing\n\n  ada lovelace  \n#x\n   # indented note\n")
     assert parsed.subjects == ("alan turing", "ada lovelace")
+    # A list saved with a byte-order mark (Windows Notepad) gives the same subjects, not "\ufeffalan turing".
+    assert parse_subject_list("bom.txt", b"\xef\xbb\xbfalan turing\r\n").subjects == ("alan turing",)
     assert len(parsed.sha256) == 64
 
 

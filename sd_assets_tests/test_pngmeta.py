@@ -3,6 +3,7 @@
 import io
 import json
 
+import pytest
 from PIL import Image, PngImagePlugin
 
 from dataclasses import asdict, replace
@@ -24,6 +25,16 @@ def test_parameters_chunk_is_in_the_web_ui_format():
         "Negative prompt: blurry",
         "Steps: 4, Sampler: PLMS, CFG scale: 7.5, Seed: 1234, Size: 64x64, Model hash: 0123456789, Model: tiny-random",
     ]
+
+
+@pytest.mark.parametrize(
+    ("scheduler", "sampler"),
+    [("PNDMScheduler", "PLMS"), ("DDIMScheduler", "DDIM"), ("EulerDiscreteScheduler", "Euler"),
+     ("EulerAncestralDiscreteScheduler", "Euler a"), ("DPMSolverMultistepScheduler", "DPM++ 2M"),
+     ("LMSDiscreteScheduler", "LMS"), ("SomeNewScheduler", "SomeNewScheduler")],
+)  # fmt: skip
+def test_parameters_chunk_names_the_sampler_as_the_web_ui_does(scheduler, sampler):
+    assert f", Sampler: {sampler}, " in a1111_parameters(replace(PROVENANCE, scheduler=scheduler))
 
 
 def test_parameters_chunk_has_no_negative_prompt_line_without_one():
