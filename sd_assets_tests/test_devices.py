@@ -156,3 +156,9 @@ def test_a_work_lock_waits_for_its_holder_and_comes_free_when_the_holder_is_kill
         holder.kill()
         holder.wait()
     assert waited == [f"waiting for process {holder.pid}, which holds {tmp_path / 'style-x.lock'}"]
+
+
+def test_a_lock_file_names_only_its_holder_whatever_a_longer_pid_left_there(tmp_path):
+    (tmp_path / "style-x.lock").write_text("99999999\n")
+    with hold_lock(tmp_path, "style-x.lock") as path:
+        assert path.read_text() == f"{os.getpid()}\n"

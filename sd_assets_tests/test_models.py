@@ -92,3 +92,20 @@ def test_a_node_copy_whose_bookkeeping_was_cut_short_is_checked_again_not_a_cras
     assert json.loads((first.folder / MANIFEST).read_text()) == manifest
     assert local_model_folder(remote, ref, tmp_path / "node").bytes_copied == 0
 
+
+
+def test_the_tiny_model_is_the_same_files_whatever_ran_before_it(tmp_path):
+    # Its revision is a hash of its configuration, not of its weights: two builds of one revision
+    # (two nodes, or a rebuild after damage) must be the same files, or one key names two pictures.
+    import torch
+
+    from sd_assets.domain.tiny_model import save_tiny_model
+
+    hashes = []
+    for seed, folder in ((1, tmp_path / "a"), (2, tmp_path / "b")):
+        torch.manual_seed(seed)
+        torch.rand(1000)
+        save_tiny_model(folder)
+        hashes.append({p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+                       for p in folder.rglob("*.safetensors")})  # fmt: skip
+    assert len(hashes[0]) == 3 and hashes[0] == hashes[1]

@@ -115,6 +115,17 @@ def test_bad_urls_say_what_to_write(url, message):
         open_store(url)
 
 
+def test_listings_of_more_than_one_page_find_every_key(bucket):
+    # S3 lists 1,000 keys a page: a folder of images, or of subject lists, holds more.
+    store = open_store(f"s3://{bucket}/big")
+    raw = boto3.client("s3")
+    keys = [f"images/ab/ab{i:04d}.png" for i in range(1001)]
+    for key in keys:
+        raw.put_object(Bucket=bucket, Key=f"big/{key}", Body=b"")
+    assert sorted(store.list_keys("images/")) == keys
+    assert store.existing([keys[-1], "images/ab/none.png"]) == {keys[-1]}
+
+
 def test_missing_bucket_is_named(bucket):
     with pytest.raises(StoreError, match="bucket 'no-such-bucket-here' does not exist"):
         open_store("s3://no-such-bucket-here/x")

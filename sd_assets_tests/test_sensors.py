@@ -179,6 +179,15 @@ def test_lists_found_together_cost_one_run_per_style(ticks, grid):
     run_keys = [run_key for _, run_key in requests(result)]
     assert len(run_keys) == 2
     assert all(run_key.startswith("b.txt+2more:") for run_key in run_keys)
+    # The same two lists changed together, twice: new contents, new keys each time (Dagster
+    # skips a run key it has seen, so a repeated key would leave the new subjects unmade).
+    rounds = []
+    for version in ("second", "third"):
+        for name in ("b.txt", "c.txt"):
+            (subjects / name).write_text(f"{version} subject of {name}\n")
+        rounds.append({run_key for _, run_key in requests(ticks.tick())})
+    assert all(len(keys) == 2 and all(k.startswith("b.txt+1more:") for k in keys) for keys in rounds)
+    assert not rounds[0] & rounds[1]
 
 
 def test_an_unreadable_cursor_is_reported_and_every_list_read_again(ticks, capfd):
