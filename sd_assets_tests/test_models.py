@@ -37,6 +37,17 @@ def test_a_sound_cache_is_hashed_once_then_trusted_while_unchanged(tmp_path):
     assert again.problems == [] and again.bytes_hashed == 0
 
 
+def test_a_cache_never_checked_with_a_file_missing_is_named_and_not_marked_sound(tmp_path):
+    # An upload cut short: the weights are there, the index is not, and nothing was checked yet.
+    store, prefix, manifest = _cache(tmp_path)
+    store.delete(prefix + "model_index.json")
+    found = verify_in_store(store, manifest)
+    assert found.problems == ["model_index.json: missing"] and found.bytes_hashed == 1000
+    assert not store.exists(prefix + VERIFIED), "a cache with a problem is not stamped as sound"
+    store.write_bytes(prefix + "model_index.json", FILES["model_index.json"])
+    assert verify_in_store(store, manifest).problems == []
+
+
 def test_a_rewritten_file_is_hashed_again_and_a_same_size_corruption_is_caught(tmp_path):
     store, prefix, manifest = _cache(tmp_path)
     verify_in_store(store, manifest)
