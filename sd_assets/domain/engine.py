@@ -252,7 +252,7 @@ def uncompiled(pipeline: Any) -> Iterator[None]:
     (the batch-size probe) that should compile no batch shape of their own: a compiled call of a
     new shape costs a minute or more on a GPU."""
     unet, decoder = pipeline.unet, pipeline.vae.decoder
-    cached_unet = deep_caching.installed(getattr(unet, "_orig_mod", unet))
+    cached_unet = deep_caching.installed(unet)  # with DeepCache the UNet stays a plain module; its paths compile
     pipeline.unet = getattr(unet, "_orig_mod", unet)
     pipeline.vae.decoder = getattr(decoder, "_orig_mod", decoder)
     try:

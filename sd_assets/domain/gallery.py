@@ -3,9 +3,9 @@
 Owns rendering (Jinja2, autoescaped) of the pages of each style: the current grid's images, N a
 page, with prompt, seed, run and any DeepCache setting under each and the grid's settings above;
 then the style's earlier images (from its catalog, those not in its grid now: other subjects,
-settings or models), each with its own settings. And the index: every style of the grid with its counts, the other styles the store
-holds, and a subject x style contact sheet; and the small utilisation-over-time chart a style
-page shows under "Last generation".
+settings or models), each with its own settings. And the index: every style of the grid with its
+counts, the other styles the store holds, and a subject x style contact sheet; and the small
+utilisation-over-time chart a style page shows under "Last generation".
 Every link is relative, so the folder works wherever it is opened or served.
 """
 
