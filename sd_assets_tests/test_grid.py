@@ -119,6 +119,13 @@ def test_subject_lists_skip_blank_lines_and_comments():
     assert len(parsed.sha256) == 64
 
 
+def test_zero_width_characters_pasted_from_a_web_page_make_no_subject_of_their_own():
+    text = "alan turing\n\u200b\n\u200bada lovelace\u200d \n \ufeff\u2060 \nchar\u200dlie\n"
+    parsed = parse_subject_list("pasted.txt", text.encode())
+    # The blank-looking line is blank; one at the end of a name no longer makes a second "ada lovelace".
+    assert parsed.subjects == ("alan turing", "ada lovelace", "char\u200dlie")
+
+
 @pytest.mark.parametrize(
     ("data", "expected"),
     [

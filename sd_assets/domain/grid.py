@@ -260,6 +260,11 @@ def load_grid(path: str | Path) -> GridConfig:
     return grid
 
 
+# Invisible characters that text copied from web pages brings along. At the ends of a line they
+# would make a subject that looks like another one, or one that is nothing but them.
+_ZERO_WIDTH = "\u200b\u200c\u200d\u2060\ufeff"
+
+
 @dataclass(frozen=True)
 class SubjectList:
     """One subject list file: its name, content hash and subjects in file order."""
@@ -291,7 +296,7 @@ def parse_subject_list(name: str, data: bytes, max_subjects: int = 10_000) -> Su
     subjects: list[str] = []
     skipped: list[str] = []
     for number, line in enumerate(text.splitlines(), start=1):
-        subject = line.strip()
+        subject = line.strip().strip(_ZERO_WIDTH).strip()
         if not subject or subject.startswith("#"):
             continue
         if len(subject) > MAX_SUBJECT_LENGTH:
