@@ -1,7 +1,7 @@
 """sd-assets: Stable Diffusion image grids as Dagster assets.
 
 ``dagster ... -m sd_assets`` finds ``defs`` here (see ``sd_assets.definitions``). It is built on
-first access, so domain code and the search command import without Dagster or a grid file.
+first access, so domain code imports without Dagster, and the CLI without a grid file.
 """
 
 from functools import cache

@@ -14,8 +14,9 @@ The project's environment variables, read here and nowhere else (Dagster's own, 
 - The Hugging Face variables ``HF_TOKEN`` (gated repos), ``HF_HUB_OFFLINE``, ``HF_HUB_CACHE``,
   ``HF_HOME`` and ``HF_ENDPOINT``, for the ``hub`` resource.
 
-For an s3:// store, ``AWS_REGION`` and ``AWS_ENDPOINT_URL`` configure the S3 client here; boto3
-reads the credentials (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, profiles, roles) itself.
+For an s3:// store, ``AWS_REGION`` (else ``AWS_DEFAULT_REGION``) and ``AWS_ENDPOINT_URL``
+configure the S3 client here; boto3 reads the credentials (``AWS_ACCESS_KEY_ID``,
+``AWS_SECRET_ACCESS_KEY``, profiles, roles) itself.
 """
 
 from __future__ import annotations

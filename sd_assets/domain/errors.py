@@ -1,4 +1,5 @@
-"""The one exception type users see for mistakes they can fix (bad grid, unknown style, missing model)."""
+"""The exceptions users see for mistakes they can fix: ``SdAssetsError`` and one subclass per kind
+(bad grid or subject list, missing or damaged model, store problems)."""
 
 
 class SdAssetsError(Exception):

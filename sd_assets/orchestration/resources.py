@@ -1,4 +1,4 @@
-"""Resources: the only way assets touch the outside world (grid file, artifact store, GPU)."""
+"""Resources: the only way assets touch the outside world (grid file, artifact store, Hugging Face hub, GPU)."""
 
 import tempfile
 from collections.abc import Callable, Iterator

@@ -1,4 +1,4 @@
-"""Sensors: new or changed subject lists start a run of every style, with nobody touching anything."""
+"""Sensors: new or changed subject lists start a run of every style, once the sensor is started."""
 
 from __future__ import annotations
 
