@@ -322,6 +322,28 @@ def test_images_step_alone_refuses_a_prompt_grid_built_with_other_settings(grid_
     assert len(_pngs(data)) == len(made) + 6 and steps == {2, 3}
 
 
+def test_images_step_alone_with_its_grids_images_made_says_the_new_settings_made_nothing(grid_path, instance):
+    data = grid_path.parent / "data"
+    materialize_style(grid_path, "Banksy", instance)
+    made = _pngs(data)
+    grid_path.write_text(grid_path.read_text().replace("steps: 2", "steps: 3"))
+    job = build_definitions({"SD_ASSETS_GRID": str(grid_path), "SD_ASSETS_DEVICE": "cpu"}).resolve_implicit_global_asset_job_def()
+    result = job.execute_in_process(asset_selection=[dg.AssetKey("style_images")], partition_key="Banksy", instance=instance)
+
+    assert result.success and _pngs(data) == made
+    warnings = [entry.user_message for entry in instance.all_logs(result.run_id) if entry.level == logging.WARNING]
+    assert any(
+        f"Banksy: these images are the prompt grid's, built with other settings than {grid_path} and model tiny-random@"
+        in message and "(4 of 4); nothing was made with the new settings: materialize prompt_grid" in message
+        for message in warnings
+    ), warnings
+
+    # With the grid as it was, the same step says nothing of the kind.
+    grid_path.write_text(grid_path.read_text().replace("steps: 3", "steps: 2"))
+    again = job.execute_in_process(asset_selection=[dg.AssetKey("style_images")], partition_key="Banksy", instance=instance)
+    assert not [entry for entry in instance.all_logs(again.run_id) if entry.level == logging.WARNING]
+
+
 def test_a_run_without_a_style_fails_saying_how_to_give_one(grid_path, instance):
     defs = build_definitions({"SD_ASSETS_GRID": str(grid_path), "SD_ASSETS_DEVICE": "cpu"})
     result = defs.resolve_job_def("generate_images").execute_in_process(instance=instance, raise_on_error=False)

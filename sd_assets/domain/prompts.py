@@ -153,6 +153,11 @@ def read_prompt_rows(store: ArtifactStore, style: str) -> list[PromptRow]:
         ) from None
 
 
+def rows_of_other_settings(rows: list[PromptRow], settings: GenerationSettings) -> list[PromptRow]:
+    """The rows whose keys are not the content keys of their prompts and seeds under ``settings``."""
+    return [row for row in rows if content_key(settings, row.prompt, row.seed) != row.key]
+
+
 def check_rows_match_settings(
     store: ArtifactStore, style: str, rows: list[PromptRow], settings: GenerationSettings, grid_source: object
 ) -> None:
@@ -166,7 +171,7 @@ def check_rows_match_settings(
     Raises:
         GridError: a row's key is not the content key of its prompt and seed under ``settings``.
     """
-    stale = [row for row in rows if content_key(settings, row.prompt, row.seed) != row.key]
+    stale = rows_of_other_settings(rows, settings)
     if stale:
         raise GridError(
             f"the prompt grid of {style!r} ({store.location(grid_key(style))}) was built with other settings "

@@ -19,7 +19,7 @@ import dagster as dg
 from sd_assets.domain import catalog as catalog_lib
 from sd_assets.domain import engine, gallery
 from sd_assets.domain import profile as gpu_profile
-from sd_assets.domain.errors import GridError
+from sd_assets.domain.errors import GridError, ModelError
 from sd_assets.domain.generation import make_style_images
 from sd_assets.domain.grid import GridConfig, slugify, unique_subjects
 from sd_assets.domain.models import ensure_model, local_model_folder, read_model_ref
@@ -31,6 +31,7 @@ from sd_assets.domain.prompts import (
     check_rows_match_settings,
     keys_version,
     read_prompt_rows,
+    rows_of_other_settings,
     write_prompt_rows,
 )
 from sd_assets.domain.subject_lists import read_subject_lists, subject_source
@@ -314,6 +315,7 @@ def _make_missing_images(
     if not missing:
         made = "its one image exists" if len(rows) == 1 else f"all {len(rows)} images exist"
         context.log.info(f"{style}: {made}; nothing to generate, no model loaded")
+        _warn_if_grid_changed(context, config, style, rows, artifact_store)
         return metadata
     if _run_record_is_lost(context.instance):
         context.log.warning(
@@ -329,6 +331,24 @@ def _make_missing_images(
             metadata["device_index"] = device_index
         metadata.update(_generate(context, config, style, missing, artifact_store, generator, device))
     return metadata
+
+
+def _warn_if_grid_changed(context: dg.AssetExecutionContext, config, style: str, rows: list[PromptRow],
+                          artifact_store) -> None:  # fmt: skip
+    """Say so when the images just found are the prompt grid's, and the grid file or the model now
+    give other settings: nothing was made with them, though the step succeeded."""
+    try:
+        _ref, settings = _settings_now(config, artifact_store)
+    except ModelError:  # no model in this store: its images were copied here; nothing to compare with
+        return
+    stale = rows_of_other_settings(rows, settings)
+    if stale:
+        context.log.warning(
+            f"{style}: these images are the prompt grid's, built with other settings than {config.source} and "
+            f"model {settings.model_id}@{settings.model_revision[:10]} give now ({len(stale)} of {len(rows)}); "
+            "nothing was made with the new settings: materialize prompt_grid, then style_images (the "
+            "generate_images job runs both)"
+        )
 
 
 def _generate(
