@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from sd_assets.domain import deep_cache as deep_caching
+from sd_assets.domain import library_logs
 from sd_assets.domain.deep_cache import DeepCache
 from sd_assets.domain.errors import GridError, ModelError, SdAssetsError
 from sd_assets.domain.prompts import GenerationSettings, PromptRow
@@ -148,6 +149,7 @@ def load_pipeline(
     with _PIPELINES_LOCK:
         if cache_key in _PIPELINES:
             return _PIPELINES[cache_key]
+        library_logs.quiet()
         import diffusers
         import torch
         import transformers

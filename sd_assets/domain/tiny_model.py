@@ -12,6 +12,8 @@ import json
 from importlib.metadata import version
 from pathlib import Path
 
+from sd_assets.domain import library_logs
+
 # Architecture of the tiny model; part of its revision, so changing it changes every image key.
 TINY_SPEC: dict = {
     "seed": 0,
@@ -110,6 +112,7 @@ def build_tiny_pipeline():
 def pipeline_from_parts(unet, vae, text_encoder, scheduler):
     """A Stable Diffusion pipeline of the given models, with the generated CLIP tokenizer and
     no safety checker (the tiny model's, and the GPU benchmark's SD 1.5 architecture)."""
+    library_logs.quiet()
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
