@@ -6,7 +6,16 @@ import os
 
 import pytest
 
-from sd_assets.domain.models import MANIFEST, VERIFIED, ModelRef, local_model_folder, model_prefix, verify_in_store
+from sd_assets.domain.grid import ModelConfig
+from sd_assets.domain.models import (
+    MANIFEST,
+    VERIFIED,
+    ModelRef,
+    ensure_model,
+    local_model_folder,
+    model_prefix,
+    verify_in_store,
+)
 from sd_assets.domain.store import LocalStore
 
 FILES = {"model_index.json": b'{"scheduler": ["diffusers", "PNDMScheduler"]}', "unet/weights.bin": b"w" * 1000}
@@ -103,6 +112,16 @@ def test_a_node_copy_whose_bookkeeping_was_cut_short_is_checked_again_not_a_cras
     assert json.loads((first.folder / MANIFEST).read_text()) == manifest
     assert local_model_folder(remote, ref, tmp_path / "node").bytes_copied == 0
 
+
+def test_a_warm_cache_is_used_without_writing_to_the_store(tmp_path):
+    def files():
+        return {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
+
+    store, model = LocalStore(tmp_path), ModelConfig(id="tiny-random")
+    assert ensure_model(store, model).action == "built"
+    written = files()
+    assert ensure_model(store, model).action == "cached"
+    assert files() == written, "a run with the model cached rewrites nothing (a read-only store would fail)"
 
 
 def test_the_tiny_model_is_the_same_files_whatever_ran_before_it(tmp_path):

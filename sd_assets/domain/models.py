@@ -206,6 +206,14 @@ def _selection_problems(manifest: dict, model: ModelConfig, safety_checker: bool
     return problems
 
 
+def _point_ref(store: ArtifactStore, model: ModelConfig, revision: str) -> None:
+    """Point the grid's revision name at ``revision``, writing only when it points elsewhere: a warm
+    cache's run then writes nothing to the store (one PUT less a run on S3)."""
+    key = ref_key(model.id, model.revision)
+    if not (store.exists(key) and store.read_text(key).strip() == revision):
+        store.write_text(key, revision)
+
+
 def ensure_model(
     store: ArtifactStore, model: ModelConfig, hub: HubSettings | None = None, safety_checker: bool = False
 ) -> CacheReport:
@@ -223,7 +231,7 @@ def ensure_model(
         verification = verify_in_store(store, manifest)
         problems = verification.problems or _selection_problems(manifest, model, safety_checker)
         if not problems:
-            store.write_text(ref_key(model.id, model.revision), revision)
+            _point_ref(store, model, revision)
             seconds = time.perf_counter() - start
             return CacheReport(
                 _ref_from_manifest(manifest), "cached", 0, 0, seconds, bytes_hashed=verification.bytes_hashed
@@ -242,7 +250,7 @@ def ensure_model(
         store.write_text(prefix + MANIFEST, json.dumps(manifest, indent=1))
     # Just uploaded from files hashed for the manifest: stamp them as verified.
     _write_stamps(store, manifest)
-    store.write_text(ref_key(model.id, model.revision), revision)
+    _point_ref(store, model, revision)
     uploaded = sum(f["bytes"] for f in manifest["files"])
     action = "built" if model.is_tiny else "downloaded"
     seconds = time.perf_counter() - start
