@@ -241,6 +241,23 @@ def test_an_image_recorded_twice_gets_one_row_the_record_of_the_png_in_the_store
         assert read_provenance(store.read_bytes(image_key_path(row["key"]))).run_id == row["run_id"]
 
 
+def test_a_stale_batch_merged_after_a_newer_record_replaces_nothing(tmp_path):
+    store = LocalStore(tmp_path)
+    row, other = _row("alan turing", "Banksy"), _row("ada lovelace", "Banksy")
+    newer = {**_store_image(store, row, "r-new"), "created": "2026-11-28T02:00:00+00:00"}
+    catalog.write_pending(store, "Banksy", "r-new-000001", [newer])
+    catalog.merge_catalog(store, "Banksy", [row, other])
+    # A batch of an earlier run turns up after that merge: its record of the image is older.
+    older = {**newer, "run_id": "r-old", "created": "2026-11-28T01:00:00+00:00"}
+    catalog.write_pending(store, "Banksy", "r-old-000001", [older, _store_image(store, other, "r-old")])
+    merged, report = catalog.merge_catalog(store, "Banksy", [row, other])
+
+    assert (report.added_from_records, report.replaced_from_records, report.rows) == (1, 0, 2)
+    rows = {r["subject"]: r["run_id"] for r in catalog.read_catalog(store).to_dict("records")}
+    assert rows == {"alan turing": "r-new", "ada lovelace": "r-old"}
+    assert list(store.list_keys(catalog.pending_prefix("Banksy"))) == []
+
+
 def test_an_image_recorded_twice_in_one_batch_gets_one_row(tmp_path):
     store = LocalStore(tmp_path)
     row = _row("alan turing", "Banksy")
