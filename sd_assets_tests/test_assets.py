@@ -292,6 +292,23 @@ def test_a_deep_cache_branch_the_model_lacks_fails_the_run_with_the_reason_and_w
     assert _pngs(grid_path.parent / "data") == {}
 
 
+def test_a_wide_image_is_wide_in_its_pixels_parameters_catalog_and_gallery(grid_path, instance):
+    grid_path.write_text(grid_path.read_text().replace("width: 64, height: 64", "width: 96, height: 64"))
+    materialize_style(grid_path, "Banksy", instance)
+    data = grid_path.parent / "data"
+
+    catalog = pd.read_parquet(data / "catalog" / "banksy.parquet")
+    assert len(catalog) == 4 and set(zip(catalog["width"], catalog["height"])) == {(96, 64)}
+    for row in catalog.itertuples():
+        with Image.open(row.path) as image:
+            assert image.size == (96, 64)
+            assert ", Size: 96x64, " in image.text["parameters"]
+        provenance = read_provenance(Path(row.path).read_bytes())
+        assert (provenance.width, provenance.height) == (96, 64)
+    page = (data / "gallery" / "banksy" / "page-1.html").read_text()
+    assert "96x64" in page and "64x96" not in page
+
+
 def test_images_step_alone_refuses_a_prompt_grid_built_with_other_settings(grid_path, instance):
     data = grid_path.parent / "data"
     materialize_style(grid_path, "Banksy", instance)
@@ -327,20 +344,19 @@ def test_images_step_alone_with_its_grids_images_made_says_the_new_settings_made
     materialize_style(grid_path, "Banksy", instance)
     made = _pngs(data)
     grid_path.write_text(grid_path.read_text().replace("steps: 2", "steps: 3"))
-    job = build_definitions({"SD_ASSETS_GRID": str(grid_path), "SD_ASSETS_DEVICE": "cpu"}).resolve_implicit_global_asset_job_def()
-    result = job.execute_in_process(asset_selection=[dg.AssetKey("style_images")], partition_key="Banksy", instance=instance)
+    defs = build_definitions({"SD_ASSETS_GRID": str(grid_path), "SD_ASSETS_DEVICE": "cpu"})
+    job, images_only = defs.resolve_implicit_global_asset_job_def(), [dg.AssetKey("style_images")]
+    result = job.execute_in_process(asset_selection=images_only, partition_key="Banksy", instance=instance)
 
     assert result.success and _pngs(data) == made
     warnings = [entry.user_message for entry in instance.all_logs(result.run_id) if entry.level == logging.WARNING]
-    assert any(
-        f"Banksy: these images are the prompt grid's, built with other settings than {grid_path} and model tiny-random@"
-        in message and "(4 of 4); nothing was made with the new settings: materialize prompt_grid" in message
-        for message in warnings
-    ), warnings
+    said = f"Banksy: these images are the prompt grid's, built with other settings than {grid_path} and model tiny"
+    advice = "(4 of 4); nothing was made with the new settings: materialize prompt_grid"
+    assert any(said in message and advice in message for message in warnings), warnings
 
     # With the grid as it was, the same step says nothing of the kind.
     grid_path.write_text(grid_path.read_text().replace("steps: 3", "steps: 2"))
-    again = job.execute_in_process(asset_selection=[dg.AssetKey("style_images")], partition_key="Banksy", instance=instance)
+    again = job.execute_in_process(asset_selection=images_only, partition_key="Banksy", instance=instance)
     assert not [entry for entry in instance.all_logs(again.run_id) if entry.level == logging.WARNING]
 
 

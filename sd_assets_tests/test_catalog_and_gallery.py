@@ -309,6 +309,12 @@ def test_search_is_case_insensitive_substring_and(tmp_path):
     assert len(catalog.search(frame, style="vincent-van-gogh")) == 2
     accents = pd.DataFrame([{"subject": "Émile Zola", "style": "Banksy", "model_id": "m", "run_id": "r"}])
     assert len(catalog.search(accents, subject="E\u0301mile")) == len(catalog.search(accents, subject="ÉMILE")) == 1
+    # A filter is text, not a pattern: "c++" finds C++, and "." is a full stop.
+    code = pd.DataFrame(
+        [{"subject": s, "style": "Banksy (c)", "model_id": "m", "run_id": "r"} for s in ("c++ coder", "stx paul")]
+    )
+    assert list(catalog.search(code, subject="C++")["subject"]) == ["c++ coder"]
+    assert catalog.search(code, subject="st. paul").empty and len(catalog.search(code, style="(c)")) == 2
 
 
 def _made(row: PromptRow, run_id: str, steps: int = 2, created: str = "2026-11-27T00:00:00+00:00") -> dict:
@@ -419,6 +425,10 @@ def test_a_pager_links_a_bounded_set_of_pages():
     assert gallery.pager_numbers(1, 1250) == [1, 2, 3, None, 1250]
     assert gallery.pager_numbers(600, 1250) == [1, None, 598, 599, 600, 601, 602, None, 1250]
     assert gallery.pager_numbers(1250, 1250) == [1, None, 1248, 1249, 1250]
+    # Every page is linked or stands behind an ellipsis; one page alone between two links is linked.
+    assert gallery.pager_numbers(5, 10) == [1, 2, 3, 4, 5, 6, 7, None, 10]
+    assert gallery.pager_numbers(6, 10) == [1, None, 4, 5, 6, 7, 8, 9, 10]
+    assert gallery.pager_numbers(3, 7) == [1, 2, 3, 4, 5, 6, 7]
 
 
 def test_index_lists_styles_and_a_contact_sheet(tmp_path):

@@ -11,7 +11,7 @@ import pytest
 
 from sd_assets.domain.errors import StoreError
 from sd_assets.domain.prompts import read_prompt_rows
-from sd_assets.domain.store import LocalStore
+from sd_assets.domain.store import LocalStore, new_temporary_file
 
 
 def test_writes_replace_whole_files_and_leave_no_temporary_files(tmp_path, monkeypatch):
@@ -75,3 +75,17 @@ def test_a_prompt_grid_that_is_not_one_is_a_store_error_naming_it(tmp_path):
     with pytest.raises(StoreError, match=rf"^{tmp_path}/data/grids/frida-kahlo.json is not a prompt grid \(.*\); "
                        "a run of the style 'Frida Kahlo' writes it again$"):  # fmt: skip
         read_prompt_rows(store, "Frida Kahlo")
+
+
+def test_a_write_in_flight_is_not_an_object_of_the_store(tmp_path):
+    store = LocalStore(tmp_path)
+    store.write_bytes("images/ab/done.png", b"png")
+    # The hidden file a write fills before renaming it (a killed write leaves it behind).
+    fd, half = new_temporary_file(tmp_path / "images" / "ab", "half.png")
+    os.write(fd, b"pn")
+    os.close(fd)
+
+    assert half.is_file()
+    assert list(store.list_keys("images/")) == ["images/ab/done.png"]
+    assert set(store.versions("images/")) == {"images/ab/done.png"}
+    assert store.existing(["images/ab/done.png", "images/ab/half.png"]) == {"images/ab/done.png"}

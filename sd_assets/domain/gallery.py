@@ -74,11 +74,14 @@ PAGER_WINDOW = 2
 
 def pager_numbers(page: int, pages: int) -> list[int | None]:
     """The page numbers a pager links: the first, the last and ``PAGER_WINDOW`` either side of
-    ``page``; None where numbers are left out. Bounded, however many pages there are."""
+    ``page``; None where numbers are left out (a single page left out is linked instead: an
+    ellipsis there would take as much room). Bounded, however many pages there are."""
     shown = sorted({1, pages, *range(max(1, page - PAGER_WINDOW), min(pages, page + PAGER_WINDOW) + 1)})
     numbers: list[int | None] = []
     for number in shown:
-        if numbers and number - numbers[-1] > 1:
+        if numbers and number - numbers[-1] == 2:
+            numbers.append(number - 1)
+        elif numbers and number - numbers[-1] > 2:
             numbers.append(None)
         numbers.append(number)
     return numbers
