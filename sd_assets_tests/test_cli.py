@@ -137,9 +137,9 @@ def test_search_in_a_store_without_a_catalog_says_so(grid_path, tmp_path):
 
 def test_a_broken_catalog_is_rebuilt_with_the_images_of_every_grid(cli_env, grid_path, instance):
     data = grid_path.parent / "data"
-    materialize_style(grid_path, "Banksy", instance)
+    runs = [materialize_style(grid_path, "Banksy", instance).run_id]
     grid_path.write_text(grid_path.read_text().replace("steps: 2", "steps: 3"))  # new keys: 4 more images
-    materialize_style(grid_path, "Banksy", instance)
+    runs.append(materialize_style(grid_path, "Banksy", instance).run_id)
     catalog = data / "catalog" / "banksy.parquet"
     catalog.write_bytes(catalog.read_bytes()[:300])
 
@@ -169,6 +169,18 @@ def test_a_broken_catalog_is_rebuilt_with_the_images_of_every_grid(cli_env, grid
     header, *lines = table.stdout.splitlines()
     assert header.split() == ["subject", "style", "image_index", "seed", "model_id", "run_id", "steps", "path"]
     assert sorted(line.split()[-2] for line in lines) == ["2", "2", "3", "3"] and "4 images" in table.stderr
+    assert {line.split()[-3] for line in lines} == {run[:8] for run in runs}, "a run id's first 8 characters"
+    nothing = _run([BIN / "sd-assets", "search", "--subject", "zzz"], elsewhere)
+    assert (nothing.stdout, nothing.stderr) == ("", "no images match\n")
+
+    # An image that cannot be read is named, gets no row, and the command says it failed.
+    catalog.unlink()
+    cut = sorted((data / "images").rglob("*.png"))[0]
+    cut.write_bytes(cut.read_bytes()[:100])
+    partial = _run([BIN / "sd-assets", "rebuild-catalog"], cli_env, check=False)
+    assert partial.returncode == 1 and partial.stdout.startswith(f"{catalog}: 7 rows (0 kept, 7 from PNGs)")
+    assert f"sd-assets: skipped {cut}" in partial.stderr
+    assert partial.stderr.strip().endswith("sd-assets: 1 image skipped, without a catalog row")
 
 
 def test_a_long_subject_is_cut_to_forty_columns_in_the_search_table():

@@ -22,8 +22,9 @@ import pytest
 from PIL import Image
 
 from sd_assets.domain.errors import ModelError
+from sd_assets.domain.grid import ModelConfig
 from sd_assets.domain.hub import HubSettings, resolve_commit, select_pipeline_files
-from sd_assets.domain.models import MANIFEST, VERIFIED, model_prefix
+from sd_assets.domain.models import MANIFEST, VERIFIED, ensure_model, model_prefix, read_model_ref
 from sd_assets.domain.pngmeta import PARAMETERS_CHUNK, PROVENANCE_CHUNK
 from sd_assets.domain.store import LocalStore
 from sd_assets_tests.helpers import materialize_style, write_grid
@@ -229,3 +230,90 @@ def test_a_commit_sha_in_the_store_needs_no_hub(hf_home, tmp_path, instance):
     shutil.rmtree(empty_home, ignore_errors=True)
     result = materialize_style(grid_path, "Banksy", instance, HF_HUB_OFFLINE="1", HF_HOME=str(empty_home))
     assert _metadata(result, "model_weights")["cache"] == "cached"
+
+
+def test_a_sharded_fp16_unet_is_downloaded_with_its_index(hf_home):
+    snapshot = next(hf_home.glob("hub/*/snapshots/*"))
+    files = [p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file()]
+    # How diffusers saves an fp16 UNet too large for one file.
+    sharded = [
+        "unet/diffusion_pytorch_model-00001-of-00002.fp16.safetensors",
+        "unet/diffusion_pytorch_model-00002-of-00002.fp16.safetensors",
+        "unet/diffusion_pytorch_model.safetensors.index.fp16.json",
+    ]
+    files = [f for f in files if f != "unet/diffusion_pytorch_model.fp16.safetensors"] + sharded
+
+    selection = select_pipeline_files(REPO, files, variant="auto")
+
+    assert selection.variant == "fp16"
+    assert [p for p in selection.paths if p.startswith("unet/diffusion_pytorch_model")] == sorted(sharded)
+
+
+MOVED_SHA = "fedcba9876543210fedcba9876543210fedcba98"
+
+
+class _MainMoved(http.server.BaseHTTPRequestHandler):
+    """A hub on which the repo's main branch has moved on to MOVED_SHA; notes each path asked for."""
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        self.server.asked.append(self.path)
+        body = json.dumps({"id": REPO, "sha": MOVED_SHA, "siblings": []}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def main_moved_hub():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _MainMoved)
+    server.asked = []
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def test_offline_setting_reads_the_cached_ref_without_asking_the_hub(main_moved_hub, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # offline only through the hub resource's setting
+    refs = tmp_path / ("models--" + REPO.replace("/", "--")) / "refs"
+    refs.mkdir(parents=True)
+    (refs / "main").write_text(SHA)
+    endpoint = f"http://127.0.0.1:{main_moved_hub.server_address[1]}"
+
+    assert resolve_commit(REPO, "main", HubSettings(offline=True, cache_dir=str(tmp_path), endpoint=endpoint)) == SHA
+    assert main_moved_hub.asked == []
+    assert (refs / "main").read_text() == SHA
+
+
+def test_a_model_cached_in_fp16_is_fetched_again_when_the_grid_asks_for_plain_weights(hf_home, tmp_path):
+    store = LocalStore(tmp_path / "data")
+    hub = HubSettings(offline=True, cache_dir=str(hf_home / "hub"))
+    assert ensure_model(store, ModelConfig(id=REPO, variant="auto"), hub).ref.variant == "fp16"
+
+    plain = ensure_model(store, ModelConfig(id=REPO, variant="none"), hub)
+
+    assert plain.action == "downloaded"
+    assert plain.problems == ("cached with the fp16 variant, grid asks for model.variant none",)
+    manifest = json.loads(store.read_text(model_prefix(REPO, SHA) + MANIFEST))
+    assert manifest["variant"] is None
+    assert "unet/diffusion_pytorch_model.safetensors" in {entry["path"] for entry in manifest["files"]}
+    assert not [entry["path"] for entry in manifest["files"] if ".fp16." in entry["path"]]
+
+
+def test_a_cached_branch_serves_the_grid_pinned_to_its_commit_sha(hf_home, tmp_path):
+    store = LocalStore(tmp_path / "data")
+    hub = HubSettings(offline=True, cache_dir=str(hf_home / "hub"))
+    assert ensure_model(store, ModelConfig(id=REPO, revision="main"), hub).action == "downloaded"
+
+    pinned = ModelConfig(id=REPO, revision=SHA)
+    assert ensure_model(store, pinned, hub).action == "cached"
+    ref = read_model_ref(store, pinned)
+    assert (ref.model_id, ref.revision, ref.variant) == (REPO, SHA, "fp16")

@@ -65,3 +65,11 @@ def test_deep_cache_is_in_both_chunks_and_pngs_from_before_it_still_read():
     buffer = io.BytesIO()
     Image.new("RGB", (8, 8)).save(buffer, format="PNG", pnginfo=info)
     assert read_provenance(buffer.getvalue()) == PROVENANCE
+
+
+def test_subjects_in_any_script_come_back_from_the_png_as_written():
+    written = replace(PROVENANCE, subject="café 北斎", prompt="café 北斎 by Banksy", negative_prompt="ぼやけた")
+    data = encode_png(Image.new("RGB", (8, 8)), written)
+    with Image.open(io.BytesIO(data)) as image:
+        assert image.text["parameters"].splitlines()[:2] == ["café 北斎 by Banksy", "Negative prompt: ぼやけた"]
+    assert read_provenance(data) == written

@@ -15,9 +15,9 @@ from sd_assets_tests.helpers import materialize_style, write_grid
 READINGS = [(20.0, 1000.0), (40.0, 1500.0), (60.0, 3000.0), (100.0, 2500.0)]
 
 
-def fake_source() -> tuple[SampleSource, threading.Event]:
-    """Gives READINGS in order, then fails, which ends sampling after exactly four samples."""
-    readings = iter(READINGS)
+def fake_source(readings=READINGS) -> tuple[SampleSource, threading.Event]:
+    """Gives ``readings`` in order, then fails, which ends sampling after exactly that many samples."""
+    readings = iter(readings)
     finished = threading.Event()
 
     def read():
@@ -30,8 +30,8 @@ def fake_source() -> tuple[SampleSource, threading.Event]:
     return SampleSource("fake", read), finished
 
 
-def profile_from_fake_gpu() -> GpuProfile:
-    source, finished = fake_source()
+def profile_from_fake_gpu(readings=READINGS) -> GpuProfile:
+    source, finished = fake_source(readings)
     with GpuProfiler("cuda:0", interval=0.001, source=source) as profiler:
         assert finished.wait(10)
     return profiler.profile()
@@ -57,6 +57,33 @@ def test_profile_of_known_samples_has_their_mean_peak_and_chart():
     xs = [float(point.split(",")[0]) for point in points]
     assert xs == sorted(xs) and 0 <= xs[0] and xs[-1] <= gallery.CHART_WIDTH
     assert profile.chart_markdown().startswith("![GPU utilisation over time](data:image/svg+xml;base64,")
+
+
+def test_profile_without_utilisation_readings_says_so_and_keeps_the_memory_peak():
+    # What torch.cuda gives when its NVML backend is missing: memory, but no utilisation.
+    profile = profile_from_fake_gpu([(None, 1000.0)] * 3)
+
+    assert "GPU utilisation not readable (install nvidia-ml-py);" in profile.summary
+    assert "%" not in profile.summary and "peak memory used 1,000 MB" in profile.summary
+    assert profile.metadata() == {"gpu_profile": profile.summary, "gpu_memory_peak_mb": 1000.0}
+    assert profile.chart_svg == ""
+
+
+def test_a_pass_shorter_than_one_interval_still_gets_one_reading():
+    source = SampleSource("fake", lambda: (70.0, 1200.0))
+    with GpuProfiler("cuda:0", interval=3600, source=source) as profiler:
+        pass
+    profile = profiler.profile()
+
+    assert [(s.utilisation, s.memory_mb) for s in profile.samples] == [(70.0, 1200.0)]
+    assert profile.metadata() == {
+        "gpu_profile": profile.summary,
+        "gpu_util_mean": 70.0,
+        "gpu_util_peak": 70.0,
+        "gpu_memory_peak_mb": 1200.0,
+    }
+    assert profile.summary.startswith("cuda:0, 1 sample from fake over ")
+    assert "GPU utilisation mean 70%, peak 70%" in profile.summary
 
 
 def test_profile_survives_the_store_round_trip():

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sd_assets.domain.gallery import render_utilisation_chart
+from sd_assets.domain.gallery import count, render_utilisation_chart
 from sd_assets.domain.grid import slugify
 from sd_assets.domain.store import ArtifactStore
 
@@ -145,7 +145,7 @@ class GpuProfile:
     def summary(self) -> str:
         if self.source is None:
             return f"{self.device.upper()}: no GPU utilisation measured ({self.seconds:.1f} s of generation)."
-        parts = [f"{self.device}, {len(self.samples)} samples from {self.source} over {self.seconds:.1f} s:"]
+        parts = [f"{self.device}, {count(len(self.samples), 'sample')} from {self.source} over {self.seconds:.1f} s:"]
         if self.util_mean is not None:
             parts.append(f"GPU utilisation mean {self.util_mean:.0f}%, peak {self.util_peak:.0f}%;")
         else:
