@@ -340,6 +340,33 @@ def test_images_the_safety_checker_flags_are_kept_blacked_out_and_marked(loaded,
                 assert bool(np.asarray(image).max() == 0) is flag_everything, "flagged: all black"
 
 
+def test_every_record_of_a_run_reaches_the_catalog_from_its_flushes_none_from_pngs(loaded, tmp_path, monkeypatch):
+    from sd_assets.domain import catalog, generation
+
+    # Records go to the store every RECORD_FLUSH_EVERY images: 6 images make batches of 4 and 2.
+    monkeypatch.setattr(generation, "RECORD_FLUSH_EVERY", 4)
+    store = LocalStore(tmp_path)
+    ref = ModelRef("tiny-random", "rev", "PNDMScheduler", 0, 0)
+    make_style_images(store, loaded, ref, SETTINGS, ROWS, style="Banksy", partition="Banksy", run_id="r1", batch_size=1)
+
+    assert len(list(store.list_keys(catalog.pending_prefix("Banksy")))) == 2
+    merged, report = catalog.merge_catalog(store, "Banksy", ROWS)
+    assert (report.added_from_records, report.recovered_from_png) == (6, 0)
+    assert sorted(merged["key"].to_pylist()) == sorted(row.key for row in ROWS)
+
+
+def test_a_prompt_of_exactly_the_tokens_the_text_encoder_reads_is_made_one_more_is_refused(loaded):
+    tokenizer = loaded.pipeline.tokenizer
+    # The start and end tokens count too; the tiny model's vocabulary has a token per letter.
+    prompts = [f"{'a ' * n}by Banksy" for n in range(80)]
+    fits = next(p for p in prompts if len(tokenizer(p).input_ids) == tokenizer.model_max_length == 77)
+    over = prompts[prompts.index(fits) + 1]
+    rows = [dataclasses.replace(ROWS[0], prompt=fits), dataclasses.replace(ROWS[1], prompt=over)]
+
+    overlong = engine.overlong_prompts(loaded, rows)
+    assert [overlong.refuses(row) for row in rows] == [False, True]
+
+
 def test_asking_for_the_safety_checker_of_a_model_without_one_is_a_clear_error(loaded):
     with pytest.raises(SdAssetsError, match=r"has no safety checker; set inference.safety_checker: false"):
         engine.load_pipeline(loaded.folder, "cpu", "float32", safety_checker=True)
