@@ -247,9 +247,11 @@ def merge_catalog(store: ArtifactStore, style: str, grid_rows: Sequence[PromptRo
         # image's newest record, pending or catalogued (a stable sort, so equals keep their order:
         # pending first, then the first batch's). A stale batch merged late replaces nothing newer.
         batch = pa.concat_tables([_read_pending(store, key) for key in pending_keys])
-        candidates = [batch.append_column(_PENDING, pa.repeat(True, len(batch)))]
+        # The marks come from the key columns (never null), not from Python's True and False:
+        # pyarrow imports pandas to convert a Python value, and every run would pay for that.
+        candidates = [batch.append_column(_PENDING, pc.is_valid(batch["key"]))]
         if tables:
-            candidates.append(tables[0].append_column(_PENDING, pa.repeat(False, len(tables[0]))))
+            candidates.append(tables[0].append_column(_PENDING, pc.is_null(tables[0]["key"])))
         merged = pa.concat_tables(candidates)
         merged = merged.take(pc.sort_indices(merged, sort_keys=[("created", "descending")]))
         merged_keys = merged["key"].combine_chunks()
