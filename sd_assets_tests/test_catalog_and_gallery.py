@@ -253,8 +253,15 @@ def test_a_stale_batch_merged_after_a_newer_record_replaces_nothing(tmp_path):
     merged, report = catalog.merge_catalog(store, "Banksy", [row, other])
 
     assert (report.added_from_records, report.replaced_from_records, report.rows) == (1, 0, 2)
-    rows = {r["subject"]: r["run_id"] for r in catalog.read_catalog(store).to_dict("records")}
-    assert rows == {"alan turing": "r-new", "ada lovelace": "r-old"}
+    rows = [(r["subject"], r["run_id"]) for r in catalog.read_catalog(store).to_dict("records")]
+    assert rows == [("ada lovelace", "r-old"), ("alan turing", "r-new")]
+    # A late batch that changes nothing leaves the file alone; the merge still gives its rows in order.
+    catalog.write_pending(store, "Banksy", "r-old-000002", [older])
+    written = (store.root / catalog.catalog_key("Banksy")).stat().st_mtime_ns
+    merged, report = catalog.merge_catalog(store, "Banksy", [row, other])
+    assert (report.added_from_records, report.replaced_from_records) == (0, 0)
+    assert [(r["subject"], r["run_id"]) for r in merged.to_pylist()] == rows
+    assert (store.root / catalog.catalog_key("Banksy")).stat().st_mtime_ns == written
     assert list(store.list_keys(catalog.pending_prefix("Banksy"))) == []
 
 

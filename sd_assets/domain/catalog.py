@@ -271,8 +271,9 @@ def merge_catalog(store: ArtifactStore, style: str, grid_rows: Sequence[PromptRo
     if recovered:
         tables.append(_records_table(recovered))
     merged = pa.concat_tables(tables) if tables else SCHEMA.empty_table()
-    if added or replaced or recovered or not existed:
+    if pending_keys or recovered or not existed:  # the weighing above left the rows in time order
         merged = _sorted(merged)
+    if added or replaced or recovered or not existed:
         store.write_bytes(catalog_key(style), _to_parquet(merged))
     for key in pending_keys:
         store.delete(key)
