@@ -9,9 +9,9 @@ from functools import cache
 
 @cache
 def _definitions():
-    from sd_assets.definitions import build_definitions
+    from sd_assets.definitions import load_definitions
 
-    return build_definitions()
+    return load_definitions()
 
 
 def __getattr__(name: str):

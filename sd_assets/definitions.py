@@ -26,6 +26,7 @@ import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
+import click
 import dagster as dg
 
 from sd_assets.domain.errors import GridError, SdAssetsError
@@ -99,6 +100,22 @@ def hub_from_environment(environ: Mapping[str, str]) -> HubResource:
         cache_dir=cache_dir,
         endpoint=environ.get("HF_ENDPOINT") or None,
     )
+
+
+class DefinitionsError(SdAssetsError, click.ClickException):
+    """Definitions that could not be built, for a reason the user can fix (a bad grid file).
+
+    Also a click error, so that Dagster's command line (``dagster job execute``) prints it as one
+    line, ``Error: <message>``, where any other exception gets Dagster's whole traceback.
+    """
+
+
+def load_definitions() -> dg.Definitions:
+    """``build_definitions`` for the ``defs`` that Dagster's tools load from ``sd_assets``."""
+    try:
+        return build_definitions()
+    except SdAssetsError as exc:
+        raise DefinitionsError(str(exc)) from None
 
 
 def build_definitions(environ: Mapping[str, str] | None = None) -> dg.Definitions:

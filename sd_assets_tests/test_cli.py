@@ -118,6 +118,16 @@ def test_definitions_validate_on_the_repo_and_a_clear_error_for_a_bad_grid(tmp_p
     assert f"{bad}: field 'styles' = []: needs at least one style" in result.stdout + result.stderr
 
 
+def test_dagster_job_execute_with_a_bad_grid_prints_one_line_not_a_traceback(cli_env, grid_path):
+    grid_path.write_text(grid_path.read_text().replace("steps: 2", "steps: -1"))
+    result = _run([BIN / "dagster", "job", "execute", "-m", "sd_assets", "-j", "generate_images",
+                   "--tags", json.dumps({"dagster/partition": "Banksy"})], cli_env, check=False)  # fmt: skip
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"Error: {grid_path}: field 'inference.steps' = -1: Input should be greater than or equal to 1"
+    )
+
+
 def test_search_reports_a_bad_grid_without_a_traceback(tmp_path):
     result = _run([BIN / "sd-assets", "search"], {"SD_ASSETS_GRID": str(tmp_path / "missing.yaml")}, check=False)
     assert result.returncode == 2
