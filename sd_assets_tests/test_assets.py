@@ -360,6 +360,39 @@ def test_images_step_alone_with_its_grids_images_made_says_the_new_settings_made
     assert not [entry for entry in instance.all_logs(again.run_id) if entry.level == logging.WARNING]
 
 
+def test_a_catalog_merge_and_a_gallery_wait_while_another_process_holds_the_style(grid_path, instance, tmp_path):
+    import threading
+
+    from sd_assets.orchestration.resources import GeneratorResource
+
+    locks = tmp_path / "locks"
+    data = grid_path.parent / "data"
+    materialize_style(grid_path, "Banksy", instance, SD_ASSETS_DEVICE_LOCKS=str(locks))
+    (data / "catalog" / "banksy.parquet").unlink()
+    (data / "gallery" / "banksy" / "page-1.html").unlink()
+    defs = build_definitions({"SD_ASSETS_GRID": str(grid_path), "SD_ASSETS_DEVICE": "cpu",
+                              "SD_ASSETS_DEVICE_LOCKS": str(locks)})  # fmt: skip
+    job = defs.resolve_implicit_global_asset_job_def()
+    steps = [dg.AssetKey("image_catalog"), dg.AssetKey("style_gallery")]
+    results = []
+
+    def merge_and_render():
+        results.append(job.execute_in_process(asset_selection=steps, partition_key="Banksy", instance=instance))
+
+    # What a run making Banksy's images (or merging its catalog) holds, in another process.
+    with GeneratorResource(device_lock_dir=str(locks)).exclusive("style", str(data), "Banksy"):
+        worker = threading.Thread(target=merge_and_render)
+        worker.start()
+        worker.join(timeout=5)
+        assert worker.is_alive(), "it waits for the lock"
+        assert not (data / "catalog" / "banksy.parquet").exists()
+    worker.join(timeout=120)
+
+    assert results and results[0].success
+    assert len(pd.read_parquet(data / "catalog" / "banksy.parquet")) == 4, "its rows recovered from the PNGs"
+    assert (data / "gallery" / "banksy" / "page-1.html").is_file()
+
+
 def test_a_run_without_a_style_fails_saying_how_to_give_one(grid_path, instance):
     defs = build_definitions({"SD_ASSETS_GRID": str(grid_path), "SD_ASSETS_DEVICE": "cpu"})
     result = defs.resolve_job_def("generate_images").execute_in_process(instance=instance, raise_on_error=False)

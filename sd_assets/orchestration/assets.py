@@ -202,12 +202,19 @@ def build_assets(styles: dg.StaticPartitionsDefinition) -> list:
         description="Parquet catalog of every image of a style ever made, with full provenance.",
     )
     def image_catalog(
-        context: dg.AssetExecutionContext, grid: GridResource, store: ArtifactStoreResource
+        context: dg.AssetExecutionContext,
+        grid: GridResource,
+        store: ArtifactStoreResource,
+        generator: GeneratorResource,
     ) -> dg.MaterializeResult:
         style = _style(context, grid.load())
         artifact_store = store.open()
         rows = read_prompt_rows(artifact_store, style)
-        merged, report = catalog_lib.merge_catalog(artifact_store, style, rows)
+        # A merge reads the catalog, writes it whole and deletes the batches it folded in: two at
+        # once would each write what they read, and the rows of the batches the other deleted
+        # would be lost. The style's lock keeps them apart (and away from a run making its images).
+        with generator.exclusive("style", artifact_store.location(), style, on_wait=context.log.info):
+            merged, report = catalog_lib.merge_catalog(artifact_store, style, rows)
         keys = merged["key"].to_pylist()
         return dg.MaterializeResult(
             metadata={
@@ -228,21 +235,27 @@ def build_assets(styles: dg.StaticPartitionsDefinition) -> list:
         **COMMON,
         code_version="2",
         kinds={"html"},
-        description="Gallery pages of a style: the grid's images, N a page, then its images of earlier grids.",
+        description=f"Gallery pages of a style: the grid's images, {gallery.DEFAULT_PAGE_SIZE} a page, then its "
+        "images of earlier grids.",
     )
     def style_gallery(
-        context: dg.AssetExecutionContext, grid: GridResource, store: ArtifactStoreResource
+        context: dg.AssetExecutionContext,
+        grid: GridResource,
+        store: ArtifactStoreResource,
+        generator: GeneratorResource,
     ) -> dg.MaterializeResult:
         config = grid.load()
         style = _style(context, config)
         artifact_store = store.open()
         rows = read_prompt_rows(artifact_store, style)
-        catalog = catalog_lib.read_style_catalog(artifact_store, style).to_pylist()
-        profile = gpu_profile.load_profile(artifact_store, style)
-        as_of = f"run {context.run.run_id[:8]}, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC"
-        written = gallery.render_style_pages(
-            artifact_store, style, rows, catalog, profile=profile.page_view() if profile else None, as_of=as_of
-        )
+        # Under the style's lock, so that pages written from an older catalog never land last.
+        with generator.exclusive("style", artifact_store.location(), style, on_wait=context.log.info):
+            catalog = catalog_lib.read_style_catalog(artifact_store, style).to_pylist()
+            profile = gpu_profile.load_profile(artifact_store, style)
+            as_of = f"run {context.run.run_id[:8]}, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC"
+            written = gallery.render_style_pages(
+                artifact_store, style, rows, catalog, profile=profile.page_view() if profile else None, as_of=as_of
+            )
         present = {row["key"] for row in catalog}
         return dg.MaterializeResult(
             metadata={
