@@ -1,7 +1,8 @@
 """The real thing: dagster-daemon (and dagster-webserver) against a temporary DAGSTER_HOME.
 
 A backfill of every style launched through the webserver's GraphQL API, and the
-new_subject_lists sensor turned on with the `dagster` CLI, each run to the last image.
+new_subject_lists sensor turned on with the `dagster` CLI, each run to the last image; a sensor
+run killed half-way through its images, run again by the daemon.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -18,9 +20,11 @@ import urllib.request
 from pathlib import Path
 
 import dagster as dg
+import pyarrow.parquet as pq
 import pytest
 
 from sd_assets.definitions import GENERATE_JOB
+from sd_assets.domain.node_locks import work_lock_name
 from sd_assets.orchestration.sensors import NEW_SUBJECT_LISTS
 from sd_assets_tests.helpers import image_paths, write_grid
 
@@ -226,3 +230,43 @@ def test_the_sensor_turned_on_runs_every_style_for_a_dropped_list(node, node_ins
     assert sorted(run.tags["dagster/partition"] for run in new_list_runs) == sorted(STYLES)
     for style in STYLES:
         assert all(path.is_file() for path in image_paths(node.grid, style, ["grace hopper", *SUBJECTS])), style
+
+
+def test_a_run_killed_half_way_is_run_again_by_the_daemon_and_makes_only_the_rest(node, node_instance):
+    deadline = time.monotonic() + TIMEOUT_SECONDS
+    subjects = [f"subject {i}" for i in range(40)]
+    (node.grid.parent / "subjects" / "people.txt").write_text("\n".join(subjects) + "\n")
+    node.grid.write_text(node.grid.read_text().replace("styles: [Banksy, Andy Warhol]", "styles: [Banksy]"))
+    data = node.grid.parent / "data"
+    node.start_daemon()
+    subprocess.run(
+        [str(BIN / "dagster"), "sensor", "start", NEW_SUBJECT_LISTS, "-w", "workspace.yaml"],
+        cwd=WORKTREE, env=node.env, check=True, capture_output=True,
+    )  # fmt: skip
+    # The run making the images holds the style's lock, which names its process.
+    lock = Path(node.env["SD_ASSETS_DEVICE_LOCKS"]) / work_lock_name("style", str(data), "Banksy")
+    while not (list((data / "images").rglob("*.png")) if (data / "images").is_dir() else []):
+        assert time.monotonic() < deadline, node.logs()
+        node.check_alive()
+        time.sleep(0.1)
+    os.kill(int(lock.read_text()), signal.SIGKILL)
+
+    while time.monotonic() < deadline:
+        runs = node_instance.get_runs()
+        if any(run.status == dg.DagsterRunStatus.SUCCESS for run in runs):
+            break
+        time.sleep(1)
+    runs = node_instance.get_runs()[::-1]  # oldest first
+    assert [run.status for run in runs] == [dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.SUCCESS], node.logs()
+    killed, retry = runs
+    assert retry.tags.get("dagster/retry_number") == "1" and retry.parent_run_id == killed.run_id
+    paths = image_paths(node.grid, "Banksy", subjects)
+    assert all(path.is_file() for path in paths) and len(list((data / "images").rglob("*.png"))) == len(paths)
+    made = {}
+    for run in runs:
+        for record in node_instance.fetch_materializations(dg.AssetKey("style_images"), limit=10).records:
+            if record.run_id == run.run_id:
+                made[run.run_id] = record.asset_materialization.metadata["generated"].value
+    assert 0 < len(paths) - made[retry.run_id] < len(paths), "the retry made only what the killed run had not"
+    catalog = pq.read_table(data / "catalog" / "banksy.parquet")
+    assert catalog.num_rows == len(paths) and set(catalog["run_id"].to_pylist()) == {killed.run_id, retry.run_id}
