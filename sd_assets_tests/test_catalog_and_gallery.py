@@ -265,6 +265,24 @@ def test_a_stale_batch_merged_after_a_newer_record_replaces_nothing(tmp_path):
     assert list(store.list_keys(catalog.pending_prefix("Banksy"))) == []
 
 
+def test_images_a_dead_run_was_making_get_their_rows_whether_or_not_the_grid_still_has_them(tmp_path):
+    store = LocalStore(tmp_path)
+    kept, dropped, unmade = (_row(subject, "Banksy") for subject in ("alan turing", "ada lovelace", "grace hopper"))
+    catalog.write_intent(store, "Banksy", "r1", [kept.key, dropped.key, unmade.key])
+    _store_image(store, kept, "r1")
+    _store_image(store, dropped, "r1")  # then r1 died, its records unsaved; "ada lovelace" leaves the list
+    merged, report = catalog.merge_catalog(store, "Banksy", [kept])
+
+    assert report.recovered_from_png == 2
+    rows = sorted((r["subject"], r["run_id"]) for r in merged.to_pylist())
+    assert rows == [("ada lovelace", "r1"), ("alan turing", "r1")]
+    assert list(store.list_keys(catalog.pending_prefix("Banksy"))) == []
+    broken = catalog.pending_prefix("Banksy") + "r2" + catalog.INTENT_SUFFIX
+    store.write_text(broken, '{"keys": ')
+    with pytest.raises(StoreError, match=rf"^{re.escape(store.location(broken))} is not a list of image keys"):
+        catalog.merge_catalog(store, "Banksy", [kept])
+
+
 def test_an_image_recorded_twice_in_one_batch_gets_one_row(tmp_path):
     store = LocalStore(tmp_path)
     row = _row("alan turing", "Banksy")

@@ -89,7 +89,9 @@ def test_a_killed_run_leaves_nothing_locked_and_the_next_run_makes_only_the_rest
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
     made = {path: (path.stat().st_ino, path.stat().st_mtime_ns) for path in paths if path.is_file()}
-    assert 2 <= len(made) < len(paths)
+    assert 2 <= len(made) < len(paths) and paths[0] in made
+    # Before the next run, the first subject (made, but with no catalog row yet) leaves its list.
+    (grid.parent / "subjects" / "people.txt").write_text("\n".join(SUBJECTS[1:]) + "\n")
 
     second = start_run(node, grid, "Banksy", tmp_path / "second.log")
     finish(second, tmp_path / "second.log")
@@ -98,7 +100,9 @@ def test_a_killed_run_leaves_nothing_locked_and_the_next_run_makes_only_the_rest
     assert {path: (path.stat().st_ino, path.stat().st_mtime_ns) for path in made} == made, "an image was made again"
     assert materializations(node, "style_images")[-1]["generated"] == len(paths) - len(made)
     catalog = read_catalog(LocalStore(grid.parent / "data"))
-    assert len(catalog) == catalog["key"].nunique() == len(paths)
+    assert len(catalog) == catalog["key"].nunique() == len(paths), "every image has its row, in the grid or not"
+    assert SUBJECTS[0] in set(catalog["subject"])
+    assert not list((grid.parent / "data" / "catalog" / "pending").rglob("*.*"))
 
 
 def test_two_runs_of_one_style_at_once_make_each_image_and_the_model_once(tmp_path, node):

@@ -154,6 +154,34 @@ def write_pending(store: ArtifactStore, style: str, name: str, records: Sequence
         store.write_bytes(f"{pending_prefix(style)}{name}.jsonl", _json_lines(records))
 
 
+# Beside the batches: the keys of the images a run is about to make.
+INTENT_SUFFIX = ".making.json"
+
+
+def write_intent(store: ArtifactStore, style: str, run_id: str, keys: Sequence[str]) -> None:
+    """Note the images a run is about to make, before it makes any.
+
+    A run that dies before it saves their records leaves PNGs without rows. The next merge
+    recovers the rows of the grid's images from their PNGs; these keys let it recover the others
+    too, such as the images of a subject taken out of its list before that merge.
+    """
+    if keys:
+        store.write_text(f"{pending_prefix(style)}{run_id}{INTENT_SUFFIX}", json.dumps(sorted(keys)))
+
+
+def _read_intent(store: ArtifactStore, key: str) -> list[str]:
+    try:
+        keys = json.loads(store.read_text(key))
+    except (ValueError, UnicodeDecodeError):
+        keys = None
+    if not (isinstance(keys, list) and all(isinstance(k, str) for k in keys)):
+        raise StoreError(
+            f"{store.location(key)} is not a list of image keys a run was making; delete it (`sd-assets "
+            "rebuild-catalog` gives every image in the store its row)"
+        )
+    return keys
+
+
 def read_style_catalog(store: ArtifactStore, style: str, columns: Sequence[str] | None = None) -> pa.Table:
     """A style's catalog (only ``columns`` when given; empty when it has none yet)."""
     key = catalog_key(style)
@@ -233,13 +261,16 @@ def merge_catalog(store: ArtifactStore, style: str, grid_rows: Sequence[PromptRo
 
     An image recorded more than once keeps one row, its newest record's (the newest ``created``;
     between equals, the pending one, then the first batch's): that is the record of the PNG now
-    in the store, which a run remade after the last was deleted. An image of the grid that exists
-    in the store but has no row (its run died between writing the PNG and its record) gets its
-    row back from the PNG's provenance chunk.
+    in the store, which a run remade after the last was deleted. An image that exists in the
+    store but has no row (its run died between writing the PNG and its record) gets its row back
+    from the PNG's provenance chunk: an image of ``grid_rows``, or one a run noted it was making
+    (``write_intent``).
     """
     existed = store.exists(catalog_key(style))
     tables = [_read_catalog_file(store, catalog_key(style))] if existed else []
-    pending_keys = sorted(k for k in store.list_keys(pending_prefix(style)) if k.endswith((".jsonl", ".parquet")))
+    listed = sorted(store.list_keys(pending_prefix(style)))
+    pending_keys = [k for k in listed if k.endswith((".jsonl", ".parquet"))]
+    intent_keys = [k for k in listed if k.endswith(INTENT_SUFFIX)]
     added = replaced = 0
     if pending_keys:
         # All batches and the catalog at once, so each step is one pass (batch by batch, checking
@@ -263,11 +294,13 @@ def merge_catalog(store: ArtifactStore, style: str, grid_rows: Sequence[PromptRo
         tables = [merged.drop_columns([_PENDING])]
     known_keys = {key for table in tables for key in table["key"].to_pylist()}
     recovered = []
-    for row in grid_rows:
-        image_key = image_key_path(row.key)
-        if row.key not in known_keys and store.exists(image_key):
+    grid_keys = [row.key for row in grid_rows]
+    intended = sorted({key for intent in intent_keys for key in _read_intent(store, intent)} - set(grid_keys))
+    for key in grid_keys + intended:
+        image_key = image_key_path(key)
+        if key not in known_keys and store.exists(image_key):
             recovered.append(_png_record(store, image_key))
-            known_keys.add(row.key)
+            known_keys.add(key)
     if recovered:
         tables.append(_records_table(recovered))
     merged = pa.concat_tables(tables) if tables else SCHEMA.empty_table()
@@ -275,7 +308,7 @@ def merge_catalog(store: ArtifactStore, style: str, grid_rows: Sequence[PromptRo
         merged = _sorted(merged)
     if added or replaced or recovered or not existed:
         store.write_bytes(catalog_key(style), _to_parquet(merged))
-    for key in pending_keys:
+    for key in pending_keys + intent_keys:
         store.delete(key)
     return merged, MergeReport(len(merged), added, recovered_from_png=len(recovered), replaced_from_records=replaced)
 

@@ -65,6 +65,7 @@ def make_style_images(
 
     ``log`` receives a progress line (done/total, images/s, time left) every few seconds.
     """
+    catalog.write_intent(store, style, run_id, [row.key for row in rows])
     deep_cache = settings.deep_cache.describe() if settings.deep_cache else ""
     software = software_versions()
     records: list[dict] = []
