@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from sd_assets.domain.errors import ModelError
+from sd_assets.domain.errors import ModelError, StoreError
 from sd_assets.domain.grid import ModelConfig
 from sd_assets.domain.hub_settings import HubSettings
 from sd_assets.domain.store import ArtifactStore, atomic_write, sha256_file
@@ -208,9 +208,13 @@ def _selection_problems(manifest: dict, model: ModelConfig, safety_checker: bool
 
 def _point_ref(store: ArtifactStore, model: ModelConfig, revision: str) -> None:
     """Point the grid's revision name at ``revision``, writing only when it points elsewhere: a warm
-    cache's run then writes nothing to the store (one PUT less a run on S3)."""
+    cache's run then writes nothing to the store (on S3, one GET where there was a PUT)."""
     key = ref_key(model.id, model.revision)
-    if not (store.exists(key) and store.read_text(key).strip() == revision):
+    try:
+        current = store.read_text(key).strip()
+    except StoreError:  # not there yet (or unreadable: the write says what is wrong)
+        current = None
+    if current != revision:
         store.write_text(key, revision)
 
 

@@ -187,7 +187,7 @@ def build_assets(styles: dg.StaticPartitionsDefinition) -> list:
         rows = read_prompt_rows(artifact_store, style)
         # A second run of this style on this node (a sensor run beside a backfill run, two
         # `dagster job execute`) waits here, then skips what the first one made.
-        with generator.exclusive("style", artifact_store.location(), style, on_wait=context.log.info):
+        with _style_lock(context, generator, artifact_store, style):
             metadata = _make_missing_images(context, config, style, rows, artifact_store, generator)
         return dg.MaterializeResult(
             metadata=metadata, data_version=dg.DataVersion(keys_version([r.key for r in rows]))
@@ -213,7 +213,7 @@ def build_assets(styles: dg.StaticPartitionsDefinition) -> list:
         # A merge reads the catalog, writes it whole and deletes the batches it folded in: two at
         # once would each write what they read, and the rows of the batches the other deleted
         # would be lost. The style's lock keeps them apart (and away from a run making its images).
-        with generator.exclusive("style", artifact_store.location(), style, on_wait=context.log.info):
+        with _style_lock(context, generator, artifact_store, style):
             merged, report = catalog_lib.merge_catalog(artifact_store, style, rows)
         keys = merged["key"].to_pylist()
         return dg.MaterializeResult(
@@ -249,7 +249,7 @@ def build_assets(styles: dg.StaticPartitionsDefinition) -> list:
         artifact_store = store.open()
         rows = read_prompt_rows(artifact_store, style)
         # Under the style's lock, so that pages written from an older catalog never land last.
-        with generator.exclusive("style", artifact_store.location(), style, on_wait=context.log.info):
+        with _style_lock(context, generator, artifact_store, style):
             catalog = catalog_lib.read_style_catalog(artifact_store, style).to_pylist()
             profile = gpu_profile.load_profile(artifact_store, style)
             as_of = f"run {context.run.run_id[:8]}, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC"
@@ -306,6 +306,12 @@ def build_assets(styles: dg.StaticPartitionsDefinition) -> list:
 
 # `dagster job execute` without DAGSTER_HOME keeps its run in a folder of this name, deleted at exit.
 _TEMPORARY_DAGSTER_HOME = ".tmp_dagster_home_"
+
+
+def _style_lock(context: dg.AssetExecutionContext, generator: GeneratorResource, artifact_store, style: str):
+    """The node lock of ``style`` in this store, held while a run makes its images, merges its
+    catalog or writes its pages: the one identity all three must share."""
+    return generator.exclusive("style", artifact_store.location(), style, on_wait=context.log.info)
 
 
 def _run_record_is_lost(instance: dg.DagsterInstance) -> bool:
