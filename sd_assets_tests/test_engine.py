@@ -98,6 +98,35 @@ def test_auto_batch_size_on_cpu_is_one_and_remembers_nothing(loaded, tmp_path):
     assert not memory_file.exists()
 
 
+def test_auto_batch_size_is_the_largest_batch_that_fits_in_85_percent_of_free_memory():
+    gib = 2**30
+    # A batch of one took 3 GiB at its peak, a batch of two 4 GiB: 1 GiB an image, 2 GiB for any batch.
+    assert engine.batch_size_for_memory(3 * gib, 4 * gib, 80 * gib) == 64  # 66 GiB for images: 64 is the largest
+    assert engine.batch_size_for_memory(3 * gib, 4 * gib, 10 * gib) == 4  # 6.5 GiB: 4 fit, 8 do not
+    # 16 images need 18 GiB free at 85%: 21.18 GiB.
+    assert engine.batch_size_for_memory(3 * gib, 4 * gib, 21 * gib) == 8
+    assert engine.batch_size_for_memory(3 * gib, 4 * gib, int(21.5 * gib)) == 16
+    assert engine.batch_size_for_memory(3 * gib, 4 * gib, 2 * gib) == 1  # not even one: 1, and the run finds out
+    assert engine.batch_size_for_memory(11 * gib, 12 * gib, 80 * gib) == 32  # 10 GiB fixed: 58 GiB for images
+
+
+def test_auto_batch_size_is_remembered_apart_for_settings_that_change_its_memory(loaded):
+    plain = engine.auto_batch_key(loaded, SETTINGS)
+    # Sizes remembered before the safety checker and DeepCache counted keep their keys.
+    assert plain == f"{loaded.folder.name}|cpu|float32|64x64"
+    keys = {
+        plain,
+        engine.auto_batch_key(loaded, dataclasses.replace(SETTINGS, width=96)),
+        engine.auto_batch_key(loaded, dataclasses.replace(SETTINGS, safety_checker=True)),
+        engine.auto_batch_key(loaded, dataclasses.replace(SETTINGS, deep_cache=DeepCache(3, 0))),
+        engine.auto_batch_key(loaded, dataclasses.replace(SETTINGS, deep_cache=DeepCache(3, 1))),
+    }
+    assert len(keys) == 5
+    # The interval keeps the same features; it does not change the memory.
+    assert engine.auto_batch_key(loaded, dataclasses.replace(SETTINGS, deep_cache=DeepCache(2, 1))) in keys
+    assert engine.auto_batch_key(loaded, dataclasses.replace(SETTINGS, steps=9, guidance_scale=3.0)) == plain
+
+
 def test_pipeline_is_loaded_for_speed(loaded):
     pipeline = loaded.pipeline
     # diffusers uses torch's scaled_dot_product_attention (flash / memory-efficient kernels on GPUs).

@@ -536,6 +536,34 @@ def rows_to_render(
 AUTO_BATCH_CANDIDATES = (1, 2, 4, 8, 16, 32, 64)
 
 
+def batch_size_for_memory(peak_one: int, peak_two: int, free: int) -> int:
+    """The largest of ``AUTO_BATCH_CANDIDATES`` whose memory fits in 85% of ``free`` bytes.
+
+    ``peak_one`` and ``peak_two`` are the bytes a batch of one and of two images took at their
+    peak: their difference is one image's share, the rest is what any batch needs. 1 when even
+    that does not fit (the run then finds out for itself).
+    """
+    per_image = max(peak_two - peak_one, 1)
+    fixed = max(peak_one - per_image, 0)
+    budget = free * 0.85 - fixed
+    return max([c for c in AUTO_BATCH_CANDIDATES if c * per_image <= budget] or [1])
+
+
+def auto_batch_key(loaded: LoadedPipeline, settings: GenerationSettings) -> str:
+    """What an ``auto`` batch size is remembered under: whatever changes a batch's peak memory.
+
+    The model revision (its folder), device, dtype and image size; and, only when on, the safety
+    checker (a CLIP vision pass over every batch) and DeepCache's branch (the features it keeps), so the
+    keys remembered before those joined stay as they were.
+    """
+    key = f"{loaded.folder.name}|{loaded.device}|{loaded.dtype}|{settings.width}x{settings.height}"
+    if settings.safety_checker:
+        key += "|safety-checker"
+    if settings.deep_cache:
+        key += f"|deep-cache-branch-{settings.deep_cache.branch}"
+    return key
+
+
 def auto_batch_size(
     loaded: LoadedPipeline, settings: GenerationSettings, memory_file: Path | None = None, pending: int = 0
 ) -> int:
@@ -549,7 +577,7 @@ def auto_batch_size(
         return 1
     import torch
 
-    remembered_key = f"{loaded.folder.name}|{loaded.device}|{loaded.dtype}|{settings.width}x{settings.height}"
+    remembered_key = auto_batch_key(loaded, settings)
     remembered: dict = {}
     if memory_file is not None and memory_file.is_file():
         try:
@@ -570,11 +598,8 @@ def auto_batch_size(
             with uncompiled(loaded.pipeline):  # a compiled probe would compile two shapes nobody uses
                 render_batch(loaded, [row] * count, probe)
             peaks.append(torch.cuda.max_memory_allocated(loaded.device) - base)
-        per_image = max(peaks[1] - peaks[0], 1)
-        fixed = max(peaks[0] - per_image, 0)
         free, _total = torch.cuda.mem_get_info(loaded.device)
-        budget = free * 0.85 - fixed
-        size = max([c for c in AUTO_BATCH_CANDIDATES if c * per_image <= budget] or [1])
+        size = batch_size_for_memory(peaks[0], peaks[1], free)
         if memory_file is not None:
             remembered[remembered_key] = size
             memory_file.parent.mkdir(parents=True, exist_ok=True)
