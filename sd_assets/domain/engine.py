@@ -567,7 +567,7 @@ def auto_batch_key(loaded: LoadedPipeline, settings: GenerationSettings) -> str:
 def auto_batch_size(
     loaded: LoadedPipeline, settings: GenerationSettings, memory_file: Path | None = None, pending: int = 0
 ) -> int:
-    """The batch size to use when the grid says ``auto``; remembered per model, size and device.
+    """The batch size to use when the grid says ``auto``; remembered under ``auto_batch_key``.
 
     CPU: 1 (batching does not speed up a 2-core CPU; it only delays the first image). GPU: the
     largest candidate whose estimated peak memory fits in 85% of the free memory, estimated
