@@ -33,4 +33,4 @@ dev: install $(DAGSTER_HOME)/dagster.yaml
 	DAGSTER_HOME=$(DAGSTER_HOME) $(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
 
 clean:
-	rm -rf data data-sd15 .dagster_home
+	rm -rf data data-sd15 .dagster_home deep-cache-quality

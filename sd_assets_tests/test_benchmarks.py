@@ -107,3 +107,103 @@ def test_sensor_benchmark_small_run_reads_only_the_changed_list():
     assert re.search(r"^nothing changed: +\d+\.\d{3} s, 0 run requests$", printed, re.M)
     assert re.search(r"^one list changed: +\d+\.\d{3} s, 2 run requests$", printed, re.M)
     assert "lists a further unchanged look reads: 0" in printed
+
+
+def _quality_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("deep_cache_quality", REPO / "benchmarks" / "deep_cache_quality.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_deep_cache_quality_measures_psnr_and_ssim_as_defined():
+    import numpy as np
+
+    quality = _quality_module()
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (10, 9, 3), dtype=np.uint8)
+    assert quality.psnr(a, a) == float("inf") and quality.ssim(a, a) == pytest.approx(1.0)
+    # Every value one level up: a mean squared error of 1, so 10 log10(255^2) dB.
+    a = np.clip(a, 0, 254)
+    brighter = a + 1
+    assert quality.psnr(a, brighter) == pytest.approx(48.1308, abs=1e-4)
+    assert quality.ssim(a, 255 - a) < 0  # the negative: structure reversed
+
+    # SSIM window by window, written out, against the summed-area version.
+    b = rng.integers(0, 256, (10, 9, 3), dtype=np.uint8)
+    x, y = (pixels.astype(float) @ np.array([0.299, 0.587, 0.114]) for pixels in (a, b))
+    c1, c2, size = (0.01 * 255) ** 2, (0.03 * 255) ** 2, 7
+    values = []
+    for top in range(x.shape[0] - size + 1):
+        for left in range(x.shape[1] - size + 1):
+            wx, wy = x[top : top + size, left : left + size].ravel(), y[top : top + size, left : left + size].ravel()
+            vx, vy, cxy = wx.var(ddof=1), wy.var(ddof=1), np.cov(wx, wy, ddof=1)[0, 1]
+            mx, my = wx.mean(), wy.mean()
+            values.append(((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2)))
+    assert len(values) == 4 * 3
+    assert quality.ssim(a, b) == pytest.approx(np.mean(values), rel=1e-9)
+    with pytest.raises(ValueError, match="at least 7x7"):
+        quality.ssim(a[:6], b[:6])
+
+
+def test_deep_cache_quality_compares_the_grids_own_pictures_with_deep_cache_ones(tmp_path):
+    import dagster as dg
+    import numpy as np
+    from PIL import Image
+
+    from sd_assets.domain.pngmeta import image_key_path
+    from sd_assets.domain.prompts import image_seed
+    from sd_assets_tests.helpers import materialize_style, write_grid
+
+    grid = write_grid(tmp_path, storage=str(tmp_path / "data"))
+    out = tmp_path / "quality"
+    completed = run_benchmark(
+        "deep_cache_quality.py", "--grid", str(grid), "--images", "3", "--settings", "2", "3b1", "--out", str(out)
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    lines = completed.stdout.strip().splitlines()
+    assert lines[-1] == str((out / "index.html").resolve())
+    for name in ("deepcache-2b0", "deepcache-3b1"):
+        line = rf"^\| {name} \| 3 \| \d+\.\d\d \| \d+\.\d\d \| 0\.\d{{4}} \| 0\.\d{{4}} \|$"
+        assert re.search(line, completed.stdout, re.M), completed.stdout
+
+    results = json.loads((out / "results.json").read_text())
+    rows = results["rows"]
+    # The first subject in every style, then the second: each prompt's image 0, with the grid's seed.
+    subjects = ["alan turing", "alan turing", "ada lovelace"]
+    assert [row["prompt"] for row in rows] == [f"{s} by {style}" for s, style in zip(subjects, ["Banksy", "Andy Warhol"] * 2)]
+    assert [row["seed"] for row in rows] == [image_seed(42, subject, 0) for subject in subjects]
+    assert results["settings"]["deep_cache"] is None and results["settings"]["steps"] == 2
+    for row in rows:
+        for name in ("deepcache-2b0", "deepcache-3b1"):
+            # Three UNet evaluations, the later ones short: every picture moved, and is still like its twin.
+            assert row[name]["psnr"] is not None and row[name]["psnr"] > 10
+            assert 0 < row[name]["ssim"] < 1
+
+    page = (out / "index.html").read_text()
+    sources = re.findall(r'<img src="([^"]+)"', page)
+    assert len(sources) == 3 * 3
+    for source in sources:
+        with Image.open(out / source) as image:
+            assert image.size == (64, 64) and image.mode == "RGB"
+    assert "alan turing by Andy Warhol<br>seed" in page and page.count("PSNR ") >= 3 * 2
+    assert "pictures are noise" in page and "pictures are noise" in completed.stdout
+
+    # The exact pictures are the job's own: the same pixels as the PNGs a run makes for those keys.
+    materialize_style(grid, "Banksy", dg.DagsterInstance.ephemeral())
+    for number in (0, 2):
+        made = tmp_path / "data" / image_key_path(rows[number]["exact_key"])
+        with Image.open(made) as job, Image.open(out / "images" / f"{number:03d}-exact.png") as exact:
+            assert np.array_equal(np.asarray(job.convert("RGB")), np.asarray(exact))
+
+
+def test_deep_cache_quality_names_a_bad_setting_or_grid_before_rendering_anything(tmp_path):
+    completed = run_benchmark("deep_cache_quality.py", "--grid", str(tmp_path / "none.yaml"), "--settings", "3", "1b2")
+    assert completed.returncode == 2
+    assert "DeepCache setting '1b2': DeepCache's interval must be 2 or more, not 1" in completed.stderr
+    completed = run_benchmark("deep_cache_quality.py", "--grid", str(tmp_path / "none.yaml"), "--out", str(tmp_path / "q"))
+    assert completed.returncode == 1
+    assert completed.stderr.startswith(f"error: grid file {tmp_path / 'none.yaml'} does not exist")
+    assert not (tmp_path / "q").exists()
