@@ -126,6 +126,18 @@ def test_zero_width_characters_pasted_from_a_web_page_make_no_subject_of_their_o
     assert parsed.subjects == ("alan turing", "ada lovelace", "char\u200dlie")
 
 
+def test_a_subject_is_one_editor_line_whatever_its_accents_are_made_of():
+    # A form feed (a page break in old text files) and U+2028 (pasted from a web page) do not end
+    # a line in an editor, and do not end a subject here: line numbers are the editor's too.
+    text = "\falan turing\nada\u2028lovelace\r\ngrace hopper\x1c\rcaf\u00e9 by night\ncafe\u0301 by night\n"
+    parsed = parse_subject_list("pasted.txt", text.encode() + b"x" * 501 + b"\n")
+    # "café" typed as one character or as "e" and a combining accent is one subject.
+    subjects = ["alan turing", "ada\u2028lovelace", "grace hopper", "caf\u00e9 by night"]
+    assert parsed.subjects == (*subjects, "caf\u00e9 by night")
+    assert unique_subjects([parsed]) == subjects
+    assert parsed.skipped_lines == ("line 6: 501 characters, over the 500 a subject has",)
+
+
 @pytest.mark.parametrize(
     ("data", "expected"),
     [

@@ -263,6 +263,7 @@ def load_grid(path: str | Path) -> GridConfig:
 # Invisible characters that text copied from web pages brings along. At the ends of a line they
 # would make a subject that looks like another one, or one that is nothing but them.
 _ZERO_WIDTH = "\u200b\u200c\u200d\u2060\ufeff"
+_LINE_END = re.compile(r"\r\n|\r|\n")
 
 
 @dataclass(frozen=True)
@@ -295,8 +296,13 @@ def parse_subject_list(name: str, data: bytes, max_subjects: int = 10_000) -> Su
         ) from None
     subjects: list[str] = []
     skipped: list[str] = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        subject = line.strip().strip(_ZERO_WIDTH).strip()
+    # Lines as an editor shows them: str.splitlines would also end one at a form feed, U+2028 and
+    # the like, splitting one subject in two and numbering lines unlike the editor.
+    for number, line in enumerate(_LINE_END.split(text), start=1):
+        # One spelling of each accent: "é" typed as one character or as "e" and a combining accent
+        # is one subject. CLIP's tokenizer reads both alike, so two would be two sets of images of
+        # one prompt (their seeds differ: a seed comes from the subject's text).
+        subject = unicodedata.normalize("NFC", line.strip().strip(_ZERO_WIDTH).strip())
         if not subject or subject.startswith("#"):
             continue
         if len(subject) > MAX_SUBJECT_LENGTH:
