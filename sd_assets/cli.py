@@ -56,13 +56,19 @@ def text_table(rows: list[list[str]]) -> list[str]:
 
 def _search(args: argparse.Namespace) -> int:
     from sd_assets.definitions import storage_from_environment
-    from sd_assets.domain.catalog import COLUMNS, read_catalog, search
+    from sd_assets.domain.catalog import COLUMNS, UnreadableCatalog, read_catalog, search
     from sd_assets.domain.gallery import count
     from sd_assets.domain.store import open_store
 
     storage = storage_from_environment()
-    catalog = read_catalog(open_store(storage))
-    if catalog.empty:  # not "no images match": the store is new, or the wrong one
+    # A damaged catalog hides its own style's images, not every style's: the search goes on
+    # without it, says so, and exits 2.
+    unreadable: list[UnreadableCatalog] = []
+    catalog = read_catalog(open_store(storage), unreadable)
+    for entry in unreadable:
+        print(f"sd-assets: {entry.message}; its images are left out of this search", file=sys.stderr)
+    failed = 2 if unreadable else 0
+    if catalog.empty and not unreadable:  # not "no images match": the store is new, or the wrong one
         raise StoreError(
             f"no catalog in {storage}: no style has been made there yet (make demo, or dagster job execute)"
         )
@@ -76,10 +82,10 @@ def _search(args: argparse.Namespace) -> int:
     if args.json:
         records = json.loads(found[COLUMNS].to_json(orient="records"))
         print(json.dumps(records, indent=1, ensure_ascii=False))
-        return 0
+        return failed
     if found.empty:
         print("no images match", file=sys.stderr)
-        return 0
+        return failed
     varying = [c for c in VARYING_COLUMNS if found[c].nunique() > 1]
     columns = list(TABLE_COLUMNS[:-1]) + varying + (["deep_cache"] if (found["deep_cache"] != "").any() else [])
     columns += ["safety_flagged"] if found["safety_flagged"].any() else []
@@ -92,7 +98,7 @@ def _search(args: argparse.Namespace) -> int:
     for line in text_table([[*columns, "path"], *table[[*columns, "path"]].values.tolist()]):
         print(line)
     print(count(len(found), "image"), file=sys.stderr)
-    return 0
+    return failed
 
 
 def _rebuild_catalog(args: argparse.Namespace) -> int:

@@ -3,6 +3,7 @@
 import ast
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -145,6 +146,40 @@ def test_search_in_a_store_without_a_catalog_says_so(grid_path, tmp_path):
     )
 
 
+def test_a_broken_catalog_hides_only_its_own_style_from_the_index_and_the_search(cli_env, grid_path, instance):
+    data = grid_path.parent / "data"
+    for style in ("Banksy", "Andy Warhol"):
+        materialize_style(grid_path, style, instance)
+    catalog = data / "catalog" / "banksy.parquet"
+    catalog.write_bytes(catalog.read_bytes()[:300])
+
+    # The next run of another style still brings the index up to date, with Banksy's count unknown.
+    result = materialize_style(grid_path, "Andy Warhol", instance)
+    index_event = result.asset_materializations_for_node("gallery_index")[0]
+    assert index_event.metadata["unreadable_catalogs"].value == [str(catalog)]
+    assert index_event.metadata["images"].value == 4
+    index = (data / "gallery" / "index.html").read_text()
+    assert "4 of 8 images of the grid made, across 2 styles." in index
+    assert re.search(r">Banksy</a>: \? of 4 images \(catalog unreadable\)</li>", index)
+    assert re.search(r">Andy Warhol</a>: 4 of 4 images</li>", index)
+    assert "The catalog of Banksy could not be read" in index and "sd-assets rebuild-catalog" in index
+    assert index.count("catalog unreadable</span>") == 2  # Banksy's contact-sheet cells: not "not made yet"
+    assert index.count("not made yet") == 0
+
+    # The search shows the other styles' images, names the file it could not read, and exits 2.
+    found = _run([BIN / "sd-assets", "search", "--json"], cli_env, check=False)
+    assert found.returncode == 2 and "Traceback" not in found.stderr
+    assert {row["style"] for row in json.loads(found.stdout)} == {"Andy Warhol"}
+    assert len(json.loads(found.stdout)) == 4
+    assert found.stderr.startswith(f"sd-assets: {catalog} is not a readable catalog")
+    assert found.stderr.strip().endswith("; its images are left out of this search")
+    table = _run([BIN / "sd-assets", "search", "--style", "banksy"], cli_env, check=False)
+    assert table.returncode == 2 and table.stdout == "" and "no images match" in table.stderr
+
+    _run([BIN / "sd-assets", "rebuild-catalog"], cli_env)
+    assert len(json.loads(_run([BIN / "sd-assets", "search", "--json"], cli_env).stdout)) == 8
+
+
 def test_a_broken_catalog_is_rebuilt_with_the_images_of_every_grid(cli_env, grid_path, instance):
     data = grid_path.parent / "data"
     runs = [materialize_style(grid_path, "Banksy", instance).run_id]
@@ -154,7 +189,7 @@ def test_a_broken_catalog_is_rebuilt_with_the_images_of_every_grid(cli_env, grid
     catalog.write_bytes(catalog.read_bytes()[:300])
 
     broken = _run([BIN / "sd-assets", "search", "--style", "banksy"], cli_env, check=False)
-    assert broken.returncode == 2 and "Traceback" not in broken.stderr
+    assert broken.returncode == 2 and "Traceback" not in broken.stderr and broken.stdout == ""
     assert broken.stderr.startswith(f"sd-assets: {catalog} is not a readable catalog")
     assert "`sd-assets rebuild-catalog` sets it aside" in broken.stderr
 

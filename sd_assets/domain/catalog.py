@@ -194,24 +194,50 @@ def _style_catalog_keys(store: ArtifactStore) -> list[str]:
     return [key for key in sorted(store.list_keys("catalog/")) if key.endswith(".parquet") and key.count("/") == 1]
 
 
-def catalog_styles(store: ArtifactStore) -> dict[str, list[str]]:
+@dataclass(frozen=True)
+class UnreadableCatalog:
+    """A style's catalog file that could not be read: its key, its style's slug, and why."""
+
+    key: str
+    slug: str
+    message: str
+
+
+def _style_catalogs(
+    store: ArtifactStore, columns: Sequence[str] | None, unreadable: list[UnreadableCatalog] | None
+) -> list[pa.Table]:
+    """Every style's catalog; one that cannot be read raises, or, given ``unreadable``, is left
+    out and noted there, so that one damaged file does not hide every other style's images."""
+    tables = []
+    for key in _style_catalog_keys(store):
+        try:
+            tables.append(_read_catalog_file(store, key, columns))
+        except StoreError as exc:
+            if unreadable is None:
+                raise
+            slug = key.removeprefix("catalog/").removesuffix(".parquet")
+            unreadable.append(UnreadableCatalog(key, slug, str(exc)))
+    return tables
+
+
+def catalog_styles(store: ArtifactStore, unreadable: list[UnreadableCatalog] | None = None) -> dict[str, list[str]]:
     """The content keys of every style's catalog, by style name (reads only those two columns); an
-    empty catalog has none to give."""
+    empty catalog has none to give. ``unreadable``: see ``_style_catalogs``."""
     styles: dict[str, list[str]] = {}
-    for name in _style_catalog_keys(store):
-        table = _read_catalog_file(store, name, ["key", "style"])
+    for table in _style_catalogs(store, ["key", "style"], unreadable):
         if len(table):
             styles.setdefault(table["style"][0].as_py(), []).extend(table["key"].to_pylist())
     return styles
 
 
-def read_catalog(store: ArtifactStore) -> pd.DataFrame:
+def read_catalog(store: ArtifactStore, unreadable: list[UnreadableCatalog] | None = None) -> pd.DataFrame:
     """Every style's catalog together, as a pandas DataFrame (pending batches not yet merged are not included).
 
     ``path`` is where each image is in ``store`` now: a store copied or moved elsewhere (another
     folder, a bucket synced from one) finds its own images, not those of the place it was written.
+    ``unreadable``: see ``_style_catalogs``.
     """
-    tables = [_read_catalog_file(store, key) for key in _style_catalog_keys(store)]
+    tables = _style_catalogs(store, None, unreadable)
     frame = pa.concat_tables([SCHEMA.empty_table(), *tables]).to_pandas()
     # One location, then string columns: a call per row was 0.4 s per 100,000 rows.
     probe = image_key_path("0" * 64)

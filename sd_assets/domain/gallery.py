@@ -97,6 +97,8 @@ class StyleSummary:
     # Whether the style's pages exist: a style whose first run has not reached style_gallery
     # yet (queued in a backfill, or stopped) is listed without a link.
     has_pages: bool
+    # The style's catalog could not be read: what it holds, ``present`` included, is unknown.
+    unreadable: bool = False
 
     @property
     def link(self) -> str | None:
@@ -252,6 +254,7 @@ def render_index(
     their content changed (the index, with its counts, every time).
     """
     styles = [summary.style for summary in summaries]
+    unknown = {summary.style for summary in summaries if summary.unreadable}
     subjects: dict[str, None] = {}
     cells: dict[tuple[str, str], dict] = {}
     for style in styles:
@@ -262,6 +265,7 @@ def render_index(
             cells[(row.subject, style)] = {
                 "src": "../" + image_key_path(row.key),
                 "present": row.key in present,
+                "unknown": style in unknown,
                 "row": row,
             }
     template = _ENVIRONMENT.get_template("index.html.j2")
@@ -273,6 +277,7 @@ def render_index(
             summaries=summaries, other_styles=other_styles, styles=styles, cells=cells,
             subjects=subject_list[(page - 1) * CONTACT_PAGE_SUBJECTS : page * CONTACT_PAGE_SUBJECTS],
             total=sum(s.total for s in summaries), present=sum(s.present for s in summaries),
+            unreadable=[s for s in [*summaries, *other_styles] if s.unreadable],
             page=page, pages=pages, pager_links=pager_numbers(page, pages), subjects_per_page=CONTACT_PAGE_SUBJECTS,
             # Page 1 is gallery/index.html, the others are one folder down.
             root="" if page == 1 else "../",

@@ -274,32 +274,42 @@ def build_assets(styles: dg.StaticPartitionsDefinition) -> list:
         kinds={"html"},
         description="The gallery's entry point: every style of the grid with its counts, and a contact sheet.",
     )
-    def gallery_index(grid: GridResource, store: ArtifactStoreResource) -> dg.MaterializeResult:
+    def gallery_index(
+        context: dg.AssetExecutionContext, grid: GridResource, store: ArtifactStoreResource
+    ) -> dg.MaterializeResult:
         config = grid.load()
         artifact_store = store.open()
         # The grid as it stands, not each style's last run: counts of every style compare, and
         # a style not run since a list arrived shows what it lacks.
         rows_by_style, _read, _settings_now = _grid_rows(config, artifact_store, config.styles)
-        made = catalog_lib.catalog_styles(artifact_store)
+        # A damaged catalog leaves its style's count unknown, not every style's index out of date.
+        unreadable: list[catalog_lib.UnreadableCatalog] = []
+        made = catalog_lib.catalog_styles(artifact_store, unreadable)
+        broken = {entry.slug for entry in unreadable}
+        for entry in unreadable:
+            context.log.warning(f"{entry.message}; the index shows its style's count as unknown")
         present = {key for keys in made.values() for key in keys}
 
         def summary(style: str, total: int, present_count: int) -> gallery.StyleSummary:
             has_pages = artifact_store.exists(gallery.style_page_key(style, 1))
-            return gallery.StyleSummary(style, total, present_count, has_pages=has_pages)
+            unknown = slugify(style) in broken
+            return gallery.StyleSummary(style, total, 0 if unknown else present_count, has_pages, unknown)
 
         summaries = [
             summary(style, len(rows), sum(1 for r in rows if r.key in present)) for style, rows in rows_by_style.items()
         ]
         in_grid = {slugify(style) for style in config.styles}
         others = [summary(style, len(keys), len(keys)) for style, keys in made.items() if slugify(style) not in in_grid]
+        others += [summary(slug, 0, 0) for slug in sorted(broken - in_grid)]
         key = gallery.render_index(artifact_store, summaries, rows_by_style, present, other_styles=others)
-        return dg.MaterializeResult(
-            metadata={
-                "styles": len(summaries),
-                "images": sum(s.present for s in summaries),
-                "index": dg.MetadataValue.path(artifact_store.location(key)),
-            }
-        )
+        metadata = {
+            "styles": len(summaries),
+            "images": sum(s.present for s in summaries),
+            "index": dg.MetadataValue.path(artifact_store.location(key)),
+        }
+        if unreadable:
+            metadata["unreadable_catalogs"] = [artifact_store.location(entry.key) for entry in unreadable]
+        return dg.MaterializeResult(metadata=metadata)
 
     return [grid_inputs, model_weights, prompt_grid, style_images, image_catalog, style_gallery, gallery_index]
 
