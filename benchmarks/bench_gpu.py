@@ -491,9 +491,12 @@ def main(argv: list[str] | None = None) -> int:
         current: tuple[str, LoadedPipeline] | None = None
         for label, batch in plan:
             # A new variant warms up; so does a new batch shape of a compiled one (it compiles again).
-            if time.perf_counter() - started + expected_warmup(label) > args.budget_seconds:
+            spent = time.perf_counter() - started
+            if spent + expected_warmup(label) > args.budget_seconds:
                 record({"config": f"engine, {label}", "batch": batch, "skipped": "skipped: time budget"})
-                print(f"{label} batch {batch}: skipped (time budget)", flush=True)
+                print(f"{label} batch {batch}: skipped (time budget: {spent:.0f} s spent + about "
+                      f"{expected_warmup(label):.0f} s to warm up > --budget-seconds {args.budget_seconds:g})",
+                      flush=True)  # fmt: skip
                 continue
             if current is None or current[0] != label:
                 current = None
@@ -526,6 +529,10 @@ def main(argv: list[str] | None = None) -> int:
 
     print()
     print(table(results, naive_rate, full, flops["image"]))
+    if all(r.get("skipped") for r in results[1:]):
+        print(f"no engine row ran: raise --budget-seconds ({args.budget_seconds:g}), or give rows that fit it",
+              file=sys.stderr)  # fmt: skip
+        return 1
     best = max((r for r in results if not r.get("skipped")), key=lambda r: r["images"] / r["seconds"])
     best_rate = 60 * best["images"] / best["seconds"]
     # As in the table: the row's own FLOPs per image (fewer with DeepCache) at its rate, against the peak.

@@ -71,6 +71,17 @@ def test_gpu_benchmark_smoke_run_times_every_row_and_writes_its_table(tmp_path):
     assert "| engine, eager+qkv | 2 | 4 |" in table and "| engine, eager+deepcache2 | 2 | 4 |" in table
 
 
+def test_gpu_benchmark_that_has_no_time_for_any_row_says_why_and_fails(tmp_path):
+    completed = run_benchmark("bench_gpu.py", "--smoke", "--rows", "eager:1 compiled:1", "--budget-seconds", "5")
+
+    assert completed.returncode == 1
+    assert re.search(r"^eager batch 1: skipped \(time budget: \d+ s spent \+ about 15 s to warm up > "
+                     r"--budget-seconds 5\)$", completed.stdout, re.M), completed.stdout  # fmt: skip
+    assert re.search(r"^compiled batch 1: skipped \(time budget: \d+ s spent \+ about 130 s", completed.stdout, re.M)
+    assert "best:" not in completed.stdout
+    assert "no engine row ran: raise --budget-seconds (5), or give rows that fit it" in completed.stderr
+
+
 def test_gpu_benchmark_names_a_bad_row_before_building_anything():
     completed = run_benchmark("bench_gpu.py", "--smoke", "--rows", "eager:1 eager+inductor:2")
 
