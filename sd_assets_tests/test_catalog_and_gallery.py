@@ -81,6 +81,38 @@ def test_a_catalog_written_before_the_later_columns_reads_with_their_old_values(
     assert read["run_id"] == "r1"
 
 
+def test_a_damaged_catalog_is_left_out_when_asked_but_a_failing_store_is_not_taken_for_one(tmp_path):
+    store = LocalStore(tmp_path)
+    banksy, warhol = _row("alan turing", "Banksy"), _row("alan turing", "Andy Warhol")
+    for row in (banksy, warhol):
+        catalog.write_pending(store, row.style, "run-1-000001", [_store_image(store, row, "run-1")])
+        catalog.merge_catalog(store, row.style, [row])
+    whole = store.read_bytes(catalog.catalog_key("Banksy"))
+    store.write_bytes(catalog.catalog_key("Banksy"), whole[:200])
+
+    unreadable: list[catalog.UnreadableCatalog] = []
+    assert catalog.read_catalog(store, unreadable)["style"].tolist() == ["Andy Warhol"]
+    assert catalog.catalog_styles(store, unreadable) == {"Andy Warhol": [warhol.key]}
+    assert [(u.key, u.slug) for u in unreadable] == [(catalog.catalog_key("Banksy"), "banksy")] * 2
+    assert unreadable[0].message.startswith(f"{store.location(catalog.catalog_key('Banksy'))} is not a readable catalog")
+
+    # A store that cannot give the file (S3 throttled, the network down) says nothing of the file:
+    # the read fails as a whole, rather than report a sound catalog as damaged.
+    store.write_bytes(catalog.catalog_key("Banksy"), whole)
+
+    class Throttled(LocalStore):
+        def read_bytes(self, key: str) -> bytes:
+            if key.startswith("catalog/"):
+                raise StoreError(f"cannot read {key}: SlowDown (please reduce your request rate)")
+            return super().read_bytes(key)
+
+    unreadable.clear()
+    for read in (catalog.read_catalog, catalog.catalog_styles):
+        with pytest.raises(StoreError, match="SlowDown"):
+            read(Throttled(tmp_path), unreadable)
+    assert unreadable == []
+
+
 def test_a_cut_short_catalog_or_png_is_named_with_the_way_out_and_nothing_is_deleted(tmp_path):
     store = LocalStore(tmp_path)
     rows = [_row("alan turing", "Banksy"), _row("ada lovelace", "Banksy")]

@@ -88,17 +88,22 @@ def _from_parquet(data: bytes, columns: Sequence[str] | None = None) -> pa.Table
     return table.select(wanted).cast(_schema(wanted))
 
 
+class CatalogUnreadable(StoreError):
+    """A style's catalog file was read, and is not a catalog (cut short, overwritten)."""
+
+
 def _read_catalog_file(store: ArtifactStore, key: str, columns: Sequence[str] | None = None) -> pa.Table:
     """``_from_parquet`` of a style's catalog in the store.
 
     Raises:
-        StoreError: the file is not a catalog (cut short, overwritten), naming it and the way out.
+        CatalogUnreadable: the file is not a catalog, naming it and the way out.
+        StoreError: the store could not give the file (not the file's fault).
     """
     data = store.read_bytes(key)
     try:
         return _from_parquet(data, columns)
     except (pa.ArrowException, OSError) as exc:
-        raise StoreError(
+        raise CatalogUnreadable(
             f"{store.location(key)} is not a readable catalog ({exc}); `sd-assets rebuild-catalog` sets it "
             "aside and writes a new one, its rows rebuilt from the PNGs' own provenance"
         ) from None
@@ -206,13 +211,14 @@ class UnreadableCatalog:
 def _style_catalogs(
     store: ArtifactStore, columns: Sequence[str] | None, unreadable: list[UnreadableCatalog] | None
 ) -> list[pa.Table]:
-    """Every style's catalog; one that cannot be read raises, or, given ``unreadable``, is left
-    out and noted there, so that one damaged file does not hide every other style's images."""
+    """Every style's catalog. One that is not a catalog raises, or, given ``unreadable``, is left
+    out and noted there, so that one damaged file does not hide every other style's images; a
+    store that cannot give a file (S3 throttling, the network) still raises: the file may be fine."""
     tables = []
     for key in _style_catalog_keys(store):
         try:
             tables.append(_read_catalog_file(store, key, columns))
-        except StoreError as exc:
+        except CatalogUnreadable as exc:
             if unreadable is None:
                 raise
             slug = key.removeprefix("catalog/").removesuffix(".parquet")
