@@ -94,7 +94,8 @@ def test_a_damaged_catalog_is_left_out_when_asked_but_a_failing_store_is_not_tak
     assert catalog.read_catalog(store, unreadable)["style"].tolist() == ["Andy Warhol"]
     assert catalog.catalog_styles(store, unreadable) == {"Andy Warhol": [warhol.key]}
     assert [(u.key, u.slug) for u in unreadable] == [(catalog.catalog_key("Banksy"), "banksy")] * 2
-    assert unreadable[0].message.startswith(f"{store.location(catalog.catalog_key('Banksy'))} is not a readable catalog")
+    location = store.location(catalog.catalog_key("Banksy"))
+    assert unreadable[0].message.startswith(f"{location} is not a readable catalog")
 
     # A store that cannot give the file (S3 throttled, the network down) says nothing of the file:
     # the read fails as a whole, rather than report a sound catalog as damaged.
@@ -510,6 +511,27 @@ def test_index_lists_styles_and_a_contact_sheet(tmp_path):
     cells = re.findall(r'<img src="\.\./images/[0-9a-f]{2}/([0-9a-f]+)\.png"', html)
     assert cells == [banksy[0].key, warhol[0].key], "image_index 0 of each subject in each style"
     assert html.count(">not made yet<") == 1, "Frida Kahlo's cell"
+
+
+def test_the_index_names_every_style_whose_catalog_could_not_be_read(tmp_path):
+    store = LocalStore(tmp_path)
+    rows = {style: [_row("alan turing", style)] for style in ("Banksy", "Andy Warhol", "Frida Kahlo")}
+    summaries = [
+        gallery.StyleSummary("Banksy", 1, 0, has_pages=True, unreadable=True),
+        gallery.StyleSummary("Andy Warhol", 1, 1, has_pages=True),
+        gallery.StyleSummary("Frida Kahlo", 1, 0, has_pages=True, unreadable=True),
+    ]
+    others = [gallery.StyleSummary("claude-monet", 0, 0, has_pages=False, unreadable=True)]
+    gallery.render_index(store, summaries, rows, {rows["Andy Warhol"][0].key}, other_styles=others)
+    html = store.read_text(gallery.INDEX_KEY)
+    assert ("The catalogs of Banksy, Frida Kahlo, claude-monet could not be read, so their images are not counted "
+            "or shown here; <code>sd-assets rebuild-catalog</code> rebuilds them") in html  # fmt: skip
+    assert ">Banksy</a>: ? of 1 image (catalog unreadable)</li>" in html
+    assert "<li>claude-monet: catalog unreadable</li>" in html
+    assert html.count(">catalog unreadable</span>") == 2 and "not made yet" not in html
+
+    gallery.render_index(store, summaries[1:2], {"Andy Warhol": rows["Andy Warhol"]}, {rows["Andy Warhol"][0].key})
+    assert "could not be read" not in store.read_text(gallery.INDEX_KEY)
 
 
 def test_the_index_and_contact_sheet_show_subjects_and_styles_as_text(tmp_path):
