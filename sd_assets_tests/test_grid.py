@@ -130,10 +130,12 @@ def test_a_subject_is_one_editor_line_whatever_its_accents_are_made_of():
     # A form feed (a page break in old text files) and U+2028 (pasted from a web page) do not end
     # a line in an editor, and do not end a subject here: line numbers are the editor's too.
     text = "\falan turing\nada\u2028lovelace\r\ngrace hopper\x1c\rcaf\u00e9 by night\ncafe\u0301 by night\n"
-    parsed = parse_subject_list("pasted.txt", text.encode() + b"x" * 501 + b"\n")
-    # "café" typed as one character or as "e" and a combining accent is one subject.
-    subjects = ["alan turing", "ada\u2028lovelace", "grace hopper", "caf\u00e9 by night"]
-    assert parsed.subjects == (*subjects, "caf\u00e9 by night")
+    text += "x" * 501 + "\nada  \t lovelace\n\u200b \u200bx \u200b\n"
+    parsed = parse_subject_list("pasted.txt", text.encode())
+    # What CLIP's tokenizer reads alike is one subject: "café" typed as one character or as "e" and
+    # a combining accent; a run of spaces, tabs or other separators inside a line, as one space.
+    subjects = ["alan turing", "ada lovelace", "grace hopper", "caf\u00e9 by night", "x"]
+    assert parsed.subjects == (*subjects[:4], "caf\u00e9 by night", "ada lovelace", "x")
     assert unique_subjects([parsed]) == subjects
     assert parsed.skipped_lines == ("line 6: 501 characters, over the 500 a subject has",)
 

@@ -264,6 +264,8 @@ def load_grid(path: str | Path) -> GridConfig:
 # would make a subject that looks like another one, or one that is nothing but them.
 _ZERO_WIDTH = "\u200b\u200c\u200d\u2060\ufeff"
 _LINE_END = re.compile(r"\r\n|\r|\n")
+_EDGES = re.compile(rf"^[\s{_ZERO_WIDTH}]+|[\s{_ZERO_WIDTH}]+$")
+_SPACES = re.compile(r"\s+")
 
 
 @dataclass(frozen=True)
@@ -299,10 +301,11 @@ def parse_subject_list(name: str, data: bytes, max_subjects: int = 10_000) -> Su
     # Lines as an editor shows them: str.splitlines would also end one at a form feed, U+2028 and
     # the like, splitting one subject in two and numbering lines unlike the editor.
     for number, line in enumerate(_LINE_END.split(text), start=1):
-        # One spelling of each accent: "é" typed as one character or as "e" and a combining accent
-        # is one subject. CLIP's tokenizer reads both alike, so two would be two sets of images of
-        # one prompt (their seeds differ: a seed comes from the subject's text).
-        subject = unicodedata.normalize("NFC", line.strip().strip(_ZERO_WIDTH).strip())
+        # One spelling of what CLIP's tokenizer reads alike: "é" typed as one character or as "e"
+        # and a combining accent, and any run of spaces, tabs or other separators (one space to
+        # it). Two spellings would be two subjects: two sets of images of one prompt, their seeds
+        # apart (a seed comes from the subject's text).
+        subject = _SPACES.sub(" ", _EDGES.sub("", unicodedata.normalize("NFC", line)))
         if not subject or subject.startswith("#"):
             continue
         if len(subject) > MAX_SUBJECT_LENGTH:
