@@ -529,9 +529,13 @@ def main(argv: list[str] | None = None) -> int:
 
     print()
     print(table(results, naive_rate, full, flops["image"]))
+    failed = [r for r in results if r.get("skipped", "").startswith("failed")]
+    if failed:
+        print(f"{len(failed)} row(s) failed", file=sys.stderr)
     if all(r.get("skipped") for r in results[1:]):
-        print(f"no engine row ran: raise --budget-seconds ({args.budget_seconds:g}), or give rows that fit it",
-              file=sys.stderr)  # fmt: skip
+        if not failed:
+            print(f"no engine row ran: raise --budget-seconds ({args.budget_seconds:g}), or give rows that fit it",
+                  file=sys.stderr)  # fmt: skip
         return 1
     best = max((r for r in results if not r.get("skipped")), key=lambda r: r["images"] / r["seconds"])
     best_rate = 60 * best["images"] / best["seconds"]
@@ -540,9 +544,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nbest: {best['config']} batch {best['batch']}: {best_rate:.1f} images/min, "
           f"{best_rate / naive_rate:.2f}x the naive loop" +
           (f", {100 * best_share:.1f}% of the H100 limit" if full else ""))  # fmt: skip
-    failed = [r for r in results if r.get("skipped", "").startswith("failed")]
-    if failed:
-        print(f"{len(failed)} row(s) failed", file=sys.stderr)
     return 1 if failed else 0
 
 

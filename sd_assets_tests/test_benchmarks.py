@@ -82,6 +82,23 @@ def test_gpu_benchmark_that_has_no_time_for_any_row_says_why_and_fails(tmp_path)
     assert "no engine row ran: raise --budget-seconds (5), or give rows that fit it" in completed.stderr
 
 
+def test_gpu_benchmark_whose_rows_all_fail_says_they_failed_not_that_time_ran_out(monkeypatch, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_gpu_under_test", REPO / "benchmarks" / "bench_gpu.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(bench, "run_engine", out_of_memory)
+    assert bench.main(["--smoke", "--rows", "eager:1,2"]) == 1
+    printed = capsys.readouterr()
+    assert printed.out.count("FAILED RuntimeError('CUDA out of memory')") == 2
+    assert "2 row(s) failed" in printed.err and "--budget-seconds" not in printed.err and "best:" not in printed.out
+
+
 def test_gpu_benchmark_names_a_bad_row_before_building_anything():
     completed = run_benchmark("bench_gpu.py", "--smoke", "--rows", "eager:1 eager+inductor:2")
 
