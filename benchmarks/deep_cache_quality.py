@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import html
 import json
 import math
 import os
@@ -110,35 +109,34 @@ def render_all(loaded, rows: list, settings, batch: int) -> np.ndarray:
     return np.concatenate([engine.render_batch(loaded, part, settings) for part in batches])
 
 
+PAGE_TEMPLATE = Path(__file__).with_name("deep_cache_quality.html.j2")
+
+
 def write_page(out: Path, title: str, rows: list, names: list[str], metrics: dict, note: str = "") -> Path:
-    cells = "".join(f"<th>{html.escape(name)}</th>" for name in names)
+    """The pictures side by side, each DeepCache one with its numbers: ``out/index.html``."""
+    import jinja2
+
+    environment = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(PAGE_TEMPLATE.parent), autoescape=True, undefined=jinja2.StrictUndefined,
+        trim_blocks=True, lstrip_blocks=True,
+    )  # fmt: skip
     lines = [
-        "<!doctype html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>{html.escape(title)}</title>",
-        "<style>body{font-family:sans-serif;margin:1.5em}td{vertical-align:top;padding:4px;font-size:13px}"
-        "img{display:block;width:256px;image-rendering:pixelated}</style></head><body>",
-        f"<h1>{html.escape(title)}</h1>",
-        "<p>Each DeepCache picture against the exact one of the same prompt and seed: PSNR (dB) and SSIM "
-        "(1 is the same picture). The numbers say how far a picture moved; whether it got worse is for the "
-        "eye.</p>",
-        f"<p><strong>{html.escape(note)}</strong></p>" if note else "",
-        f"<table><tr><th>prompt, seed</th>{cells}</tr>",
+        {
+            "prompt": row.prompt,
+            "seed": row.seed,
+            "cells": [
+                {"name": name, "src": f"images/{number:03d}-{name}.png",
+                 "metric": None if name == "exact" else metrics[name][number]}  # fmt: skip
+                for name in names
+            ],
+        }
+        for number, row in enumerate(rows)
     ]
-    for number, row in enumerate(rows):
-        tds = []
-        for name in names:
-            caption = ""
-            if name != "exact":
-                m = metrics[name][number]
-                caption = f"PSNR {m['psnr']:.1f} dB, SSIM {m['ssim']:.3f}"
-            source = f"images/{number:03d}-{name}.png"
-            tds.append(f'<td><a href="{source}"><img src="{source}" alt="{html.escape(name)}"></a>{caption}</td>')
-        label = f"{html.escape(row.prompt)}<br>seed {row.seed}"
-        lines.append(f"<tr><td>{label}</td>{''.join(tds)}</tr>")
-    lines.append("</table></body></html>")
     page = out / "index.html"
-    page.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    page.write_text(
+        environment.get_template(PAGE_TEMPLATE.name).render(title=title, note=note, names=names, lines=lines),
+        encoding="utf-8",
+    )
     return page
 
 
@@ -167,6 +165,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     if args.images < 1:
         parser.error("--images must be 1 or more")
+    if args.batch is not None and args.batch < 1:
+        parser.error("--batch must be 1 or more")
+    given = [setting_name(cache) for cache in caches]
+    if twice := sorted({name for name in given if given.count(name) > 1}):
+        parser.error(f"DeepCache setting given twice: {', '.join(twice)}")
 
     from sd_assets.domain import engine
     from sd_assets.domain.errors import SdAssetsError
@@ -203,16 +206,19 @@ def main(argv: list[str] | None = None) -> int:
 
     images_dir = args.out / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
+    for stale in images_dir.glob("[0-9][0-9][0-9]-*.png"):  # an earlier comparison's pictures
+        stale.unlink()
     from PIL import Image
 
     pictures: dict[str, np.ndarray] = {}
     seconds: dict[str, float] = {}
+    batch = args.batch or (inference.batch_size if inference.batch_size != "auto" else None)
     for cache in [None, *caches]:
         name = setting_name(cache)
         settings = dataclasses.replace(exact, deep_cache=cache)
         loaded = engine.load_pipeline(folder, device, dtype, inference.scheduler, False, inference.safety_checker,
                                       variant=ref.variant, deep_cache=cache)  # fmt: skip
-        batch = args.batch or (inference.batch_size if inference.batch_size != "auto" else None)
+        # One batch size for every setting: on a GPU, another batching can move a few pixels.
         batch = batch or engine.auto_batch_size(loaded, settings, None, len(rows))
         start = time.perf_counter()
         pictures[name] = render_all(loaded, rows, settings, batch)

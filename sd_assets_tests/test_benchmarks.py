@@ -185,8 +185,11 @@ def test_deep_cache_quality_compares_the_grids_own_pictures_with_deep_cache_ones
     from sd_assets.domain.prompts import image_seed
     from sd_assets_tests.helpers import materialize_style, write_grid
 
-    grid = write_grid(tmp_path, storage=str(tmp_path / "data"))
+    grid = write_grid(tmp_path, subjects=("alan turing", "ada <b>lovelace</b> & co"), storage=str(tmp_path / "data"))
     out = tmp_path / "quality"
+    (out / "images").mkdir(parents=True)
+    (out / "images" / "099-exact.png").write_bytes(b"an earlier comparison's picture")
+    (out / "images" / "notes.txt").write_text("the user's own")
     completed = run_benchmark(
         "deep_cache_quality.py", "--grid", str(grid), "--images", "3", "--settings", "2", "3b1", "--out", str(out)
     )
@@ -200,7 +203,7 @@ def test_deep_cache_quality_compares_the_grids_own_pictures_with_deep_cache_ones
     results = json.loads((out / "results.json").read_text())
     rows = results["rows"]
     # The first subject in every style, then the second: each prompt's image 0, with the grid's seed.
-    subjects = ["alan turing", "alan turing", "ada lovelace"]
+    subjects = ["alan turing", "alan turing", "ada <b>lovelace</b> & co"]
     assert [row["prompt"] for row in rows] == [f"{s} by {style}" for s, style in zip(subjects, ["Banksy", "Andy Warhol"] * 2)]
     assert [row["seed"] for row in rows] == [image_seed(42, subject, 0) for subject in subjects]
     assert results["settings"]["deep_cache"] is None and results["settings"]["steps"] == 2
@@ -217,6 +220,8 @@ def test_deep_cache_quality_compares_the_grids_own_pictures_with_deep_cache_ones
         with Image.open(out / source) as image:
             assert image.size == (64, 64) and image.mode == "RGB"
     assert "alan turing by Andy Warhol<br>seed" in page and page.count("PSNR ") >= 3 * 2
+    assert "ada &lt;b&gt;lovelace&lt;/b&gt; &amp; co by Banksy<br>seed" in page and "<b>" not in page
+    assert not (out / "images" / "099-exact.png").exists() and (out / "images" / "notes.txt").exists()
     assert "pictures are noise" in page and "pictures are noise" in completed.stdout
 
     # The exact pictures are the job's own: the same pixels as the PNGs a run makes for those keys.
@@ -231,6 +236,11 @@ def test_deep_cache_quality_names_a_bad_setting_or_grid_before_rendering_anythin
     completed = run_benchmark("deep_cache_quality.py", "--grid", str(tmp_path / "none.yaml"), "--settings", "3", "1b2")
     assert completed.returncode == 2
     assert "DeepCache setting '1b2': DeepCache's interval must be 2 or more, not 1" in completed.stderr
+    completed = run_benchmark("deep_cache_quality.py", "--settings", "2", "3", "3b0", "2b0")
+    assert completed.returncode == 2
+    assert "DeepCache setting given twice: deepcache-2b0, deepcache-3b0" in completed.stderr
+    completed = run_benchmark("deep_cache_quality.py", "--batch", "0")
+    assert completed.returncode == 2 and "--batch must be 1 or more" in completed.stderr
     completed = run_benchmark("deep_cache_quality.py", "--grid", str(tmp_path / "none.yaml"), "--out", str(tmp_path / "q"))
     assert completed.returncode == 1
     assert completed.stderr.startswith(f"error: grid file {tmp_path / 'none.yaml'} does not exist")
