@@ -241,3 +241,40 @@ def test_the_search_table_lines_up_wide_characters_and_accents():
         "北斎     Banksy       /a.png",  # two wide characters take four columns
         "E\u0301mile    Frida Kahlo  /b.png",  # the combining accent takes none
     ]
+
+
+def test_search_table_cuts_a_long_negative_prompt_to_its_column(tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    from sd_assets import cli
+    from sd_assets.domain import catalog
+    from sd_assets.domain.pngmeta import Provenance, encode_png, image_key_path
+    from sd_assets.domain.prompts import PromptRow
+    from sd_assets.domain.store import LocalStore
+
+    store = LocalStore(tmp_path / "data")
+    long_negative = "blurry, low quality, watermark, text, extra fingers, cropped, jpeg artifacts"
+    rows, records = [], []
+    for number, negative in enumerate(["", long_negative]):
+        key = f"{number:064x}"
+        row = PromptRow("alan turing", "Banksy", 0, "alan turing by Banksy", negative, 100, key)
+        made = Provenance(
+            key=key, subject=row.subject, style=row.style, image_index=0, prompt=row.prompt, negative_prompt=negative,
+            seed=100, model_id="tiny-random", model_revision="0" * 40, scheduler="PNDMScheduler", steps=2,
+            guidance_scale=7.5, width=64, height=64, run_id=f"run-{number}", partition=row.style,
+            created="2026-11-27T00:00:00+00:00", device="cpu", dtype="float32",
+        )  # fmt: skip
+        store.write_bytes(image_key_path(key), encode_png(Image.new("RGB", (64, 64)), made))
+        rows.append(row)
+        records.append(catalog.catalog_record(made, store.location(image_key_path(key))))
+    catalog.write_pending(store, "Banksy", "run-1-000002", records)
+    catalog.merge_catalog(store, "Banksy", rows)
+
+    monkeypatch.setenv("SD_ASSETS_STORAGE", str(tmp_path / "data"))
+    assert cli.main(["search", "--subject", "turing"]) == 0
+    header, *lines = capsys.readouterr().out.splitlines()
+    # The two images differ only in their negative prompt: it gets a column, the long one cut to 40.
+    assert header.split()[-2:] == ["negative_prompt", "path"] and len(lines) == 2
+    assert long_negative not in "\n".join(lines)
+    assert any(shorten(long_negative) in line for line in lines) and shorten(long_negative).endswith("…")
+    assert len(shorten(long_negative)) == 40
