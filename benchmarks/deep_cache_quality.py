@@ -3,9 +3,10 @@
     python benchmarks/deep_cache_quality.py --grid examples/grid-sd15.yaml --images 16
     python benchmarks/deep_cache_quality.py --grid grid.yaml --images 4 --settings 2 3 3b1 --out /tmp/dc
 
-The grid is read as the job reads it: its model (made sure of in the store as ``model_weights``
-does, from the hub when it is not there yet; ``SD_ASSETS_STORAGE`` overrides the grid's store),
-scheduler, steps, guidance, size, negative prompt, subjects and styles. The first ``--images``
+The grid, store, device and model cache are the job's own resources, built from the project's
+variables as the job builds them (``SD_ASSETS_STORAGE`` before the grid's store). The grid gives
+the model (made sure of in the store as ``model_weights`` does, from the hub when it is not there
+yet), scheduler, steps, guidance, size, negative prompt, subjects and styles. The first ``--images``
 prompts (the first subject in every style, then the second, ...; image index 0, so the seed each
 has in the grid) are rendered through the engine once without DeepCache (the exact pictures,
 whatever the grid says of DeepCache) and once per DeepCache setting. ``--settings`` takes
@@ -152,8 +153,7 @@ def summary(values: list[float]) -> tuple[float, float]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--grid", type=Path, default=Path(os.environ.get("SD_ASSETS_GRID", "grid.yaml")),
-                        help="the grid file (default: SD_ASSETS_GRID, else grid.yaml)")  # fmt: skip
+    parser.add_argument("--grid", type=Path, help="the grid file (default: SD_ASSETS_GRID, else grid.yaml)")
     parser.add_argument("--images", type=int, default=16, help="prompts to compare (default 16)")
     parser.add_argument("--settings", nargs="+", default=["3", "2"], help="DeepCache settings: N or NbB (default 3 2)")
     parser.add_argument("--batch", type=int, default=None, help="images per batch (default: the grid's; auto on a GPU)")
@@ -171,31 +171,32 @@ def main(argv: list[str] | None = None) -> int:
     if twice := sorted({name for name in given if given.count(name) > 1}):
         parser.error(f"DeepCache setting given twice: {', '.join(twice)}")
 
+    from sd_assets.definitions import build_definitions
     from sd_assets.domain import engine
     from sd_assets.domain.errors import SdAssetsError
-    from sd_assets.domain.grid import load_grid, unique_subjects
-    from sd_assets.domain.hub_settings import HubSettings
-    from sd_assets.domain.models import ensure_model, local_model_folder, read_model_ref
+    from sd_assets.domain.grid import unique_subjects
+    from sd_assets.domain.models import ensure_model, local_model_folder
     from sd_assets.domain.prompts import GenerationSettings
-    from sd_assets.domain.store import open_store
     from sd_assets.domain.subject_lists import read_subject_lists, subject_source
 
     try:
-        config = load_grid(args.grid)
-        store = open_store(os.environ.get("SD_ASSETS_STORAGE") or config.storage)
+        # The job's own resources, from the project's variables as the job reads them (the store,
+        # its S3 client, the hub, the device and the model cache).
+        environ = {**os.environ, **({"SD_ASSETS_GRID": str(args.grid)} if args.grid else {})}
+        resources = build_definitions(environ).resources
+        config, store, generator = resources["grid"].load(), resources["store"].open(), resources["generator"]
         lists = read_subject_lists(subject_source(config, store), config.max_subjects_per_list).lists
         subjects = unique_subjects(lists)
         if not subjects:
             raise SdAssetsError(f"the grid {config.source} has no subjects to compare")
-        report = ensure_model(store, config.model, HubSettings(), config.inference.safety_checker)
-        ref = read_model_ref(store, config.model)
+        report = ensure_model(store, config.model, resources["hub"].settings(), config.inference.safety_checker)
+        ref = report.ref
         inference = config.inference
         grid_settings = GenerationSettings.from_grid(config, ref.revision, inference.scheduler or ref.scheduler)
         exact = dataclasses.replace(grid_settings, deep_cache=None)
         rows = sample_rows(config, subjects, exact, args.images)
-        cache_dir = Path(os.environ.get("SD_ASSETS_MODEL_CACHE") or Path.home() / ".cache" / "sd-assets" / "models")
-        folder = local_model_folder(store, ref, cache_dir.expanduser()).folder
-        device = engine.pick_device(os.environ.get("SD_ASSETS_DEVICE", "auto"))
+        folder = local_model_folder(store, ref, Path(generator.model_cache_dir).expanduser()).folder
+        device = engine.pick_device(generator.device)
         dtype = engine.pick_dtype(device, inference.dtype)
     except SdAssetsError as exc:
         print(f"error: {exc}", file=sys.stderr)
