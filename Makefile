@@ -26,8 +26,9 @@ $(DAGSTER_HOME)/dagster.yaml: dagster.yaml
 demo: install $(DAGSTER_HOME)/dagster.yaml
 	DAGSTER_HOME=$(DAGSTER_HOME) $(BIN)/sd-assets demo
 
+# One worker a core, at most four: each starts webservers, daemons and runs of its own.
 test: install
-	$(BIN)/python -m pytest sd_assets_tests -q -p no:cacheprovider
+	$(BIN)/python -m pytest sd_assets_tests -q -p no:cacheprovider -n auto --maxprocesses 4
 
 dev: install $(DAGSTER_HOME)/dagster.yaml
 	DAGSTER_HOME=$(DAGSTER_HOME) $(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000

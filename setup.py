@@ -39,6 +39,7 @@ setup(
     extras_require={
         "test": [
             "pytest>=8",
+            "pytest-xdist>=3.5",
             "moto[server]>=5",
             "psycopg2-binary>=2.9",
         ],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -12,6 +13,18 @@ from sd_assets.domain.grid import load_grid
 from sd_assets.domain.models import ensure_model
 from sd_assets.domain.store import LocalStore
 from sd_assets_tests.helpers import write_grid
+
+
+def pytest_configure(config):
+    # Under pytest-xdist, each worker (and every process its tests start) gets its share of the
+    # cores: torch's default of one thread a core in every worker makes them all wait on each other.
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        threads = str(max(1, len(os.sched_getaffinity(0)) // workers))
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = threads
+        import torch
+
+        torch.set_num_threads(int(threads))
 
 
 @pytest.fixture(scope="session")
