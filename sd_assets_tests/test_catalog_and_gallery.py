@@ -184,7 +184,7 @@ def test_rebuild_gives_every_image_a_row_whichever_grid_made_it_and_sets_a_broke
     assert (kahlo.catalog, kahlo.rows, kahlo.kept, kahlo.recovered_from_png) == ("catalog/frida-kahlo.parquet", 2, 1, 1)
     assert kahlo.set_aside is None
     assert re.fullmatch(rf"{re.escape(str(tmp_path))}/catalog/unreadable/banksy-\d{{8}}T\d{{6}}Z\.parquet", banksy.set_aside)
-    assert open(banksy.set_aside, "rb").read() == broken
+    assert Path(banksy.set_aside).read_bytes() == broken
     cut_error, odd_error = sorted(rebuild.errors, key=lambda e: e.startswith(store.location(image_key_path(odd.key))))
     assert cut_error.startswith(f"{store.location(image_key_path(cut.key))} is not a readable image of this project")
     # It may be an image of an earlier grid, which no run makes again: no advice to delete it outright.
