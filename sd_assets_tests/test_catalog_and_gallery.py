@@ -423,6 +423,23 @@ def test_style_pages_paginate_escape_and_link_relatively(tmp_path):
     assert gallery.render_style_pages(store, "Banksy", rows_on_three_pages, more, 4, profile).written == 2
 
 
+def test_pages_say_the_tiny_models_images_are_noise_and_only_its(tmp_path):
+    store = LocalStore(tmp_path)
+    rows = [_row("alan turing", "Banksy"), _row("ada lovelace", "Banksy")]
+    tiny = [_made(row, "r1") for row in rows]
+    real = [{**record, "model_id": "org/sd-real"} for record in tiny]
+    pages = {
+        name: store.read_text(gallery.render_style_pages(store, name, rows, made).pages[0])
+        for name, made in (("Tiny", tiny), ("Real", real), ("Nothing made", []))
+    }
+    assert "noise by design" in pages["Tiny"]
+    assert "noise by design" not in pages["Real"] and "noise by design" not in pages["Nothing made"]
+    summaries = [gallery.StyleSummary("Banksy", 2, 2, has_pages=True)]
+    for model_id, noted in (("tiny-random", True), ("org/sd-real", False)):
+        gallery.render_index(store, summaries, {"Banksy": rows}, {row.key for row in rows}, model_id=model_id)
+        assert ("noise by design" in store.read_text(gallery.INDEX_KEY)) == noted, model_id
+
+
 def test_an_image_the_safety_checker_blacked_out_says_so_under_it(tmp_path):
     store = LocalStore(tmp_path)
     rows = [_row("alan turing", "Banksy"), _row("ada lovelace", "Banksy")]

@@ -5,7 +5,8 @@ page, with prompt, seed, run and any DeepCache setting under each and the grid's
 then the style's earlier images (from its catalog, those not in its grid now: other subjects,
 settings or models), each with its own settings. And the index: every style of the grid with its
 counts, the other styles the store holds, and a subject x style contact sheet; and the small
-utilisation-over-time chart a style page shows under "Last generation".
+utilisation-over-time chart a style page shows under "Last generation". Pages of images made by
+the offline ``tiny-random`` model say that its images are noise.
 Every link is relative, so the folder works wherever it is opened or served.
 """
 
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 
 import jinja2
 
-from sd_assets.domain.grid import slugify
+from sd_assets.domain.grid import TINY_MODEL_ID, slugify
 from sd_assets.domain.pngmeta import image_key_path
 from sd_assets.domain.prompts import PromptRow
 from sd_assets.domain.store import ArtifactStore
@@ -209,6 +210,7 @@ def render_style_pages(
     common = {
         "style": style, "profile": profile, "earlier_images": len(earlier), "as_of": as_of,
         "grid_settings": settings_text(first_made) if first_made else None,
+        "random_weights": bool(first_made) and first_made["model_id"] == TINY_MODEL_ID,
         "total": len(rows), "present": sum(1 for row in rows if row.key in made),
     }  # fmt: skip
 
@@ -244,9 +246,11 @@ def render_index(
     rows_by_style: dict[str, Sequence[PromptRow]],
     present: set[str],
     other_styles: Sequence[StyleSummary] = (),
+    model_id: str = "",
 ) -> str:
     """Write ``gallery/index.html``: counts per style of the grid, the other styles whose images
     the store holds (``other_styles``: made by earlier grids), and the subject x style contact sheet.
+    With the grid's ``model_id`` the offline ``tiny-random``, page 1 says its images are noise.
 
     The contact sheet shows image 0 of every subject in every style: one row of it compares the
     styles under the same starting noise. The index holds its first ``CONTACT_PAGE_SUBJECTS``
@@ -278,6 +282,7 @@ def render_index(
             subjects=subject_list[(page - 1) * CONTACT_PAGE_SUBJECTS : page * CONTACT_PAGE_SUBJECTS],
             total=sum(s.total for s in summaries), present=sum(s.present for s in summaries),
             unreadable=[s for s in [*summaries, *other_styles] if s.unreadable],
+            random_weights=model_id == TINY_MODEL_ID,
             page=page, pages=pages, pager_links=pager_numbers(page, pages), subjects_per_page=CONTACT_PAGE_SUBJECTS,
             # Page 1 is gallery/index.html, the others are one folder down.
             root="" if page == 1 else "../",

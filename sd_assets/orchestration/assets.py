@@ -233,7 +233,7 @@ def build_assets(styles: dg.StaticPartitionsDefinition) -> list:
         partitions_def=styles,
         deps=[image_catalog],
         **COMMON,
-        code_version="2",
+        code_version="3",
         kinds={"html"},
         description=f"Gallery pages of a style: the grid's images, {gallery.DEFAULT_PAGE_SIZE} a page, then its "
         "images of earlier grids.",
@@ -270,7 +270,7 @@ def build_assets(styles: dg.StaticPartitionsDefinition) -> list:
     @dg.asset(
         deps=[style_gallery],
         **COMMON,
-        code_version="2",
+        code_version="3",
         kinds={"html"},
         description="The gallery's entry point: every style of the grid with its counts, and a contact sheet.",
     )
@@ -301,7 +301,9 @@ def build_assets(styles: dg.StaticPartitionsDefinition) -> list:
         in_grid = {slugify(style) for style in config.styles}
         others = [summary(style, len(keys), len(keys)) for style, keys in made.items() if slugify(style) not in in_grid]
         others += [summary(slug, 0, 0) for slug in sorted(broken - in_grid)]
-        key = gallery.render_index(artifact_store, summaries, rows_by_style, present, other_styles=others)
+        key = gallery.render_index(
+            artifact_store, summaries, rows_by_style, present, other_styles=others, model_id=config.model.id
+        )
         metadata = {
             "styles": len(summaries),
             "images": sum(s.present for s in summaries),
