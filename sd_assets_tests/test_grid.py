@@ -83,14 +83,18 @@ model: {id: tiny-random}
         (VALID + 'prompt_template: "{subject!r} by {style}"\n', "without a format spec or '!' conversion"),
         (VALID + 'prompt_template: "{subject:>999} by {style}"\n', "without a format spec or '!' conversion"),
         (VALID.replace("id: tiny-random", 'id: "not a repo!!"'), "field 'model.id' = 'not a repo!!'"),
-        ("styles: [Banksy\n", "not valid YAML"),
+        ("styles: [Banksy\n", "grid.yaml, line 2, column 1: not valid YAML: expected ',' or ']', but got "
+         "'<stream end>' (while parsing a flow sequence that starts at line 1)"),  # fmt: skip
+        ("styles: [Banksy]\n\tseed: 4\n", "grid.yaml, line 2, column 1: not valid YAML: found character '\\t'"),
         (VALID + "seed: 7\nseed: 42\n", "not valid YAML: field 'seed' is given twice (first at line "),
         (VALID + "inference: {steps: 2, steps: 3}\n", "field 'steps' is given twice"),
         ("- just a list\n", "expected a mapping"),
     ],
 )
 def test_bad_grid_files_name_the_field_and_value(tmp_path, text, expected):
-    assert expected in _error_for(tmp_path, text)
+    message = _error_for(tmp_path, text)
+    assert expected in message
+    assert "\n" not in message and "<unicode string>" not in message, "one line, naming the file"
 
 
 def test_a_style_with_a_combining_accent_is_the_same_as_its_composed_form(tmp_path):

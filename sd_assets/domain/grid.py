@@ -199,6 +199,18 @@ def _describe_location(loc: tuple) -> str:
     return ".".join(str(part) for part in loc) or "(top level)"
 
 
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error in one line: where in the file, then what (PyYAML's own text spans several
+    lines and names its input '<unicode string>', not the file)."""
+    if not isinstance(exc, yaml.MarkedYAMLError) or exc.problem_mark is None:
+        return ": not valid YAML: " + " ".join(str(exc).split())
+    mark = exc.problem_mark
+    text = f", line {mark.line + 1}, column {mark.column + 1}: not valid YAML: {exc.problem}"
+    if exc.context and exc.context_mark is not None:
+        text += f" ({exc.context} that starts at line {exc.context_mark.line + 1})"
+    return text
+
+
 class _GridLoader(yaml.SafeLoader):
     """YAML's safe loader, refusing a field given twice in one mapping (plain PyYAML keeps the
     last silently: a second ``seed:`` further down would remake every image)."""
@@ -233,8 +245,10 @@ def load_grid(path: str | Path) -> GridConfig:
         raise GridError(f"grid file {path} does not exist (set SD_ASSETS_GRID to a grid.yaml)")
     try:
         raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_GridLoader)
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise GridError(f"{path}: not valid YAML: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise GridError(f"{path}{_yaml_problem(exc)}") from None
+    except UnicodeDecodeError as exc:
+        raise GridError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     if not isinstance(raw, dict):
         raise GridError(f"{path}: expected a mapping of fields at the top level, got {type(raw).__name__}")
     try:
