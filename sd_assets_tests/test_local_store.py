@@ -37,12 +37,27 @@ def test_writes_replace_whole_files_and_leave_no_temporary_files(tmp_path, monke
 
 
 def test_a_store_path_that_is_a_file_is_a_store_error_naming_the_path(tmp_path):
-    (tmp_path / "afile").write_text("not a folder")
-    store = LocalStore(tmp_path / "afile")
-    with pytest.raises(StoreError, match=rf"cannot write {tmp_path / 'afile'}/grids/banksy.json: .*Not a directory"):
-        store.write_text("grids/banksy.json", "[]")
-    with pytest.raises(StoreError, match=rf"{tmp_path / 'afile'}/grids/banksy.json does not exist"):
-        store.read_text("grids/banksy.json")
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    for storage in (afile, afile / "data" / "deeper"):
+        with pytest.raises(StoreError, match=rf"^storage {storage}: {afile} is a file, not a folder$"):
+            LocalStore(storage)
+
+    # A file where one of the store's folders should be, put there after the store was opened.
+    store = LocalStore(tmp_path / "data")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "models").write_text("not a folder")
+    with pytest.raises(StoreError, match=rf"cannot write {tmp_path}/data/models/m/manifest.json: .*Not a directory"):
+        store.write_text("models/m/manifest.json", "{}")
+    with pytest.raises(StoreError, match=rf"{tmp_path}/data/models/m/manifest.json does not exist"):
+        store.read_text("models/m/manifest.json")
+    store.delete("models/m/manifest.json")  # nothing there to delete
+    # A folder where a file should be.
+    (tmp_path / "data" / "catalog" / "banksy.parquet").mkdir(parents=True)
+    with pytest.raises(StoreError, match=rf"cannot read {tmp_path}/data/catalog/banksy.parquet: Is a directory"):
+        store.read_bytes("catalog/banksy.parquet")
+    with pytest.raises(StoreError, match=rf"cannot delete {tmp_path}/data/catalog/banksy.parquet: Is a directory"):
+        store.delete("catalog/banksy.parquet")
 
 
 def test_a_failed_copy_leaves_neither_a_half_file_nor_a_temporary_one(tmp_path):

@@ -169,6 +169,14 @@ class LocalStore(ArtifactStore):
     def __init__(self, root: str | Path):
         self.root = Path(root).expanduser().resolve()
         self.url = str(self.root)
+        # A file where the store's folder, or one above it, should be: say so now, by name,
+        # rather than as whichever OS error the first read or write meets.
+        try:
+            existing = next(folder for folder in (self.root, *self.root.parents) if folder.exists())
+        except OSError:  # a folder on the way we may not look into: the first write says so
+            return
+        if not existing.is_dir():
+            raise StoreError(f"storage {self.root}: {existing} is a file, not a folder")
 
     def _path(self, key: str) -> Path:
         return self.root / _check_key(key)
@@ -181,6 +189,8 @@ class LocalStore(ArtifactStore):
             return self._path(key).read_bytes()
         except (FileNotFoundError, NotADirectoryError):
             raise StoreError(f"{self._path(key)} does not exist") from None
+        except OSError as exc:
+            raise StoreError(f"cannot read {self._path(key)}: {exc.strerror or exc}") from None
 
     def write_bytes(self, key: str, data: bytes) -> None:
         atomic_write(self._path(key), data)
@@ -206,7 +216,12 @@ class LocalStore(ArtifactStore):
         return sha256_file(self._path(key))
 
     def delete(self, key: str) -> None:
-        self._path(key).unlink(missing_ok=True)
+        try:
+            self._path(key).unlink(missing_ok=True)
+        except NotADirectoryError:
+            pass  # a file where a folder of the key would be: the key holds nothing to delete
+        except OSError as exc:
+            raise StoreError(f"cannot delete {self._path(key)}: {exc.strerror or exc}") from None
 
     def download_file(self, key: str, destination: Path) -> None:
         _atomic_copy(self._path(key), Path(destination))
