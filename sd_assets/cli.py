@@ -142,7 +142,11 @@ def _demo(args: argparse.Namespace) -> int:
     styles = args.style or grid.styles
     for style in styles:
         grid.require_style(style)
-    instance = dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else dg.DagsterInstance.ephemeral()
+    home = os.environ.get("DAGSTER_HOME")
+    try:
+        instance = dg.DagsterInstance.get() if home else dg.DagsterInstance.ephemeral()
+    except dg.DagsterError as exc:  # a relative or missing DAGSTER_HOME, a broken dagster.yaml
+        raise SdAssetsError(f"DAGSTER_HOME={home}: {' '.join(str(exc).split())}") from None
     for style in styles:
         print(f"materializing {style} ...", flush=True)
         result = job.execute_in_process(
@@ -151,13 +155,15 @@ def _demo(args: argparse.Namespace) -> int:
             run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
         )  # fmt: skip
         if not result.success:
-            kept = os.environ.get("DAGSTER_HOME")
-            where = "is in the Dagster UI" if kept else "was not kept: DAGSTER_HOME is not set"
+            where = "is in the Dagster UI" if home else "was not kept: DAGSTER_HOME is not set"
             print(f"sd-assets: run {result.run_id} for {style} failed (its whole log {where}):", file=sys.stderr)
             for event in result.get_step_failure_events():
                 error = event.step_failure_data.error
-                # The step's own exception, under Dagster's "error occurred while executing" wrapper.
+                # The step's own exception, under Dagster's "error occurred while executing" wrapper;
+                # the project's own errors without their module path (their text says it all).
                 message = (error.cause or error).message.strip() if error else "failed"
+                if message.startswith("sd_assets."):
+                    message = message.split(": ", 1)[-1]
                 print(f"  {event.step_key}: {message}", file=sys.stderr)
             return 1
     print("gallery index:")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from sd_assets.cli import shorten, text_table
+from sd_assets.cli import main, shorten, text_table
 from sd_assets_tests.helpers import materialize_style
 
 REPO = Path(__file__).resolve().parent.parent
@@ -101,9 +101,22 @@ def test_a_failed_demo_names_the_step_and_its_error(cli_env, grid_path, tmp_path
     assert headline.startswith("sd-assets: run ")
     assert headline.endswith(" for Banksy failed (its whole log is in the Dagster UI):")
     assert reason.startswith(
-        "  model_weights: sd_assets.domain.errors.ModelError: model example-org/not-cached@main is not "
+        "  model_weights: model example-org/not-cached@main is not "
         "(completely) in the Hugging Face cache"
     )
+    assert not (grid_path.parent / "data" / "images").exists()
+
+
+@pytest.mark.parametrize("home", ["relative-home", "missing"])
+def test_a_demo_with_an_unusable_dagster_home_says_so_in_one_line(grid_path, tmp_path, monkeypatch, capsys, home):
+    home = home if home == "relative-home" else str(tmp_path / home)
+    monkeypatch.setenv("SD_ASSETS_GRID", str(grid_path))
+    monkeypatch.setenv("DAGSTER_HOME", home)
+    assert main(["demo", "--style", "Banksy"]) == 2
+    captured = capsys.readouterr()
+    reason = "must be an absolute path" if home == "relative-home" else "is not a directory or does not exist"
+    assert captured.err.startswith(f"sd-assets: DAGSTER_HOME={home}: ") and reason in captured.err
+    assert len(captured.err.splitlines()) == 1 and captured.out == ""
     assert not (grid_path.parent / "data" / "images").exists()
 
 
