@@ -28,6 +28,20 @@ def display_width(text: str) -> int:
     )
 
 
+# Marks that reorder the text after them (right-to-left overrides, embeddings, isolates).
+_BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def visible(text: str) -> str:
+    """``text`` with what would act on the terminal instead of showing (control characters such as
+    ESC, and the bidirectional marks that reorder the rest of a line) written as ``<U+XXXX>``."""
+    import unicodedata
+
+    return "".join(
+        f"<U+{ord(c):04X}>" if c in _BIDI_CONTROLS or unicodedata.category(c) == "Cc" else c for c in text
+    )
+
+
 # Free-text columns cut to this many terminal columns in the table (--json has them whole).
 CELL_WIDTH = 40
 
@@ -89,7 +103,7 @@ def _search(args: argparse.Namespace) -> int:
     varying = [c for c in VARYING_COLUMNS if found[c].nunique() > 1]
     columns = list(TABLE_COLUMNS[:-1]) + varying + (["deep_cache"] if (found["deep_cache"] != "").any() else [])
     columns += ["safety_flagged"] if found["safety_flagged"].any() else []
-    table = found[[*columns, "path"]].astype(str)
+    table = found[[*columns, "path"]].astype(str).map(visible)
     table["run_id"] = table["run_id"].str[:8]
     for free_text in {"subject", "negative_prompt"} & set(columns):
         table[free_text] = table[free_text].map(shorten)

@@ -256,21 +256,20 @@ def test_the_search_table_lines_up_wide_characters_and_accents():
     ]
 
 
-def test_search_table_cuts_a_long_negative_prompt_to_its_column(tmp_path, monkeypatch, capsys):
+def _catalog_of(data: Path, images: list[tuple[str, str]]) -> None:
+    """A Banksy catalog in the store ``data`` of one image per (subject, negative prompt), PNGs included."""
     from PIL import Image
 
-    from sd_assets import cli
     from sd_assets.domain import catalog
     from sd_assets.domain.pngmeta import Provenance, encode_png, image_key_path
     from sd_assets.domain.prompts import PromptRow
     from sd_assets.domain.store import LocalStore
 
-    store = LocalStore(tmp_path / "data")
-    long_negative = "blurry, low quality, watermark, text, extra fingers, cropped, jpeg artifacts"
+    store = LocalStore(data)
     rows, records = [], []
-    for number, negative in enumerate(["", long_negative]):
+    for number, (subject, negative) in enumerate(images):
         key = f"{number:064x}"
-        row = PromptRow("alan turing", "Banksy", 0, "alan turing by Banksy", negative, 100, key)
+        row = PromptRow(subject, "Banksy", 0, f"{subject} by Banksy", negative, 100, key)
         made = Provenance(
             key=key, subject=row.subject, style=row.style, image_index=0, prompt=row.prompt, negative_prompt=negative,
             seed=100, model_id="tiny-random", model_revision="0" * 40, scheduler="PNDMScheduler", steps=2,
@@ -283,6 +282,13 @@ def test_search_table_cuts_a_long_negative_prompt_to_its_column(tmp_path, monkey
     catalog.write_pending(store, "Banksy", "run-1-000002", records)
     catalog.merge_catalog(store, "Banksy", rows)
 
+
+def test_search_table_cuts_a_long_negative_prompt_to_its_column(tmp_path, monkeypatch, capsys):
+    from sd_assets import cli
+
+    long_negative = "blurry, low quality, watermark, text, extra fingers, cropped, jpeg artifacts"
+    _catalog_of(tmp_path / "data", [("alan turing", ""), ("alan turing", long_negative)])
+
     monkeypatch.setenv("SD_ASSETS_STORAGE", str(tmp_path / "data"))
     assert cli.main(["search", "--subject", "turing"]) == 0
     header, *lines = capsys.readouterr().out.splitlines()
@@ -291,3 +297,22 @@ def test_search_table_cuts_a_long_negative_prompt_to_its_column(tmp_path, monkey
     assert long_negative not in "\n".join(lines)
     assert any(shorten(long_negative) in line for line in lines) and shorten(long_negative).endswith("…")
     assert len(shorten(long_negative)) == 40
+
+
+def test_the_search_table_shows_characters_that_would_act_on_the_terminal_as_code_points(
+    tmp_path, monkeypatch, capsys
+):
+    # A right-to-left override would reverse the rest of the line, path included; an escape
+    # would start a terminal control sequence.
+    _catalog_of(tmp_path / "data", [("alan \u202eturing", ""), ("ada \x1b[2Jlovelace", "")])
+    monkeypatch.setenv("SD_ASSETS_STORAGE", str(tmp_path / "data"))
+    assert main(["search", "--style", "banksy"]) == 0
+    out = capsys.readouterr().out
+    assert "\u202e" not in out and "\x1b" not in out
+    header, *lines = out.splitlines()
+    assert sorted(line.split("  ")[0] for line in lines) == ["ada <U+001B>[2Jlovelace", "alan <U+202E>turing"]
+    assert all(line.endswith(".png") for line in lines)
+    # --json is data for programs: the subjects as they are.
+    assert main(["search", "--json"]) == 0
+    subjects = {record["subject"] for record in json.loads(capsys.readouterr().out)}
+    assert subjects == {"alan \u202eturing", "ada \x1b[2Jlovelace"}
