@@ -87,6 +87,9 @@ model: {id: tiny-random}
          "'<stream end>' (while parsing a flow sequence that starts at line 1)"),  # fmt: skip
         ("styles: [Banksy]\n\tseed: 4\n", "grid.yaml, line 2, column 1: not valid YAML: found character '\\t'"),
         (VALID + "seed: 7\nseed: 42\n", "not valid YAML: field 'seed' is given twice (first at line "),
+        ("styles: [Banksy]\nseed: 4\x01\n", "grid.yaml, line 2, column 8: not valid YAML: the character U+0001 is not"),
+        ("a: &x 1\nb: &x 2\n", "grid.yaml, line 2, column 4: not valid YAML: second occurrence (found duplicate "
+         "anchor 'x'; first occurrence at line 1)"),  # fmt: skip
         (VALID + "inference: {steps: 2, steps: 3}\n", "field 'steps' is given twice"),
         ("- just a list\n", "expected a mapping"),
     ],
@@ -95,6 +98,14 @@ def test_bad_grid_files_name_the_field_and_value(tmp_path, text, expected):
     message = _error_for(tmp_path, text)
     assert expected in message
     assert "\n" not in message and "<unicode string>" not in message, "one line, naming the file"
+
+
+def test_a_grid_that_is_not_utf8_names_the_line(tmp_path):
+    path = tmp_path / "grid.yaml"
+    path.write_bytes(b"styles: [Banksy]\nseed: \xff\n")
+    with pytest.raises(GridError) as caught:
+        load_grid(path)
+    assert str(caught.value) == f"{path}: not UTF-8 text (line 2, byte 23): invalid start byte; save it as UTF-8"
 
 
 def test_a_style_with_a_combining_accent_is_the_same_as_its_composed_form(tmp_path):

@@ -199,16 +199,23 @@ def _describe_location(loc: tuple) -> str:
     return ".".join(str(part) for part in loc) or "(top level)"
 
 
-def _yaml_problem(exc: yaml.YAMLError) -> str:
-    """A YAML error in one line: where in the file, then what (PyYAML's own text spans several
-    lines and names its input '<unicode string>', not the file)."""
+def _yaml_problem(exc: yaml.YAMLError, text: str) -> str:
+    """A YAML error of ``text`` in one line: where in the file, then what (PyYAML's own message
+    spans several lines and names its input '<unicode string>', not the file)."""
+    if isinstance(exc, yaml.reader.ReaderError):  # a character YAML does not allow; no mark
+        before = text[: exc.position]
+        line, column = before.count("\n") + 1, exc.position - (before.rfind("\n") + 1) + 1
+        code = exc.character if isinstance(exc.character, int) else ord(exc.character)
+        return f", line {line}, column {column}: not valid YAML: the character U+{code:04X} is not allowed"
     if not isinstance(exc, yaml.MarkedYAMLError) or exc.problem_mark is None:
         return ": not valid YAML: " + " ".join(str(exc).split())
     mark = exc.problem_mark
-    text = f", line {mark.line + 1}, column {mark.column + 1}: not valid YAML: {exc.problem}"
-    if exc.context and exc.context_mark is not None:
-        text += f" ({exc.context} that starts at line {exc.context_mark.line + 1})"
-    return text
+    where = f", line {mark.line + 1}, column {mark.column + 1}: not valid YAML: {exc.problem}"
+    if not exc.context or exc.context_mark is None:
+        return where
+    if exc.context.startswith("while "):  # "while parsing a flow sequence"
+        return f"{where} ({exc.context} that starts at line {exc.context_mark.line + 1})"
+    return f"{where} ({exc.context} at line {exc.context_mark.line + 1})"  # "first occurrence"
 
 
 class _GridLoader(yaml.SafeLoader):
@@ -243,12 +250,16 @@ def load_grid(path: str | Path) -> GridConfig:
         raise GridError(f"grid file {path} is a folder (set SD_ASSETS_GRID to a grid.yaml, not its folder)")
     if not path.is_file():
         raise GridError(f"grid file {path} does not exist (set SD_ASSETS_GRID to a grid.yaml)")
+    data = path.read_bytes()
     try:
-        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_GridLoader)
-    except yaml.YAMLError as exc:
-        raise GridError(f"{path}{_yaml_problem(exc)}") from None
+        text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise GridError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        line = data[: exc.start].count(b"\n") + 1
+        raise GridError(f"{path}: not UTF-8 text (line {line}, byte {exc.start}): {exc.reason}; save it as UTF-8") from None
+    try:
+        raw = yaml.load(text, Loader=_GridLoader)
+    except yaml.YAMLError as exc:
+        raise GridError(f"{path}{_yaml_problem(exc, text)}") from None
     if not isinstance(raw, dict):
         raise GridError(f"{path}: expected a mapping of fields at the top level, got {type(raw).__name__}")
     try:
