@@ -142,6 +142,34 @@ def _rebuild_catalog(args: argparse.Namespace) -> int:
     return 1 if rebuild.errors else 0
 
 
+def _instance(home: str | None):
+    """The Dagster instance in ``home`` (DAGSTER_HOME), or a temporary one without it.
+
+    Raises:
+        SdAssetsError: ``home`` is not an absolute path to a folder, or Dagster cannot load the
+            instance there (its dagster.yaml), with Dagster's reason in one line.
+    """
+    import os
+
+    import dagster as dg
+
+    if not home:
+        return dg.DagsterInstance.ephemeral()
+    if not os.path.isabs(home):
+        raise SdAssetsError(f"DAGSTER_HOME={home} is not an absolute path; set it to {os.path.abspath(home)}")
+    if not os.path.isdir(home):
+        raise SdAssetsError(
+            f"DAGSTER_HOME={home} is not a folder; create it (mkdir -p {home}), or unset DAGSTER_HOME for a run "
+            "that is not kept"
+        )
+    try:
+        return dg.DagsterInstance.get()
+    except Exception as exc:  # a dagster.yaml that is not YAML, names a missing module, fails its schema
+        # One line, cut: a schema error lists the whole expected schema.
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise SdAssetsError(f"Dagster cannot load the instance in DAGSTER_HOME={home}: {shorten(reason, 300)}") from None
+
+
 def _demo(args: argparse.Namespace) -> int:
     import os
 
@@ -156,11 +184,7 @@ def _demo(args: argparse.Namespace) -> int:
     styles = args.style or grid.styles
     for style in styles:
         grid.require_style(style)
-    home = os.environ.get("DAGSTER_HOME")
-    try:
-        instance = dg.DagsterInstance.get() if home else dg.DagsterInstance.ephemeral()
-    except dg.DagsterError as exc:  # a relative or missing DAGSTER_HOME, a broken dagster.yaml
-        raise SdAssetsError(f"DAGSTER_HOME={home}: {' '.join(str(exc).split())}") from None
+    instance = _instance(os.environ.get("DAGSTER_HOME"))
     for style in styles:
         print(f"materializing {style} ...", flush=True)
         result = job.execute_in_process(
@@ -169,7 +193,7 @@ def _demo(args: argparse.Namespace) -> int:
             run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
         )  # fmt: skip
         if not result.success:
-            where = "is in the Dagster UI" if home else "was not kept: DAGSTER_HOME is not set"
+            where = "is in the Dagster UI" if instance.is_persistent else "was not kept: DAGSTER_HOME is not set"
             print(f"sd-assets: run {result.run_id} for {style} failed (its whole log {where}):", file=sys.stderr)
             for event in result.get_step_failure_events():
                 error = event.step_failure_data.error

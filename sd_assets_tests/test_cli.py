@@ -107,16 +107,26 @@ def test_a_failed_demo_names_the_step_and_its_error(cli_env, grid_path, tmp_path
     assert not (grid_path.parent / "data" / "images").exists()
 
 
-@pytest.mark.parametrize("home", ["relative-home", "missing"])
-def test_a_demo_with_an_unusable_dagster_home_says_so_in_one_line(grid_path, tmp_path, monkeypatch, capsys, home):
-    home = home if home == "relative-home" else str(tmp_path / home)
+@pytest.mark.parametrize("case", ["relative", "missing", "broken dagster.yaml"])
+def test_a_demo_with_an_unusable_dagster_home_says_so_in_one_line(grid_path, tmp_path, monkeypatch, capsys, case):
+    home = {"relative": "relative-home", "missing": str(tmp_path / "missing")}.get(case, str(tmp_path))
+    (tmp_path / "dagster.yaml").write_text("storage:\n  bogus: 1\n")
     monkeypatch.setenv("SD_ASSETS_GRID", str(grid_path))
     monkeypatch.setenv("DAGSTER_HOME", home)
     assert main(["demo", "--style", "Banksy"]) == 2
     captured = capsys.readouterr()
-    reason = "must be an absolute path" if home == "relative-home" else "is not a directory or does not exist"
-    assert captured.err.startswith(f"sd-assets: DAGSTER_HOME={home}: ") and reason in captured.err
+    assert captured.err == {
+        "relative": f"sd-assets: DAGSTER_HOME=relative-home is not an absolute path; set it to "
+        f"{os.path.abspath('relative-home')}\n",
+        "missing": f"sd-assets: DAGSTER_HOME={home} is not a folder; create it (mkdir -p {home}), or unset "
+        "DAGSTER_HOME for a run that is not kept\n",
+    }.get(case, captured.err)
     assert len(captured.err.splitlines()) == 1 and captured.out == ""
+    if case == "broken dagster.yaml":
+        assert captured.err.startswith(f"sd-assets: Dagster cannot load the instance in DAGSTER_HOME={home}: ")
+        assert 'unexpected config entry "bogus" at path root:storage' in captured.err
+        reason = captured.err.split(f"DAGSTER_HOME={home}: ", 1)[1].rstrip("\n")
+        assert len(reason) == 300 and reason.endswith("…"), "Dagster's expected schema, cut"
     assert not (grid_path.parent / "data" / "images").exists()
 
 
