@@ -434,6 +434,10 @@ def test_pages_say_the_tiny_models_images_are_noise_and_only_its(tmp_path):
     }
     assert "noise by design" in pages["Tiny"]
     assert "noise by design" not in pages["Real"] and "noise by design" not in pages["Nothing made"]
+    # The grid moved to a real model: its pages have no note, the earlier pages of noise do.
+    switched = gallery.render_style_pages(store, "Switched", rows, real + [_made(_row("grace hopper", "Banksy"), "r0")])
+    assert "noise by design" not in store.read_text(switched.pages[0])
+    assert "noise by design" in store.read_text(switched.earlier_pages[0])
     summaries = [gallery.StyleSummary("Banksy", 2, 2, has_pages=True)]
     for model_id, noted in (("tiny-random", True), ("org/sd-real", False)):
         gallery.render_index(store, summaries, {"Banksy": rows}, {row.key for row in rows}, model_id=model_id)

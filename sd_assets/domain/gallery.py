@@ -5,8 +5,8 @@ page, with prompt, seed, run and any DeepCache setting under each and the grid's
 then the style's earlier images (from its catalog, those not in its grid now: other subjects,
 settings or models), each with its own settings. And the index: every style of the grid with its
 counts, the other styles the store holds, and a subject x style contact sheet; and the small
-utilisation-over-time chart a style page shows under "Last generation". Pages of images made by
-the offline ``tiny-random`` model say that its images are noise.
+utilisation-over-time chart a style page shows under "Last generation". Pages that show images made
+by the offline ``tiny-random`` model say that its images are noise.
 Every link is relative, so the folder works wherever it is opened or served.
 """
 
@@ -210,7 +210,6 @@ def render_style_pages(
     common = {
         "style": style, "profile": profile, "earlier_images": len(earlier), "as_of": as_of,
         "grid_settings": settings_text(first_made) if first_made else None,
-        "random_weights": bool(first_made) and first_made["model_id"] == TINY_MODEL_ID,
         "total": len(rows), "present": sum(1 for row in rows if row.key in made),
     }  # fmt: skip
 
@@ -231,8 +230,12 @@ def render_style_pages(
         prefix = "page-" if kind == "grid" else "earlier-"
         for page in range(1, pages + 1):
             chunk = entries[(page - 1) * page_size : page * page_size]
+            if kind == "grid":  # the grid's images are made with one model
+                random_weights = first_made is not None and first_made["model_id"] == TINY_MODEL_ID
+            else:
+                random_weights = any(row["model_id"] == TINY_MODEL_ID for row in chunk)
             html_by_key[name(style, page)] = template.render(
-                **common, kind=kind, items=items(chunk), page=page, pages=pages,
+                **common, kind=kind, items=items(chunk), page=page, pages=pages, random_weights=random_weights,
                 pager_links=pager_numbers(page, pages), href=lambda number, prefix=prefix: f"{prefix}{number}.html",
             )  # fmt: skip
             keys[kind].append(name(style, page))
@@ -250,7 +253,7 @@ def render_index(
 ) -> str:
     """Write ``gallery/index.html``: counts per style of the grid, the other styles whose images
     the store holds (``other_styles``: made by earlier grids), and the subject x style contact sheet.
-    With the grid's ``model_id`` the offline ``tiny-random``, page 1 says its images are noise.
+    With the grid's ``model_id`` the offline ``tiny-random``, every page says its images are noise.
 
     The contact sheet shows image 0 of every subject in every style: one row of it compares the
     styles under the same starting noise. The index holds its first ``CONTACT_PAGE_SUBJECTS``
