@@ -166,14 +166,12 @@ def _instance(home: str | None):
         return dg.DagsterInstance.get()
     except Exception as exc:  # a dagster.yaml that is not YAML, names a missing module, fails its schema
         # One line, cut: a schema error lists the whole expected schema.
-        reason = " ".join(str(exc).split()) or type(exc).__name__
-        raise SdAssetsError(f"Dagster cannot load the instance in DAGSTER_HOME={home}: {shorten(reason, 300)}") from None
+        reason = shorten(" ".join(str(exc).split()) or type(exc).__name__, 300)
+        raise SdAssetsError(f"Dagster cannot load the instance in DAGSTER_HOME={home}: {reason}") from None
 
 
 def _demo(args: argparse.Namespace) -> int:
     import os
-
-    import dagster as dg
 
     from sd_assets.definitions import GENERATE_JOB, build_definitions, grid_from_environment
     from sd_assets.domain.gallery import INDEX_KEY

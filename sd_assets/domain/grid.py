@@ -255,7 +255,9 @@ def load_grid(path: str | Path) -> GridConfig:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
-        raise GridError(f"{path}: not UTF-8 text (line {line}, byte {exc.start}): {exc.reason}; save it as UTF-8") from None
+        raise GridError(
+            f"{path}: not UTF-8 text (line {line}, byte {exc.start}): {exc.reason}; save it as UTF-8"
+        ) from None
     try:
         raw = yaml.load(text, Loader=_GridLoader)
     except yaml.YAMLError as exc:
