@@ -428,7 +428,7 @@ def test_a_prompt_longer_than_the_text_encoder_reads_is_refused_by_name_and_the_
         error
     )
     assert "Shorten them (the subject lists, or the grid's prompt template or negative prompt)" in error
-    assert "Not made: the 2 images of these prompts; made: 4 other images of the style" in error
+    assert "Not made: 2 images of the prompts above; made: 4 other images of the style" in error
     assert error.count("the prompt of") == 1, "one subject named once, not once per image"
     made = _pngs(data)
     assert len(made) == 4 and {read_provenance(p.read_bytes()).subject for p in (data / "images").rglob("*.png")} == {

@@ -409,3 +409,13 @@ def test_a_model_folder_with_damaged_weights_fails_to_load_saying_how_to_fetch_i
     expected = rf"^cannot load a Stable Diffusion pipeline from {re.escape(str(folder))}: .*If its files were damaged, "
     with pytest.raises(SdAssetsError, match=expected + r"materialize model_weights \(or run the whole generate_images"):
         engine.load_pipeline(folder, "cpu", "float32")
+
+
+def test_the_overlong_prompt_error_counts_one_image_as_one():
+    long_prompt = "a " * 80 + "by Banksy"
+    refused = [PromptRow("long subject", "Banksy", 0, long_prompt, "", 1, "0" * 64)]
+    overlong = engine.OverlongPrompts(limit=77, tokens={long_prompt: 83})
+    message = str(overlong.error("Banksy", refused, made=1))
+    assert message.startswith("Banksy: the text encoder reads 77 tokens of a prompt, and these are longer: the prompt "
+                              "of 'long subject' (83 tokens).")  # fmt: skip
+    assert message.endswith("Not made: 1 image of the prompts above; made: 1 other image of the style")

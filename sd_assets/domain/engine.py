@@ -320,9 +320,13 @@ class OverlongPrompts:
             f"{style}: the text encoder reads {self.limit} tokens of a prompt, and these are longer: {listed}. The "
             "pipeline would cut them, and each picture would show only the start of the prompt it is filed under "
             "(a style at the end is lost: every style, the same picture). Shorten them (the subject lists, or the "
-            f"grid's prompt template or negative prompt) and run again. Not made: the {len(refused)} images of these "
-            f"prompts; made: {made} other images of the style"
+            f"grid's prompt template or negative prompt) and run again. Not made: {_images(len(refused))} of the "
+            f"prompts above; made: {_images(made, 'other ')} of the style"
         )
+
+
+def _images(number: int, kind: str = "") -> str:
+    return f"{number} {kind}image{'' if number == 1 else 's'}"
 
 
 def overlong_prompts(loaded: LoadedPipeline, rows: Sequence[PromptRow]) -> OverlongPrompts:
