@@ -18,7 +18,9 @@ from PIL import Image
 
 from sd_assets import cli
 from sd_assets.definitions import build_definitions
+from sd_assets.domain import catalog as catalog_lib
 from sd_assets.domain.pngmeta import read_provenance
+from sd_assets.domain.store import LocalStore
 from sd_assets_tests.helpers import materialize_style, write_grid
 
 STYLES = ("Banksy", "Andy Warhol")
@@ -434,6 +436,10 @@ def test_a_prompt_longer_than_the_text_encoder_reads_is_refused_by_name_and_the_
     assert len(made) == 4 and {read_provenance(p.read_bytes()).subject for p in (data / "images").rglob("*.png")} == {
         "alan turing", "ada lovelace"
     }  # fmt: skip
+    # The catalog step did not run, but a search finds what the failed run made, from its records.
+    assert not (data / "catalog" / "banksy.parquet").exists()
+    found = catalog_lib.search(catalog_lib.read_catalog(LocalStore(data)), style="banksy")
+    assert sorted(found["key"] + ".png") == sorted(made)
 
     # Shortened, it is made; the images made beside the refusal are kept, and catalogued now.
     (grid_path.parent / "subjects" / "long.txt").write_text("grace hopper\n")

@@ -444,6 +444,40 @@ def test_pages_say_the_tiny_models_images_are_noise_and_only_its(tmp_path):
         assert ("noise by design" in store.read_text(gallery.INDEX_KEY)) == noted, model_id
 
 
+def test_read_catalog_has_the_records_no_run_merged_yet_as_the_merge_would_keep_them(tmp_path):
+    store = LocalStore(tmp_path)
+    alan, ada = _row("alan turing", "Banksy"), _row("ada lovelace", "Banksy")
+    grace = _row("grace hopper", "Frida Kahlo")
+    catalog.write_pending(store, "Banksy", "r1", [_store_image(store, alan, "r1")])
+    catalog.merge_catalog(store, "Banksy", [alan])
+    # A later run made alan again (its PNG deleted) and ada, then failed before its merge; a
+    # run of a style with no catalog yet was killed after its first batch.
+    remade = {**_store_image(store, alan, "r2"), "created": "2026-11-28T00:00:00+00:00"}
+    catalog.write_pending(store, "Banksy", "r2-000001", [remade, _store_image(store, ada, "r2")])
+    catalog.write_pending(store, "Frida Kahlo", "r3-000001", [_store_image(store, grace, "r3")])
+
+    frame = catalog.read_catalog(store)
+    assert sorted(zip(frame["subject"], frame["run_id"])) == [
+        ("ada lovelace", "r2"), ("alan turing", "r2"), ("grace hopper", "r3")
+    ], "each image once, with its newest record"
+    assert store.exists(catalog.catalog_key("Banksy")) and not store.exists(catalog.catalog_key("Frida Kahlo"))
+    # Reading merged nothing: the next run of each style still finds its records waiting.
+    assert len(list(store.list_keys(catalog.PENDING_PREFIX))) == 2
+    merged, _report = catalog.merge_catalog(store, "Banksy", [alan, ada])
+    assert sorted(merged["run_id"].to_pylist()) == ["r2", "r2"]
+
+    # A batch that is not one leaves out its own records, named; the others are read.
+    store.write_bytes(catalog.pending_prefix("Frida Kahlo") + "r4-000001.jsonl", b"{not json")
+    with pytest.raises(catalog.CatalogUnreadable, match=r"r4-000001.jsonl is not a readable batch"):
+        catalog.read_catalog(store)
+    unreadable: list[catalog.UnreadableCatalog] = []
+    frame = catalog.read_catalog(store, unreadable)
+    assert sorted(frame["subject"]) == ["ada lovelace", "alan turing", "grace hopper"]
+    assert [(entry.slug, entry.key) for entry in unreadable] == [
+        ("frida-kahlo", catalog.pending_prefix("Frida Kahlo") + "r4-000001.jsonl")
+    ]
+
+
 def test_an_image_the_safety_checker_blacked_out_says_so_under_it(tmp_path):
     store = LocalStore(tmp_path)
     rows = [_row("alan turing", "Banksy"), _row("ada lovelace", "Banksy")]

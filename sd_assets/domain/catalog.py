@@ -57,8 +57,12 @@ def catalog_key(style: str) -> str:
     return f"catalog/{slugify(style)}.parquet"
 
 
+PENDING_PREFIX = "catalog/pending/"
+PENDING_SUFFIXES = (".jsonl", ".parquet")
+
+
 def pending_prefix(style: str) -> str:
-    return f"catalog/pending/{slugify(style)}/"
+    return f"{PENDING_PREFIX}{slugify(style)}/"
 
 
 UNREADABLE_PREFIX = "catalog/unreadable/"
@@ -89,7 +93,8 @@ def _from_parquet(data: bytes, columns: Sequence[str] | None = None) -> pa.Table
 
 
 class CatalogUnreadable(StoreError):
-    """A style's catalog file was read, and is not a catalog (cut short, overwritten)."""
+    """A style's catalog file, or a pending batch of its records, was read and is not one (cut
+    short, overwritten)."""
 
 
 def _read_catalog_file(store: ArtifactStore, key: str, columns: Sequence[str] | None = None) -> pa.Table:
@@ -134,7 +139,8 @@ def _read_pending(store: ArtifactStore, key: str) -> pa.Table:
     """A pending batch as a table in the current schema.
 
     Raises:
-        StoreError: the file is not a batch this project wrote, naming it and the way out.
+        CatalogUnreadable: the file is not a batch this project wrote, naming it and the way out.
+        StoreError: the store could not give the file.
     """
     data = store.read_bytes(key)
     if not data.strip():
@@ -143,7 +149,7 @@ def _read_pending(store: ArtifactStore, key: str) -> pa.Table:
         # Batches left by versions before JSON Lines are Parquet.
         return _from_parquet(data) if key.endswith(".parquet") else _from_json_lines(data)
     except (pa.ArrowException, OSError) as exc:
-        raise StoreError(
+        raise CatalogUnreadable(
             f"{store.location(key)} is not a readable batch of catalog records ({exc}); delete it: the next run "
             "of the style recovers its images' rows from the PNGs (`sd-assets rebuild-catalog` those of older grids)"
         ) from None
@@ -210,18 +216,19 @@ class UnreadableCatalog:
 
 def _style_catalogs(
     store: ArtifactStore, columns: Sequence[str] | None, unreadable: list[UnreadableCatalog] | None
-) -> list[pa.Table]:
-    """Every style's catalog. One that is not a catalog raises, or, given ``unreadable``, is left
-    out and noted there, so that one damaged file does not hide every other style's images; a
-    store that cannot give a file (S3 throttling, the network) still raises: the file may be fine."""
-    tables = []
+) -> dict[str, pa.Table]:
+    """Every style's catalog, by its slug. One that is not a catalog raises, or, given
+    ``unreadable``, is left out and noted there, so that one damaged file does not hide every other
+    style's images; a store that cannot give a file (S3 throttling, the network) still raises: the
+    file may be fine."""
+    tables = {}
     for key in _style_catalog_keys(store):
+        slug = key.removeprefix("catalog/").removesuffix(".parquet")
         try:
-            tables.append(_read_catalog_file(store, key, columns))
+            tables[slug] = _read_catalog_file(store, key, columns)
         except CatalogUnreadable as exc:
             if unreadable is None:
                 raise
-            slug = key.removeprefix("catalog/").removesuffix(".parquet")
             unreadable.append(UnreadableCatalog(key, slug, str(exc)))
     return tables
 
@@ -230,21 +237,39 @@ def catalog_styles(store: ArtifactStore, unreadable: list[UnreadableCatalog] | N
     """The content keys of every style's catalog, by style name (reads only those two columns); an
     empty catalog has none to give. ``unreadable``: see ``_style_catalogs``."""
     styles: dict[str, list[str]] = {}
-    for table in _style_catalogs(store, ["key", "style"], unreadable):
+    for table in _style_catalogs(store, ["key", "style"], unreadable).values():
         if len(table):
             styles.setdefault(table["style"][0].as_py(), []).extend(table["key"].to_pylist())
     return styles
 
 
 def read_catalog(store: ArtifactStore, unreadable: list[UnreadableCatalog] | None = None) -> pd.DataFrame:
-    """Every style's catalog together, as a pandas DataFrame (pending batches not yet merged are not included).
+    """Every style's catalog together, as a pandas DataFrame, with the pending records no run has
+    merged yet (a run that failed or was killed after making images leaves them; the next run of
+    the style merges them), each image's newest record as the merge would keep it.
 
     ``path`` is where each image is in ``store`` now: a store copied or moved elsewhere (another
     folder, a bucket synced from one) finds its own images, not those of the place it was written.
-    ``unreadable``: see ``_style_catalogs``.
+    ``unreadable``: see ``_style_catalogs``; a pending batch that is not one is noted there too.
     """
     tables = _style_catalogs(store, None, unreadable)
-    frame = pa.concat_tables([SCHEMA.empty_table(), *tables]).to_pandas()
+    pending: dict[str, list[str]] = {}
+    for key in sorted(store.list_keys(PENDING_PREFIX)):
+        if key.endswith(PENDING_SUFFIXES):
+            pending.setdefault(key.removeprefix(PENDING_PREFIX).split("/", 1)[0], []).append(key)
+    for slug, keys in pending.items():
+        batches = []
+        for key in keys:
+            try:
+                batches.append(_read_pending(store, key))
+            except CatalogUnreadable as exc:
+                if unreadable is None:
+                    raise
+                unreadable.append(UnreadableCatalog(key, slug, str(exc)))
+        if batches:
+            newest = _newest_records(pa.concat_tables(batches), tables.get(slug))
+            tables[slug] = _sorted(newest.drop_columns([_PENDING]))
+    frame = pa.concat_tables([SCHEMA.empty_table(), *tables.values()]).to_pandas()
     # One location, then string columns: a call per row was 0.4 s per 100,000 rows.
     probe = image_key_path("0" * 64)
     root = store.location(probe).removesuffix(probe)
@@ -301,7 +326,7 @@ def merge_catalog(store: ArtifactStore, style: str, grid_rows: Sequence[PromptRo
     existed = store.exists(catalog_key(style))
     tables = [_read_catalog_file(store, catalog_key(style))] if existed else []
     listed = sorted(store.list_keys(pending_prefix(style)))
-    pending_keys = [k for k in listed if k.endswith((".jsonl", ".parquet"))]
+    pending_keys = [k for k in listed if k.endswith(PENDING_SUFFIXES)]
     intent_keys = [k for k in listed if k.endswith(INTENT_SUFFIX)]
     added = replaced = 0
     if pending_keys:
@@ -310,15 +335,7 @@ def merge_catalog(store: ArtifactStore, style: str, grid_rows: Sequence[PromptRo
         # image's newest record, pending or catalogued (a stable sort, so equals keep their order:
         # pending first, then the first batch's). A stale batch merged late replaces nothing newer.
         batch = pa.concat_tables([_read_pending(store, key) for key in pending_keys])
-        # The marks come from the key columns (never null), not from Python's True and False:
-        # pyarrow imports pandas to convert a Python value, and every run would pay for that.
-        candidates = [batch.append_column(_PENDING, pc.is_valid(batch["key"]))]
-        if tables:
-            candidates.append(tables[0].append_column(_PENDING, pc.is_null(tables[0]["key"])))
-        merged = pa.concat_tables(candidates)
-        merged = merged.take(pc.sort_indices(merged, sort_keys=[("created", "descending")]))
-        merged_keys = merged["key"].combine_chunks()
-        merged = merged.take(pc.index_in(pc.unique(merged_keys), value_set=merged_keys))
+        merged = _newest_records(batch, tables[0] if tables else None)
         won = merged.filter(merged[_PENDING])
         if tables:
             replaced = pc.sum(pc.is_in(won["key"], value_set=tables[0]["key"].combine_chunks())).as_py() or 0
@@ -343,6 +360,21 @@ def merge_catalog(store: ArtifactStore, style: str, grid_rows: Sequence[PromptRo
     for key in pending_keys + intent_keys:
         store.delete(key)
     return merged, MergeReport(len(merged), added, recovered_from_png=len(recovered), replaced_from_records=replaced)
+
+
+def _newest_records(pending: pa.Table, catalogued: pa.Table | None) -> pa.Table:
+    """Each image's newest record among the ``pending`` batches (concatenated in key order) and its
+    ``catalogued`` rows: the newest ``created``; between equals, the pending one, then the first
+    batch's (a stable sort keeps their order). A ``_PENDING`` column says which came from a batch."""
+    # The marks come from the key columns (never null), not from Python's True and False:
+    # pyarrow imports pandas to convert a Python value, and every run would pay for that.
+    candidates = [pending.append_column(_PENDING, pc.is_valid(pending["key"]))]
+    if catalogued is not None:
+        candidates.append(catalogued.append_column(_PENDING, pc.is_null(catalogued["key"])))
+    merged = pa.concat_tables(candidates)
+    merged = merged.take(pc.sort_indices(merged, sort_keys=[("created", "descending")]))
+    merged_keys = merged["key"].combine_chunks()
+    return merged.take(pc.index_in(pc.unique(merged_keys), value_set=merged_keys))
 
 
 def _sorted(table: pa.Table) -> pa.Table:
