@@ -80,7 +80,7 @@ def _search(args: argparse.Namespace) -> int:
     unreadable: list[UnreadableCatalog] = []
     catalog = read_catalog(open_store(storage), unreadable)
     for entry in unreadable:
-        print(f"sd-assets: {entry.message}; its images are left out of this search", file=sys.stderr)
+        print(f"sd-assets: {entry.message}; the rows in it are left out of this search", file=sys.stderr)
     failed = 2 if unreadable else 0
     if catalog.empty and not unreadable:  # not "no images match": the store is new, or the wrong one
         raise StoreError(

@@ -447,35 +447,62 @@ def test_pages_say_the_tiny_models_images_are_noise_and_only_its(tmp_path):
 def test_read_catalog_has_the_records_no_run_merged_yet_as_the_merge_would_keep_them(tmp_path):
     store = LocalStore(tmp_path)
     alan, ada = _row("alan turing", "Banksy"), _row("ada lovelace", "Banksy")
-    grace = _row("grace hopper", "Frida Kahlo")
-    catalog.write_pending(store, "Banksy", "r1", [_store_image(store, alan, "r1")])
-    catalog.merge_catalog(store, "Banksy", [alan])
+    mary, lise = _row("mary somerville", "Banksy"), _row("lise meitner", "Banksy")
+    grace = _row("grace hopper", "Andy Warhol")
+    catalog.write_pending(store, "Banksy", "r1", [_store_image(store, row, "r1") for row in (alan, mary, lise)])
+    catalog.merge_catalog(store, "Banksy", [alan, mary, lise])
+    # A stale record (older than the catalog's) loses; one as old as the catalog's wins, as in a merge.
+    stale = {**_store_image(store, mary, "r0"), "created": "2026-11-26T00:00:00+00:00"}
+    catalog.write_pending(store, "Banksy", "r0-000001", [stale, _store_image(store, lise, "r5")])
     # A later run made alan again (its PNG deleted) and ada, then failed before its merge; a
     # run of a style with no catalog yet was killed after its first batch.
     remade = {**_store_image(store, alan, "r2"), "created": "2026-11-28T00:00:00+00:00"}
     catalog.write_pending(store, "Banksy", "r2-000001", [remade, _store_image(store, ada, "r2")])
-    catalog.write_pending(store, "Frida Kahlo", "r3-000001", [_store_image(store, grace, "r3")])
+    catalog.write_pending(store, "Andy Warhol", "r3-000001", [_store_image(store, grace, "r3")])
 
     frame = catalog.read_catalog(store)
-    assert sorted(zip(frame["subject"], frame["run_id"])) == [
-        ("ada lovelace", "r2"), ("alan turing", "r2"), ("grace hopper", "r3")
-    ], "each image once, with its newest record"
-    assert store.exists(catalog.catalog_key("Banksy")) and not store.exists(catalog.catalog_key("Frida Kahlo"))
-    # Reading merged nothing: the next run of each style still finds its records waiting.
-    assert len(list(store.list_keys(catalog.PENDING_PREFIX))) == 2
-    merged, _report = catalog.merge_catalog(store, "Banksy", [alan, ada])
-    assert sorted(merged["run_id"].to_pylist()) == ["r2", "r2"]
+    assert list(zip(frame["subject"], frame["run_id"])) == [
+        ("grace hopper", "r3"),
+        ("ada lovelace", "r2"), ("alan turing", "r2"), ("lise meitner", "r5"), ("mary somerville", "r1"),
+    ], "each image once, with the record a merge keeps; styles in slug order"  # fmt: skip
+    assert store.exists(catalog.catalog_key("Banksy")) and not store.exists(catalog.catalog_key("Andy Warhol"))
+    # Reading merged nothing: the next run of each style still finds its records waiting, and
+    # its merge keeps what the read showed.
+    assert len(list(store.list_keys(catalog.PENDING_PREFIX))) == 3
+    merged, _report = catalog.merge_catalog(store, "Banksy", [alan, ada, mary, lise])
+    assert sorted(zip(merged["subject"].to_pylist(), merged["run_id"].to_pylist())) == sorted(
+        (subject, run) for subject, run in zip(frame["subject"], frame["run_id"]) if subject != "grace hopper"
+    )
 
     # A batch that is not one leaves out its own records, named; the others are read.
-    store.write_bytes(catalog.pending_prefix("Frida Kahlo") + "r4-000001.jsonl", b"{not json")
+    store.write_bytes(catalog.pending_prefix("Andy Warhol") + "r4-000001.jsonl", b"{not json")
     with pytest.raises(catalog.CatalogUnreadable, match=r"r4-000001.jsonl is not a readable batch"):
         catalog.read_catalog(store)
     unreadable: list[catalog.UnreadableCatalog] = []
     frame = catalog.read_catalog(store, unreadable)
-    assert sorted(frame["subject"]) == ["ada lovelace", "alan turing", "grace hopper"]
+    assert len(frame) == 5 and "grace hopper" in set(frame["subject"])
     assert [(entry.slug, entry.key) for entry in unreadable] == [
-        ("frida-kahlo", catalog.pending_prefix("Frida Kahlo") + "r4-000001.jsonl")
+        ("andy-warhol", catalog.pending_prefix("Andy Warhol") + "r4-000001.jsonl")
     ]
+
+
+def test_read_catalog_finds_every_row_while_a_merge_moves_them(tmp_path):
+    rows = [_row("alan turing", "Banksy"), _row("ada lovelace", "Banksy")]
+    writer = LocalStore(tmp_path)
+    catalog.write_pending(writer, "Banksy", "r1-000001", [_store_image(writer, row, "r1") for row in rows])
+
+    class MergedRightAfterListing(LocalStore):
+        """A store in which the style's image_catalog merges just after a reader lists the batches."""
+
+        def list_keys(self, prefix):
+            keys = list(super().list_keys(prefix))
+            if prefix == catalog.PENDING_PREFIX:
+                catalog.merge_catalog(writer, "Banksy", rows)
+            return iter(keys)
+
+    frame = catalog.read_catalog(MergedRightAfterListing(tmp_path))
+    assert sorted(frame["subject"]) == ["ada lovelace", "alan turing"]
+    assert not list(writer.list_keys(catalog.PENDING_PREFIX)), "the batch was merged away under the reader"
 
 
 def test_an_image_the_safety_checker_blacked_out_says_so_under_it(tmp_path):

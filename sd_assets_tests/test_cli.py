@@ -195,7 +195,7 @@ def test_a_broken_catalog_hides_only_its_own_style_from_the_index_and_the_search
     assert {row["style"] for row in json.loads(found.stdout)} == {"Andy Warhol"}
     assert len(json.loads(found.stdout)) == 4
     assert found.stderr.startswith(f"sd-assets: {catalog} is not a readable catalog")
-    assert found.stderr.strip().endswith("; its images are left out of this search")
+    assert found.stderr.strip().endswith("; the rows in it are left out of this search")
     table = _run([BIN / "sd-assets", "search", "--style", "banksy"], cli_env, check=False)
     assert table.returncode == 2 and table.stdout == "" and "no images match" in table.stderr
 

@@ -252,24 +252,29 @@ def read_catalog(store: ArtifactStore, unreadable: list[UnreadableCatalog] | Non
     folder, a bucket synced from one) finds its own images, not those of the place it was written.
     ``unreadable``: see ``_style_catalogs``; a pending batch that is not one is noted there too.
     """
-    tables = _style_catalogs(store, None, unreadable)
-    pending: dict[str, list[str]] = {}
+    # The batches first, then the catalogs: a merge that runs meanwhile moves records from the
+    # one to the other, so each is read at least once (a record read twice is kept once). A batch
+    # listed and then merged away is gone: its records are in the catalog read after it.
+    batches: dict[str, list[pa.Table]] = {}
     for key in sorted(store.list_keys(PENDING_PREFIX)):
-        if key.endswith(PENDING_SUFFIXES):
-            pending.setdefault(key.removeprefix(PENDING_PREFIX).split("/", 1)[0], []).append(key)
-    for slug, keys in pending.items():
-        batches = []
-        for key in keys:
-            try:
-                batches.append(_read_pending(store, key))
-            except CatalogUnreadable as exc:
-                if unreadable is None:
-                    raise
-                unreadable.append(UnreadableCatalog(key, slug, str(exc)))
-        if batches:
-            newest = _newest_records(pa.concat_tables(batches), tables.get(slug))
+        slug, _, name = key.removeprefix(PENDING_PREFIX).partition("/")
+        if not name.endswith(PENDING_SUFFIXES):
+            continue
+        try:
+            batches.setdefault(slug, []).append(_read_pending(store, key))
+        except CatalogUnreadable as exc:
+            if unreadable is None:
+                raise
+            unreadable.append(UnreadableCatalog(key, slug, str(exc)))
+        except StoreError:
+            if store.exists(key):
+                raise
+    tables = _style_catalogs(store, None, unreadable)
+    for slug, pending in batches.items():
+        if pending:
+            newest = _newest_records(pa.concat_tables(pending), tables.get(slug))
             tables[slug] = _sorted(newest.drop_columns([_PENDING]))
-    frame = pa.concat_tables([SCHEMA.empty_table(), *tables.values()]).to_pandas()
+    frame = pa.concat_tables([SCHEMA.empty_table(), *(tables[slug] for slug in sorted(tables))]).to_pandas()
     # One location, then string columns: a call per row was 0.4 s per 100,000 rows.
     probe = image_key_path("0" * 64)
     root = store.location(probe).removesuffix(probe)
