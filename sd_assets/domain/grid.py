@@ -199,6 +199,17 @@ def _describe_location(loc: tuple) -> str:
     return ".".join(str(part) for part in loc) or "(top level)"
 
 
+def _utf8_text(data: bytes, what: str, encoding: str = "utf-8") -> str:
+    """``data`` decoded, or a GridError naming ``what``, the line and the byte where it is not UTF-8."""
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise GridError(
+            f"{what}: not UTF-8 text (line {line}, byte {exc.start}): {exc.reason}; save it as UTF-8"
+        ) from None
+
+
 def _yaml_problem(exc: yaml.YAMLError, text: str) -> str:
     """A YAML error of ``text`` in one line: where in the file, then what (PyYAML's own message
     spans several lines and names its input '<unicode string>', not the file)."""
@@ -250,14 +261,7 @@ def load_grid(path: str | Path) -> GridConfig:
         raise GridError(f"grid file {path} is a folder (set SD_ASSETS_GRID to a grid.yaml, not its folder)")
     if not path.is_file():
         raise GridError(f"grid file {path} does not exist (set SD_ASSETS_GRID to a grid.yaml)")
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        raise GridError(
-            f"{path}: not UTF-8 text (line {line}, byte {exc.start}): {exc.reason}; save it as UTF-8"
-        ) from None
+    text = _utf8_text(path.read_bytes(), str(path))
     try:
         raw = yaml.load(text, Loader=_GridLoader)
     except yaml.YAMLError as exc:
@@ -316,13 +320,7 @@ def parse_subject_list(name: str, data: bytes, max_subjects: int = 10_000) -> Su
     """
     if b"\0" in data:
         raise GridError(f"subject list {name}: binary content (a NUL byte); expected UTF-8 text")
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        raise GridError(
-            f"subject list {name}: not UTF-8 text (line {line}, byte {exc.start}): {exc.reason}; save it as UTF-8"
-        ) from None
+    text = _utf8_text(data, f"subject list {name}", encoding="utf-8-sig")
     subjects: list[str] = []
     skipped: list[str] = []
     # Lines as an editor shows them: str.splitlines would also end one at a form feed, U+2028 and
