@@ -310,6 +310,7 @@ class OverlongPrompts:
 
     def error(self, style: str, refused: Sequence[PromptRow], made: int) -> GridError:
         """The error that names them, for a run that made ``made`` other images and not ``refused``."""
+        from sd_assets.domain.gallery import count  # only here: the engine otherwise needs nothing of the pages
         negatives = sorted({row.negative_prompt for row in refused} & self.tokens.keys())
         named = [f"the grid's negative prompt ({self.tokens[negative]} tokens)" for negative in negatives]
         for prompt, subject in {row.prompt: row.subject for row in refused if row.prompt in self.tokens}.items():
@@ -320,13 +321,9 @@ class OverlongPrompts:
             f"{style}: the text encoder reads {self.limit} tokens of a prompt, and these are longer: {listed}. The "
             "pipeline would cut them, and each picture would show only the start of the prompt it is filed under "
             "(a style at the end is lost: every style, the same picture). Shorten them (the subject lists, or the "
-            f"grid's prompt template or negative prompt) and run again. Not made: {_images(len(refused))} of the "
-            f"prompts above; made: {_images(made, 'other ')} of the style"
+            f"grid's prompt template or negative prompt) and run again. Not made: {count(len(refused), 'image')} of "
+            f"the prompts above; made: {count(made, 'other image')} of the style"
         )
-
-
-def _images(number: int, kind: str = "") -> str:
-    return f"{number} {kind}image{'' if number == 1 else 's'}"
 
 
 def overlong_prompts(loaded: LoadedPipeline, rows: Sequence[PromptRow]) -> OverlongPrompts:
