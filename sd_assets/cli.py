@@ -183,6 +183,7 @@ def _demo(args: argparse.Namespace) -> int:
     for style in styles:
         grid.require_style(style)
     instance = _instance(os.environ.get("DAGSTER_HOME"))
+    not_made = []  # the failed checks' descriptions: images a run could not make, and why
     for style in styles:
         print(f"materializing {style} ...", flush=True)
         result = job.execute_in_process(
@@ -202,9 +203,12 @@ def _demo(args: argparse.Namespace) -> int:
                     message = message.split(": ", 1)[-1]
                 print(f"  {event.step_key}: {message}", file=sys.stderr)
             return 1
+        not_made += [check.description for check in result.get_asset_check_evaluations() if not check.passed]
+    for description in not_made:
+        print(f"sd-assets: {description}", file=sys.stderr)
     print("gallery index:")
     print(open_store(storage).location(INDEX_KEY))
-    return 0
+    return 1 if not_made else 0
 
 
 def main(argv: list[str] | None = None) -> int:

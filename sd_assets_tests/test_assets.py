@@ -18,9 +18,7 @@ from PIL import Image
 
 from sd_assets import cli
 from sd_assets.definitions import build_definitions
-from sd_assets.domain import catalog as catalog_lib
 from sd_assets.domain.pngmeta import read_provenance
-from sd_assets.domain.store import LocalStore
 from sd_assets_tests.helpers import materialize_style, write_grid
 
 STYLES = ("Banksy", "Andy Warhol")
@@ -410,43 +408,56 @@ def test_a_run_without_a_style_fails_saying_how_to_give_one(grid_path, instance)
     assert _pngs(grid_path.parent / "data") == {}
 
 
-def test_a_prompt_longer_than_the_text_encoder_reads_is_refused_by_name_and_the_rest_is_made(grid_path, instance):
+def _check(result) -> dg.AssetCheckEvaluation:
+    [evaluation] = result.get_asset_check_evaluations()
+    assert evaluation.check_name == "prompts_fit_text_encoder"
+    return evaluation
+
+
+def test_a_prompt_longer_than_the_text_encoder_reads_is_refused_by_name_and_the_rest_is_made_and_shown(
+    grid_path, instance
+):
     # The pipeline reads the first 77 tokens of a prompt: "by Banksy" would be cut off, and Banksy
     # and Andy Warhol would make one picture under two keys.
     data = grid_path.parent / "data"
     long_subject = " ".join(["alan"] * 90)
     (grid_path.parent / "subjects" / "long.txt").write_text(long_subject + "\n")
-    defs = build_definitions({"SD_ASSETS_GRID": str(grid_path), "SD_ASSETS_DEVICE": "cpu"})
-    result = defs.resolve_job_def("generate_images").execute_in_process(
-        partition_key="Banksy", instance=instance, raise_on_error=False
-    )
+    first = materialize_style(grid_path, "Banksy", instance)
 
-    assert not result.success
-    [failure] = [event for event in result.all_events if event.is_step_failure]
-    assert failure.step_key == "style_images"
-    error = str(failure.step_failure_data.error)
+    # The run succeeds; its check fails, naming the prompt.
+    check = _check(first)
+    assert not check.passed
     shown = " ".join(["alan"] * 11) + " al..."
-    assert f"Banksy: the text encoder reads 77 tokens of a prompt, and these are longer: the prompt of {shown!r} (" in (
-        error
+    assert check.description.startswith(
+        f"Banksy: the text encoder reads 77 tokens of a prompt, and these are longer: the prompt of {shown!r} ("
     )
-    assert "Shorten them (the subject lists, or the grid's prompt template or negative prompt)" in error
-    assert "Not made: 2 images of the prompts above; made: 4 other images of the style" in error
-    assert error.count("the prompt of") == 1, "one subject named once, not once per image"
+    assert "Shorten them (the subject lists, or the grid's prompt template or negative prompt)" in check.description
+    assert check.description.endswith("Not made: 2 images of the prompts above; made: 4 other images of the style")
+    assert check.description.count("the prompt of") == 1, "one subject named once, not once per image"
+    assert (_metadata(first, "style_images")["generated"], _metadata(first, "style_images")["refused_images"]) == (4, 2)
     made = _pngs(data)
     assert len(made) == 4 and {read_provenance(p.read_bytes()).subject for p in (data / "images").rglob("*.png")} == {
         "alan turing", "ada lovelace"
     }  # fmt: skip
-    # The catalog step did not run, but a search finds what the failed run made, from its records.
-    assert not (data / "catalog" / "banksy.parquet").exists()
-    found = catalog_lib.search(catalog_lib.read_catalog(LocalStore(data)), style="banksy")
-    assert sorted(found["key"] + ".png") == sorted(made)
+    # What was made is catalogued and shown at once; the long subject's places wait, unmade.
+    assert _metadata(first, "image_catalog")["rows"] == 4
+    page = (data / "gallery" / "banksy" / "page-1.html").read_text()
+    assert page.count('<div class="missing">not made yet</div>') == 2
+    assert sum(f"{key.removesuffix('.png')}" in page for key in made) == 4
 
-    # Shortened, it is made; the images made beside the refusal are kept, and catalogued now.
-    (grid_path.parent / "subjects" / "long.txt").write_text("grace hopper\n")
+    # Run again unchanged: refused again, nothing made twice.
     again = materialize_style(grid_path, "Banksy", instance)
-    assert _metadata(again, "style_images")["generated"] == 2
+    assert not _check(again).passed
+    assert (_metadata(again, "style_images")["generated"], _metadata(again, "style_images")["refused_images"]) == (0, 2)
+    assert _pngs(data) == made
+
+    # Shortened, it is made and the check passes; the images made beside the refusal are kept.
+    (grid_path.parent / "subjects" / "long.txt").write_text("grace hopper\n")
+    shortened = materialize_style(grid_path, "Banksy", instance)
+    assert _check(shortened).passed
+    assert _metadata(shortened, "style_images")["generated"] == 2
     assert {k: v for k, v in _pngs(data).items() if k in made} == made
-    assert _metadata(again, "image_catalog")["rows"] == 6
+    assert _metadata(shortened, "image_catalog")["rows"] == 6
 
 
 @pytest.mark.parametrize("kind", ["in memory", "the CLI's temporary folder"])

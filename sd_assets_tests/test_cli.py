@@ -92,6 +92,18 @@ def test_demo_ends_with_the_gallery_path(cli_env, grid_path):
     assert "<li>Andy Warhol (no gallery pages yet): 0 of 4 images</li>" in index, "a style of the grid not run"
 
 
+def test_a_demo_that_refuses_a_prompt_names_it_shows_the_rest_and_exits_1(cli_env, grid_path):
+    (grid_path.parent / "subjects" / "long.txt").write_text(" ".join(["alan"] * 90) + "\n")
+    result = _run([BIN / "sd-assets", "demo", "--style", "Banksy"], cli_env, check=False)
+    assert result.returncode == 1
+    [line] = [line for line in result.stderr.splitlines() if line.startswith("sd-assets: ")]
+    assert line.startswith("sd-assets: Banksy: the text encoder reads 77 tokens of a prompt, and these are longer: ")
+    assert line.endswith("Not made: 2 images of the prompts above; made: 4 other images of the style")
+    # The gallery path is still the last line, and its pages show what was made.
+    index = Path(result.stdout.strip().splitlines()[-1]).read_text()
+    assert '<a href="banksy/page-1.html">Banksy</a>: 4 of 6 images' in index
+
+
 def test_a_failed_demo_names_the_step_and_its_error(cli_env, grid_path, tmp_path):
     grid_path.write_text(grid_path.read_text().replace("id: tiny-random", "id: example-org/not-cached"))
     offline = {**cli_env, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "empty-hf-home")}

@@ -411,11 +411,11 @@ def test_a_model_folder_with_damaged_weights_fails_to_load_saying_how_to_fetch_i
         engine.load_pipeline(folder, "cpu", "float32")
 
 
-def test_the_overlong_prompt_error_counts_one_image_as_one():
+def test_the_overlong_prompt_message_counts_one_image_as_one():
     long_prompt = "a " * 80 + "by Banksy"
     refused = [PromptRow("long subject", "Banksy", 0, long_prompt, "", 1, "0" * 64)]
     overlong = engine.OverlongPrompts(limit=77, tokens={long_prompt: 83})
-    message = str(overlong.error("Banksy", refused, made=1))
+    message = overlong.message("Banksy", refused, made=1)
     assert message.startswith("Banksy: the text encoder reads 77 tokens of a prompt, and these are longer: the prompt "
                               "of 'long subject' (83 tokens).")  # fmt: skip
     assert message.endswith("Not made: 1 image of the prompts above; made: 1 other image of the style")

@@ -28,7 +28,7 @@ from typing import Any
 from sd_assets.domain import deep_cache as deep_caching
 from sd_assets.domain import library_logs
 from sd_assets.domain.deep_cache import DeepCache
-from sd_assets.domain.errors import GridError, ModelError, SdAssetsError
+from sd_assets.domain.errors import ModelError, SdAssetsError
 from sd_assets.domain.prompts import GenerationSettings, PromptRow
 
 _DTYPES = {"float16": "float16", "bfloat16": "bfloat16", "float32": "float32"}
@@ -308,8 +308,8 @@ class OverlongPrompts:
     def refuses(self, row: PromptRow) -> bool:
         return row.prompt in self.tokens or row.negative_prompt in self.tokens
 
-    def error(self, style: str, refused: Sequence[PromptRow], made: int) -> GridError:
-        """The error that names them, for a run that made ``made`` other images and not ``refused``."""
+    def message(self, style: str, refused: Sequence[PromptRow], made: int) -> str:
+        """What a run that made ``made`` other images and not ``refused`` tells the user about them."""
         from sd_assets.domain.gallery import count  # only here: the engine otherwise needs nothing of the pages
         negatives = sorted({row.negative_prompt for row in refused} & self.tokens.keys())
         named = [f"the grid's negative prompt ({self.tokens[negative]} tokens)" for negative in negatives]
@@ -317,7 +317,7 @@ class OverlongPrompts:
             shown = subject if len(subject) <= 60 else subject[:57] + "..."
             named.append(f"the prompt of {shown!r} ({self.tokens[prompt]} tokens)")
         listed = "; ".join(named[:5]) + (f"; and {len(named) - 5} more" if len(named) > 5 else "")
-        return GridError(
+        return (
             f"{style}: the text encoder reads {self.limit} tokens of a prompt, and these are longer: {listed}. The "
             "pipeline would cut them, and each picture would show only the start of the prompt it is filed under "
             "(a style at the end is lost: every style, the same picture). Shorten them (the subject lists, or the "

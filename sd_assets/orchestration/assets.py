@@ -40,6 +40,8 @@ from sd_assets.orchestration.resources import ArtifactStoreResource, GeneratorRe
 GROUP = "stable_diffusion"
 OWNERS = ["team:sd-assets"]
 COMMON = {"group_name": GROUP, "owners": OWNERS}
+# style_images' check: a prompt longer than the text encoder reads is not made, and the check fails naming it.
+PROMPTS_FIT = "prompts_fit_text_encoder"
 
 
 def _style(context: dg.AssetExecutionContext, config: GridConfig) -> str:
@@ -87,6 +89,20 @@ def _grid_inputs_asset():
             return dg.DataVersion(digest.hexdigest()[:16])
 
     return grid_inputs
+
+
+def _prompts_fit_spec(styles: dg.StaticPartitionsDefinition) -> dg.AssetCheckSpec:
+    """style_images' check, one result per style."""
+    # A partitioned check is marked preview; the project pins Dagster's version and relies on it knowingly.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", dg.PreviewWarning)
+        return dg.AssetCheckSpec(
+            PROMPTS_FIT,
+            asset="style_images",
+            partitions_def=styles,
+            description="Every prompt of the style fits in what the text encoder reads (77 tokens for CLIP); a "
+            "longer one is not made, and this check names it.",
+        )
 
 
 def build_assets(styles: dg.StaticPartitionsDefinition) -> list:
@@ -174,6 +190,7 @@ def build_assets(styles: dg.StaticPartitionsDefinition) -> list:
         kinds={"pytorch", "diffusers", "png"},
         pool="gpu",
         description="The PNGs of a style, named by content key; images that exist are never made again.",
+        check_specs=[_prompts_fit_spec(styles)],
     )
     def style_images(
         context: dg.AssetExecutionContext,
@@ -188,9 +205,15 @@ def build_assets(styles: dg.StaticPartitionsDefinition) -> list:
         # A second run of this style on this node (a sensor run beside a backfill run, two
         # `dagster job execute`) waits here, then skips what the first one made.
         with _style_lock(context, generator, artifact_store, style):
-            metadata = _make_missing_images(context, config, style, rows, artifact_store, generator)
+            metadata, refusal = _make_missing_images(context, config, style, rows, artifact_store, generator)
+        fits = dg.AssetCheckResult(
+            check_name=PROMPTS_FIT,
+            passed=refusal is None,
+            description=refusal or "no image of the style was refused for a prompt longer than the text encoder reads",
+            metadata={"refused_images": metadata.get("refused_images", 0)},
+        )
         return dg.MaterializeResult(
-            metadata=metadata, data_version=dg.DataVersion(keys_version([r.key for r in rows]))
+            metadata=metadata, data_version=dg.DataVersion(keys_version([r.key for r in rows])), check_results=[fits]
         )
 
     @dg.asset(
@@ -338,8 +361,9 @@ def _make_missing_images(
     rows: list[PromptRow],
     artifact_store,
     generator: GeneratorResource,
-) -> dict:
-    """Make the images of ``rows`` that the store lacks; returns the materialization metadata."""
+) -> tuple[dict, str | None]:
+    """Make the images of ``rows`` that the store lacks; returns the materialization metadata and
+    the message naming the images whose prompts were too long to make, if any."""
     present = artifact_store.existing([image_key_path(r.key) for r in rows])
     missing = [r for r in rows if image_key_path(r.key) not in present]
     metadata: dict = {"images": len(rows), "skipped": len(rows) - len(missing), "generated": 0}
@@ -347,7 +371,7 @@ def _make_missing_images(
         made = "its one image exists" if len(rows) == 1 else f"all {len(rows)} images exist"
         context.log.info(f"{style}: {made}; nothing to generate, no model loaded")
         _warn_if_grid_changed(context, config, style, rows, artifact_store)
-        return metadata
+        return metadata, None
     if _run_record_is_lost(context.instance):
         context.log.warning(
             f"{style}: this run's Dagster instance is not kept (DAGSTER_HOME is not set): the run id "
@@ -360,8 +384,8 @@ def _make_missing_images(
         if device_index is not None:
             context.log.info(f"{style}: claimed device index {device_index} ({device})")
             metadata["device_index"] = device_index
-        metadata.update(_generate(context, config, style, missing, artifact_store, generator, device))
-    return metadata
+        made, refusal = _generate(context, config, style, missing, artifact_store, generator, device)
+    return {**metadata, **made}, refusal
 
 
 def _warn_if_grid_changed(context: dg.AssetExecutionContext, config, style: str, rows: list[PromptRow],
@@ -390,8 +414,9 @@ def _generate(
     artifact_store,
     generator: GeneratorResource,
     device: str,
-) -> dict:
-    """Make the missing images of one style on ``device``; returns the materialization metadata."""
+) -> tuple[dict, str | None]:
+    """Make the missing images of one style on ``device``; returns the materialization metadata
+    and, when some of them have prompts too long to make, the message that names those."""
     ref, settings = _settings_now(config, artifact_store)
     inference = config.inference
     check_rows_match_settings(artifact_store, style, missing, settings, config.source)
@@ -406,12 +431,34 @@ def _generate(
     )
     # Nothing when this process loaded it before (the demo runs every style in one process).
     load_seconds = time.perf_counter() - loading
-    # Refused, not cut short; the rest of the style is made, and the step then fails naming them.
+    metadata = {
+        "device": device,
+        "dtype": dtype,
+        "model_revision": ref.revision,
+        "model_bytes_copied": copy.bytes_copied,
+        "model_load_seconds": round(load_seconds, 3),
+    }
+    # Refused, not cut short. The rest of the style is made, catalogued and shown as usual: one
+    # long subject must not hold back every style's catalog and pages, run after run.
     overlong = engine.overlong_prompts(loaded, missing)
     refused = [row for row in missing if overlong.refuses(row)]
     missing = [row for row in missing if not overlong.refuses(row)]
-    if not missing:
-        raise overlong.error(style, refused, made=0)
+    if missing:
+        made = _render_style(context, config, style, missing, artifact_store, generator, loaded, ref, settings)
+        metadata.update(made)
+    metadata["refused_images"] = len(refused)
+    if not refused:
+        return metadata, None
+    refusal = overlong.message(style, refused, made=metadata.get("generated", 0))
+    context.log.warning(refusal)
+    return metadata, refusal
+
+
+def _render_style(context: dg.AssetExecutionContext, config, style: str, missing: list[PromptRow], artifact_store,
+                  generator: GeneratorResource, loaded, ref, settings) -> dict:  # fmt: skip
+    """Make the images of ``missing`` with the loaded pipeline; returns their metadata."""
+    inference = config.inference
+    device, dtype = loaded.device, loaded.dtype
     if inference.batch_size == "auto":
         batch_size = engine.auto_batch_size(loaded, settings, generator.batch_memory_file, len(missing))
     else:
@@ -429,18 +476,10 @@ def _generate(
         )  # fmt: skip
     profile = profiler.profile()
     gpu_profile.save_profile(artifact_store, style, profile)
-    if refused:
-        # Their records wait in the store; the next run's catalog step merges them.
-        raise overlong.error(style, refused, made=report.generated)
     metadata = {
         "generated": report.generated,
         "images_per_minute": round(report.images_per_minute, 1),
-        "device": device,
-        "dtype": dtype,
         "batch_size": batch_size,
-        "model_revision": ref.revision,
-        "model_bytes_copied": copy.bytes_copied,
-        "model_load_seconds": round(load_seconds, 3),
         "first_batch_seconds": round(report.first_batch_seconds, 3),
         "writer_peak_pending": report.writer_peak_pending,
         "previews": dg.MetadataValue.md("\n\n".join(_thumbnail_markdown(image, row) for row, image in report.previews)),
