@@ -79,6 +79,26 @@ def test_a_grid_with_deep_cache_gives_its_images_their_own_keys(tmp_path):
     assert not {r.key for r in rows["plain"]} & {r.key for r in rows["cached"]}
 
 
+def test_without_guidance_the_negative_prompt_is_unused_and_neither_keyed_nor_recorded(tmp_path):
+    rows = {}
+    for guidance in (1.0, 7.5):
+        for negative in ("", "blurry"):
+            path = write_grid(tmp_path / f"{guidance}-{negative}", styles=("Banksy",))
+            path.write_text(
+                path.read_text().replace('guidance_scale: 7.5', f"guidance_scale: {guidance}")
+                .replace('negative_prompt: ""', f'negative_prompt: "{negative}"')
+            )  # fmt: skip
+            grid = load_grid(path)
+            settings = GenerationSettings.from_grid(grid, "a" * 40, "PNDMScheduler")
+            rows[guidance, negative] = build_prompt_rows(grid, "Banksy", ["alan turing"], settings)
+    # At guidance 1 the pipeline runs no unconditional pass: the negative prompt changes no pixel.
+    assert rows[1.0, "blurry"] == rows[1.0, ""]
+    assert {row.negative_prompt for row in rows[1.0, "blurry"]} == {""}
+    # With guidance it is the picture's, and its key's.
+    assert {row.negative_prompt for row in rows[7.5, "blurry"]} == {"blurry"}
+    assert not {row.key for row in rows[7.5, "blurry"]} & {row.key for row in rows[7.5, ""]}
+
+
 def test_keys_version_ignores_order():
     assert keys_version(["b", "a"]) == keys_version(["a", "b"])
     assert keys_version(["a"]) != keys_version(["a", "b"])

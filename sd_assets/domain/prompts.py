@@ -54,7 +54,9 @@ class GenerationSettings:
             guidance_scale=float(inference.guidance_scale),
             width=inference.width,
             height=inference.height,
-            negative_prompt=inference.negative_prompt,
+            # Classifier-free guidance is off at a scale of 1 or less, and the negative prompt with
+            # it: keyed and recorded as none, so changing an unused one makes nothing again.
+            negative_prompt=inference.negative_prompt if inference.guidance_scale > 1 else "",
             deep_cache=DeepCache(**inference.deep_cache.model_dump()) if inference.deep_cache else None,
             safety_checker=inference.safety_checker,
         )
