@@ -510,7 +510,8 @@ def test_a_captions_prompt_is_isolated_so_its_direction_marks_stop_at_its_end(tm
     store = LocalStore(tmp_path)
     row = _row("alan \u202eturing", "Banksy")
     page = store.read_text(gallery.render_style_pages(store, "Banksy", [row], [_made(row, "r1")]).pages[0])
-    assert "<figcaption><bdi>alan \u202eturing by Banksy</bdi><br>" in page
+    # The subject has its own: the override stops before " by Banksy" too.
+    assert "<figcaption><bdi><bdi>alan \u202eturing</bdi> by Banksy</bdi><br>" in page
 
 
 def test_an_image_the_safety_checker_blacked_out_says_so_under_it(tmp_path):
@@ -563,7 +564,7 @@ def test_one_runs_earlier_images_stay_in_subject_order_whatever_second_each_was_
     made.append(_made(_row("grace hopper", "Banksy"), "run-a", steps=1, created="2026-11-26T09:00:00+00:00"))
     written = gallery.render_style_pages(store, "Banksy", [_row("new", "Banksy")], made)
     earlier = store.read_text(written.earlier_pages[0])
-    order = re.findall(r"<figcaption><bdi>(.*?) by Banksy</bdi><br>", earlier)
+    order = re.findall(r"<figcaption><bdi><bdi>(.*?)</bdi> by Banksy</bdi><br>", earlier)
     assert order == ["ada lovelace", "alan turing", "zeno", "grace hopper"]
     assert "1 step · 64x64" in earlier and "1 steps" not in earlier
 

@@ -70,6 +70,13 @@ def settings_text(row: Mapping) -> str:
     return " · ".join(parts)
 
 
+def _prompt_parts(prompt: str, subject: str) -> tuple[str, str, str]:
+    """The prompt around its subject, and the subject: a caption isolates the subject in its own
+    ``<bdi>``, so that a text-direction mark in it stops there, not at the prompt's end."""
+    before, found, after = prompt.partition(subject)
+    return (before, found, after) if found else (prompt, "", "")
+
+
 PAGER_WINDOW = 2
 
 
@@ -216,12 +223,14 @@ def render_style_pages(
     def items(chunk: Sequence[Mapping]) -> list[dict]:
         return [
             {"row": row, "src": "../../" + image_key_path(row["key"]), "made": made.get(row["key"]),
+             "prompt_parts": _prompt_parts(row["prompt"], row["subject"]),
              "settings": settings_text(row) if "steps" in row else None}  # fmt: skip
             for row in chunk
         ]
 
     grid_rows = [
-        {"key": r.key, "prompt": r.prompt, "seed": r.seed, "image_index": r.image_index} for r in rows
+        {"key": r.key, "prompt": r.prompt, "subject": r.subject, "seed": r.seed, "image_index": r.image_index}
+        for r in rows
     ]  # fmt: skip
     html_by_key: dict[str, str] = {}
     keys: dict[str, list[str]] = {"grid": [], "earlier": []}

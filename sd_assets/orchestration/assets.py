@@ -256,7 +256,7 @@ def build_assets(styles: dg.StaticPartitionsDefinition) -> list:
         partitions_def=styles,
         deps=[image_catalog],
         **COMMON,
-        code_version="3",
+        code_version="4",
         kinds={"html"},
         description=f"Gallery pages of a style: the grid's images, {gallery.DEFAULT_PAGE_SIZE} a page, then its "
         "images of earlier grids.",
