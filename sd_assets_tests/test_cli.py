@@ -171,6 +171,23 @@ def test_search_reports_a_bad_grid_without_a_traceback(tmp_path):
     assert result.stderr.strip().endswith("; or set SD_ASSETS_STORAGE to the store")
 
 
+def test_an_s3_endpoint_without_a_scheme_is_one_line_in_search_and_in_a_run(grid_path, monkeypatch, capsys):
+    for name, value in {"SD_ASSETS_GRID": str(grid_path), "SD_ASSETS_STORAGE": "s3://some-bucket/sd",
+                        "AWS_ENDPOINT_URL": "127.0.0.1:5917", "AWS_REGION": "us-east-1"}.items():  # fmt: skip
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    reason = (
+        "cannot open the bucket at s3://some-bucket/sd: AWS_ENDPOINT_URL='127.0.0.1:5917' is not a URL; "
+        "write it as http://host[:port] or https://host[:port]"
+    )
+    assert main(["search"]) == 2
+    assert capsys.readouterr().err == f"sd-assets: {reason}\n"
+    assert main(["demo", "--style", "Banksy"]) == 1
+    # The summary after Dagster's own log of the failed steps: each of them, with the reason.
+    summary = capsys.readouterr().err.split("sd-assets: run ", 1)[1].splitlines()[1:]
+    assert summary == [f"  grid_inputs: {reason}", f"  model_weights: {reason}"]
+
+
 def test_search_in_a_store_without_a_catalog_says_so(grid_path, tmp_path):
     empty = tmp_path / "no-such-store"
     result = _run([BIN / "sd-assets", "search", "--subject", "turing"],

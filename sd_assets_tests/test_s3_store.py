@@ -16,6 +16,7 @@ import pytest
 from moto.server import ThreadedMotoServer
 from PIL import Image
 
+from sd_assets.definitions import store_from_environment
 from sd_assets.domain.catalog import read_catalog, rebuild_catalogs
 from sd_assets.domain.errors import GridError, ModelError, StoreError
 from sd_assets.domain.grid import load_grid
@@ -139,6 +140,23 @@ def test_missing_credentials_name_the_variables(bucket, monkeypatch, tmp_path):
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     with pytest.raises(StoreError, match="no AWS credentials found; set AWS_ACCESS_KEY_ID"):
         open_store(f"s3://{bucket}/x")
+
+
+def test_an_endpoint_that_is_not_a_url_is_named_by_either_client(monkeypatch):
+    # boto3 refuses it as it makes the client, before any request: no server is needed.
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "127.0.0.1:5917")
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    expected = (
+        "cannot open the bucket at s3://some-bucket/sd: AWS_ENDPOINT_URL='127.0.0.1:5917' is not a URL; "
+        "write it as http://host[:port] or https://host[:port]"
+    )
+    with pytest.raises(StoreError) as default_client:
+        open_store("s3://some-bucket/sd")
+    assert str(default_client.value) == expected
+    resource = store_from_environment("s3://some-bucket/sd", {"AWS_ENDPOINT_URL": "127.0.0.1:5917"})
+    with pytest.raises(StoreError) as dagster_aws_client:  # the client of a run's steps
+        resource.open()
+    assert str(dagster_aws_client.value) == expected
 
 
 # --- whole runs on S3 ----------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -73,11 +73,13 @@ def _error_code(exc: ClientError) -> str:
 class S3Store(ArtifactStore):
     """A prefix in an S3 bucket (or any S3-compatible service, via ``AWS_ENDPOINT_URL``)."""
 
-    def __init__(self, url: str, client: Any):
+    def __init__(self, url: str, make_client: Callable[[], Any]):
+        """``make_client`` makes the boto3 S3 client, here, so that what boto3 refuses as it
+        makes one (an endpoint that is not a URL) is a StoreError like any other."""
         self.bucket, self.prefix = parse_s3_url(url)
         self.url = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
-        self.client = client
         with self._errors("open the bucket"):
+            self.client = make_client()
             self.client.head_bucket(Bucket=self.bucket)
 
     @contextlib.contextmanager
@@ -107,6 +109,15 @@ class S3Store(ArtifactStore):
         except BotoCoreError as exc:
             raise StoreError(
                 f"cannot {action} at {where}: {exc} (check AWS_ENDPOINT_URL and AWS_REGION)"
+            ) from None
+        except ValueError as exc:
+            # botocore's plain ValueError for an endpoint without a scheme or host: "Invalid endpoint: <url>"
+            endpoint = str(exc).removeprefix("Invalid endpoint: ")
+            if endpoint == str(exc):
+                raise
+            raise StoreError(
+                f"cannot {action} at {where}: AWS_ENDPOINT_URL={endpoint!r} is not a URL; "
+                "write it as http://host[:port] or https://host[:port]"
             ) from None
 
     def _object_key(self, key: str) -> str:

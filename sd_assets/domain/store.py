@@ -248,8 +248,8 @@ def open_store(url: str, s3_client: Callable[[], Any] | None = None) -> Artifact
         if s3_client is None:
             import boto3
 
-            return S3Store(url, boto3.session.Session().client("s3"))
-        return S3Store(url, s3_client())
+            return S3Store(url, lambda: boto3.session.Session().client("s3"))
+        return S3Store(url, s3_client)
     if url.lower().startswith("s3:"):  # s3:/bucket, S3://bucket: not a folder named "s3:"
         raise StoreError(f"storage {url!r}: an S3 store is written s3://bucket/prefix")
     if "://" in url:
