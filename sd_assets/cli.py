@@ -165,9 +165,30 @@ def _instance(home: str | None):
     try:
         return dg.DagsterInstance.get()
     except Exception as exc:  # a dagster.yaml that is not YAML, names a missing module, fails its schema
-        # One line, cut: a schema error lists the whole expected schema.
-        reason = shorten(" ".join(str(exc).split()) or type(exc).__name__, 300)
+        reason = _instance_error(exc)
         raise SdAssetsError(f"Dagster cannot load the instance in DAGSTER_HOME={home}: {reason}") from None
+
+
+def _instance_error(exc: Exception) -> str:
+    """Why Dagster cannot load the instance, in one line: each reason cut to 300 columns.
+
+    A config error's text starts with the whole schema it was checked against; its ``errors``
+    say what is wrong, one each. An ``{env: NAME}`` setting whose variable is unset is named in
+    the error Dagster caught (``error_data``), not in the message around it, which carries a
+    stack trace.
+    """
+    import dagster as dg
+
+    messages = [str(exc)]
+    if isinstance(exc, dg.DagsterInvalidConfigError) and exc.errors:
+        messages = []
+        for error in exc.errors:
+            caught = getattr(error.error_data, "cls_name", None)
+            messages.append(error.error_data.message.split(f"{caught}: ", 1)[-1] if caught else error.message)
+    # Cut: an unexpected entry's message lists the whole expected schema.
+    return "; ".join(
+        shorten(" ".join(message.split()).rstrip(".") or type(exc).__name__, 300) for message in messages
+    )
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -142,6 +142,22 @@ def test_a_demo_with_an_unusable_dagster_home_says_so_in_one_line(grid_path, tmp
     assert not (grid_path.parent / "data" / "images").exists()
 
 
+def test_a_prod_dagster_yaml_with_an_unset_postgres_variable_names_it(grid_path, tmp_path, monkeypatch, capsys):
+    # Dagster reads the {env: ...} settings before it connects: no database is needed.
+    (tmp_path / "dagster.yaml").write_text((REPO / "deploy" / "dagster-prod.yaml").read_text())
+    for name, value in {"SD_ASSETS_GRID": str(grid_path), "DAGSTER_HOME": str(tmp_path),
+                        "DAGSTER_PG_HOST": "127.0.0.1", "DAGSTER_PG_PORT": "5432", "DAGSTER_PG_USER": "dagster",
+                        "DAGSTER_PG_DB": "dagster"}.items():  # fmt: skip
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("DAGSTER_PG_PASSWORD", raising=False)
+    assert main(["demo", "--style", "Banksy"]) == 2
+    assert capsys.readouterr().err == (
+        f"sd-assets: Dagster cannot load the instance in DAGSTER_HOME={tmp_path}: You have attempted to fetch the "
+        'environment variable "DAGSTER_PG_PASSWORD" which is not set. In order for this execution to succeed it must '
+        "be set in this environment\n"
+    )
+
+
 def test_definitions_validate_on_the_repo_and_a_clear_error_for_a_bad_grid(tmp_path):
     home = tmp_path / "dagster_home"
     home.mkdir()
