@@ -29,6 +29,7 @@ from pathlib import Path
 import click
 import dagster as dg
 
+from sd_assets.domain import engine
 from sd_assets.domain.errors import GridError, SdAssetsError
 from sd_assets.domain.grid import GridConfig, load_grid
 from sd_assets.orchestration.assets import build_assets
@@ -47,6 +48,15 @@ def _positive_int(environ: Mapping[str, str], name: str) -> int | None:
     if not value.strip().isdecimal() or int(value) < 1:  # isdigit() also passes '²', which int() refuses
         raise SdAssetsError(f"environment variable {name}={value!r}: expected a whole number of 1 or more")
     return int(value)
+
+
+def _device(environ: Mapping[str, str]) -> str:
+    """The device in ``SD_ASSETS_DEVICE`` (default 'auto'), checked now rather than when a run's
+    ``style_images`` step looks for it, after the steps before it."""
+    value = environ.get("SD_ASSETS_DEVICE", "auto")
+    if not engine.is_device_name(value):
+        raise SdAssetsError(f"environment variable SD_ASSETS_DEVICE={value!r}: expected {engine.DEVICE_NAMES}")
+    return value
 
 
 def grid_from_environment(environ: Mapping[str, str] | None = None) -> tuple[GridConfig, str]:
@@ -139,7 +149,7 @@ def build_definitions(environ: Mapping[str, str] | None = None) -> dg.Definition
         executor_def=dg.in_process_executor,
         description="Make a style's missing images, its gallery pages and catalog rows, and refresh the index.",
     )
-    generator_config = {"device": environ.get("SD_ASSETS_DEVICE", "auto")}
+    generator_config = {"device": _device(environ)}
     if environ.get("SD_ASSETS_MODEL_CACHE"):
         generator_config["model_cache_dir"] = environ["SD_ASSETS_MODEL_CACHE"]
     generator_config["device_count"] = _positive_int(environ, "SD_ASSETS_DEVICE_COUNT")

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from sd_assets.cli import main, shorten, text_table
+from sd_assets.definitions import build_definitions
 from sd_assets_tests.helpers import materialize_style
 
 REPO = Path(__file__).resolve().parent.parent
@@ -178,6 +179,19 @@ def test_dagster_job_execute_with_a_bad_grid_prints_one_line_not_a_traceback(cli
     assert result.stderr.strip().splitlines()[-1] == (
         f"Error: {grid_path}: field 'inference.steps' = -1: Input should be greater than or equal to 1"
     )
+
+
+def test_a_misspelt_device_stops_the_run_before_its_first_step_in_one_line(cli_env, grid_path):
+    result = _run([BIN / "dagster", "job", "execute", "-m", "sd_assets", "-j", "generate_images",
+                   "--tags", json.dumps({"dagster/partition": "Banksy"})], {**cli_env, "SD_ASSETS_DEVICE": "gpu"},
+                  check=False)  # fmt: skip
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "Error: environment variable SD_ASSETS_DEVICE='gpu': expected 'auto', 'cpu', 'cuda' or 'cuda:<index>'"
+    )
+    assert not (grid_path.parent / "data" / "images").exists()
+    # A GPU by index is a device name: checking it looks for no GPU.
+    build_definitions({"SD_ASSETS_GRID": str(grid_path), "SD_ASSETS_DEVICE": "cuda:1"})
 
 
 def test_search_reports_a_bad_grid_without_a_traceback(tmp_path):

@@ -35,12 +35,19 @@ _DTYPES = {"float16": "float16", "bfloat16": "bfloat16", "float32": "float32"}
 
 
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+DEVICE_NAMES = "'auto', 'cpu', 'cuda' or 'cuda:<index>'"
+
+
+def is_device_name(requested: str) -> bool:
+    """Whether ``requested`` is a device ``pick_device`` takes (one of ``DEVICE_NAMES``); it looks
+    for no GPU, so a setting can be checked before anything runs."""
+    return bool(_DEVICE_PATTERN.match(requested))
 
 
 def pick_device(requested: str = "auto") -> str:
     """'auto' -> 'cuda' when a CUDA GPU is visible, else 'cpu'; 'cpu', 'cuda', 'cuda:<i>' pass through."""
-    if not _DEVICE_PATTERN.match(requested):
-        raise SdAssetsError(f"device {requested!r} is not one of 'auto', 'cpu', 'cuda' or 'cuda:<index>'")
+    if not is_device_name(requested):
+        raise SdAssetsError(f"device {requested!r} is not one of {DEVICE_NAMES}")
     import torch
 
     if requested != "auto":
