@@ -53,7 +53,7 @@ def _positive_int(environ: Mapping[str, str], name: str) -> int | None:
 def _device(environ: Mapping[str, str]) -> str:
     """The device in ``SD_ASSETS_DEVICE`` (default 'auto'), checked now rather than when a run's
     ``style_images`` step looks for it, after the steps before it."""
-    value = environ.get("SD_ASSETS_DEVICE", "auto")
+    value = environ.get("SD_ASSETS_DEVICE") or "auto"  # set but empty is unset, as for the other variables
     if not engine.is_device_name(value):
         raise SdAssetsError(f"environment variable SD_ASSETS_DEVICE={value!r}: expected {engine.DEVICE_NAMES}")
     return value

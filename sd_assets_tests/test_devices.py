@@ -6,6 +6,7 @@ A CPU machine stands in for a GPU node with a simulated device count.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
+from sd_assets.definitions import build_definitions
 from sd_assets.domain.devices import claim_device
 from sd_assets.domain.errors import SdAssetsError
 from sd_assets.domain.node_locks import hold_lock
@@ -77,6 +79,18 @@ def test_a_device_count_below_one_is_refused():
     with pytest.raises(SdAssetsError, match="device_count is 0; it must be at least 1"):
         with claim_device(Path("unused"), 0):
             pass
+
+
+def test_the_device_variable_is_checked_as_the_definitions_load(grid_path):
+    def generator_device(value: str) -> str:
+        defs = build_definitions({"SD_ASSETS_GRID": str(grid_path), "SD_ASSETS_DEVICE": value})
+        return defs.resources["generator"].device
+
+    assert [generator_device(value) for value in ("cuda:1", "cpu", "")] == ["cuda:1", "cpu", "auto"]
+    for bad in ("gpu", "cpu\n", "cuda:\u0661", "cuda:"):
+        expected = f"SD_ASSETS_DEVICE={bad!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:<index>'"
+        with pytest.raises(SdAssetsError, match=re.escape(expected)):
+            generator_device(bad)
 
 
 def test_another_process_gets_another_device(tmp_path):

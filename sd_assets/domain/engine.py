@@ -34,14 +34,14 @@ from sd_assets.domain.prompts import GenerationSettings, PromptRow
 _DTYPES = {"float16": "float16", "bfloat16": "bfloat16", "float32": "float32"}
 
 
-_DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+_DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
 DEVICE_NAMES = "'auto', 'cpu', 'cuda' or 'cuda:<index>'"
 
 
 def is_device_name(requested: str) -> bool:
     """Whether ``requested`` is a device ``pick_device`` takes (one of ``DEVICE_NAMES``); it looks
     for no GPU, so a setting can be checked before anything runs."""
-    return bool(_DEVICE_PATTERN.match(requested))
+    return bool(_DEVICE_PATTERN.fullmatch(requested))
 
 
 def pick_device(requested: str = "auto") -> str:
