@@ -138,6 +138,42 @@ def test_lists_run_again_into_a_new_store_and_an_older_cursor_counts_as_this_sto
     assert requests(result) == [] and decode_cursor(older.cursor).store == str(grid.parent / "data")
 
 
+def test_lists_wait_while_the_grids_styles_differ_from_the_loaded_ones_and_run_in_the_new_styles_after_a_reload(
+    ticks, grid, instance, capfd
+):
+    assert len(requests(ticks.tick())) == 2
+    # The styles edited while the daemon runs: one renamed, one added; then a new list.
+    grid.write_text(grid.read_text().replace("[Banksy, Andy Warhol]", "[Banksy, Andy warhol, Claude Monet]"))
+    (grid.parent / "subjects" / "painters.txt").write_text("frida kahlo\n")
+    settle(grid.parent / "subjects" / "painters.txt")
+    cursor = ticks.cursor
+    held = ticks.tick()
+    expected = (
+        f"the grid {grid} has other styles than when the code location loaded (added 'Andy warhol', "
+        "'Claude Monet'; removed 'Andy Warhol'): new or changed subject lists wait until you reload the "
+        "code location (UI: Deployment > Reload; `dagster dev` also picks the grid up on a restart)"
+    )
+    assert requests(held) == [] and held.skip_reason.skip_message == expected
+    assert expected in capfd.readouterr().err
+    assert requests(ticks.tick()) == [] and ticks.cursor == cursor, "the lists stay new"
+    # Reloaded: the definitions are built from the edited grid, with the cursor the daemon kept.
+    reloaded = SensorTicks(grid, instance)
+    reloaded.cursor = ticks.cursor
+    key = f"painters.txt:{short_hash((grid.parent / 'subjects' / 'painters.txt').read_bytes())}"
+    store = in_store(grid.parent / "data")
+    assert requests(reloaded.tick()) == [
+        (style, f"{key}:{style}{store}") for style in ("Banksy", "Andy warhol", "Claude Monet")
+    ]
+
+
+def test_styles_put_in_another_order_change_nothing_the_sensor_does(ticks, grid):
+    assert len(requests(ticks.tick())) == 2
+    grid.write_text(grid.read_text().replace("[Banksy, Andy Warhol]", "[Andy Warhol, Banksy]"))
+    (grid.parent / "subjects" / "painters.txt").write_text("frida kahlo\n")
+    settle(grid.parent / "subjects" / "painters.txt")
+    assert [partition for partition, _ in requests(ticks.tick())] == STYLES
+
+
 def test_malformed_lists_are_skipped_with_a_message_and_good_lists_still_run(ticks, grid, capfd):
     subjects = grid.parent / "subjects"
     (subjects / "binary.txt").write_bytes(b"a\0b\n")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import dagster as dg
 
 from sd_assets.domain.errors import SdAssetsError
@@ -31,13 +33,20 @@ def build_new_subject_lists_sensor(
         description=(
             "Watches the subject lists (the grid's subjects folder, or subjects/ in an S3 store) and runs "
             "every style when a list is new or its content changed. Malformed lists are skipped and named "
-            "in the tick's log."
+            "in the tick's log. While the grid's styles differ from those the code location loaded, it "
+            "asks for nothing until the code location is reloaded."
         ),
     )
     def new_subject_lists(
         context: dg.SensorEvaluationContext, grid: GridResource, store: ArtifactStoreResource
     ) -> dg.SensorResult:
         config = grid.load()
+        if set(config.styles) != set(styles):
+            # The job's partitions are the styles loaded with the code: a run of a renamed style would
+            # fail, a new one gets none. The cursor stays, so the lists are still new after a reload.
+            held = _styles_edited(config.source, styles, config.styles)
+            context.log.warning(held)
+            return dg.SensorResult(skip_reason=held)
         artifact_store = store.open()
         where = artifact_store.location()
         source = subject_source(config, artifact_store)
@@ -75,3 +84,20 @@ def build_new_subject_lists_sensor(
         )
 
     return new_subject_lists
+
+
+def _styles_edited(grid_file: Path | None, loaded: list[str], now: list[str]) -> str:
+    """Why the sensor asks for nothing while the grid's styles differ from those loaded with the code."""
+    changes = [
+        f"{verb} {', '.join(repr(style) for style in names)}"
+        for verb, names in (
+            ("added", [style for style in now if style not in loaded]),
+            ("removed", [style for style in loaded if style not in now]),
+        )
+        if names
+    ]
+    return (
+        f"the grid {grid_file} has other styles than when the code location loaded ({'; '.join(changes)}): "
+        "new or changed subject lists wait until you reload the code location "
+        "(UI: Deployment > Reload; `dagster dev` also picks the grid up on a restart)"
+    )
