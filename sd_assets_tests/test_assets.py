@@ -105,11 +105,14 @@ def test_the_gallery_follows_the_grid_and_keeps_earlier_images_in_reach(grid_pat
             assert (data / "gallery" / "banksy" / link).resolve().is_file(), link
 
     # A grid with other styles: the ones it lacks stay listed, with their pages.
-    grid_path.write_text(grid_path.read_text().replace("styles: [Banksy, Andy Warhol]", "styles: [Banksy, Claude Monet]"))
+    grid_path.write_text(
+        grid_path.read_text().replace("styles: [Banksy, Andy Warhol]", "styles: [Banksy, Claude Monet]")
+    )
     materialize_style(grid_path, "Banksy", instance)
     index = (data / "gallery" / "index.html").read_text()
     assert "<li>Claude Monet (no gallery pages yet): 0 of 4 images</li>" in index
-    assert "Other styles in this store" in index and '<a href="andy-warhol/page-1.html">Andy Warhol</a>: 4 images' in index
+    assert "Other styles in this store" in index
+    assert '<a href="andy-warhol/page-1.html">Andy Warhol</a>: 4 images' in index
     assert "a style's own pages are as of its last run" in index
 
 
@@ -404,6 +407,28 @@ def test_a_run_without_a_style_fails_saying_how_to_give_one(grid_path, instance)
     assert (
         "a run of prompt_grid makes one style: give it a partition (dagster job execute ... "
         """--tags '{"dagster/partition": "Banksy"}', or pick a style in the UI)"""
+    ) in str(failure.step_failure_data.error)
+    assert _pngs(grid_path.parent / "data") == {}
+
+
+def test_a_run_of_a_style_the_grid_no_longer_has_fails_saying_to_reload_and_backfill(grid_path, instance):
+    defs = build_definitions({"SD_ASSETS_GRID": str(grid_path), "SD_ASSETS_DEVICE": "cpu"})
+    # Edited after the code location loaded (or the run was queued): Andy Warhol renamed, Claude Monet added.
+    grid_path.write_text(
+        grid_path.read_text().replace("[Banksy, Andy Warhol]", "[Banksy, Andy warhol, Claude Monet]")
+    )
+    result = defs.resolve_job_def("generate_images").execute_in_process(
+        partition_key="Andy Warhol", instance=instance, raise_on_error=False
+    )
+    assert not result.success
+    [failure] = [event for event in result.all_events if event.is_step_failure]
+    assert failure.step_key == "prompt_grid"
+    assert (
+        f"this run's style 'Andy Warhol' is not in the grid {grid_path}, whose styles are ['Banksy', "
+        "'Andy warhol', 'Claude Monet']: the grid's styles were edited after the code location loaded or "
+        "after this run was queued (or, given with dagster job execute --tags, the style is misspelled); "
+        "reload the code location (UI: Deployment > Reload) and backfill the styles that are new (UI: Jobs > "
+        "generate_images > Partitions, select the missing ones, Launch backfill)"
     ) in str(failure.step_failure_data.error)
     assert _pngs(grid_path.parent / "data") == {}
 

@@ -53,7 +53,18 @@ def _style(context: dg.AssetExecutionContext, config: GridConfig) -> str:
             f"(dagster job execute ... --tags '{example}', or pick a style in the UI); "
             f"the grid {config.source} has {config.styles}"
         )
-    return config.require_style(context.partition_key)
+    style = context.partition_key
+    if style not in config.styles:
+        # The UI, backfills and the sensor launch only the loaded code's partitions, so the grid changed since
+        # then; `dagster job execute --tags` checks none, so there it may be a typo.
+        raise GridError(
+            f"this run's style {style!r} is not in the grid {config.source}, whose styles are {config.styles}: "
+            "the grid's styles were edited after the code location loaded or after this run was queued "
+            "(or, given with dagster job execute --tags, the style is misspelled); "
+            "reload the code location (UI: Deployment > Reload) and backfill the styles that are new "
+            f"(UI: Jobs > {context.job_name} > Partitions, select the missing ones, Launch backfill)"
+        )
+    return style
 
 
 def _settings_now(config: GridConfig, artifact_store):
