@@ -204,7 +204,7 @@ def _demo(args: argparse.Namespace) -> int:
     for style in styles:
         grid.require_style(style)
     instance = _instance(os.environ.get("DAGSTER_HOME"))
-    not_made = []  # the failed checks' descriptions: images a run could not make, and why
+    not_made = False  # a run's check failed: images it could not make (each said as its run ends)
     for style in styles:
         print(f"materializing {style} ...", flush=True)
         result = job.execute_in_process(
@@ -224,9 +224,10 @@ def _demo(args: argparse.Namespace) -> int:
                     message = message.split(": ", 1)[-1]
                 print(f"  {event.step_key}: {message}", file=sys.stderr)
             return 1
-        not_made += [check.description for check in result.get_asset_check_evaluations() if not check.passed]
-    for description in not_made:
-        print(f"sd-assets: {description}", file=sys.stderr)
+        for check in result.get_asset_check_evaluations():
+            if not check.passed:
+                print(f"sd-assets: {check.description}", file=sys.stderr)
+                not_made = True
     print("gallery index:")
     print(open_store(storage).location(INDEX_KEY))
     return 1 if not_made else 0

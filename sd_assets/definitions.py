@@ -32,11 +32,10 @@ import dagster as dg
 from sd_assets.domain import engine
 from sd_assets.domain.errors import GridError, SdAssetsError
 from sd_assets.domain.grid import GridConfig, load_grid
-from sd_assets.orchestration.assets import build_assets
+from sd_assets.orchestration.assets import GENERATE_JOB, build_assets
 from sd_assets.orchestration.resources import ArtifactStoreResource, GeneratorResource, GridResource, HubResource
 from sd_assets.orchestration.sensors import build_new_subject_lists_sensor
 
-GENERATE_JOB = "generate_images"
 DEFAULT_SENSOR_INTERVAL_SECONDS = 30
 
 

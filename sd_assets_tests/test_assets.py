@@ -431,6 +431,15 @@ def test_a_run_of_a_style_the_grid_no_longer_has_fails_saying_to_reload_and_back
         "generate_images > Partitions, select the missing ones, Launch backfill)"
     ) in str(failure.step_failure_data.error)
     assert _pngs(grid_path.parent / "data") == {}
+    # Materialized from the asset graph, the run is the implicit asset job's: the message still
+    # sends the user to the job that makes a style.
+    asset_job = defs.resolve_implicit_global_asset_job_def()
+    result = asset_job.execute_in_process(
+        partition_key="Andy Warhol", instance=instance, raise_on_error=False,
+        asset_selection=[dg.AssetKey("prompt_grid")],
+    )  # fmt: skip
+    [failure] = [event for event in result.all_events if event.is_step_failure]
+    assert "(UI: Jobs > generate_images > Partitions, " in str(failure.step_failure_data.error)
 
 
 def _check(result) -> dg.AssetCheckEvaluation:
@@ -483,6 +492,9 @@ def test_a_prompt_longer_than_the_text_encoder_reads_is_refused_by_name_and_the_
     assert _metadata(shortened, "style_images")["generated"] == 2
     assert {k: v for k, v in _pngs(data).items() if k in made} == made
     assert _metadata(shortened, "image_catalog")["rows"] == 6
+    # Nothing left to make: nothing loaded, nothing refused, and the metadata still says so.
+    done = materialize_style(grid_path, "Banksy", instance)
+    assert _check(done).passed and _metadata(done, "style_images")["refused_images"] == 0
 
 
 @pytest.mark.parametrize("kind", ["in memory", "the CLI's temporary folder"])

@@ -512,6 +512,10 @@ def test_a_captions_prompt_is_isolated_so_its_direction_marks_stop_at_its_end(tm
     page = store.read_text(gallery.render_style_pages(store, "Banksy", [row], [_made(row, "r1")]).pages[0])
     # The subject has its own: the override stops before " by Banksy" too.
     assert "<figcaption><bdi><bdi>alan \u202eturing</bdi> by Banksy</bdi><br>" in page
+    # A subject whose text the prompt holds twice is not guessed at: only the prompt is isolated.
+    art = replace(_row("art", "Banksy"), prompt="digital art portrait of art by Banksy")
+    page = store.read_text(gallery.render_style_pages(store, "Banksy", [art], [_made(art, "r1")]).pages[0])
+    assert "<figcaption><bdi>digital art portrait of art by Banksy</bdi><br>" in page
 
 
 def test_an_image_the_safety_checker_blacked_out_says_so_under_it(tmp_path):

@@ -157,6 +157,11 @@ def test_an_endpoint_that_is_not_a_url_is_named_by_either_client(monkeypatch):
     with pytest.raises(StoreError) as dagster_aws_client:  # the client of a run's steps
         resource.open()
     assert str(dagster_aws_client.value) == expected
+    # botocore takes the S3 one first: the message names the variable the endpoint came from.
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "localhost:9000")
+    with pytest.raises(StoreError, match=r"^cannot open the bucket at s3://some-bucket/sd: AWS_ENDPOINT_URL_S3="):
+        open_store("s3://some-bucket/sd")
 
 
 # --- whole runs on S3 ----------------------------------------------------------------------------

@@ -72,9 +72,12 @@ def settings_text(row: Mapping) -> str:
 
 def _prompt_parts(prompt: str, subject: str) -> tuple[str, str, str]:
     """The prompt around its subject, and the subject: a caption isolates the subject in its own
-    ``<bdi>``, so that a text-direction mark in it stops there, not at the prompt's end."""
-    before, found, after = prompt.partition(subject)
-    return (before, found, after) if found else (prompt, "", "")
+    ``<bdi>``, so that a text-direction mark in it stops there, not at the prompt's end. Where the
+    subject's text is not in the prompt exactly once (the template or style holds it too), which
+    occurrence is the subject is unknown: nothing is isolated rather than the wrong text."""
+    if not subject or prompt.count(subject) != 1:
+        return (prompt, "", "")
+    return prompt.partition(subject)
 
 
 PAGER_WINDOW = 2

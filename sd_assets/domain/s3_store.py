@@ -115,9 +115,11 @@ class S3Store(ArtifactStore):
             endpoint = str(exc).removeprefix("Invalid endpoint: ")
             if endpoint == str(exc):
                 raise
+            # botocore also reads AWS_ENDPOINT_URL_S3 and the AWS config's endpoint_url; name the one used.
+            named = [name for name in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL") if os.environ.get(name) == endpoint]
+            setting = f"{named[0]}={endpoint!r}" if named else f"the S3 endpoint {endpoint!r} (the AWS config's)"
             raise StoreError(
-                f"cannot {action} at {where}: AWS_ENDPOINT_URL={endpoint!r} is not a URL; "
-                "write it as http://host[:port] or https://host[:port]"
+                f"cannot {action} at {where}: {setting} is not a URL; write it as http://host[:port] or https://host[:port]"
             ) from None
 
     def _object_key(self, key: str) -> str:

@@ -22,7 +22,7 @@ from sd_assets.domain import profile as gpu_profile
 from sd_assets.domain.errors import GridError, ModelError
 from sd_assets.domain.generation import make_style_images
 from sd_assets.domain.grid import GridConfig, slugify, unique_subjects
-from sd_assets.domain.models import ensure_model, local_model_folder, read_model_ref
+from sd_assets.domain.models import ModelRef, ensure_model, local_model_folder, read_model_ref
 from sd_assets.domain.pngmeta import image_key_path
 from sd_assets.domain.prompts import (
     GenerationSettings,
@@ -40,6 +40,8 @@ from sd_assets.orchestration.resources import ArtifactStoreResource, GeneratorRe
 GROUP = "stable_diffusion"
 OWNERS = ["team:sd-assets"]
 COMMON = {"group_name": GROUP, "owners": OWNERS}
+# The job that makes a style (the definitions build it); named here for the messages that send users to it.
+GENERATE_JOB = "generate_images"
 # style_images' check: a prompt longer than the text encoder reads is not made, and the check fails naming it.
 PROMPTS_FIT = "prompts_fit_text_encoder"
 
@@ -62,7 +64,7 @@ def _style(context: dg.AssetExecutionContext, config: GridConfig) -> str:
             "the grid's styles were edited after the code location loaded or after this run was queued "
             "(or, given with dagster job execute --tags, the style is misspelled); "
             "reload the code location (UI: Deployment > Reload) and backfill the styles that are new "
-            f"(UI: Jobs > {context.job_name} > Partitions, select the missing ones, Launch backfill)"
+            f"(UI: Jobs > {GENERATE_JOB} > Partitions, select the missing ones, Launch backfill)"
         )
     return style
 
@@ -111,8 +113,8 @@ def _prompts_fit_spec(styles: dg.StaticPartitionsDefinition) -> dg.AssetCheckSpe
             PROMPTS_FIT,
             asset="style_images",
             partitions_def=styles,
-            description="Every prompt of the style fits in what the text encoder reads (77 tokens for CLIP); a "
-            "longer one is not made, and this check names it.",
+            description="No image the style lacked was refused for a prompt longer than the text encoder reads "
+            "(77 tokens for CLIP); a refused one is named here, and made once shortened.",
         )
 
 
@@ -221,7 +223,7 @@ def build_assets(styles: dg.StaticPartitionsDefinition) -> list:
             check_name=PROMPTS_FIT,
             passed=refusal is None,
             description=refusal or "no image of the style was refused for a prompt longer than the text encoder reads",
-            metadata={"refused_images": metadata.get("refused_images", 0)},
+            metadata={"refused_images": metadata["refused_images"]},
         )
         return dg.MaterializeResult(
             metadata=metadata, data_version=dg.DataVersion(keys_version([r.key for r in rows])), check_results=[fits]
@@ -377,7 +379,7 @@ def _make_missing_images(
     the message naming the images whose prompts were too long to make, if any."""
     present = artifact_store.existing([image_key_path(r.key) for r in rows])
     missing = [r for r in rows if image_key_path(r.key) not in present]
-    metadata: dict = {"images": len(rows), "skipped": len(rows) - len(missing), "generated": 0}
+    metadata: dict = {"images": len(rows), "skipped": len(rows) - len(missing), "generated": 0, "refused_images": 0}
     if not missing:
         made = "its one image exists" if len(rows) == 1 else f"all {len(rows)} images exist"
         context.log.info(f"{style}: {made}; nothing to generate, no model loaded")
@@ -455,7 +457,9 @@ def _generate(
     refused = [row for row in missing if overlong.refuses(row)]
     missing = [row for row in missing if not overlong.refuses(row)]
     if missing:
-        made = _render_style(context, config, style, missing, artifact_store, generator, loaded, ref, settings)
+        made = _render_style(
+            context, config, style, missing, artifact_store, generator, loaded=loaded, ref=ref, settings=settings
+        )
         metadata.update(made)
     metadata["refused_images"] = len(refused)
     if not refused:
@@ -465,8 +469,18 @@ def _generate(
     return metadata, refusal
 
 
-def _render_style(context: dg.AssetExecutionContext, config, style: str, missing: list[PromptRow], artifact_store,
-                  generator: GeneratorResource, loaded, ref, settings) -> dict:  # fmt: skip
+def _render_style(
+    context: dg.AssetExecutionContext,
+    config: GridConfig,
+    style: str,
+    missing: list[PromptRow],
+    artifact_store,
+    generator: GeneratorResource,
+    *,
+    loaded: engine.LoadedPipeline,
+    ref: ModelRef,
+    settings: GenerationSettings,
+) -> dict:
     """Make the images of ``missing`` with the loaded pipeline; returns their metadata."""
     inference = config.inference
     device, dtype = loaded.device, loaded.dtype
