@@ -315,6 +315,11 @@ class OverlongPrompts:
     def refuses(self, row: PromptRow) -> bool:
         return row.prompt in self.tokens or row.negative_prompt in self.tokens
 
+    def reason(self, row: PromptRow) -> str:
+        """Why ``row`` is refused, in a few words for its place in the gallery."""
+        what, text = ("prompt", row.prompt) if row.prompt in self.tokens else ("negative prompt", row.negative_prompt)
+        return f"its {what} is {self.tokens[text]} tokens, over the {self.limit} the text encoder reads"
+
     def message(self, style: str, refused: Sequence[PromptRow], made: int) -> str:
         """What a run that made ``made`` other images and not ``refused`` tells the user about them."""
         from sd_assets.domain.gallery import count  # only here: the engine otherwise needs nothing of the pages

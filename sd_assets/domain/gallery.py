@@ -201,12 +201,14 @@ def render_style_pages(
     page_size: int = DEFAULT_PAGE_SIZE,
     profile: dict | None = None,
     as_of: str = "",
+    refused: Mapping[str, str] | None = None,
 ) -> StylePages:
     """Write the style's pages: the grid's ``rows`` (missing images as placeholders), then the
     images of its catalog that are not in them, newest first, each with its settings.
 
     ``catalog_rows`` are the style's catalog rows (dicts of its columns); ``as_of`` (the run and
-    time writing the pages) is shown on page 1 beside the counts. The grid's settings,
+    time writing the pages) is shown on page 1 beside the counts; ``refused`` (content key -> why)
+    says why a missing image was not made, in its place. The grid's settings,
     shown above its images, are those its made images have. A page whose content is what
     ``gallery/<slug>/pages.json`` says was written last time is not written again (a style with
     thousands of earlier images costs two writes when nothing changed: page 1, whose ``as_of``
@@ -226,7 +228,7 @@ def render_style_pages(
     def items(chunk: Sequence[Mapping]) -> list[dict]:
         return [
             {"row": row, "src": "../../" + image_key_path(row["key"]), "made": made.get(row["key"]),
-             "prompt_parts": _prompt_parts(row["prompt"], row["subject"]),
+             "prompt_parts": _prompt_parts(row["prompt"], row["subject"]), "refused": (refused or {}).get(row["key"]),
              "settings": settings_text(row) if "steps" in row else None}  # fmt: skip
             for row in chunk
         ]

@@ -155,6 +155,32 @@ def read_prompt_rows(store: ArtifactStore, style: str) -> list[PromptRow]:
         ) from None
 
 
+def refused_key(style: str) -> str:
+    """Store key of the images a style's last generation refused, and why (its gallery shows it)."""
+    return f"grids/{slugify(style)}.refused.json"
+
+
+def write_refused(store: ArtifactStore, style: str, reasons: dict[str, str]) -> None:
+    """Record ``reasons`` (content key -> why that image was not made) as the style's refusals;
+    none removes the record."""
+    key = refused_key(style)
+    if reasons:
+        store.write_text(key, json.dumps(reasons, ensure_ascii=False, indent=0))
+    elif store.exists(key):  # a warm run writes nothing
+        store.delete(key)
+
+
+def read_refused(store: ArtifactStore, style: str) -> dict[str, str]:
+    """The style's refusals as ``write_refused`` left them; none when there is no readable record
+    (it only explains a gap on a page, which then reads "not made yet")."""
+    key = refused_key(style)
+    try:
+        reasons = json.loads(store.read_text(key)) if store.exists(key) else {}
+    except (StoreError, ValueError):
+        return {}
+    return reasons if isinstance(reasons, dict) else {}
+
+
 def rows_of_other_settings(rows: list[PromptRow], settings: GenerationSettings) -> list[PromptRow]:
     """The rows whose keys are not the content keys of their prompts and seeds under ``settings``."""
     return [row for row in rows if content_key(settings, row.prompt, row.seed) != row.key]

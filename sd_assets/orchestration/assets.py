@@ -31,8 +31,10 @@ from sd_assets.domain.prompts import (
     check_rows_match_settings,
     keys_version,
     read_prompt_rows,
+    read_refused,
     rows_of_other_settings,
     write_prompt_rows,
+    write_refused,
 )
 from sd_assets.domain.subject_lists import read_subject_lists, subject_source
 from sd_assets.orchestration.resources import ArtifactStoreResource, GeneratorResource, GridResource, HubResource
@@ -290,8 +292,9 @@ def build_assets(styles: dg.StaticPartitionsDefinition) -> list:
             profile = gpu_profile.load_profile(artifact_store, style)
             as_of = f"run {context.run.run_id[:8]}, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC"
             written = gallery.render_style_pages(
-                artifact_store, style, rows, catalog, profile=profile.page_view() if profile else None, as_of=as_of
-            )
+                artifact_store, style, rows, catalog, profile=profile.page_view() if profile else None, as_of=as_of,
+                refused=read_refused(artifact_store, style),
+            )  # fmt: skip
         present = {row["key"] for row in catalog}
         return dg.MaterializeResult(
             metadata={
@@ -384,6 +387,7 @@ def _make_missing_images(
         made = "its one image exists" if len(rows) == 1 else f"all {len(rows)} images exist"
         context.log.info(f"{style}: {made}; nothing to generate, no model loaded")
         _warn_if_grid_changed(context, config, style, rows, artifact_store)
+        write_refused(artifact_store, style, {})
         return metadata, None
     if _run_record_is_lost(context.instance):
         context.log.warning(
@@ -456,6 +460,7 @@ def _generate(
     overlong = engine.overlong_prompts(loaded, missing)
     refused = [row for row in missing if overlong.refuses(row)]
     missing = [row for row in missing if not overlong.refuses(row)]
+    write_refused(artifact_store, style, {row.key: overlong.reason(row) for row in refused})
     if missing:
         made = _render_style(
             context, config, style, missing, artifact_store, generator, loaded=loaded, ref=ref, settings=settings
