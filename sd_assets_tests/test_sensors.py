@@ -285,14 +285,26 @@ def test_lists_in_a_store_prefix_are_found_through_the_store_interface(tmp_path)
     store.write_text("subjects/people.txt", "alan turing\n")
     store.write_text("subjects/nested/ignored.txt", "not a list of this prefix\n")
     store.write_text("subjects/notes.md", "not a list\n")
+    store.write_text("subjects/PHYSICISTS.TXT", "isaac newton\n")  # as some editors save it
     source = StoreSource(store)
     first = scan_subject_lists(source, {}, max_subjects=100)
-    assert [sl.name for sl in first.changed] == ["people.txt"] and first.read == 1
+    assert [sl.name for sl in first.changed] == ["PHYSICISTS.TXT", "people.txt"] and first.read == 2
     again = scan_subject_lists(source, decode_cursor(encode_cursor(first.state, "store")).state, max_subjects=100)
     assert again.changed == [] and again.read == 0, "an unchanged object (same version tag) is not read"
     store.write_text("subjects/people.txt", "ada lovelace\n")
     changed = scan_subject_lists(source, again.state, max_subjects=100)
     assert [sl.subjects for sl in changed.changed] == [("ada lovelace",)] and changed.read == 1
+
+
+def test_a_list_saved_as_upper_case_txt_is_a_list_and_other_files_are_not(tmp_path):
+    (tmp_path / "people.txt").write_text("alan turing\n")
+    (tmp_path / "Physicists.TXT").write_text("isaac newton\n")
+    (tmp_path / "notes.md").write_text("not a list\n")
+    (tmp_path / "people.txt~").write_text("an editor's backup\n")
+    read = read_subject_lists(FolderSource(tmp_path), max_subjects=100)
+    assert [(sl.name, sl.subjects) for sl in read.lists] == [
+        ("Physicists.TXT", ("isaac newton",)), ("people.txt", ("alan turing",))
+    ]  # fmt: skip
 
 
 def test_reading_lists_skips_bad_ones_and_fails_only_when_none_is_valid(tmp_path):

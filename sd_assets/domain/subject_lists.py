@@ -69,6 +69,11 @@ class SubjectSource(ABC):
     def read(self, name: str) -> bytes: ...
 
 
+def _is_list_name(name: str) -> bool:
+    """Whether a file is a subject list: ``.txt`` in any case (``NOTES.TXT``, as some editors save it)."""
+    return name.lower().endswith(LIST_SUFFIX)
+
+
 class FolderSource(SubjectSource):
     """``*.txt`` files directly in a local folder."""
 
@@ -89,7 +94,7 @@ class FolderSource(SubjectSource):
             raise GridError(f"cannot list the subject lists folder {self.folder} (the grid's 'subjects_dir'): {exc}") from None
         listed = []
         for entry in entries:
-            if entry.name.endswith(LIST_SUFFIX) and entry.is_file():
+            if _is_list_name(entry.name) and entry.is_file():
                 stat = entry.stat()
                 listed.append(ListedFile(entry.name, stat.st_size, stat.st_mtime_ns))
         return sorted(listed, key=lambda f: f.name)
@@ -127,7 +132,7 @@ class StoreSource(SubjectSource):
         listed = [
             ListedFile(key[len(self.prefix) :], version.size, None, version.tag)
             for key, version in self.store.versions(self.prefix).items()
-            if key.endswith(LIST_SUFFIX) and "/" not in key[len(self.prefix) :]
+            if _is_list_name(key) and "/" not in key[len(self.prefix) :]
         ]
         self._versions = {f.name: f.version for f in listed if f.version}
         return sorted(listed, key=lambda f: f.name)
