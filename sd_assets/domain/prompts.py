@@ -173,9 +173,8 @@ def write_refused(store: ArtifactStore, style: str, reasons: dict[str, str]) -> 
 def read_refused(store: ArtifactStore, style: str) -> dict[str, str]:
     """The style's refusals as ``write_refused`` left them; none when there is no readable record
     (it only explains a gap on a page, which then reads "not made yet")."""
-    key = refused_key(style)
-    try:
-        reasons = json.loads(store.read_text(key)) if store.exists(key) else {}
+    try:  # one request: no record reads as a StoreError too
+        reasons = json.loads(store.read_text(refused_key(style)))
     except (StoreError, ValueError):
         return {}
     return reasons if isinstance(reasons, dict) else {}
