@@ -101,11 +101,15 @@ def _search(args: argparse.Namespace) -> int:
         print("no images match", file=sys.stderr)
         return failed
     varying = [c for c in VARYING_COLUMNS if found[c].nunique() > 1]
+    # The prompt whenever one subject in one style has several (the grid's template changed):
+    # without it those images' rows read alike but for their run and path.
+    if found.groupby(["subject", "style"])["prompt"].nunique().gt(1).any():
+        varying.insert(0, "prompt")
     columns = list(TABLE_COLUMNS[:-1]) + varying + (["deep_cache"] if (found["deep_cache"] != "").any() else [])
     columns += ["safety_flagged"] if found["safety_flagged"].any() else []
     table = found[[*columns, "path"]].astype(str).map(visible)
     table["run_id"] = table["run_id"].str[:8]
-    for free_text in {"subject", "negative_prompt"} & set(columns):
+    for free_text in {"subject", "prompt", "negative_prompt"} & set(columns):
         table[free_text] = table[free_text].map(shorten)
     if "model_revision" in table:
         table["model_revision"] = table["model_revision"].str[:7]

@@ -325,8 +325,9 @@ def test_the_search_table_lines_up_wide_characters_and_accents():
     ]
 
 
-def _catalog_of(data: Path, images: list[tuple[str, str]]) -> None:
-    """A Banksy catalog in the store ``data`` of one image per (subject, negative prompt), PNGs included."""
+def _catalog_of(data: Path, images: list[tuple[str, str]], template: str = "{} by Banksy") -> None:
+    """A Banksy catalog in the store ``data`` of one image per (subject, negative prompt), PNGs included;
+    a third item in an image's tuple is its prompt's template, in place of ``template``."""
     from PIL import Image
 
     from sd_assets.domain import catalog
@@ -336,9 +337,10 @@ def _catalog_of(data: Path, images: list[tuple[str, str]]) -> None:
 
     store = LocalStore(data)
     rows, records = [], []
-    for number, (subject, negative) in enumerate(images):
+    for number, (subject, negative, *its_template) in enumerate(images):
         key = f"{number:064x}"
-        row = PromptRow(subject, "Banksy", 0, f"{subject} by Banksy", negative, 100, key)
+        prompt = (its_template or [template])[0].format(subject)
+        row = PromptRow(subject, "Banksy", 0, prompt, negative, 100, key)
         made = Provenance(
             key=key, subject=row.subject, style=row.style, image_index=0, prompt=row.prompt, negative_prompt=negative,
             seed=100, model_id="tiny-random", model_revision="0" * 40, scheduler="PNDMScheduler", steps=2,
@@ -366,6 +368,29 @@ def test_search_table_cuts_a_long_negative_prompt_to_its_column(tmp_path, monkey
     assert long_negative not in "\n".join(lines)
     assert any(shorten(long_negative) in line for line in lines) and shorten(long_negative).endswith("…")
     assert len(shorten(long_negative)) == 40
+
+
+def test_the_search_table_shows_the_prompt_when_a_subject_has_several_in_one_style(tmp_path, monkeypatch, capsys):
+    # The grid's prompt template changed between two runs: the same subject, style, seed and
+    # settings, another prompt, another image.
+    _catalog_of(
+        tmp_path / "data",
+        [
+            ("alan turing", ""), ("alan turing", "", "{}, in the style of Banksy"),
+            ("ada lovelace", ""), ("grace hopper", ""),
+        ],
+    )  # fmt: skip
+    monkeypatch.setenv("SD_ASSETS_STORAGE", str(tmp_path / "data"))
+    assert main(["search", "--subject", "turing"]) == 0
+    header, *lines = capsys.readouterr().out.splitlines()
+    assert header.split()[-2:] == ["prompt", "path"] and len(lines) == 2
+    assert sorted(line.split("  ")[0] for line in lines) == ["alan turing"] * 2
+    assert any("  alan turing by Banksy  " in line for line in lines)
+    assert any("  alan turing, in the style of Banksy  " in line for line in lines)
+    # Prompts that differ only by their subjects are in the subject column already.
+    assert main(["search", "--subject", "e"]) == 0
+    header, *lines = capsys.readouterr().out.splitlines()
+    assert "prompt" not in header.split() and len(lines) == 2
 
 
 def test_the_search_table_shows_characters_that_would_act_on_the_terminal_as_code_points(
