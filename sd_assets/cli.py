@@ -78,10 +78,16 @@ def _search(args: argparse.Namespace) -> int:
     # A damaged catalog hides its own style's images, not every style's: the search goes on
     # without it, says so, and exits 2.
     unreadable: list[UnreadableCatalog] = []
-    catalog = read_catalog(open_store(storage), unreadable)
+    store = open_store(storage)
+    catalog = read_catalog(store, unreadable)
     for entry in unreadable:
         print(f"sd-assets: {entry.message}; the rows in it are left out of this search", file=sys.stderr)
     failed = 2 if unreadable else 0
+    if catalog.empty and not unreadable and any(key.endswith(".png") for key in store.list_keys("images/")):
+        raise StoreError(  # the catalog was deleted, or not copied with the images: nothing to make again
+            f"no catalog in {storage}, but it holds images; `sd-assets rebuild-catalog` gives each its row "
+            "from the PNG's own provenance"
+        )
     if catalog.empty and not unreadable:  # not "no images match": the store is new, or the wrong one
         raise StoreError(
             f"no catalog in {storage}: no style has been made there yet (make demo, or dagster job execute)"

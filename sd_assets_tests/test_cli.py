@@ -4,6 +4,7 @@ import ast
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -226,6 +227,21 @@ def test_search_in_a_store_without_a_catalog_says_so(grid_path, tmp_path):
     assert result.stderr.strip() == (
         f"sd-assets: no catalog in {empty}: no style has been made there yet (make demo, or dagster job execute)"
     )
+
+
+def test_search_in_a_store_whose_catalog_is_lost_points_to_rebuild_catalog(tmp_path, monkeypatch, capsys):
+    data = tmp_path / "data"
+    _catalog_of(data, [("alan turing", "")])
+    shutil.rmtree(data / "catalog")  # deleted, or the images copied without it
+    monkeypatch.setenv("SD_ASSETS_STORAGE", str(data))
+    assert main(["search", "--subject", "turing"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == (
+        f"sd-assets: no catalog in {data}, but it holds images; `sd-assets rebuild-catalog` gives each its row "
+        "from the PNG's own provenance\n"
+    )
+    assert main(["rebuild-catalog"]) == 0 and main(["search", "--subject", "turing"]) == 0
+    assert capsys.readouterr().out.count("alan turing") == 1
 
 
 def test_a_broken_catalog_hides_only_its_own_style_from_the_index_and_the_search(cli_env, grid_path, instance):
