@@ -244,6 +244,27 @@ def test_search_in_a_store_whose_catalog_is_lost_points_to_rebuild_catalog(tmp_p
     assert capsys.readouterr().out.count("alan turing") == 1
 
 
+def test_a_pending_record_without_a_column_is_named_and_left_out_of_the_search(tmp_path, monkeypatch, capsys):
+    from sd_assets.domain import catalog
+
+    data = tmp_path / "data"
+    _catalog_of(data, [("alan turing", "")])
+    # Left by a version that calls the subject something else.
+    batch = data / catalog.pending_prefix("Banksy") / "run-9-000001.jsonl"
+    batch.parent.mkdir(parents=True, exist_ok=True)
+    batch.write_text(json.dumps({"key": "9" * 64, "topic": "ada lovelace", "style": "Banksy", "seed": 1}) + "\n")
+    monkeypatch.setenv("SD_ASSETS_STORAGE", str(data))
+    assert main(["search"]) == 2
+    out, err = capsys.readouterr()
+    assert [line.split("  ")[0] for line in out.splitlines()[1:]] == ["alan turing"]
+    assert err.splitlines() == [
+        f"sd-assets: {batch} is not a readable batch of catalog records (a record has no 'subject'); delete it: "
+        "the next run of the style recovers its images' rows from the PNGs (`sd-assets rebuild-catalog` those of "
+        "older grids); the rows in it are left out of this search",
+        "1 image",
+    ]
+
+
 def test_a_broken_catalog_hides_only_its_own_style_from_the_index_and_the_search(cli_env, grid_path, instance):
     data = grid_path.parent / "data"
     for style in ("Banksy", "Andy Warhol"):

@@ -127,6 +127,11 @@ def _from_json_lines(data: bytes) -> pa.Table:
         if table[column].null_count:
             index = table.schema.get_field_index(column)
             table = table.set_column(index, column, pc.fill_null(table[column], value))
+    # One without a column every record has (a newer version renamed it, a hand-made line) would
+    # leave a hole in the catalog that the search, the gallery and every later merge trip on.
+    for column in COLUMNS:
+        if table[column].null_count:
+            raise pa.ArrowInvalid(f"a record has no {column!r}")
     return table
 
 
