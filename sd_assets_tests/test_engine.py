@@ -15,9 +15,10 @@ import pytest
 import torch
 from PIL import Image
 
-from sd_assets.domain import engine
+from sd_assets.domain import catalog, engine
 from sd_assets.domain.deep_cache import DeepCache, installed, unet_forward
 from sd_assets.domain.errors import SdAssetsError
+from sd_assets.domain.gallery import settings_text
 from sd_assets.domain.generation import make_style_images
 from sd_assets.domain.models import ModelRef
 from sd_assets.domain.pngmeta import image_key_path, read_provenance
@@ -364,13 +365,27 @@ def test_images_the_safety_checker_flags_are_kept_blacked_out_and_marked(loaded,
         assert report.safety_flagged == (3 if flag_everything else 0)
         for row in rows:
             png = store.read_bytes(image_key_path(row.key))
-            assert read_provenance(png).safety_flagged is flag_everything
+            provenance = read_provenance(png)
+            assert provenance.safety_flagged is flag_everything
             with Image.open(io.BytesIO(png)) as image:
                 assert bool(np.asarray(image).max() == 0) is flag_everything, "flagged: all black"
+                assert image.text["parameters"].endswith(", Safety checker: on")
+            # Flagged or not, the PNG says the checker looked at it: its key follows from what it records.
+            assert provenance.safety_checker is True
+            recorded = GenerationSettings(
+                model_id=provenance.model_id, model_revision=provenance.model_revision, scheduler=provenance.scheduler,
+                steps=provenance.steps, guidance_scale=provenance.guidance_scale, width=provenance.width,
+                height=provenance.height, negative_prompt=provenance.negative_prompt,
+                safety_checker=provenance.safety_checker,
+            )
+            assert content_key(recorded, provenance.prompt, provenance.seed) == row.key
+        merged, _ = catalog.merge_catalog(store, "Banksy", rows)
+        assert merged["safety_checker"].to_pylist() == [True] * 3
+        assert "safety checker on" in settings_text(merged.to_pylist()[0])
 
 
 def test_every_record_of_a_run_reaches_the_catalog_from_its_flushes_none_from_pngs(loaded, tmp_path, monkeypatch):
-    from sd_assets.domain import catalog, generation
+    from sd_assets.domain import generation
 
     # Records go to the store every RECORD_FLUSH_EVERY images: 6 images make batches of 4 and 2.
     monkeypatch.setattr(generation, "RECORD_FLUSH_EVERY", 4)

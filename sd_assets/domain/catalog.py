@@ -45,11 +45,14 @@ SCHEMA = pa.schema(
         ("run_id", pa.string()), ("partition", pa.string()), ("path", pa.string()), ("created", pa.string()),
         ("device", pa.string()), ("dtype", pa.string()), ("deep_cache", pa.string()),
         ("model_variant", pa.string()), ("software", pa.string()), ("safety_flagged", pa.bool_()),
+        ("safety_checker", pa.bool_()),
     ]
 )  # fmt: skip
 COLUMNS = SCHEMA.names
 # Columns added after the first catalogs were written, with the value their older rows mean.
-LATER_COLUMNS = {"deep_cache": "", "model_variant": "", "software": "", "safety_flagged": False}
+LATER_COLUMNS = {
+    "deep_cache": "", "model_variant": "", "software": "", "safety_flagged": False, "safety_checker": False,
+}
 SEARCH_FIELDS = ("subject", "style", "model_id", "run_id")
 
 

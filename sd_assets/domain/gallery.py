@@ -58,7 +58,7 @@ def earlier_page_key(style: str, page: int) -> str:
 
 def settings_text(row: Mapping) -> str:
     """What besides prompt and seed made a catalog row's image, in one line: steps, size, guidance,
-    scheduler, model, and the negative prompt and DeepCache setting when it has them."""
+    scheduler, model, and the negative prompt, DeepCache setting and safety checker when it has them."""
     parts = [
         count(row["steps"], "step"), f"{row['width']}x{row['height']}", f"guidance {row['guidance_scale']:g}",
         row["scheduler"], f"{row['model_id']}@{row['model_revision'][:7]}",
@@ -67,6 +67,8 @@ def settings_text(row: Mapping) -> str:
         parts.append(f"negative prompt: {row['negative_prompt']}")
     if row.get("deep_cache"):
         parts.append(f"DeepCache {row['deep_cache']}")
+    if row.get("safety_checker"):
+        parts.append("safety checker on")
     return " · ".join(parts)
 
 

@@ -87,7 +87,7 @@ def make_style_images(
             run_id=run_id, partition=partition,
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"), device=loaded.device,
             dtype=loaded.dtype, deep_cache=deep_cache, model_variant=ref.variant or "", software=software,
-            safety_flagged=safety_flagged,
+            safety_flagged=safety_flagged, safety_checker=settings.safety_checker,
         )  # fmt: skip
         key = image_key_path(row.key)
         store.write_bytes(key, encode_png(image, provenance))

@@ -69,6 +69,9 @@ class Provenance:
     software: str = ""
     # The model's safety checker flagged the image and blacked it out (only with inference.safety_checker).
     safety_flagged: bool = False
+    # The model's safety checker looked at the image (inference.safety_checker): a setting of the
+    # content key, flagged or not. False in images made before it was recorded.
+    safety_checker: bool = False
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, ensure_ascii=False)
@@ -83,6 +86,8 @@ def a1111_parameters(p: Provenance) -> str:
     )
     if p.deep_cache:
         settings += f", DeepCache: {p.deep_cache.replace(',', ';')}"
+    if p.safety_checker:
+        settings += ", Safety checker: on"
     # The web UI leaves the negative prompt's line out when there is none.
     negative = f"Negative prompt: {p.negative_prompt}\n" if p.negative_prompt else ""
     return f"{p.prompt}\n{negative}{settings}"
