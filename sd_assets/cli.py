@@ -68,6 +68,13 @@ def text_table(rows: list[list[str]]) -> list[str]:
     ]
 
 
+def _setting(text: str) -> tuple[str, str]:
+    column, equals, value = text.partition("=")
+    if not (equals and column.strip()):
+        raise argparse.ArgumentTypeError(f"{text!r} is not COLUMN=VALUE (steps=50, for one)")
+    return column.strip(), value.strip()
+
+
 def _search(args: argparse.Namespace) -> int:
     from sd_assets.definitions import storage_from_environment
     from sd_assets.domain.catalog import COLUMNS, UnreadableCatalog, read_catalog, search
@@ -96,8 +103,11 @@ def _search(args: argparse.Namespace) -> int:
         catalog,
         subject=args.subject,
         style=args.style,
+        prompt=args.prompt,
         model_id=args.model,
         run_id=args.run,
+        key=args.key,
+        where=dict(args.where or ()),
     )
     if args.json:
         records = json.loads(found[COLUMNS].to_json(orient="records"))
@@ -253,13 +263,21 @@ def main(argv: list[str] | None = None) -> int:
         "search",
         help="find images in the catalog across runs",
         description="Find images in the catalog of the store (SD_ASSETS_STORAGE, else the grid's). Each filter "
-        "matches a part of its field, in any case; given filters must all match. The table adds a column for "
+        "matches a part of its field, in any case, and --where a whole value; given filters must all match. "
+        "The table adds a column for "
         "each setting in which the found images differ; --json prints every field.",
     )
     search.add_argument("--subject", help="part of the subject")
     search.add_argument("--style", help="part of the style's name or of its slug (van-gogh)")
+    search.add_argument("--prompt", help="part of the prompt")
     search.add_argument("--model", help="part of the model id")
     search.add_argument("--run", help="part of the run id (the table shows its first 8 characters)")
+    search.add_argument("--key", help="part of the content key, or the image's file name or path")
+    search.add_argument(
+        "--where", action="append", type=_setting, metavar="COLUMN=VALUE",
+        help="a whole value of a catalog column (steps=50, scheduler=PNDMScheduler, safety_flagged=true; "
+        "--json shows the columns); repeatable",
+    )  # fmt: skip
     search.add_argument("--json", action="store_true", help="print one JSON array of catalog rows")
     search.set_defaults(handler=_search)
 

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from sd_assets.domain import catalog, gallery
-from sd_assets.domain.errors import StoreError
+from sd_assets.domain.errors import SdAssetsError, StoreError
 from sd_assets.domain.pngmeta import Provenance, encode_png, image_key_path, read_provenance
 from sd_assets.domain.prompts import PromptRow
 from sd_assets.domain.store import LocalStore
@@ -373,6 +373,32 @@ def test_search_is_case_insensitive_substring_and(tmp_path):
     )
     assert list(catalog.search(code, subject="C++")["subject"]) == ["c++ coder"]
     assert catalog.search(code, subject="st. paul").empty and len(catalog.search(code, style="(c)")) == 2
+
+
+def test_search_finds_an_image_by_prompt_by_its_file_and_by_whole_settings(tmp_path):
+    store = LocalStore(tmp_path)
+    turing, lovelace = _row("alan turing", "Banksy"), _row("ada lovelace", "Banksy")
+    records = [_store_image(store, turing, "r1"), _store_image(store, lovelace, "r1")]
+    records.append({**_store_image(store, _row("alan turing", "Banksy", 1), "r2"), "steps": 50, "safety_checker": True})
+    frame = pd.DataFrame(records)
+
+    assert list(catalog.search(frame, prompt="TURING BY")["image_index"]) == [0, 1]
+    # A PNG's name, or its path in the store, finds its own row.
+    path = tmp_path / image_key_path(lovelace.key)
+    for given in (path.name, str(path), lovelace.key[:10]):
+        assert list(catalog.search(frame, key=given)["subject"]) == ["ada lovelace"], given
+    # Whole values: a number as a number, a flag as true/false, text in any case.
+    assert list(catalog.search(frame, where={"steps": "50.0"})["image_index"]) == [1]
+    assert list(catalog.search(frame, where={"steps": "5"})["image_index"]) == []
+    assert len(catalog.search(frame, where={"safety_checker": "False", "scheduler": "pndmscheduler"})) == 2
+    assert catalog.search(frame, where={"scheduler": "PNDM"}).empty, "a part of the value is not the value"
+    for where, message in [
+        ({"sampler": "x"}, r"no catalog column 'sampler'; the columns are key, subject, "),
+        ({"steps": "many"}, r"steps is a number, not 'many'"),
+        ({"safety_flagged": "yes"}, r"safety_flagged is true or false, not 'yes'"),
+    ]:
+        with pytest.raises(SdAssetsError, match=message):
+            catalog.search(frame, where=where)
 
 
 def _made(row: PromptRow, run_id: str, steps: int = 2, created: str = "2026-11-27T00:00:00+00:00") -> dict:

@@ -430,6 +430,28 @@ def test_the_search_table_shows_the_prompt_when_a_subject_has_several_in_one_sty
     assert "prompt" not in header.split() and len(lines) == 2
 
 
+def test_search_finds_the_row_of_a_png_by_its_path_and_images_by_a_whole_setting(tmp_path, monkeypatch, capsys):
+    _catalog_of(tmp_path / "data", [("alan turing", ""), ("ada lovelace", "blurry")])
+    monkeypatch.setenv("SD_ASSETS_STORAGE", str(tmp_path / "data"))
+    png = next((tmp_path / "data" / "images").rglob(f"{1:064x}.png"))
+    assert main(["search", "--key", str(png), "--json"]) == 0
+    assert [row["subject"] for row in json.loads(capsys.readouterr().out)] == ["ada lovelace"]
+
+    assert main(["search", "--where", "negative_prompt=BLURRY", "--where", "steps=2"]) == 0
+    out = capsys.readouterr()
+    assert [line.split("  ")[0] for line in out.out.splitlines()[1:]] == ["ada lovelace"]
+    assert main(["search", "--prompt", "turing by"]) == 0
+    assert [line.split("  ")[0] for line in capsys.readouterr().out.splitlines()[1:]] == ["alan turing"]
+    # A column that is not there, or a value it cannot hold: one line, exit 2.
+    assert main(["search", "--where", "sampler=PLMS"]) == 2
+    assert capsys.readouterr().err.startswith("sd-assets: no catalog column 'sampler'; the columns are key, ")
+    assert main(["search", "--where", "steps=many"]) == 2
+    assert capsys.readouterr().err == "sd-assets: steps is a number, not 'many'\n"
+    with pytest.raises(SystemExit) as exited:
+        main(["search", "--where", "steps"])
+    assert exited.value.code == 2 and "'steps' is not COLUMN=VALUE" in capsys.readouterr().err
+
+
 def test_the_search_table_shows_characters_that_would_act_on_the_terminal_as_code_points(
     tmp_path, monkeypatch, capsys
 ):

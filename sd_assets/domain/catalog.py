@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
-from sd_assets.domain.errors import StoreError
+from sd_assets.domain.errors import SdAssetsError, StoreError
 from sd_assets.domain.grid import slugify
 from sd_assets.domain.pngmeta import Provenance, image_key_path, read_provenance
 from sd_assets.domain.prompts import PromptRow
@@ -53,7 +53,7 @@ COLUMNS = SCHEMA.names
 LATER_COLUMNS = {
     "deep_cache": "", "model_variant": "", "software": "", "safety_flagged": False, "safety_checker": False,
 }
-SEARCH_FIELDS = ("subject", "style", "model_id", "run_id")
+SEARCH_FIELDS = ("subject", "style", "prompt", "model_id", "run_id", "key")
 
 
 def catalog_key(style: str) -> str:
@@ -483,12 +483,18 @@ def rebuild_catalogs(store: ArtifactStore, threads: int = 16) -> Rebuild:
     return Rebuild(reports, errors, images=len(images), catalogs=len(catalogs) + len(unreadable))
 
 
-def search(catalog: pd.DataFrame, **filters: str | None) -> pd.DataFrame:
-    """Rows matching every given filter: case-insensitive substring match on its column.
+def search(catalog: pd.DataFrame, where: Mapping[str, str] | None = None, **filters: str | None) -> pd.DataFrame:
+    """Rows matching every given filter and every ``where`` setting.
 
-    Filters are named by ``SEARCH_FIELDS`` (subject, style, model_id, run_id). Text is compared
-    in Unicode NFC form, so an accent typed as a separate mark matches the composed letter; a
-    style also matches by its slug (``van-gogh``), the name of its gallery folder and catalog file.
+    Filters are named by ``SEARCH_FIELDS`` and match a case-insensitive part of their column.
+    Text is compared in Unicode NFC form, so an accent typed as a separate mark matches the
+    composed letter; a style also matches by its slug (``van-gogh``), the name of its gallery
+    folder and catalog file; a key also by the image's file name or path (``images/3f/3f2a….png``).
+    ``where`` maps catalog columns to whole values (``{"steps": "50", "scheduler": "pndmscheduler"}``):
+    numbers compare as numbers, true/false as booleans, text in any case.
+
+    Raises:
+        SdAssetsError: a filter or ``where`` names no catalog column, or gives a value its column cannot hold.
     """
     import unicodedata
 
@@ -502,11 +508,33 @@ def search(catalog: pd.DataFrame, **filters: str | None) -> pd.DataFrame:
     mask = pd.Series(True, index=catalog.index)
     for name, value in filters.items():
         if name not in SEARCH_FIELDS:
-            raise ValueError(f"cannot filter on {name!r}; use one of {SEARCH_FIELDS}")
+            raise SdAssetsError(f"cannot filter on {name!r}; use one of {', '.join(SEARCH_FIELDS)}")
         if value:
+            if name == "key":  # a PNG's name is its key; its path holds it too
+                value = value.rstrip("/").rpartition("/")[2].removesuffix(".png")
             wanted = normal(value)
             hits = normal(catalog[name]).str.contains(wanted, regex=False)
             if name == "style":
                 hits |= catalog[name].astype(str).map(slugify).str.contains(wanted, regex=False)
             mask &= hits
+    for name, value in (where or {}).items():
+        mask &= _equals(catalog, name, value, normal)
     return catalog[mask].reset_index(drop=True)
+
+
+def _equals(catalog: pd.DataFrame, column: str, value: str, normal) -> pd.Series:
+    """Which rows hold exactly ``value`` (as a user types it) in ``column``."""
+    if column not in COLUMNS:
+        raise SdAssetsError(f"no catalog column {column!r}; the columns are {', '.join(COLUMNS)}")
+    kind = SCHEMA.field(column).type
+    if pa.types.is_boolean(kind):
+        if value.casefold() not in ("true", "false"):
+            raise SdAssetsError(f"{column} is true or false, not {value!r}")
+        return catalog[column].astype(bool) == (value.casefold() == "true")
+    if pa.types.is_integer(kind) or pa.types.is_floating(kind):
+        try:
+            number = float(value)
+        except ValueError:
+            raise SdAssetsError(f"{column} is a number, not {value!r}") from None
+        return catalog[column].astype(float) == number
+    return normal(catalog[column]) == normal(value)
