@@ -43,6 +43,12 @@ class GenerationSettings:
     # With the model's safety checker an image it flags is blacked out: another picture.
     safety_checker: bool = False
 
+    def as_record(self) -> dict:
+        """These settings as the catalog's columns hold them (``gallery.settings_text`` reads them)."""
+        return {
+            **asdict(self), "deep_cache": self.deep_cache.describe() if self.deep_cache else "",
+        }  # fmt: skip
+
     @classmethod
     def from_grid(cls, grid: GridConfig, model_revision: str, scheduler: str) -> GenerationSettings:
         inference = grid.inference

@@ -507,6 +507,7 @@ def _render_style(
     profile = profiler.profile()
     gpu_profile.save_profile(artifact_store, style, profile)
     metadata = {
+        "settings": gallery.settings_text(settings.as_record()),
         "generated": report.generated,
         "images_per_minute": round(report.images_per_minute, 1),
         "batch_size": batch_size,
