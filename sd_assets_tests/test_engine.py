@@ -185,6 +185,16 @@ def test_an_unknown_scheduler_is_named_with_the_close_ones_before_any_weights_lo
     with pytest.raises(SdAssetsError, match=r"'EulerDiscreetScheduler' is not a diffusers scheduler class; did you mean "
                        r"EulerDiscreteScheduler"):  # fmt: skip
         engine.load_pipeline(loaded.folder / "no-weights-here", "cpu", "float32", scheduler="EulerDiscreetScheduler")
+    for typed, message in [
+        ("Eul", r"'Eul' is not a diffusers scheduler class; did you mean EulerAncestralDiscreteScheduler or "
+                  r"EulerDiscreteScheduler\?$"),
+        # Nothing like it: not three names that share only "Scheduler" with it, but the usual ones.
+        ("FooScheduler", r"'FooScheduler' is not a diffusers scheduler class; Stable Diffusion's usual ones are "
+                         r"PNDMScheduler, DDIMScheduler, EulerDiscreteScheduler and DPMSolverMultistepScheduler$"),
+        ("Euler a", r"'Euler a' is the web UI's name; diffusers' class is EulerAncestralDiscreteScheduler$"),
+    ]:  # fmt: skip
+        with pytest.raises(SdAssetsError, match=message):
+            engine.scheduler_class(typed)
     # diffusers names it, but without torchsde it is a placeholder.
     with pytest.raises(SdAssetsError, match=r"'DPMSolverSDEScheduler' needs torchsde: pip install torchsde"):
         engine.load_pipeline(loaded.folder, "cpu", "float32", scheduler="DPMSolverSDEScheduler")

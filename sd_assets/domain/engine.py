@@ -29,6 +29,7 @@ from sd_assets.domain import deep_cache as deep_caching
 from sd_assets.domain import library_logs
 from sd_assets.domain.deep_cache import DeepCache
 from sd_assets.domain.errors import ModelError, SdAssetsError
+from sd_assets.domain.pngmeta import SAMPLER_NAMES
 from sd_assets.domain.prompts import GenerationSettings, PromptRow
 
 _DTYPES = {"float16": "float16", "bfloat16": "bfloat16", "float32": "float32"}
@@ -204,6 +205,9 @@ def software_versions() -> str:
     return f"torch {torch.__version__}, diffusers {diffusers.__version__}"
 
 
+USUAL_SCHEDULERS = "PNDMScheduler, DDIMScheduler, EulerDiscreteScheduler and DPMSolverMultistepScheduler"
+
+
 def scheduler_class(name: str):
     """The diffusers scheduler class ``name``; a ModelError with the close names, or with the
     library it needs (diffusers names such a class but leaves it a placeholder without that)."""
@@ -215,10 +219,18 @@ def scheduler_class(name: str):
     missing = [backend for backend in getattr(found, "_backends", ()) if backend != "torch"]
     if missing:
         raise ModelError(f"inference.scheduler {name!r} needs {' and '.join(missing)}: pip install {' '.join(missing)}")
-    names = [n for n in dir(diffusers) if n.endswith("Scheduler")]
-    close = difflib.get_close_matches(name, names, n=3)
-    hint = f"; did you mean {' or '.join(close)}?" if close else ""
-    raise ModelError(f"inference.scheduler {name!r} is not a diffusers scheduler class{hint}")
+    diffusers_names = {web_ui.casefold(): class_name for class_name, web_ui in SAMPLER_NAMES.items()}
+    if name.casefold() in diffusers_names:
+        raise ModelError(
+            f"inference.scheduler {name!r} is the web UI's name; diffusers' class is {diffusers_names[name.casefold()]}"
+        )
+    # Compared without the common "Scheduler", which made every misspelt name look close to all of them.
+    stems = {n.casefold().removesuffix("scheduler"): n for n in dir(diffusers) if n.endswith("Scheduler")}
+    typed = name.casefold().removesuffix("scheduler")
+    close = sorted(n for stem, n in stems.items() if typed and stem.startswith(typed))[:3]
+    close = close or [stems[stem] for stem in difflib.get_close_matches(typed, list(stems), n=3)]
+    hint = f"did you mean {' or '.join(close)}?" if close else f"Stable Diffusion's usual ones are {USUAL_SCHEDULERS}"
+    raise ModelError(f"inference.scheduler {name!r} is not a diffusers scheduler class; {hint}")
 
 
 def configure_pipeline(pipeline: Any, device: str, compile_unet: bool = False, tuning: Tuning | None = None,
