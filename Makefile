@@ -2,8 +2,10 @@
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
-# The UI's and the demo's instance (SQLite); tests make their own.
-DAGSTER_HOME ?= $(CURDIR)/.dagster_home
+# The UI's and the demo's instance (SQLite); tests make their own. Not taken from the
+# environment: a DAGSTER_HOME exported for another instance would get this dagster.yaml copied
+# over its own, and the demo's runs. `make dev DAGSTER_HOME=/abs/path` still picks another.
+DAGSTER_HOME := $(CURDIR)/.dagster_home
 
 .PHONY: demo test dev install clean
 
