@@ -225,7 +225,7 @@ def _demo(args: argparse.Namespace) -> int:
         grid.require_style(style)
     instance = _instance(os.environ.get("DAGSTER_HOME"))
     not_made = False  # a run's check failed: images it could not make (each said as its run ends)
-    for style in styles:
+    for number, style in enumerate(styles):
         print(f"materializing {style} ...", flush=True)
         result = job.execute_in_process(
             partition_key=style, instance=instance, raise_on_error=False,
@@ -243,6 +243,11 @@ def _demo(args: argparse.Namespace) -> int:
                 if message.startswith("sd_assets."):
                     message = message.split(": ", 1)[-1]
                 print(f"  {event.step_key}: {message}", file=sys.stderr)
+            if styles[number + 1 :]:
+                print(
+                    f"sd-assets: not run: {', '.join(styles[number + 1 :])}; once the error is mended, "
+                    "`sd-assets demo` again makes only what is missing", file=sys.stderr,
+                )  # fmt: skip
             return 1
         for check in result.get_asset_check_evaluations():
             if not check.passed:
