@@ -88,9 +88,10 @@ def in_store(folder: Path) -> str:
     return "@" + hashlib.sha256(str(folder).encode()).hexdigest()[:8]
 
 
-def test_a_list_asks_for_one_run_per_style_with_keys_from_its_hash(ticks, grid):
+def test_a_list_asks_for_one_run_per_style_with_keys_from_its_hash(ticks, grid, capsys):
     people = (grid.parent / "subjects" / "people.txt").read_bytes()
     first = ticks.tick()
+    assert "1 new or changed subject list (people.txt): one run for each of 2 styles" in capsys.readouterr().err
     key, store = f"people.txt:{short_hash(people)}", in_store(grid.parent / "data")
     assert requests(first) == [("Banksy", f"{key}:Banksy{store}"), ("Andy Warhol", f"{key}:Andy Warhol{store}")]
     again = ticks.tick()

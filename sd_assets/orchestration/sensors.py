@@ -7,6 +7,7 @@ from pathlib import Path
 import dagster as dg
 
 from sd_assets.domain.errors import SdAssetsError
+from sd_assets.domain.gallery import count
 from sd_assets.domain.subject_lists import (
     change_key,
     decode_cursor,
@@ -73,8 +74,9 @@ def build_new_subject_lists_sensor(
             )
         key = change_key(scan.changed)
         context.log.info(
-            f"{len(scan.changed)} new or changed subject lists ({', '.join(sl.name for sl in scan.changed[:10])}"
-            f"{' ...' if len(scan.changed) > 10 else ''}): one run for each of {len(styles)} styles"
+            f"{count(len(scan.changed), 'new or changed subject list')} "
+            f"({', '.join(sl.name for sl in scan.changed[:10])}{' ...' if len(scan.changed) > 10 else ''}): "
+            f"one run for each of {count(len(styles), 'style')}"
         )
         return dg.SensorResult(
             run_requests=[
