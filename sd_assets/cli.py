@@ -77,7 +77,8 @@ def _setting(text: str) -> tuple[str, str]:
 
 def _search(args: argparse.Namespace) -> int:
     from sd_assets.definitions import storage_from_environment
-    from sd_assets.domain.catalog import COLUMNS, UnreadableCatalog, read_catalog, search
+    from sd_assets.domain.catalog import COLUMNS, UnreadableCatalog, catalog_key, galleries_without_catalog
+    from sd_assets.domain.catalog import read_catalog, search
     from sd_assets.domain.gallery import count
     from sd_assets.domain.store import open_store
 
@@ -90,6 +91,13 @@ def _search(args: argparse.Namespace) -> int:
     for entry in unreadable:
         print(f"sd-assets: {entry.message}; the rows in it are left out of this search", file=sys.stderr)
     failed = 2 if unreadable else 0
+    lost = galleries_without_catalog(store)
+    for slug in lost:
+        print(
+            f"sd-assets: {store.location(catalog_key(slug))} is gone, though {slug}'s gallery is there: its images "
+            "are left out of this search; `sd-assets rebuild-catalog` gives each its row from its PNG", file=sys.stderr,
+        )  # fmt: skip
+    failed = 2 if lost else failed
     if catalog.empty and not unreadable and any(key.endswith(".png") for key in store.list_keys("images/")):
         raise StoreError(  # the catalog was deleted, or not copied with the images: nothing to make again
             f"no catalog in {storage}, but it holds images; `sd-assets rebuild-catalog` gives each its row "

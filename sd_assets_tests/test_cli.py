@@ -365,9 +365,12 @@ def test_the_search_table_lines_up_wide_characters_and_accents():
     ]
 
 
-def _catalog_of(data: Path, images: list[tuple[str, str]], template: str = "{} by Banksy") -> None:
-    """A Banksy catalog in the store ``data`` of one image per (subject, negative prompt), PNGs included;
-    a third item in an image's tuple is its prompt's template, in place of ``template``."""
+def _catalog_of(
+    data: Path, images: list[tuple[str, str]], template: str = "{} by {}", style: str = "Banksy", first_key: int = 0
+) -> None:
+    """A catalog of ``style`` in the store ``data`` of one image per (subject, negative prompt), PNGs
+    included, keyed from ``first_key`` on; a third item in an image's tuple is its prompt's template,
+    in place of ``template``."""
     from PIL import Image
 
     from sd_assets.domain import catalog
@@ -378,9 +381,9 @@ def _catalog_of(data: Path, images: list[tuple[str, str]], template: str = "{} b
     store = LocalStore(data)
     rows, records = [], []
     for number, (subject, negative, *its_template) in enumerate(images):
-        key = f"{number:064x}"
-        prompt = (its_template or [template])[0].format(subject)
-        row = PromptRow(subject, "Banksy", 0, prompt, negative, 100, key)
+        key = f"{first_key + number:064x}"
+        prompt = (its_template or [template])[0].format(subject, style)
+        row = PromptRow(subject, style, 0, prompt, negative, 100, key)
         made = Provenance(
             key=key, subject=row.subject, style=row.style, image_index=0, prompt=row.prompt, negative_prompt=negative,
             seed=100, model_id="tiny-random", model_revision="0" * 40, scheduler="PNDMScheduler", steps=2,
@@ -390,8 +393,8 @@ def _catalog_of(data: Path, images: list[tuple[str, str]], template: str = "{} b
         store.write_bytes(image_key_path(key), encode_png(Image.new("RGB", (64, 64)), made))
         rows.append(row)
         records.append(catalog.catalog_record(made, store.location(image_key_path(key))))
-    catalog.write_pending(store, "Banksy", "run-1-000002", records)
-    catalog.merge_catalog(store, "Banksy", rows)
+    catalog.write_pending(store, style, "run-1-000002", records)
+    catalog.merge_catalog(store, style, rows)
 
 
 def test_search_table_cuts_a_long_negative_prompt_to_its_column(tmp_path, monkeypatch, capsys):
@@ -453,6 +456,31 @@ def test_search_finds_the_row_of_a_png_by_its_path_and_images_by_a_whole_setting
     with pytest.raises(SystemExit) as exited:
         main(["search", "--where", "steps"])
     assert exited.value.code == 2 and "'steps' is not COLUMN=VALUE" in capsys.readouterr().err
+
+
+def test_search_names_a_style_whose_catalog_is_gone_though_its_gallery_is_there(tmp_path, monkeypatch, capsys):
+    data = tmp_path / "data"
+    _catalog_of(data, [("alan turing", ""), ("ada lovelace", "")])
+    _catalog_of(data, [("alan turing", "")], style="Andy Warhol", first_key=100)
+    for slug in ("banksy", "andy-warhol"):
+        (data / "gallery" / slug).mkdir(parents=True)
+        (data / "gallery" / slug / "page-1.html").write_text("<html></html>")
+    (data / "catalog" / "andy-warhol.parquet").unlink()  # deleted, or not copied with the images
+    monkeypatch.setenv("SD_ASSETS_STORAGE", str(data))
+
+    assert main(["search"]) == 2
+    out, err = capsys.readouterr()
+    assert [re.split(r"  +", line)[1] for line in out.splitlines()[1:]] == ["Banksy"] * 2, "the other style's rows"
+    assert err.splitlines()[0] == (
+        f"sd-assets: {data / 'catalog' / 'andy-warhol.parquet'} is gone, though andy-warhol's gallery is there: its "
+        "images are left out of this search; `sd-assets rebuild-catalog` gives each its row from its PNG"
+    )
+    assert main(["rebuild-catalog"]) == 0
+    capsys.readouterr()
+    assert main(["search"]) == 0
+    out, err = capsys.readouterr()
+    assert sorted(re.split(r"  +", line)[1] for line in out.splitlines()[1:]) == ["Andy Warhol", "Banksy", "Banksy"]
+    assert not err.startswith("sd-assets:")
 
 
 def test_the_search_table_shows_characters_that_would_act_on_the_terminal_as_code_points(

@@ -290,6 +290,23 @@ def read_catalog(store: ArtifactStore, unreadable: list[UnreadableCatalog] | Non
     return frame
 
 
+def galleries_without_catalog(store: ArtifactStore) -> list[str]:
+    """The slugs of styles with gallery pages but neither a catalog file nor pending records: their
+    catalog was deleted, or not copied with the images, and ``read_catalog`` cannot know of them."""
+    catalogued, galleries = set(), set()
+    for key in store.list_keys("catalog/"):
+        name = key.removeprefix("catalog/")
+        if "/" not in name and name.endswith(".parquet"):
+            catalogued.add(name.removesuffix(".parquet"))
+        elif key.startswith(PENDING_PREFIX):
+            catalogued.add(key.removeprefix(PENDING_PREFIX).partition("/")[0])
+    for key in store.list_keys("gallery/"):
+        slug, _, page = key.removeprefix("gallery/").partition("/")
+        if page == "page-1.html":
+            galleries.add(slug)
+    return sorted(galleries - catalogued)
+
+
 REMAKE = "delete it, and the next run of the style makes it again"
 
 
