@@ -277,8 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         help="find images in the catalog across runs",
         description="Find images in the catalog of the store (SD_ASSETS_STORAGE, else the grid's). Each filter "
         "matches a part of its field, in any case, and --where a whole value; given filters must all match. "
-        "The table adds a column for "
-        "each setting in which the found images differ; --json prints every field.",
+        "The table adds a column for each setting in which the found images differ; --json prints every field.",
     )
     search.add_argument("--subject", help="part of the subject")
     search.add_argument("--style", help="part of the style's name or of its slug (van-gogh)")
