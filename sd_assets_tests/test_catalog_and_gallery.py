@@ -247,6 +247,23 @@ def test_a_pending_batch_written_before_the_later_columns_merges_with_their_old_
     assert {column: merged_row[column] for column in catalog.LATER_COLUMNS} == catalog.LATER_COLUMNS
 
 
+def test_rows_from_before_the_safety_checker_was_recorded_say_it_checked_the_images_it_flagged(tmp_path):
+    store = LocalStore(tmp_path)
+    rows = [_row("alan turing", "Banksy"), _row("ada lovelace", "Banksy"), _row("grace hopper", "Banksy")]
+    old = [
+        {k: v for k, v in {**_store_image(store, row, "r1"), "safety_flagged": flagged}.items() if k != "safety_checker"}
+        for row, flagged in zip(rows, (True, False, True))
+    ]  # fmt: skip
+    (tmp_path / "catalog").mkdir(exist_ok=True)
+    pd.DataFrame(old[:2]).to_parquet(tmp_path / catalog.catalog_key("Banksy"))
+    store.write_bytes(catalog.pending_prefix("Banksy") + "r1-000001.jsonl", (json.dumps(old[2]) + "\n").encode())
+    read = catalog.read_catalog(store).set_index("subject")
+    assert read["safety_checker"].to_dict() == {"alan turing": True, "ada lovelace": False, "grace hopper": True}
+    assert catalog.search(read.reset_index(), where={"safety_checker": "false"})["subject"].tolist() == [
+        "ada lovelace"
+    ]
+
+
 def test_an_image_recorded_twice_gets_one_row_the_record_of_the_png_in_the_store(tmp_path):
     store = LocalStore(tmp_path)
     old, new = _row("alan turing", "Banksy"), _row("ada lovelace", "Banksy")

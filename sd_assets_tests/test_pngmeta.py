@@ -73,3 +73,16 @@ def test_subjects_in_any_script_come_back_from_the_png_as_written():
     with Image.open(io.BytesIO(data)) as image:
         assert image.text["parameters"].splitlines()[:2] == ["café 北斎 by Banksy", "Negative prompt: ぼやけた"]
     assert read_provenance(data) == written
+
+
+def test_a_png_from_before_the_safety_checker_was_recorded_says_it_checked_the_images_it_flagged():
+    def old_png(provenance: Provenance) -> bytes:
+        info = PngImagePlugin.PngInfo()
+        info.add_text("sd-assets", json.dumps({k: v for k, v in asdict(provenance).items() if k != "safety_checker"}))
+        buffer = io.BytesIO()
+        Image.new("RGB", (8, 8)).save(buffer, format="PNG", pnginfo=info)
+        return buffer.getvalue()
+
+    flagged = read_provenance(old_png(replace(PROVENANCE, safety_flagged=True)))
+    assert (flagged.safety_flagged, flagged.safety_checker) == (True, True)
+    assert read_provenance(old_png(PROVENANCE)).safety_checker is False, "unflagged: it cannot tell"

@@ -92,7 +92,17 @@ def _from_parquet(data: bytes, columns: Sequence[str] | None = None) -> pa.Table
             if column not in LATER_COLUMNS:
                 raise pa.ArrowInvalid(f"no column {column!r}, which every catalog has")
             table = table.append_column(column, pa.array([LATER_COLUMNS[column]] * len(table)))
-    return table.select(wanted).cast(_schema(wanted))
+    return _checked_if_flagged(table.select(wanted).cast(_schema(wanted)))
+
+
+def _checked_if_flagged(table: pa.Table) -> pa.Table:
+    """Rows written before ``safety_checker`` was recorded read it as False; but the checker
+    looked at an image it flagged, whose key hashes that setting."""
+    if {"safety_checker", "safety_flagged"} <= set(table.column_names):
+        index = table.schema.get_field_index("safety_checker")
+        checked = pc.or_(table["safety_checker"], table["safety_flagged"])
+        table = table.set_column(index, "safety_checker", checked)
+    return table
 
 
 class CatalogUnreadable(StoreError):
@@ -135,7 +145,7 @@ def _from_json_lines(data: bytes) -> pa.Table:
     for column in COLUMNS:
         if table[column].null_count:
             raise pa.ArrowInvalid(f"a record has no {column!r}")
-    return table
+    return _checked_if_flagged(table)
 
 
 def _records_table(records: Sequence[dict]) -> pa.Table:

@@ -105,7 +105,10 @@ def encode_png(image: Image.Image, provenance: Provenance) -> bytes:
 def read_provenance(data: bytes) -> Provenance:
     """The provenance stored in a PNG made by ``encode_png``."""
     with Image.open(io.BytesIO(data)) as image:
-        return Provenance(**json.loads(image.text[PROVENANCE_CHUNK]))
+        fields = json.loads(image.text[PROVENANCE_CHUNK])
+    # Written before the checker was recorded: one it flagged was looked at by it.
+    fields.setdefault("safety_checker", fields.get("safety_flagged", False))
+    return Provenance(**fields)
 
 
 def image_key_path(key: str) -> str:
