@@ -409,6 +409,9 @@ def test_search_finds_an_image_by_prompt_by_its_file_and_by_whole_settings(tmp_p
     assert list(catalog.search(frame, where={"steps": "5"})["image_index"]) == []
     assert len(catalog.search(frame, where={"safety_checker": "False", "scheduler": "pndmscheduler"})) == 2
     assert catalog.search(frame, where={"scheduler": "PNDM"}).empty, "a part of the value is not the value"
+    # From Python, a number or a flag as Python holds it.
+    assert list(catalog.search(frame, where={"steps": 50, "safety_checker": True})["image_index"]) == [1]
+    assert len(catalog.search(frame, where={"safety_flagged": False, "guidance_scale": 7.5})) == 3
     for where, message in [
         ({"sampler": "x"}, r"no catalog column 'sampler'; the columns are key, subject, "),
         ({"steps": "many"}, r"steps is a number, not 'many'"),

@@ -510,7 +510,9 @@ def rebuild_catalogs(store: ArtifactStore, threads: int = 16) -> Rebuild:
     return Rebuild(reports, errors, images=len(images), catalogs=len(catalogs) + len(unreadable))
 
 
-def search(catalog: pd.DataFrame, where: Mapping[str, str] | None = None, **filters: str | None) -> pd.DataFrame:
+def search(
+    catalog: pd.DataFrame, where: Mapping[str, str | int | float | bool] | None = None, **filters: str | None
+) -> pd.DataFrame:
     """Rows matching every given filter and every ``where`` setting.
 
     Filters are named by ``SEARCH_FIELDS`` and match a case-insensitive part of their column.
@@ -518,7 +520,8 @@ def search(catalog: pd.DataFrame, where: Mapping[str, str] | None = None, **filt
     composed letter; a style also matches by its slug (``van-gogh``), the name of its gallery
     folder and catalog file; a key also by the image's file name or path (``images/3f/3f2a….png``).
     ``where`` maps catalog columns to whole values (``{"steps": "50", "scheduler": "pndmscheduler"}``):
-    numbers compare as numbers, true/false as booleans, text in any case.
+    numbers compare as numbers, true/false as booleans, text in any case; a value may also be
+    given as the Python number or bool (``{"steps": 50, "safety_flagged": True}``).
 
     Raises:
         SdAssetsError: a filter or ``where`` names no catalog column, or gives a value its column cannot hold.
@@ -549,8 +552,9 @@ def search(catalog: pd.DataFrame, where: Mapping[str, str] | None = None, **filt
     return catalog[mask].reset_index(drop=True)
 
 
-def _equals(catalog: pd.DataFrame, column: str, value: str, normal) -> pd.Series:
-    """Which rows hold exactly ``value`` (as a user types it) in ``column``."""
+def _equals(catalog: pd.DataFrame, column: str, value: str | int | float | bool, normal) -> pd.Series:
+    """Which rows hold exactly ``value`` (as a user types it, or as Python holds it) in ``column``."""
+    value = str(value)  # a notebook passes True or 50; compared as the command line types them
     if column not in COLUMNS:
         raise SdAssetsError(f"no catalog column {column!r}; the columns are {', '.join(COLUMNS)}")
     kind = SCHEMA.field(column).type
