@@ -402,7 +402,7 @@ def test_search_finds_an_image_by_prompt_by_its_file_and_by_whole_settings(tmp_p
     assert list(catalog.search(frame, prompt="TURING BY")["image_index"]) == [0, 1]
     # A PNG's name, or its path in the store, finds its own row.
     path = tmp_path / image_key_path(lovelace.key)
-    for given in (path.name, str(path), lovelace.key[:10]):
+    for given in (path.name, str(path), lovelace.key[:10], path.name.upper()):
         assert list(catalog.search(frame, key=given)["subject"]) == ["ada lovelace"], given
     # Whole values: a number as a number, a flag as true/false, text in any case.
     assert list(catalog.search(frame, where={"steps": "50.0"})["image_index"]) == [1]

@@ -541,7 +541,8 @@ def search(
             raise SdAssetsError(f"cannot filter on {name!r}; use one of {', '.join(SEARCH_FIELDS)}")
         if value:
             if name == "key":  # a PNG's name is its key; its path holds it too
-                value = value.rstrip("/").rpartition("/")[2].removesuffix(".png")
+                value = value.rstrip("/").rpartition("/")[2]
+                value = value[: -len(".png")] if value.casefold().endswith(".png") else value
             wanted = normal(value)
             hits = normal(catalog[name]).str.contains(wanted, regex=False)
             if name == "style":
