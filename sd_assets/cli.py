@@ -91,6 +91,12 @@ def _search(args: argparse.Namespace) -> int:
     for entry in unreadable:
         print(f"sd-assets: {entry.message}; the rows in it are left out of this search", file=sys.stderr)
     failed = 2 if unreadable else 0
+    if catalog.empty and not unreadable and any(key.endswith(".png") for key in store.list_keys("images/")):
+        raise StoreError(  # the catalog was deleted, or not copied with the images: nothing to make again
+            f"no catalog in {storage}, but it holds images; `sd-assets rebuild-catalog` gives each its row "
+            "from the PNG's own provenance"
+        )
+    # After the line above, which says it once for the whole store, not once a style.
     lost = galleries_without_catalog(store)
     for slug in lost:
         print(
@@ -98,11 +104,6 @@ def _search(args: argparse.Namespace) -> int:
             "are left out of this search; `sd-assets rebuild-catalog` gives each its row from its PNG", file=sys.stderr,
         )  # fmt: skip
     failed = 2 if lost else failed
-    if catalog.empty and not unreadable and any(key.endswith(".png") for key in store.list_keys("images/")):
-        raise StoreError(  # the catalog was deleted, or not copied with the images: nothing to make again
-            f"no catalog in {storage}, but it holds images; `sd-assets rebuild-catalog` gives each its row "
-            "from the PNG's own provenance"
-        )
     if catalog.empty and not unreadable:  # not "no images match": the store is new, or the wrong one
         raise StoreError(
             f"no catalog in {storage}: no style has been made there yet (make demo, or dagster job execute)"

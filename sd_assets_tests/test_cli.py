@@ -235,7 +235,9 @@ def test_search_in_a_store_without_a_catalog_says_so(grid_path, tmp_path):
 def test_search_in_a_store_whose_catalog_is_lost_points_to_rebuild_catalog(tmp_path, monkeypatch, capsys):
     data = tmp_path / "data"
     _catalog_of(data, [("alan turing", "")])
-    shutil.rmtree(data / "catalog")  # deleted, or the images copied without it
+    (data / "gallery" / "banksy").mkdir(parents=True)
+    (data / "gallery" / "banksy" / "page-1.html").write_text("<html></html>")
+    shutil.rmtree(data / "catalog")  # deleted, or the images copied without it: one line, not one a style too
     monkeypatch.setenv("SD_ASSETS_STORAGE", str(data))
     assert main(["search", "--subject", "turing"]) == 2
     out, err = capsys.readouterr()
