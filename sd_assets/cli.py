@@ -116,7 +116,7 @@ def _search(args: argparse.Namespace) -> int:
         model_id=args.model,
         run_id=args.run,
         key=args.key,
-        where=dict(args.where or ()),
+        where=args.where,
     )
     if args.json:
         records = json.loads(found[COLUMNS].to_json(orient="records"))

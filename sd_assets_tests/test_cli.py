@@ -448,6 +448,11 @@ def test_search_finds_the_row_of_a_png_by_its_path_and_images_by_a_whole_setting
     assert main(["search", "--where", "negative_prompt=BLURRY", "--where", "steps=2"]) == 0
     out = capsys.readouterr()
     assert [line.split("  ")[0] for line in out.out.splitlines()[1:]] == ["ada lovelace"]
+    # One column twice: both must match, and no image has two values.
+    assert main(["search", "--where", "steps=2", "--where", "steps=50"]) == 0
+    assert capsys.readouterr().err == "no images match\n"
+    assert main(["search", "--key", " .PNG"]) == 2, "nothing of a key: not every image"
+    assert capsys.readouterr().err == "sd-assets: --key ' .PNG' holds no part of a content key\n"
     assert main(["search", "--prompt", "turing by"]) == 0
     assert [line.split("  ")[0] for line in capsys.readouterr().out.splitlines()[1:]] == ["alan turing"]
     # A column that is not there, or a value it cannot hold: one line, exit 2.
@@ -468,6 +473,9 @@ def test_search_names_a_style_whose_catalog_is_gone_though_its_gallery_is_there(
         (data / "gallery" / slug).mkdir(parents=True)
         (data / "gallery" / slug / "page-1.html").write_text("<html></html>")
     (data / "catalog" / "andy-warhol.parquet").unlink()  # deleted, or not copied with the images
+    # A run that set out to make more of its images left its intent, which holds no rows.
+    (data / "catalog" / "pending" / "andy-warhol").mkdir(parents=True, exist_ok=True)
+    (data / "catalog" / "pending" / "andy-warhol" / "run-9.making.json").write_text('["' + "f" * 64 + '"]')
     monkeypatch.setenv("SD_ASSETS_STORAGE", str(data))
 
     assert main(["search"]) == 2

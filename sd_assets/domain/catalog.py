@@ -308,7 +308,7 @@ def galleries_without_catalog(store: ArtifactStore) -> list[str]:
         name = key.removeprefix("catalog/")
         if "/" not in name and name.endswith(".parquet"):
             catalogued.add(name.removesuffix(".parquet"))
-        elif key.startswith(PENDING_PREFIX):
+        elif key.startswith(PENDING_PREFIX) and key.endswith(PENDING_SUFFIXES):  # records, not a run's intent
             catalogued.add(key.removeprefix(PENDING_PREFIX).partition("/")[0])
     for key in store.list_keys("gallery/"):
         slug, _, page = key.removeprefix("gallery/").partition("/")
@@ -511,7 +511,9 @@ def rebuild_catalogs(store: ArtifactStore, threads: int = 16) -> Rebuild:
 
 
 def search(
-    catalog: pd.DataFrame, where: Mapping[str, str | int | float | bool] | None = None, **filters: str | None
+    catalog: pd.DataFrame,
+    where: Mapping[str, str | int | float | bool] | Sequence[tuple[str, str]] | None = None,
+    **filters: str | None,
 ) -> pd.DataFrame:
     """Rows matching every given filter and every ``where`` setting.
 
@@ -519,7 +521,8 @@ def search(
     Text is compared in Unicode NFC form, so an accent typed as a separate mark matches the
     composed letter; a style also matches by its slug (``van-gogh``), the name of its gallery
     folder and catalog file; a key also by the image's file name or path (``images/3f/3f2a….png``).
-    ``where`` maps catalog columns to whole values (``{"steps": "50", "scheduler": "pndmscheduler"}``):
+    ``where`` gives catalog columns whole values, as a mapping (``{"steps": "50", "scheduler":
+    "pndmscheduler"}``) or as (column, value) pairs, a column more than once if need be:
     numbers compare as numbers, true/false as booleans, text in any case; a value may also be
     given as the Python number or bool (``{"steps": 50, "safety_flagged": True}``).
 
@@ -541,14 +544,17 @@ def search(
             raise SdAssetsError(f"cannot filter on {name!r}; use one of {', '.join(SEARCH_FIELDS)}")
         if value:
             if name == "key":  # a PNG's name is its key; its path holds it too
-                value = value.rstrip("/").rpartition("/")[2]
+                given, value = value, value.strip().rstrip("/").rpartition("/")[2]
                 value = value[: -len(".png")] if value.casefold().endswith(".png") else value
+                if not value:  # would match every image
+                    raise SdAssetsError(f"--key {given!r} holds no part of a content key")
             wanted = normal(value)
             hits = normal(catalog[name]).str.contains(wanted, regex=False)
             if name == "style":
                 hits |= catalog[name].astype(str).map(slugify).str.contains(wanted, regex=False)
             mask &= hits
-    for name, value in (where or {}).items():
+    # Pairs as well as a mapping: the command line may give one column twice, and both must match.
+    for name, value in where.items() if isinstance(where, Mapping) else where or ():
         mask &= _equals(catalog, name, value, normal)
     return catalog[mask].reset_index(drop=True)
 
