@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 
 from sd_assets.domain.errors import SdAssetsError, StoreError
@@ -77,8 +78,14 @@ def _setting(text: str) -> tuple[str, str]:
 
 def _search(args: argparse.Namespace) -> int:
     from sd_assets.definitions import storage_from_environment
-    from sd_assets.domain.catalog import COLUMNS, UnreadableCatalog, catalog_key, galleries_without_catalog
-    from sd_assets.domain.catalog import read_catalog, search
+    from sd_assets.domain.catalog import (
+        COLUMNS,
+        UnreadableCatalog,
+        catalog_key,
+        galleries_without_catalog,
+        read_catalog,
+        search,
+    )
     from sd_assets.domain.gallery import count
     from sd_assets.domain.store import open_store
 
@@ -252,10 +259,13 @@ def _demo(args: argparse.Namespace) -> int:
                 if message.startswith("sd_assets."):
                     message = message.split(": ", 1)[-1]
                 print(f"  {event.step_key}: {message}", file=sys.stderr)
-            if styles[number + 1 :]:
+            rest = styles[number + 1 :]
+            if rest:
+                # The styles asked for, not every style of the grid (which the plain command makes).
+                again = "".join(f" --style {shlex.quote(s)}" for s in styles) if args.style else ""
                 print(
-                    f"sd-assets: not run: {', '.join(styles[number + 1 :])}; once the error is mended, "
-                    "`sd-assets demo` again makes only what is missing", file=sys.stderr,
+                    f"sd-assets: not run: {', '.join(rest)}; once the error is mended, `sd-assets demo{again}` "
+                    "again makes only what is missing", file=sys.stderr,
                 )  # fmt: skip
             return 1
         for check in result.get_asset_check_evaluations():

@@ -113,7 +113,8 @@ def test_a_failed_demo_names_the_step_its_error_and_the_styles_it_did_not_run(cl
     assert result.returncode == 1
     *_, headline, reason, not_run = result.stderr.strip().splitlines()
     assert not_run == (
-        "sd-assets: not run: Andy Warhol; once the error is mended, `sd-assets demo` again makes only what is missing"
+        "sd-assets: not run: Andy Warhol; once the error is mended, `sd-assets demo --style Banksy --style "
+        "'Andy Warhol'` again makes only what is missing"
     )
     assert headline.startswith("sd-assets: run ")
     assert headline.endswith(" for Banksy failed (its whole log is in the Dagster UI):")

@@ -232,7 +232,7 @@ def test_the_sensor_turned_on_runs_every_style_for_a_dropped_list(node, node_ins
         assert all(path.is_file() for path in image_paths(node.grid, style, ["grace hopper", *SUBJECTS])), style
 
 
-def test_a_run_killed_half_way_is_run_again_by_the_daemon_and_makes_only_the_rest(node, node_instance):
+def test_a_run_killed_mid_style_is_run_again_by_the_daemon_and_makes_only_the_rest(node, node_instance):
     deadline = time.monotonic() + TIMEOUT_SECONDS
     subjects = [f"subject {i}" for i in range(40)]
     (node.grid.parent / "subjects" / "people.txt").write_text("\n".join(subjects) + "\n")

@@ -45,9 +45,7 @@ class GenerationSettings:
 
     def as_record(self) -> dict:
         """These settings as the catalog's columns hold them (``gallery.settings_text`` reads them)."""
-        return {
-            **asdict(self), "deep_cache": self.deep_cache.describe() if self.deep_cache else "",
-        }  # fmt: skip
+        return {**asdict(self), "deep_cache": self.deep_cache.describe() if self.deep_cache else ""}
 
     @classmethod
     def from_grid(cls, grid: GridConfig, model_revision: str, scheduler: str) -> GenerationSettings:
