@@ -57,7 +57,8 @@ def hf_home(tmp_path_factory, tiny_model_store) -> Path:
 
     home = tmp_path_factory.mktemp("hf-home")
     repo_root = home / "hub" / ("models--" + REPO.replace("/", "--"))
-    plain = next(tiny_model_store.root.glob("models/tiny-random/*/"))
+    # The revision's folder, not refs/ beside it: a folder lists its entries in no set order.
+    plain = next(tiny_model_store.root.glob(f"models/tiny-random/*/{MANIFEST}")).parent
     files = {p.relative_to(plain).as_posix(): p.read_bytes() for p in plain.rglob("*") if p.is_file()}
     files.pop(MANIFEST)
     files.pop(VERIFIED)
