@@ -33,7 +33,6 @@ from sd_assets.domain.hub_settings import HubSettings
 # The pipeline's parts, in the folders diffusers gives them; the safety checker only when asked.
 WEIGHT_COMPONENTS = ("unet", "vae", "text_encoder")
 CONFIG_COMPONENTS = ("scheduler", "tokenizer")
-SAFETY_COMPONENTS = ("safety_checker", "feature_extractor")
 FP16 = "fp16"
 
 
