@@ -320,7 +320,7 @@ def build_assets(styles: dg.StaticPartitionsDefinition) -> list:
         artifact_store = store.open()
         # The grid as it stands, not each style's last run: counts of every style compare, and
         # a style not run since a list arrived shows what it lacks.
-        rows_by_style, _read, _settings_now = _grid_rows(config, artifact_store, config.styles)
+        rows_by_style, _read, _settings = _grid_rows(config, artifact_store, config.styles)
         # A damaged catalog leaves its style's count unknown, not every style's index out of date.
         unreadable: list[catalog_lib.UnreadableCatalog] = []
         made = catalog_lib.catalog_styles(artifact_store, unreadable)
@@ -419,7 +419,7 @@ def _warn_if_grid_changed(context: dg.AssetExecutionContext, config, style: str,
             f"{style}: these images are the prompt grid's, built with other settings than {config.source} and "
             f"model {settings.model_id}@{settings.model_revision[:10]} give now ({len(stale)} of {len(rows)}); "
             "nothing was made with the new settings: materialize prompt_grid, then style_images (the "
-            "generate_images job runs both)"
+            f"{GENERATE_JOB} job runs both)"
         )
 
 
