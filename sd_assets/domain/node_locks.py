@@ -59,7 +59,7 @@ def make_lock_dir(lock_dir: Path) -> Path:
 
 
 def work_lock_name(kind: str, *identity: str) -> str:
-    """A lock file name for one piece of work: 'style-<sha256 of identity, 16 hex>.lock'."""
+    """A lock file name for one piece of work: '<kind>-<sha256 of identity, 16 hex>.lock' ('style-…', 'model-…')."""
     digest = hashlib.sha256("\0".join(identity).encode("utf-8")).hexdigest()[:16]
     return f"{kind}-{digest}.lock"
 
