@@ -115,7 +115,7 @@ class StyleSummary:
 
     @property
     def link(self) -> str | None:
-        return f"{slugify(self.style)}/page-1.html" if self.has_pages else None
+        return _relative(INDEX_KEY, style_page_key(self.style, 1)) if self.has_pages else None
 
 
 @dataclass(frozen=True)
@@ -243,7 +243,6 @@ def render_style_pages(
     keys: dict[str, list[str]] = {"grid": [], "earlier": []}
     for kind, entries, name in (("grid", grid_rows, style_page_key), ("earlier", earlier, earlier_page_key)):
         pages = _page_count(len(entries), page_size) if (entries or kind == "grid") else 0
-        prefix = "page-" if kind == "grid" else "earlier-"
         for page in range(1, pages + 1):
             chunk = entries[(page - 1) * page_size : page * page_size]
             if kind == "grid":  # the grid's images are made with one model
@@ -252,7 +251,8 @@ def render_style_pages(
                 random_weights = any(row["model_id"] == TINY_MODEL_ID for row in chunk)
             html_by_key[name(style, page)] = template.render(
                 **common, kind=kind, items=items(chunk), page=page, pages=pages, random_weights=random_weights,
-                pager_links=pager_numbers(page, pages), href=lambda number, prefix=prefix: f"{prefix}{number}.html",
+                pager_links=pager_numbers(page, pages),
+                href=lambda number, here=name(style, page), name=name: _relative(here, name(style, number)),
             )  # fmt: skip
             keys[kind].append(name(style, page))
     written = _write_changed_pages(store, f"gallery/{slugify(style)}/", html_by_key)
