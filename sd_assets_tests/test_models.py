@@ -6,6 +6,7 @@ import os
 
 import pytest
 
+from sd_assets.domain.errors import ModelError
 from sd_assets.domain.grid import ModelConfig
 from sd_assets.domain.models import (
     MANIFEST,
@@ -96,6 +97,16 @@ def test_a_node_copy_is_fetched_once_and_an_altered_file_fetched_again(tmp_path)
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
     again = local_model_folder(remote, ref, node)
     assert again.bytes_copied == 1000 and weights.read_bytes() == FILES["unet/weights.bin"]
+
+
+def test_a_node_cache_folder_that_cannot_be_made_is_named_not_a_traceback(tmp_path):
+    store, prefix, manifest = _cache(tmp_path / "store")
+    store.write_text(prefix + "manifest.json", json.dumps(manifest))
+    remote = _RemoteStore(tmp_path / "store")
+    ref = ModelRef("org/model", "a" * 40, "PNDMScheduler", 1045, 2)
+    (tmp_path / "node").write_text("SD_ASSETS_MODEL_CACHE names this file")
+    with pytest.raises(ModelError, match=r"cannot use .*node/org--model/a{40} .*set SD_ASSETS_MODEL_CACHE"):
+        local_model_folder(remote, ref, tmp_path / "node")
 
 
 @pytest.mark.parametrize("damaged", [MANIFEST, VERIFIED])

@@ -317,6 +317,13 @@ def local_model_folder(store: ArtifactStore, ref: ModelRef, cache_dir: Path) -> 
         return LocalCopy(in_place.parent, 0)
     manifest = json.loads(store.read_bytes(manifest_key))
     folder = Path(cache_dir).expanduser() / model_dir_name(ref.model_id) / ref.revision
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file where a folder should be, a read-only disk
+        raise ModelError(
+            f"cannot use {folder} for this node's copy of model {ref.model_id}: {exc.strerror or exc}; set "
+            "SD_ASSETS_MODEL_CACHE (the generator's model_cache_dir) to a folder this process can write"
+        ) from None
     local_manifest, local_stamps = folder / MANIFEST, folder / VERIFIED
     stamps = _read_json(local_stamps) if _read_json(local_manifest) == manifest else None
     stamps = stamps if isinstance(stamps, dict) else {}
@@ -337,7 +344,6 @@ def local_model_folder(store: ArtifactStore, ref: ModelRef, cache_dir: Path) -> 
                 "does not match its manifest; materialize model_weights again to rebuild the cache"
             )
         copied += entry["bytes"]
-    folder.mkdir(parents=True, exist_ok=True)
     # Stamps first, the manifest last: without the manifest the stamps are not trusted.
     tags = {entry["path"]: _local_tag(folder / entry["path"]) for entry in manifest["files"]}
     atomic_write(local_stamps, json.dumps(tags).encode())
