@@ -7,7 +7,7 @@ import threading
 
 from sd_assets.domain import gallery
 from sd_assets.domain.grid import load_grid
-from sd_assets.domain.profile import GpuProfile, GpuProfiler, SampleSource, profile_key
+from sd_assets.domain.profile import GpuProfile, GpuProfiler, SampleSource, load_profile, profile_key, save_profile
 from sd_assets.domain.prompts import GenerationSettings, build_prompt_rows
 from sd_assets.domain.store import LocalStore
 from sd_assets_tests.helpers import materialize_style, write_grid
@@ -91,6 +91,17 @@ def test_profile_survives_the_store_round_trip():
     again = GpuProfile.from_json(profile.to_json())
     assert again == profile
     assert again.page_view() == {"summary": profile.summary, "chart_svg": profile.chart_svg}
+
+
+def test_a_damaged_profile_file_reads_as_none_not_a_failed_gallery(tmp_path):
+    store = LocalStore(tmp_path)
+    profile = profile_from_fake_gpu()
+    save_profile(store, "Banksy", profile)
+    assert load_profile(store, "Banksy") == profile
+    for damaged in ['{"device": "cuda:0", "samples": ', '{"device": "cuda:0"}', "[1, 2]", "\udcff"]:
+        store.write_bytes(profile_key("Banksy"), damaged.encode("utf-8", "surrogateescape"))
+        assert load_profile(store, "Banksy") is None, damaged
+    assert load_profile(store, "Basquiat") is None
 
 
 def test_cpu_profile_says_no_gpu_was_measured_and_gives_no_numbers():

@@ -35,9 +35,15 @@ def save_profile(store: ArtifactStore, style: str, profile: GpuProfile) -> None:
 
 
 def load_profile(store: ArtifactStore, style: str) -> GpuProfile | None:
-    """The style's last GPU profile, or None before its first generation."""
+    """The style's last GPU profile, or None before its first generation or when the file is not one
+    (it only adds a line to the style's page, which must not fail for it; the next generation rewrites it)."""
     key = profile_key(style)
-    return GpuProfile.from_json(store.read_text(key)) if store.exists(key) else None
+    if not store.exists(key):
+        return None
+    try:
+        return GpuProfile.from_json(store.read_text(key))
+    except (ValueError, KeyError, TypeError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        return None
 
 
 @dataclass(frozen=True)
