@@ -219,8 +219,16 @@ def read_style_catalog(store: ArtifactStore, style: str, columns: Sequence[str] 
     return _schema(columns or COLUMNS).empty_table()
 
 
+def _catalog_slug(key: str) -> str | None:
+    """The style slug of a key ``catalog_key`` names; None for any other key (a pending batch, a file set aside)."""
+    name = key.removeprefix("catalog/")
+    if key == name or "/" in name or not name.endswith(".parquet"):
+        return None
+    return name.removesuffix(".parquet")
+
+
 def _style_catalog_keys(store: ArtifactStore) -> list[str]:
-    return [key for key in sorted(store.list_keys("catalog/")) if key.endswith(".parquet") and key.count("/") == 1]
+    return [key for key in sorted(store.list_keys("catalog/")) if _catalog_slug(key) is not None]
 
 
 @dataclass(frozen=True)
@@ -241,7 +249,7 @@ def _style_catalogs(
     file may be fine."""
     tables = {}
     for key in _style_catalog_keys(store):
-        slug = key.removeprefix("catalog/").removesuffix(".parquet")
+        slug = _catalog_slug(key)
         try:
             tables[slug] = _read_catalog_file(store, key, columns)
         except CatalogUnreadable as exc:
@@ -305,9 +313,9 @@ def galleries_without_catalog(store: ArtifactStore) -> list[str]:
     catalog was deleted, or not copied with the images, and ``read_catalog`` cannot know of them."""
     catalogued, galleries = set(), set()
     for key in store.list_keys("catalog/"):
-        name = key.removeprefix("catalog/")
-        if "/" not in name and name.endswith(".parquet"):
-            catalogued.add(name.removesuffix(".parquet"))
+        slug = _catalog_slug(key)
+        if slug is not None:
+            catalogued.add(slug)
         elif key.startswith(PENDING_PREFIX) and key.endswith(PENDING_SUFFIXES):  # records, not a run's intent
             catalogued.add(key.removeprefix(PENDING_PREFIX).partition("/")[0])
     for key in store.list_keys("gallery/"):
@@ -497,7 +505,7 @@ def rebuild_catalogs(store: ArtifactStore, threads: int = 16) -> Rebuild:
         tables = [kept, _records_table(found[key])] if key in found else [kept]
         set_aside = None
         if key in unreadable:
-            set_aside = f"{UNREADABLE_PREFIX}{key.removeprefix('catalog/').removesuffix('.parquet')}-{stamp}.parquet"
+            set_aside = f"{UNREADABLE_PREFIX}{_catalog_slug(key)}-{stamp}.parquet"
             store.write_bytes(set_aside, store.read_bytes(key))
         merged = _sorted(pa.concat_tables(tables).combine_chunks())
         store.write_bytes(key, _to_parquet(merged))
