@@ -211,6 +211,12 @@ def test_a_subjects_dir_that_is_a_file_is_a_clear_error(tmp_path):
         read_subject_lists(FolderSource(tmp_path / "subjects.txt"), 100)
 
 
+def test_a_grid_file_that_cannot_be_read_is_one_line_naming_it():
+    # A file whose every read fails, even for root (who reads past any permission).
+    with pytest.raises(GridError, match=r"^cannot read grid file /proc/\d+/mem: Input/output error$"):
+        load_grid("/proc/self/mem")
+
+
 def test_a_grid_path_that_is_a_folder_says_so(tmp_path):
     with pytest.raises(GridError, match=rf"grid file {tmp_path} is a folder \(set SD_ASSETS_GRID to a grid.yaml"):
         load_grid(tmp_path)

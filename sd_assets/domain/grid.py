@@ -261,7 +261,11 @@ def load_grid(path: str | Path) -> GridConfig:
         raise GridError(f"grid file {path} is a folder (set SD_ASSETS_GRID to a grid.yaml, not its folder)")
     if not path.is_file():
         raise GridError(f"grid file {path} does not exist (set SD_ASSETS_GRID to a grid.yaml)")
-    text = _utf8_text(path.read_bytes(), str(path))
+    try:
+        data = path.read_bytes()
+    except OSError as exc:  # no permission to read it, a disk or network file system failing
+        raise GridError(f"cannot read grid file {path}: {exc.strerror or exc}") from None
+    text = _utf8_text(data, str(path))
     try:
         raw = yaml.load(text, Loader=_GridLoader)
     except yaml.YAMLError as exc:
