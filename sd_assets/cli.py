@@ -97,7 +97,6 @@ def _search(args: argparse.Namespace) -> int:
     catalog = read_catalog(store, unreadable)
     for entry in unreadable:
         print(f"sd-assets: {entry.message}; the rows in it are left out of this search", file=sys.stderr)
-    failed = 2 if unreadable else 0
     if catalog.empty and not unreadable and any(key.endswith(".png") for key in store.list_keys("images/")):
         raise StoreError(  # the catalog was deleted, or not copied with the images: nothing to make again
             f"no catalog in {storage}, but it holds images; `sd-assets rebuild-catalog` gives each its row "
@@ -110,7 +109,7 @@ def _search(args: argparse.Namespace) -> int:
             f"sd-assets: {store.location(catalog_key(slug))} is gone, though {slug}'s gallery is there: its images "
             "are left out of this search; `sd-assets rebuild-catalog` gives each its row from its PNG", file=sys.stderr,
         )  # fmt: skip
-    failed = 2 if lost else failed
+    failed = 2 if unreadable or lost else 0
     if catalog.empty and not unreadable:  # not "no images match": the store is new, or the wrong one
         raise StoreError(
             f"no catalog in {storage}: no style has been made there yet (make demo, or dagster job execute)"

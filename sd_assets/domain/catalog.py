@@ -537,14 +537,7 @@ def search(
     Raises:
         SdAssetsError: a filter or ``where`` names no catalog column, or gives a value its column cannot hold.
     """
-    import unicodedata
-
     import pandas as pd
-
-    def normal(text: pd.Series | str):
-        if isinstance(text, str):
-            return unicodedata.normalize("NFC", text).casefold()
-        return text.astype(str).map(lambda value: unicodedata.normalize("NFC", value).casefold())
 
     mask = pd.Series(True, index=catalog.index)
     for name, value in filters.items():
@@ -556,18 +549,27 @@ def search(
                 value = value[: -len(".png")] if value.casefold().endswith(".png") else value
                 if not value:  # would match every image
                     raise SdAssetsError(f"--key {given!r} holds no part of a content key")
-            wanted = normal(value)
-            hits = normal(catalog[name]).str.contains(wanted, regex=False)
+            wanted = _normal(value)
+            hits = _normal(catalog[name]).str.contains(wanted, regex=False)
             if name == "style":
                 hits |= catalog[name].astype(str).map(slugify).str.contains(wanted, regex=False)
             mask &= hits
     # Pairs as well as a mapping: the command line may give one column twice, and both must match.
     for name, value in where.items() if isinstance(where, Mapping) else where or ():
-        mask &= _equals(catalog, name, value, normal)
+        mask &= _equals(catalog, name, value)
     return catalog[mask].reset_index(drop=True)
 
 
-def _equals(catalog: pd.DataFrame, column: str, value: str | int | float | bool, normal) -> pd.Series:
+def _normal(text: pd.Series | str):
+    """Text as search compares it: Unicode NFC, case folded."""
+    import unicodedata
+
+    if isinstance(text, str):
+        return unicodedata.normalize("NFC", text).casefold()
+    return text.astype(str).map(lambda value: unicodedata.normalize("NFC", value).casefold())
+
+
+def _equals(catalog: pd.DataFrame, column: str, value: str | int | float | bool) -> pd.Series:
     """Which rows hold exactly ``value`` (as a user types it, or as Python holds it) in ``column``."""
     value = str(value)  # a notebook passes True or 50; compared as the command line types them
     if column not in COLUMNS:
@@ -583,4 +585,4 @@ def _equals(catalog: pd.DataFrame, column: str, value: str | int | float | bool,
         except ValueError:
             raise SdAssetsError(f"{column} is a number, not {value!r}") from None
         return catalog[column].astype(float) == number
-    return normal(catalog[column]) == normal(value)
+    return _normal(catalog[column]) == _normal(value)
