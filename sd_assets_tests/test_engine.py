@@ -192,6 +192,7 @@ def test_an_unknown_scheduler_is_named_with_the_close_ones_before_any_weights_lo
         ("FooScheduler", r"'FooScheduler' is not a diffusers scheduler class; Stable Diffusion's usual ones are "
                          r"PNDMScheduler, DDIMScheduler, EulerDiscreteScheduler and DPMSolverMultistepScheduler$"),
         ("Euler a", r"'Euler a' is the web UI's name; diffusers' class is EulerAncestralDiscreteScheduler$"),
+        ("euler_a", r"'euler_a' is the web UI's name; diffusers' class is EulerAncestralDiscreteScheduler$"),
     ]:  # fmt: skip
         with pytest.raises(SdAssetsError, match=message):
             engine.scheduler_class(typed)

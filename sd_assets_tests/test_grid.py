@@ -67,7 +67,20 @@ model: {id: tiny-random}
         (VALID + 'inference: {width: "64"}\n', "field 'inference.width' = '64': Input should be a valid integer"),
         (VALID + "inference: {guidance_scale: .nan}\n", "field 'inference.guidance_scale' = nan: Input should be a finite"),
         (VALID + "inference: {guidance_scale: true}\n", "field 'inference.guidance_scale' = True: Input should be a"),
-        (VALID + "inference: {scheduler: EulerDiscrete}\n", "field 'inference.scheduler' = 'EulerDiscrete': must be a"),
+        (VALID + "inference: {scheduler: EulerDiscrete}\n",
+         "field 'inference.scheduler' = 'EulerDiscrete': must be a diffusers scheduler class name; did you mean "
+         "EulerDiscreteScheduler?"),  # fmt: skip
+        (VALID + "inference: {scheduler: Foo}\n",
+         "field 'inference.scheduler' = 'Foo': must be a diffusers scheduler class name, such as"),  # fmt: skip
+        # The web UI's sampler names, as people copy them from a PNG's parameters or their notes.
+        (VALID + "inference: {scheduler: Euler a}\n",
+         "field 'inference.scheduler' = 'Euler a': the web UI's name; diffusers' class is "
+         "EulerAncestralDiscreteScheduler"),  # fmt: skip
+        (VALID + "inference: {scheduler: euler_a}\n", "diffusers' class is EulerAncestralDiscreteScheduler"),
+        (VALID + "inference: {scheduler: DDIM}\n", "'DDIM': the web UI's name; diffusers' class is DDIMScheduler"),
+        (VALID + "inference: {scheduler: DPM++ 2M Karras}\n",
+         "the web UI's name; diffusers' class is DPMSolverMultistepScheduler (without Karras sigmas, which the "
+         "grid has no setting for)"),  # fmt: skip
         (VALID + "inference: {compile: 1}\n", "field 'inference.compile' = 1: Input should be a valid boolean"),
         (VALID + "inference: {compile_vae: true}\n", "field 'inference.compile_vae' = True: needs compile: true"),
         (VALID + "inference: {deep_cache: {interval: 1}}\n", "field 'inference.deep_cache.interval' = 1"),

@@ -29,8 +29,8 @@ from sd_assets.domain import deep_cache as deep_caching
 from sd_assets.domain import library_logs
 from sd_assets.domain.deep_cache import DeepCache
 from sd_assets.domain.errors import ModelError, SdAssetsError
-from sd_assets.domain.pngmeta import SAMPLER_NAMES
 from sd_assets.domain.prompts import GenerationSettings, PromptRow
+from sd_assets.domain.schedulers import USUAL_SCHEDULERS, web_ui_name
 
 _DTYPES = {"float16": "float16", "bfloat16": "bfloat16", "float32": "float32"}
 
@@ -205,9 +205,6 @@ def software_versions() -> str:
     return f"torch {torch.__version__}, diffusers {diffusers.__version__}"
 
 
-USUAL_SCHEDULERS = "PNDMScheduler, DDIMScheduler, EulerDiscreteScheduler and DPMSolverMultistepScheduler"
-
-
 def scheduler_class(name: str):
     """The diffusers scheduler class ``name``; a ModelError with the close names, or with the
     library it needs (diffusers names such a class but leaves it a placeholder without that)."""
@@ -219,11 +216,9 @@ def scheduler_class(name: str):
     missing = [backend for backend in getattr(found, "_backends", ()) if backend != "torch"]
     if missing:
         raise ModelError(f"inference.scheduler {name!r} needs {' and '.join(missing)}: pip install {' '.join(missing)}")
-    diffusers_names = {web_ui.casefold(): class_name for class_name, web_ui in SAMPLER_NAMES.items()}
-    if name.casefold() in diffusers_names:
-        raise ModelError(
-            f"inference.scheduler {name!r} is the web UI's name; diffusers' class is {diffusers_names[name.casefold()]}"
-        )
+    web_ui = web_ui_name(name)
+    if web_ui:
+        raise ModelError(f"inference.scheduler {name!r} is {web_ui}")
     # Compared without the common "Scheduler", which made every misspelt name look close to all of them.
     stems = {n.casefold().removesuffix("scheduler"): n for n in dir(diffusers) if n.endswith("Scheduler")}
     typed = name.casefold().removesuffix("scheduler")

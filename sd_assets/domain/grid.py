@@ -18,6 +18,7 @@ import pydantic
 import yaml
 
 from sd_assets.domain.errors import GridError
+from sd_assets.domain.schedulers import SAMPLER_NAMES, web_ui_name
 
 # Style names become Dagster partition keys, URL segments and file names (through their slug);
 # letters, digits, spaces and a little punctuation are safe in all three.
@@ -96,9 +97,12 @@ class InferenceConfig(_Strict):
         # The names themselves are checked when diffusers loads (importing it here would cost
         # every run, even one with nothing to make, about two seconds); the shape is checked now.
         if value is not None and not (value.isidentifier() and value.endswith("Scheduler")):
-            raise ValueError(
-                "must be a diffusers scheduler class name, such as EulerDiscreteScheduler or DDIMScheduler"
-            )
+            web_ui = web_ui_name(value)
+            if web_ui:
+                raise ValueError(web_ui)
+            suffixed = next((name for name in SAMPLER_NAMES if name.casefold() == f"{value}Scheduler".casefold()), None)
+            hint = f"; did you mean {suffixed}?" if suffixed else ", such as EulerDiscreteScheduler or DDIMScheduler"
+            raise ValueError(f"must be a diffusers scheduler class name{hint}")
         return value
 
     @pydantic.field_validator("compile_vae")

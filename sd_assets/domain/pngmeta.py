@@ -13,27 +13,12 @@ from dataclasses import asdict, dataclass
 
 from PIL import Image, PngImagePlugin
 
+from sd_assets.domain.schedulers import SAMPLER_NAMES
+
 PARAMETERS_CHUNK = "parameters"
 PROVENANCE_CHUNK = "sd-assets"
 # zlib level 4 encodes several times faster than the default 6 for ~5% larger files.
 PNG_COMPRESS_LEVEL = 4
-
-# Names the web UI shows for diffusers' schedulers; others are shown by class name.
-SAMPLER_NAMES = {
-    "PNDMScheduler": "PLMS",
-    "DDIMScheduler": "DDIM",
-    "DDPMScheduler": "DDPM",
-    "LMSDiscreteScheduler": "LMS",
-    "EulerDiscreteScheduler": "Euler",
-    "EulerAncestralDiscreteScheduler": "Euler a",
-    "HeunDiscreteScheduler": "Heun",
-    "KDPM2DiscreteScheduler": "DPM2",
-    "KDPM2AncestralDiscreteScheduler": "DPM2 a",
-    "DPMSolverMultistepScheduler": "DPM++ 2M",
-    "DPMSolverSinglestepScheduler": "DPM++ SDE",
-    "UniPCMultistepScheduler": "UniPC",
-    "LCMScheduler": "LCM",
-}
 
 
 @dataclass(frozen=True)
