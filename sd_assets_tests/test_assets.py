@@ -569,3 +569,43 @@ def test_the_prompt_grid_preview_shows_each_subject_as_written_in_its_own_cell()
     cells = [re.findall(r"<td>(.*?)</td>", row, flags=re.S) for row in body]
     assert cells == [[escape(subject, quote=False), "0", "7", "<code>0123456789ab</code>"] for subject in subjects]
     assert "<script>" not in html and "href=" not in html
+
+
+def test_an_index_drawn_while_another_style_merged_its_catalog_is_drawn_again_counting_it(grid_path, instance):
+    from sd_assets.domain.catalog import rebuild_catalogs
+    from sd_assets.domain.gallery import INDEX_KEY
+    from sd_assets.domain.store import LocalStore
+    from sd_assets.orchestration.resources import ArtifactStoreResource
+
+    data = grid_path.parent / "data"
+    for style in STYLES:
+        materialize_style(grid_path, style, instance)
+    (data / "catalog" / "andy-warhol.parquet").unlink()
+
+    class MergedMeanwhile(LocalStore):
+        """Andy Warhol's run merges its catalog after this index read the catalogs, before it is written."""
+
+        merged = False
+
+        def write_text(self, key: str, text: str) -> None:
+            if key == INDEX_KEY and not MergedMeanwhile.merged:
+                MergedMeanwhile.merged = True
+                rebuild_catalogs(self)
+            super().write_text(key, text)
+
+    class MergedMeanwhileResource(ArtifactStoreResource):
+        def open(self):
+            return MergedMeanwhile(self.url)
+
+    defs = build_definitions({"SD_ASSETS_GRID": str(grid_path), "SD_ASSETS_DEVICE": "cpu"})
+    result = dg.materialize(
+        [asset for asset in defs.assets if isinstance(asset, dg.AssetsDefinition)], selection="gallery_index",
+        instance=instance,
+        resources={**defs.resources, "store": MergedMeanwhileResource(url=str(data))},
+    )  # fmt: skip
+
+    assert MergedMeanwhile.merged and len(pd.read_parquet(data / "catalog" / "andy-warhol.parquet")) == 4
+    assert "8 of 8 images of the grid made, across 2 styles" in (data / "gallery" / "index.html").read_text()
+    assert _metadata(result, "gallery_index")["images"] == 8
+    messages = [e.message for e in instance.all_logs(result.run_id) if e.level == logging.INFO]
+    assert "a catalog changed while the gallery index was written; writing it again" in messages

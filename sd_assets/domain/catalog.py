@@ -31,7 +31,7 @@ from sd_assets.domain.errors import SdAssetsError, StoreError
 from sd_assets.domain.grid import slugify
 from sd_assets.domain.pngmeta import Provenance, image_key_path, read_provenance
 from sd_assets.domain.prompts import PromptRow
-from sd_assets.domain.store import ArtifactStore
+from sd_assets.domain.store import ArtifactStore, ObjectVersion
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -225,6 +225,13 @@ def _catalog_slug(key: str) -> str | None:
     if key == name or "/" in name or not name.endswith(".parquet"):
         return None
     return name.removesuffix(".parquet")
+
+
+def catalog_versions(store: ArtifactStore) -> dict[str, ObjectVersion]:
+    """Each style catalog's version, by slug, from one listing: a merge that rewrites it changes it."""
+    return {
+        slug: version for key, version in store.versions("catalog/").items() if (slug := _catalog_slug(key)) is not None
+    }
 
 
 def _style_catalog_keys(store: ArtifactStore) -> list[str]:

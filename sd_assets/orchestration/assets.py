@@ -46,6 +46,8 @@ COMMON = {"group_name": GROUP, "owners": OWNERS}
 GENERATE_JOB = "generate_images"
 # style_images' check: a prompt longer than the text encoder reads is not made, and the check fails naming it.
 PROMPTS_FIT = "prompts_fit_text_encoder"
+# Draws of the gallery index before it is left to the next run: each redraw means another run merged meanwhile.
+INDEX_ATTEMPTS = 3
 
 
 def _style(context: dg.AssetExecutionContext, config: GridConfig) -> str:
@@ -321,28 +323,21 @@ def build_assets(styles: dg.StaticPartitionsDefinition) -> list:
         # The grid as it stands, not each style's last run: counts of every style compare, and
         # a style not run since a list arrived shows what it lacks.
         rows_by_style, _read, _settings = _grid_rows(config, artifact_store, config.styles)
-        # A damaged catalog leaves its style's count unknown, not every style's index out of date.
-        unreadable: list[catalog_lib.UnreadableCatalog] = []
-        made = catalog_lib.catalog_styles(artifact_store, unreadable)
-        broken = {entry.slug for entry in unreadable}
-        for entry in unreadable:
-            context.log.warning(f"{entry.message}; the index shows its style's count as unknown")
-        present = {key for keys in made.values() for key in keys}
-
-        def summary(style: str, total: int, present_count: int) -> gallery.StyleSummary:
-            has_pages = artifact_store.exists(gallery.style_page_key(style, 1))
-            unknown = slugify(style) in broken
-            return gallery.StyleSummary(style, total, 0 if unknown else present_count, has_pages, unknown)
-
-        summaries = [
-            summary(style, len(rows), sum(1 for r in rows if r.key in present)) for style, rows in rows_by_style.items()
-        ]
-        in_grid = {slugify(style) for style in config.styles}
-        others = [summary(style, len(keys), len(keys)) for style, keys in made.items() if slugify(style) not in in_grid]
-        others += [summary(slug, 0, 0) for slug in sorted(broken - in_grid)]
-        key = gallery.render_index(
-            artifact_store, summaries, rows_by_style, present, other_styles=others, model_id=config.model.id
-        )
+        # Runs of other styles merge their catalogs and write this page too, on this node or
+        # another: a page drawn from catalogs that changed while it was written is drawn again,
+        # so the last one written counts every merge (a merge after the check below is its own
+        # run's, whose index is written after it).
+        for attempt in range(1, INDEX_ATTEMPTS + 1):
+            drawn_from = _index_sources(artifact_store)
+            index = _write_index(context, config, artifact_store, rows_by_style)
+            if _index_sources(artifact_store) == drawn_from:
+                break
+            message = "a catalog changed while the gallery index was written"
+            if attempt == INDEX_ATTEMPTS:
+                context.log.warning(f"{message} {attempt} times; the next run's index will count it")
+            else:
+                context.log.info(f"{message}; writing it again")
+        summaries, unreadable, key = index
         metadata = {
             "styles": len(summaries),
             "images": sum(s.present for s in summaries),
@@ -357,6 +352,41 @@ def build_assets(styles: dg.StaticPartitionsDefinition) -> list:
 
 # `dagster job execute` without DAGSTER_HOME keeps its run in a folder of this name, deleted at exit.
 _TEMPORARY_DAGSTER_HOME = ".tmp_dagster_home_"
+
+
+def _index_sources(artifact_store) -> tuple[dict, set[str]]:
+    """What the gallery index is drawn from that other runs change: the catalogs (their versions)
+    and which styles have pages."""
+    catalogs = catalog_lib.catalog_versions(artifact_store)
+    return catalogs, artifact_store.existing([gallery.style_page_key(slug, 1) for slug in catalogs])
+
+
+def _write_index(context: dg.AssetExecutionContext, config, artifact_store, rows_by_style: dict):
+    """Draw and write the gallery index from the catalogs as they are now; returns the grid's
+    styles' summaries, the unreadable catalogs and the index's key."""
+    # A damaged catalog leaves its style's count unknown, not every style's index out of date.
+    unreadable: list[catalog_lib.UnreadableCatalog] = []
+    made = catalog_lib.catalog_styles(artifact_store, unreadable)
+    broken = {entry.slug for entry in unreadable}
+    for entry in unreadable:
+        context.log.warning(f"{entry.message}; the index shows its style's count as unknown")
+    present = {key for keys in made.values() for key in keys}
+
+    def summary(style: str, total: int, present_count: int) -> gallery.StyleSummary:
+        has_pages = artifact_store.exists(gallery.style_page_key(style, 1))
+        unknown = slugify(style) in broken
+        return gallery.StyleSummary(style, total, 0 if unknown else present_count, has_pages, unknown)
+
+    summaries = [
+        summary(style, len(rows), sum(1 for r in rows if r.key in present)) for style, rows in rows_by_style.items()
+    ]
+    in_grid = {slugify(style) for style in config.styles}
+    others = [summary(style, len(keys), len(keys)) for style, keys in made.items() if slugify(style) not in in_grid]
+    others += [summary(slug, 0, 0) for slug in sorted(broken - in_grid)]
+    key = gallery.render_index(
+        artifact_store, summaries, rows_by_style, present, other_styles=others, model_id=config.model.id
+    )
+    return summaries, unreadable, key
 
 
 def _style_lock(context: dg.AssetExecutionContext, generator: GeneratorResource, artifact_store, style: str):
