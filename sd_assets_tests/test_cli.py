@@ -300,6 +300,10 @@ def test_a_broken_catalog_hides_only_its_own_style_from_the_index_and_the_search
     assert found.stderr.strip().endswith("; the rows in it are left out of this search")
     table = _run([BIN / "sd-assets", "search", "--style", "banksy"], cli_env, check=False)
     assert table.returncode == 2 and table.stdout == "" and "no images match" in table.stderr
+    # A search the style filter keeps away from Banksy misses nothing: no warning, and it succeeds.
+    for others in (["--style", "warhol"], ["--where", "style=andy warhol"]):
+        other = _run([BIN / "sd-assets", "search", *others], cli_env, check=False)
+        assert (other.returncode, other.stderr) == (0, "4 images\n") and other.stdout.count("Andy Warhol") == 4
 
     _run([BIN / "sd-assets", "rebuild-catalog"], cli_env)
     assert len(json.loads(_run([BIN / "sd-assets", "search", "--json"], cli_env).stdout)) == 8
@@ -479,6 +483,8 @@ def test_search_names_a_style_whose_catalog_is_gone_though_its_gallery_is_there(
     (data / "catalog" / "pending" / "andy-warhol" / "run-9.making.json").write_text('["' + "f" * 64 + '"]')
     monkeypatch.setenv("SD_ASSETS_STORAGE", str(data))
 
+    assert main(["search", "--style", "bank"]) == 0, "Banksy's search misses none of its rows"
+    assert capsys.readouterr().err == "2 images\n"
     assert main(["search"]) == 2
     out, err = capsys.readouterr()
     assert [re.split(r"  +", line)[1] for line in out.splitlines()[1:]] == ["Banksy"] * 2, "the other style's rows"

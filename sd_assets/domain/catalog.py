@@ -525,9 +525,13 @@ def rebuild_catalogs(store: ArtifactStore, threads: int = 16) -> Rebuild:
     return Rebuild(reports, errors, images=len(images), catalogs=len(catalogs) + len(unreadable))
 
 
+# search's whole-value filters: a mapping, or (column, value) pairs.
+Where = Mapping[str, str | int | float | bool] | Sequence[tuple[str, str]] | None
+
+
 def search(
     catalog: pd.DataFrame,
-    where: Mapping[str, str | int | float | bool] | Sequence[tuple[str, str]] | None = None,
+    where: Where = None,
     **filters: str | None,
 ) -> pd.DataFrame:
     """Rows matching every given filter and every ``where`` setting.
@@ -561,10 +565,24 @@ def search(
             if name == "style":
                 hits |= catalog[name].astype(str).map(slugify).str.contains(wanted, regex=False)
             mask &= hits
-    # Pairs as well as a mapping: the command line may give one column twice, and both must match.
-    for name, value in where.items() if isinstance(where, Mapping) else where or ():
+    for name, value in _where_pairs(where):
         mask &= _equals(catalog, name, value)
     return catalog[mask].reset_index(drop=True)
+
+
+def _where_pairs(where: Where) -> Sequence[tuple[str, str | int | float | bool]]:
+    # Pairs as well as a mapping: the command line may give one column twice, and both must match.
+    return list(where.items()) if isinstance(where, Mapping) else list(where or ())
+
+
+def search_may_reach(slug: str, style: str | None = None, where: Where = None) -> bool:
+    """Whether ``search`` with these ``style`` and ``where`` filters could find rows in the catalog
+    of the style ``slug``: one it could not read need not be reported to a search that leaves
+    its style out. Only the slug is known of such a catalog, so a style named in part is tried
+    against it slugged (``Van Gogh`` finds ``vincent-van-gogh``)."""
+    if style and _normal(style) not in slug and slugify(style) not in slug:
+        return False
+    return all(slugify(str(value)) == slug for name, value in _where_pairs(where) if name == "style")
 
 
 def _normal(text: pd.Series | str):
