@@ -100,9 +100,9 @@ def _search(args: argparse.Namespace) -> int:
     def reached(slug: str) -> bool:  # a catalog the filters leave out has no rows to miss
         return search_may_reach(slug, style=args.style, where=args.where)
 
-    for entry in unreadable:
-        if reached(entry.slug):
-            print(f"sd-assets: {entry.message}; the rows in it are left out of this search", file=sys.stderr)
+    missed = [entry for entry in unreadable if reached(entry.slug)]
+    for entry in missed:
+        print(f"sd-assets: {entry.message}; the rows in it are left out of this search", file=sys.stderr)
     if catalog.empty and not unreadable and any(key.endswith(".png") for key in store.list_keys("images/")):
         raise StoreError(  # the catalog was deleted, or not copied with the images: nothing to make again
             f"no catalog in {storage}, but it holds images; `sd-assets rebuild-catalog` gives each its row "
@@ -115,7 +115,7 @@ def _search(args: argparse.Namespace) -> int:
             f"sd-assets: {store.location(catalog_key(slug))} is gone, though {slug}'s gallery is there: its images "
             "are left out of this search; `sd-assets rebuild-catalog` gives each its row from its PNG", file=sys.stderr,
         )  # fmt: skip
-    failed = 2 if lost or any(reached(entry.slug) for entry in unreadable) else 0
+    failed = 2 if missed or lost else 0
     if catalog.empty and not unreadable:  # not "no images match": the store is new, or the wrong one
         raise StoreError(
             f"no catalog in {storage}: no style has been made there yet (make demo, or dagster job execute)"
