@@ -49,6 +49,8 @@ def test_content_key_changes_with_every_pixel_determining_setting():
         content_key(replace(SETTINGS, model_id="other/model"), "alan turing by Banksy", 7),
         content_key(replace(SETTINGS, deep_cache=DeepCache(interval=3)), "alan turing by Banksy", 7),
         content_key(replace(SETTINGS, deep_cache=DeepCache(interval=3, branch=1)), "alan turing by Banksy", 7),
+        # An image the checker flags is blacked out: another picture, even where none is flagged.
+        content_key(replace(SETTINGS, safety_checker=True), "alan turing by Banksy", 7),
     ]
     assert len({base, *variants}) == len(variants) + 1
 
