@@ -44,6 +44,14 @@ def test_parameters_chunk_has_no_negative_prompt_line_without_one():
     ]
 
 
+def test_parameters_chunk_writes_a_whole_guidance_scale_as_the_web_ui_does_and_says_when_the_checker_looked():
+    # The web UI writes "CFG scale: 7" for 7.0, and tools that read the line compare it as text.
+    assert ", CFG scale: 7, Seed: 1234, " in a1111_parameters(replace(PROVENANCE, guidance_scale=7.0))
+    checked = a1111_parameters(replace(PROVENANCE, safety_checker=True, deep_cache="interval 3, branch 0"))
+    assert checked.splitlines()[-1].endswith(", Model: tiny-random, DeepCache: interval 3; branch 0, Safety checker: on")
+    assert "Safety checker" not in a1111_parameters(PROVENANCE)
+
+
 def test_png_carries_both_chunks_and_round_trips():
     data = encode_png(Image.new("RGB", (64, 64), (200, 10, 10)), PROVENANCE)
     with Image.open(io.BytesIO(data)) as image:
