@@ -104,3 +104,15 @@ def test_a_write_in_flight_is_not_an_object_of_the_store(tmp_path):
     assert list(store.list_keys("images/")) == ["images/ab/done.png"]
     assert set(store.versions("images/")) == {"images/ab/done.png"}
     assert store.existing(["images/ab/done.png", "images/ab/half.png"]) == {"images/ab/done.png"}
+
+
+@pytest.mark.parametrize("key", ["../outside.png", "images/../../outside.png", "/etc/passwd", "images//x.png", "./x", ""])
+def test_a_key_that_would_leave_the_store_or_name_no_file_is_refused_before_any_file_is_touched(tmp_path, key):
+    store = LocalStore(tmp_path / "data")
+    (tmp_path / "outside.png").write_bytes(b"not the store's")
+    for touch in (lambda: store.write_bytes(key, b"png"), lambda: store.read_bytes(key), lambda: store.exists(key),
+                  lambda: store.delete(key)):  # fmt: skip
+        with pytest.raises(StoreError, match=r"^invalid store key .*: use a relative path without '\.' or '\.\.' parts$"):
+            touch()
+    assert (tmp_path / "outside.png").read_bytes() == b"not the store's"
+    assert not (tmp_path / "data").exists(), "nothing was written"
