@@ -318,3 +318,12 @@ def test_a_cached_branch_serves_the_grid_pinned_to_its_commit_sha(hf_home, tmp_p
     assert ensure_model(store, pinned, hub).action == "cached"
     ref = read_model_ref(store, pinned)
     assert (ref.model_id, ref.revision, ref.variant) == (REPO, SHA, "fp16")
+
+
+def test_a_repo_without_weights_for_a_part_of_the_pipeline_is_named_before_any_download():
+    # A repo whose VAE has its config and no weights (an upload that stopped half-way, say).
+    files = ["model_index.json", "scheduler/scheduler_config.json", "tokenizer/vocab.json", "unet/config.json",
+             "unet/diffusion_pytorch_model.safetensors", "vae/config.json", "text_encoder/config.json",
+             "text_encoder/model.safetensors"]  # fmt: skip
+    with pytest.raises(ModelError, match=r"^model org/unet-only: no weights for vae; not a Stable Diffusion repo$"):
+        select_pipeline_files("org/unet-only", files)
