@@ -517,3 +517,21 @@ def test_the_search_table_shows_characters_that_would_act_on_the_terminal_as_cod
     assert main(["search", "--json"]) == 0
     subjects = {record["subject"] for record in json.loads(capsys.readouterr().out)}
     assert subjects == {"alan \u202eturing", "ada \x1b[2Jlovelace"}
+
+
+def test_each_search_option_filters_on_its_own_column(tmp_path, monkeypatch, capsys):
+    _catalog_of(tmp_path / "data", [("alan turing", ""), ("ada lovelace", "")])
+    _catalog_of(tmp_path / "data", [("alan turing", ""), ("grace hopper", "")], style="Andy Warhol", first_key=2)
+    monkeypatch.setenv("SD_ASSETS_STORAGE", str(tmp_path / "data"))
+
+    def found(*options: str) -> list[tuple[str, str, str]]:
+        assert main(["search", *options, "--json"]) == 0
+        return sorted((row["style"], row["subject"], row["run_id"]) for row in json.loads(capsys.readouterr().out))
+
+    assert len(found()) == 4
+    assert found("--style", "WARHOL") == [("Andy Warhol", "alan turing", "run-0"), ("Andy Warhol", "grace hopper", "run-1")]
+    assert found("--style", "andy-warhol", "--subject", "turing") == [("Andy Warhol", "alan turing", "run-0")]
+    assert found("--run", "run-1") == [("Andy Warhol", "grace hopper", "run-1"), ("Banksy", "ada lovelace", "run-1")]
+    assert found("--prompt", "lovelace by banksy") == [("Banksy", "ada lovelace", "run-1")]
+    assert len(found("--model", "TINY-random")) == 4 and found("--model", "stable-diffusion") == []
+    assert found("--key", f"{3:064x}") == [("Andy Warhol", "grace hopper", "run-1")]
