@@ -581,12 +581,15 @@ def test_images_of_earlier_grids_get_pages_of_their_own_newest_first(tmp_path):
         _made(row, f"run-{i}", steps=4, created=f"2026-11-2{i}T00:00:00+00:00") for i, row in enumerate(before)
     ]
     made[-1]["negative_prompt"] = "blurry"  # differs only there from the row before it
+    made[2]["deep_cache"] = "interval 3, branch 0"  # the oldest, made with DeepCache
     written = gallery.render_style_pages(store, "Banksy", now, made, page_size=2)
     assert written.pages == ["gallery/banksy/page-1.html"]
     assert written.earlier_pages == ["gallery/banksy/earlier-1.html", "gallery/banksy/earlier-2.html"]
     assert written.earlier_images == 3
     first = store.read_text(written.pages[0])
     assert '<a href="earlier-1.html">3 earlier images</a> of this style' in first
+    # The counts are the grid's: its earlier images are not among the ones it made.
+    assert "2 of 2 images made" in first and "5 of 2" not in first
     assert "ada lovelace" not in first
     earlier = store.read_text(written.earlier_pages[0])
     assert "Banksy: earlier images" in earlier and 'href="page-1.html"' in earlier and 'href="earlier-2.html"' in earlier
@@ -597,6 +600,9 @@ def test_images_of_earlier_grids_get_pages_of_their_own_newest_first(tmp_path):
     assert earlier.count("4 steps · 64x64 · guidance 7.5 · PNDMScheduler · tiny-random@0000000 · 2026-11-2") == 1
     assert "· 2026-11-20 00:00 UTC" in store.read_text(written.earlier_pages[1])
     assert "4 steps · 64x64 · guidance 7.5 · PNDMScheduler · tiny-random@0000000 · negative prompt: blurry" in earlier
+    assert "tiny-random@0000000 · DeepCache interval 3, branch 0 · 2026-11-20 00:00 UTC" in store.read_text(
+        written.earlier_pages[1]
+    )
     assert f'src="../../images/{before[2].key[:2]}/{before[2].key}.png"' in earlier
 
     # Back to the grid that made them: no earlier images left, and their pages go.
