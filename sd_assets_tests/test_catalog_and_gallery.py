@@ -728,3 +728,18 @@ def test_a_contact_sheet_of_many_subjects_goes_on_pages_written_only_when_they_c
     gallery.render_style_pages(store, "Contact", contact, [_made(contact[0], "r1")])
     gallery.render_index(store, summaries, rows, present)
     assert store.exists("gallery/contact/page-1.html") and store.exists("gallery/_contact/page-3.html")
+
+
+def test_rebuild_gives_an_image_copied_under_another_name_one_row(tmp_path):
+    # A PNG copied in the store (a sync tool's "copy", a hand-made backup) carries its provenance
+    # along: the same content key. The rebuild reads both files, and the catalog gets one row for it.
+    store = LocalStore(tmp_path)
+    row = _row("alan turing", "Banksy")
+    _store_image(store, row, "r1")
+    png = store.read_bytes(image_key_path(row.key))
+    store.write_bytes(f"images/{row.key[:2]}/{row.key} (copy).png", png)
+    rebuild = catalog.rebuild_catalogs(store)
+    assert rebuild.images == 2 and rebuild.errors == []
+    [report] = rebuild.reports
+    assert (report.rows, report.recovered_from_png) == (1, 1)
+    assert catalog.read_catalog(store)["key"].tolist() == [row.key]
