@@ -78,6 +78,22 @@ def test_an_images_starting_noise_is_drawn_on_the_cpu_whatever_the_device(loaded
     assert torch.equal(as_on_gpu, engine.run_pipeline(loaded, ROWS[:1], SETTINGS).images)
 
 
+def _close(a: np.ndarray, b: np.ndarray) -> bool:
+    """The same picture: a batched call sums in another order, which moves a level or two at most."""
+    return int(np.abs(a.astype(int) - b.astype(int)).max()) <= 2
+
+
+def test_every_image_of_one_pipeline_call_starts_from_its_own_seed(loaded):
+    # On a CPU the rows go through one at a time; on a GPU a whole batch is one call, and each of
+    # its images must still be the picture of its own seed, not of the first row's.
+    alone = render_all(loaded, ROWS[:3], batch_size=1)
+    together = engine.run_pipeline(loaded, ROWS[:3], SETTINGS).images
+    pixels = together.float().mul(255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    for row, image in zip(ROWS[:3], pixels, strict=True):
+        assert _close(image, alone[row.key]), row.key
+    assert not _close(pixels[0], pixels[1]) and not _close(pixels[0], pixels[2])
+
+
 def test_a_short_last_batch_is_filled_to_the_compiled_shape_only_on_a_gpu(loaded):
     def on(device: str, compiled: bool, warmed: set) -> engine.LoadedPipeline:
         return engine.LoadedPipeline(None, loaded.folder, device, "float16", "PNDMScheduler", compiled, warmed)
