@@ -78,6 +78,11 @@ def test_an_images_starting_noise_is_drawn_on_the_cpu_whatever_the_device(loaded
     assert torch.equal(as_on_gpu, engine.run_pipeline(loaded, ROWS[:1], SETTINGS).images)
 
 
+def _as_on_a_compiled_gpu(loaded: engine.LoadedPipeline, warmed: set) -> engine.LoadedPipeline:
+    """The CPU pipeline recorded as compiled on a GPU: its batches go through in one call, as there."""
+    return engine.LoadedPipeline(loaded.pipeline, loaded.folder, "cuda", "float32", "PNDMScheduler", True, warmed)
+
+
 def _close(a: np.ndarray, b: np.ndarray) -> bool:
     """The same picture: a batched call sums in another order, which moves a level or two at most."""
     return int(np.abs(a.astype(int) - b.astype(int)).max()) <= 2
@@ -92,6 +97,20 @@ def test_every_image_of_one_pipeline_call_starts_from_its_own_seed(loaded):
     for row, image in zip(ROWS[:3], pixels, strict=True):
         assert _close(image, alone[row.key]), row.key
     assert not _close(pixels[0], pixels[1]) and not _close(pixels[0], pixels[2])
+
+
+def test_a_short_last_batch_filled_to_the_compiled_shape_gives_each_row_its_own_image(loaded):
+    # 6 rows in batches of 4 on a "GPU" whose 4-image shape is compiled: the last batch of 2 is
+    # filled with 2 copies of its last row, which are thrown away; rows 4 and 5 get their own pictures.
+    alone = render_all(loaded, ROWS, batch_size=1)
+    images: dict[str, np.ndarray] = {}
+    with engine.BoundedWriter(workers=2, max_pending=8) as writer:
+        stats = engine.generate(_as_on_a_compiled_gpu(loaded, {(4, 64, 64)}), ROWS, SETTINGS, 4,
+                                lambda row, pixels, _flagged: images.update({row.key: pixels}), writer)  # fmt: skip
+    assert (stats.generated, stats.padded) == (6, 2)
+    assert set(images) == set(alone)
+    for key, pixels in images.items():
+        assert _close(pixels, alone[key]), key
 
 
 def test_a_short_last_batch_is_filled_to_the_compiled_shape_only_on_a_gpu(loaded):
