@@ -113,6 +113,18 @@ def test_a_short_last_batch_filled_to_the_compiled_shape_gives_each_row_its_own_
         assert _close(pixels, alone[key]), key
 
 
+def test_the_negative_prompt_reaches_the_pipeline_only_with_guidance(loaded):
+    blurry = [dataclasses.replace(ROWS[0], negative_prompt="blurry")]
+    guided = dataclasses.replace(SETTINGS, negative_prompt="blurry")
+    assert not np.array_equal(engine.render_batch(loaded, blurry, guided), engine.render_batch(loaded, ROWS[:1], SETTINGS))
+    # At guidance 1 there is no unconditional pass for it to steer: the same pixels as without it.
+    unguided = dataclasses.replace(guided, guidance_scale=1.0)
+    assert np.array_equal(
+        engine.render_batch(loaded, blurry, unguided),
+        engine.render_batch(loaded, ROWS[:1], dataclasses.replace(SETTINGS, guidance_scale=1.0)),
+    )
+
+
 def test_a_short_last_batch_is_filled_to_the_compiled_shape_only_on_a_gpu(loaded):
     def on(device: str, compiled: bool, warmed: set) -> engine.LoadedPipeline:
         return engine.LoadedPipeline(None, loaded.folder, device, "float16", "PNDMScheduler", compiled, warmed)
