@@ -125,6 +125,16 @@ def test_the_negative_prompt_reaches_the_pipeline_only_with_guidance(loaded):
     )
 
 
+def test_a_remembered_auto_batch_size_is_used_without_a_probe_and_capped_by_the_images_to_make(loaded, tmp_path):
+    on_gpu = engine.LoadedPipeline(None, loaded.folder, "cuda", "float16", "PNDMScheduler", False)
+    memory_file = tmp_path / "auto-batch-sizes.json"
+    memory_file.write_text(json.dumps({engine.auto_batch_key(on_gpu, SETTINGS): 16}))
+    # No pipeline to probe with (None): a probe would fail, so these sizes come from the file.
+    assert engine.auto_batch_size(on_gpu, SETTINGS, memory_file) == 16
+    assert engine.auto_batch_size(on_gpu, SETTINGS, memory_file, pending=48) == 16
+    assert engine.auto_batch_size(on_gpu, SETTINGS, memory_file, pending=3) == 3
+
+
 def test_a_short_last_batch_is_filled_to_the_compiled_shape_only_on_a_gpu(loaded):
     def on(device: str, compiled: bool, warmed: set) -> engine.LoadedPipeline:
         return engine.LoadedPipeline(None, loaded.folder, device, "float16", "PNDMScheduler", compiled, warmed)
