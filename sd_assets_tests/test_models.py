@@ -72,6 +72,15 @@ def test_a_rewritten_file_is_hashed_again_and_a_same_size_corruption_is_caught(t
     assert verify_in_store(store, manifest).problems == ["unet/weights.bin: missing"]
 
 
+def test_a_file_of_another_size_is_named_with_both_sizes_without_reading_it(tmp_path):
+    store, prefix, manifest = _cache(tmp_path)
+    store.write_bytes(prefix + "unet/weights.bin", b"w" * 999)  # an upload cut one byte short
+    result = verify_in_store(store, manifest)
+    assert result.problems == ["unet/weights.bin: 999 bytes, manifest says 1000"]
+    assert result.bytes_hashed == len(FILES["model_index.json"]), "only the file of the right size is hashed"
+    assert not store.exists(prefix + VERIFIED)
+
+
 class _RemoteStore(LocalStore):
     """A store that is not on this node's disk, as S3 is: workers copy the model from it."""
 
