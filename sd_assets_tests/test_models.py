@@ -108,6 +108,20 @@ def test_a_node_copy_is_fetched_once_and_an_altered_file_fetched_again(tmp_path)
     assert again.bytes_copied == 1000 and weights.read_bytes() == FILES["unet/weights.bin"]
 
 
+def test_a_node_copy_of_a_store_file_that_does_not_match_the_manifest_is_refused_and_not_kept(tmp_path):
+    store, prefix, manifest = _cache(tmp_path / "store")
+    store.write_text(prefix + "manifest.json", json.dumps(manifest))
+    store.write_bytes(prefix + "unet/weights.bin", b"x" * 1000)  # damaged in the store, same size
+    remote = _RemoteStore(tmp_path / "store")
+    ref = ModelRef("org/model", "a" * 40, "PNDMScheduler", 1045, 2)
+    with pytest.raises(ModelError, match=r"^model org/model@a{40}: unet/weights.bin in .* does not match its "
+                       r"manifest; materialize model_weights again"):  # fmt: skip
+        local_model_folder(remote, ref, tmp_path / "node")
+    folder = tmp_path / "node" / "org--model" / ("a" * 40)
+    assert not (folder / "unet" / "weights.bin").exists(), "the damaged copy is not left for a later load"
+    assert not (folder / MANIFEST).exists(), "nor is the folder marked as a sound copy"
+
+
 def test_a_node_cache_folder_that_cannot_be_made_is_named_not_a_traceback(tmp_path):
     store, prefix, manifest = _cache(tmp_path / "store")
     store.write_text(prefix + "manifest.json", json.dumps(manifest))
