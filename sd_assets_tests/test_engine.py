@@ -452,6 +452,43 @@ def test_images_the_safety_checker_flags_are_kept_blacked_out_and_marked(loaded,
         assert "safety checker on" in settings_text(merged.to_pylist()[0])
 
 
+def test_each_png_records_what_made_it_field_by_field_and_its_catalog_record_says_the_same(loaded, tmp_path):
+    from datetime import datetime, timedelta, timezone
+
+    from sd_assets.domain.pngmeta import Provenance
+
+    settings = dataclasses.replace(SETTINGS, model_revision="f" * 40, negative_prompt="blurry", steps=2)
+    rows = [dataclasses.replace(row, negative_prompt="blurry", key=content_key(settings, row.prompt, row.seed))
+            for row in ROWS[1:3]]  # fmt: skip
+    ref = ModelRef("tiny-random", "f" * 40, "PNDMScheduler", 0, 0, variant="fp16")
+    store = LocalStore(tmp_path)
+    before = datetime.now(timezone.utc).replace(microsecond=0)
+    make_style_images(store, loaded, ref, settings, rows, style="Banksy", partition="banksy-partition", run_id="r7",
+                      batch_size=2)  # fmt: skip
+    after = datetime.now(timezone.utc)
+    records = {}
+    for key in store.list_keys(catalog.pending_prefix("Banksy")):
+        if key.endswith(".jsonl"):
+            records.update({record["key"]: record for record in map(json.loads, store.read_text(key).splitlines())})
+
+    for row in rows:
+        png = store.read_bytes(image_key_path(row.key))
+        made = read_provenance(png)
+        assert made == Provenance(
+            key=row.key, subject=row.subject, style="Banksy", image_index=row.image_index, prompt=row.prompt,
+            negative_prompt="blurry", seed=row.seed, model_id="tiny-random", model_revision="f" * 40,
+            scheduler="PNDMScheduler", steps=2, guidance_scale=7.5, width=64, height=64, run_id="r7",
+            partition="banksy-partition", created=made.created, device="cpu", dtype="float32", deep_cache="",
+            model_variant="fp16", software=engine.software_versions(), safety_flagged=False, safety_checker=False,
+        )  # fmt: skip
+        assert before <= datetime.fromisoformat(made.created) <= after + timedelta(seconds=1)
+        assert made.created.endswith("+00:00"), "times are UTC"
+        assert records[row.key] == {**dataclasses.asdict(made), "path": store.location(image_key_path(row.key))}
+        with Image.open(io.BytesIO(png)) as image:
+            assert image.text["parameters"].splitlines()[:2] == [row.prompt, "Negative prompt: blurry"]
+    assert rows[0].image_index == 1 and rows[1].subject == "ada lovelace", "rows that tell index and subject apart"
+
+
 def test_every_record_of_a_run_reaches_the_catalog_from_its_flushes_none_from_pngs(loaded, tmp_path, monkeypatch):
     from sd_assets.domain import generation
 
