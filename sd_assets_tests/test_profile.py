@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import re
 import threading
+from types import SimpleNamespace
+
+import pytest
 
 from sd_assets.domain import gallery
 from sd_assets.domain.grid import load_grid
@@ -84,6 +87,40 @@ def test_a_pass_shorter_than_one_interval_still_gets_one_reading():
     }
     assert profile.summary.startswith("cuda:0, 1 sample from fake over ")
     assert "GPU utilisation mean 70%, peak 70%" in profile.summary
+
+
+@pytest.mark.parametrize(
+    ("visible", "device", "measured"),
+    [
+        (None, "cuda", 10.0), (None, "cuda:1", 11.0),
+        # CUDA numbers only the visible GPUs, in the order given; NVML numbers every GPU on the node.
+        ("3,1", "cuda:0", 13.0), ("3,1", "cuda:1", 11.0), ("GPU-aaaa, GPU-bbbb", "cuda:1", 99.0),
+    ],
+)  # fmt: skip
+def test_the_nvml_source_reads_the_gpu_the_run_computes_on(monkeypatch, visible, device, measured):
+    import pynvml
+
+    from sd_assets.domain.profile import MIB, open_sample_source
+
+    by_index = {0: 10.0, 1: 11.0, 2: 12.0, 3: 13.0}
+    monkeypatch.setattr(pynvml, "nvmlInit", lambda: None)
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetHandleByIndex", lambda index: ("index", index))
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetHandleByUUID", lambda uuid: ("uuid", uuid))
+
+    def utilisation(handle):
+        kind, which = handle
+        return SimpleNamespace(gpu=by_index[which] if kind == "index" else {"GPU-bbbb": 99.0}[which])
+
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetUtilizationRates", utilisation)
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetMemoryInfo", lambda handle: SimpleNamespace(used=1536 * MIB))
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+
+    source = open_sample_source(device)
+    assert source.name == "NVML" and source.read() == (measured, 1536.0)
+    assert open_sample_source("cpu") is None
 
 
 def test_profile_survives_the_store_round_trip():
