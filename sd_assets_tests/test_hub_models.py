@@ -327,3 +327,26 @@ def test_a_repo_without_weights_for_a_part_of_the_pipeline_is_named_before_any_d
              "text_encoder/model.safetensors"]  # fmt: skip
     with pytest.raises(ModelError, match=r"^model org/unet-only: no weights for vae; not a Stable Diffusion repo$"):
         select_pipeline_files("org/unet-only", files)
+
+
+def test_a_repo_whose_parts_have_weights_in_different_variants_is_named_before_any_download():
+    # The UNet only in fp16, the text encoder only in plain weights: no one variant loads them all,
+    # and a selection of either would download a part without weights, to fail only at loading.
+    files = ["model_index.json", "scheduler/scheduler_config.json", "tokenizer/vocab.json", "unet/config.json",
+             "unet/diffusion_pytorch_model.fp16.safetensors", "vae/config.json",
+             "vae/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.fp16.safetensors",
+             "text_encoder/config.json", "text_encoder/model.safetensors"]  # fmt: skip
+    for variant in ("auto", "none"):
+        with pytest.raises(ModelError, match=r"^model org/mixed: unet only in fp16 weights and text_encoder only in "
+                           r"plain ones; a pipeline loads one weights variant for every part"):  # fmt: skip
+            select_pipeline_files("org/mixed", files, variant=variant)
+    # Every part in fp16, the UNet in nothing else: plain weights cannot be asked for.
+    fp16 = [*files, "text_encoder/model.fp16.safetensors"]
+    with pytest.raises(ModelError, match=r"^model org/mixed: no plain weights for unet; set model.variant to 'auto'"):
+        select_pipeline_files("org/mixed", fp16, variant="none")
+    selection = select_pipeline_files("org/mixed", fp16, variant="auto")
+    assert selection.variant == "fp16"
+    assert [p for p in selection.paths if p.endswith(".safetensors")] == [
+        "text_encoder/model.fp16.safetensors", "unet/diffusion_pytorch_model.fp16.safetensors",
+        "vae/diffusion_pytorch_model.fp16.safetensors",
+    ]  # fmt: skip

@@ -170,6 +170,19 @@ def select_pipeline_files(
             f"model {repo_id} has no fp16 weights for every component; set model.variant to 'auto' or 'none'"
         )
     use_fp16 = has_fp16 and variant != "none"
+    # The pipeline loads one variant for every part: a part without it would be downloaded without
+    # weights, and fail to load after the download with advice to download it again.
+    fp16_only = [c for c in weight_components if not _component_weights(by_component[c], None)]
+    if fp16_only and not use_fp16:
+        if has_fp16:
+            raise ModelError(
+                f"model {repo_id}: no plain weights for {', '.join(fp16_only)}; set model.variant to 'auto' or 'fp16'"
+            )
+        plain_only = [c for c in weight_components if not _component_weights(by_component[c], FP16)]
+        raise ModelError(
+            f"model {repo_id}: {', '.join(fp16_only)} only in fp16 weights and {', '.join(plain_only)} only in plain "
+            "ones; a pipeline loads one weights variant for every part, so this repo cannot be loaded as it is"
+        )
     paths = ["model_index.json"]
     for component in config_components:
         paths += [f for f in by_component[component] if not _is_weights(f)]
