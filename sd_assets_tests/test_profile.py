@@ -87,6 +87,9 @@ def test_a_pass_shorter_than_one_interval_still_gets_one_reading():
     }
     assert profile.summary.startswith("cuda:0, 1 sample from fake over ")
     assert "GPU utilisation mean 70%, peak 70%" in profile.summary
+    # One reading is drawn as a level line across the chart, at 70% of its 80 px: 24 px from the top.
+    points = re.search(r'<polyline [^>]*points="([^"]+)"', profile.chart_svg).group(1)
+    assert points == f"0.0,24.0 {gallery.CHART_WIDTH:.1f},24.0"
 
 
 @pytest.mark.parametrize(
