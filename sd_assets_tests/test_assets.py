@@ -87,7 +87,20 @@ def test_the_gallery_follows_the_grid_and_keeps_earlier_images_in_reach(grid_pat
         materialize_style(grid_path, style, instance)
     # New settings: Banksy runs again and makes 4 new images; Andy Warhol has not run since.
     grid_path.write_text(grid_path.read_text().replace("steps: 2", "steps: 3"))
-    materialize_style(grid_path, "Banksy", instance)
+    changed = materialize_style(grid_path, "Banksy", instance)
+
+    # What the UI shows of each step: the catalog keeps the old grid's rows beside the new grid's,
+    # the pages show the new grid's images and link the old ones, the index counts the grid's.
+    catalog = _metadata(changed, "image_catalog")
+    counts = ("rows", "rows_of_current_grid", "added", "replaced", "recovered_from_png", "runs")
+    assert [catalog[name] for name in counts] == [8, 4, 4, 0, 0, 2]
+    assert catalog["path"] == str(data / "catalog" / "banksy.parquet")
+    pages = _metadata(changed, "style_gallery")
+    assert (pages["pages"], pages["images_shown"], pages["earlier_images"]) == (1, 4, 4)
+    assert pages["first_page"] == str(data / "gallery" / "banksy" / "page-1.html")
+    index_meta = _metadata(changed, "gallery_index")
+    assert (index_meta["styles"], index_meta["images"]) == (2, 4)
+    assert index_meta["index"] == str(data / "gallery" / "index.html")
 
     index = (data / "gallery" / "index.html").read_text()
     assert '<a href="banksy/page-1.html">Banksy</a>: 4 of 4 images' in index
