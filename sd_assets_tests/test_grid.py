@@ -204,6 +204,9 @@ def test_a_subject_in_two_lists_is_made_once():
 def test_slugs_are_file_safe():
     assert slugify("Jean-Michel Basquiat") == "jean-michel-basquiat"
     assert slugify("Frida Kahlo") == "frida-kahlo"
+    # Runs of other characters are one '-', none at either end; letters of any script are kept.
+    assert slugify("Tom & Jerry") == "tom-jerry" and slugify("Gustav Klimt.") == "gustav-klimt"
+    assert slugify("Édouard Manet") == "édouard-manet" and slugify("葛飾 北斎") == "葛飾-北斎"
 
 
 def test_written_grid_helper_round_trips(tmp_path):
