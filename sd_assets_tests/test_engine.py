@@ -539,3 +539,16 @@ def test_the_overlong_prompt_message_counts_one_image_as_one():
     assert message.startswith("Banksy: the text encoder reads 77 tokens of a prompt, and these are longer: the prompt "
                               "of 'long subject' (83 tokens).")  # fmt: skip
     assert message.endswith("Not made: 1 image of the prompts above; made: 1 other image of the style")
+
+
+def test_a_negative_prompt_longer_than_the_text_encoder_reads_refuses_its_rows_and_is_named_once(loaded):
+    negative = "blurry " * 80
+    rows = [dataclasses.replace(row, negative_prompt=negative) for row in ROWS[:3:2]]  # two subjects
+    overlong = engine.overlong_prompts(loaded, [*rows, ROWS[1]])
+    tokens = overlong.tokens[negative]
+    assert tokens > overlong.limit == 77 and set(overlong.tokens) == {negative}
+    assert [overlong.refuses(row) for row in (*rows, ROWS[1])] == [True, True, False]
+    assert overlong.reason(rows[0]) == f"its negative prompt is {tokens} tokens, over the 77 the text encoder reads"
+    message = overlong.message("Banksy", rows, made=1)
+    assert f"and these are longer: the grid's negative prompt ({tokens} tokens). The pipeline would cut" in message
+    assert message.endswith("Not made: 2 images of the prompts above; made: 1 other image of the style")
