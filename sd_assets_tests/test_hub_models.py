@@ -329,24 +329,41 @@ def test_a_repo_without_weights_for_a_part_of_the_pipeline_is_named_before_any_d
         select_pipeline_files("org/unet-only", files)
 
 
-def test_a_repo_whose_parts_have_weights_in_different_variants_is_named_before_any_download():
-    # The UNet only in fp16, the text encoder only in plain weights: no one variant loads them all,
-    # and a selection of either would download a part without weights, to fail only at loading.
+def test_a_repo_whose_parts_have_weights_in_different_variants_is_made_from_each_parts_own():
+    # The UNet only in fp16, the text encoder only in plain weights: diffusers, asked for the fp16
+    # variant, loads the fp16 files where a part has them and the plain ones elsewhere.
     files = ["model_index.json", "scheduler/scheduler_config.json", "tokenizer/vocab.json", "unet/config.json",
              "unet/diffusion_pytorch_model.fp16.safetensors", "vae/config.json",
              "vae/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.fp16.safetensors",
              "text_encoder/config.json", "text_encoder/model.safetensors"]  # fmt: skip
-    for variant in ("auto", "none"):
-        with pytest.raises(ModelError, match=r"^model org/mixed: unet only in fp16 weights and text_encoder only in "
-                           r"plain ones; a pipeline loads one weights variant for every part"):  # fmt: skip
-            select_pipeline_files("org/mixed", files, variant=variant)
-    # Every part in fp16, the UNet in nothing else: plain weights cannot be asked for.
-    fp16 = [*files, "text_encoder/model.fp16.safetensors"]
-    with pytest.raises(ModelError, match=r"^model org/mixed: no plain weights for unet; set model.variant to 'auto'"):
-        select_pipeline_files("org/mixed", fp16, variant="none")
-    selection = select_pipeline_files("org/mixed", fp16, variant="auto")
+    selection = select_pipeline_files("org/mixed", files, variant="auto")
     assert selection.variant == "fp16"
     assert [p for p in selection.paths if p.endswith(".safetensors")] == [
-        "text_encoder/model.fp16.safetensors", "unet/diffusion_pytorch_model.fp16.safetensors",
+        "text_encoder/model.safetensors", "unet/diffusion_pytorch_model.fp16.safetensors",
         "vae/diffusion_pytorch_model.fp16.safetensors",
     ]  # fmt: skip
+    # Plain weights for every part cannot be had, nor fp16 for every part.
+    with pytest.raises(ModelError, match=r"^model org/mixed: no plain weights for unet; set model.variant to 'auto'"):
+        select_pipeline_files("org/mixed", files, variant="none")
+    with pytest.raises(ModelError, match=r"^model org/mixed has no fp16 weights for every component"):
+        select_pipeline_files("org/mixed", files, variant="fp16")
+
+
+def test_a_model_whose_unet_has_only_fp16_weights_makes_images(hf_home, tmp_path, instance):
+    # The test repo with its UNet's plain weights and its text encoder's fp16 weights gone.
+    home = tmp_path / "hf-home"
+    shutil.copytree(hf_home, home, symlinks=True)
+    snapshot = home / "hub" / ("models--" + REPO.replace("/", "--")) / "snapshots" / SHA
+    (snapshot / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    (snapshot / "text_encoder" / "model.fp16.safetensors").unlink()
+
+    result = materialize_style(_hub_grid(tmp_path), "Banksy", instance, HF_HUB_OFFLINE="1", HF_HOME=str(home))
+
+    assert _metadata(result, "model_weights")["variant"] == "fp16"
+    manifest = json.loads(LocalStore(tmp_path / "data").read_text(model_prefix(REPO, SHA) + MANIFEST))
+    assert sorted(e["path"] for e in manifest["files"] if e["path"].endswith(".safetensors")) == [
+        "text_encoder/model.safetensors", "unet/diffusion_pytorch_model.fp16.safetensors",
+        "vae/diffusion_pytorch_model.fp16.safetensors",
+    ]  # fmt: skip
+    assert _metadata(result, "style_images")["generated"] == 2
+    assert len(pd.read_parquet(tmp_path / "data" / "catalog" / "banksy.parquet")) == 2

@@ -150,7 +150,9 @@ def select_pipeline_files(
     """Pick model_index.json, the configs and tokenizer, and one set of weights per component.
 
     ``variant``: 'fp16' needs fp16 weights for every component; 'auto' uses them when every
-    component has them, else the plain weights; 'none' always the plain weights.
+    component has them, else the plain weights (but the fp16 ones of a component that has no
+    others: the pipeline then loads with the fp16 variant, plain weights where a part lacks
+    fp16); 'none' always the plain weights.
     """
     files = sorted(files)
     if "model_index.json" not in files:
@@ -169,26 +171,21 @@ def select_pipeline_files(
         raise ModelError(
             f"model {repo_id} has no fp16 weights for every component; set model.variant to 'auto' or 'none'"
         )
-    use_fp16 = has_fp16 and variant != "none"
-    # The pipeline loads one variant for every part: a part without it would be downloaded without
-    # weights, and fail to load after the download with advice to download it again.
     fp16_only = [c for c in weight_components if not _component_weights(by_component[c], None)]
-    if fp16_only and not use_fp16:
-        if has_fp16:
-            raise ModelError(
-                f"model {repo_id}: no plain weights for {', '.join(fp16_only)}; set model.variant to 'auto' or 'fp16'"
-            )
-        plain_only = [c for c in weight_components if not _component_weights(by_component[c], FP16)]
+    if variant == "none" and fp16_only:
         raise ModelError(
-            f"model {repo_id}: {', '.join(fp16_only)} only in fp16 weights and {', '.join(plain_only)} only in plain "
-            "ones; a pipeline loads one weights variant for every part, so this repo cannot be loaded as it is"
+            f"model {repo_id}: no plain weights for {', '.join(fp16_only)}; set model.variant to 'auto' or 'fp16'"
         )
+    # diffusers, asked for the fp16 variant, loads each part's fp16 weights where it has them and its
+    # plain ones elsewhere: 'auto' asks for it when a part has nothing else, too.
+    use_fp16 = variant != "none" and (has_fp16 or bool(fp16_only))
     paths = ["model_index.json"]
     for component in config_components:
         paths += [f for f in by_component[component] if not _is_weights(f)]
     for component in weight_components:
         paths += [f for f in by_component[component] if f.endswith("config.json")]
-        paths += _component_weights(by_component[component], FP16 if use_fp16 else None)
+        fp16_weights = _component_weights(by_component[component], FP16) if use_fp16 else []
+        paths += fp16_weights or _component_weights(by_component[component], None)
     return FileSelection(tuple(sorted(set(paths))), FP16 if use_fp16 else None)
 
 
