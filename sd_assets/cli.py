@@ -254,6 +254,17 @@ def _demo(args: argparse.Namespace) -> int:
             run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
         )  # fmt: skip
         if not result.success:
+            rest = styles[number + 1 :]
+            # The styles asked for, not every style of the grid (which the plain command makes).
+            again = "".join(f" --style {shlex.quote(s)}" for s in styles) if args.style else ""
+            if _interrupted(result):
+                # Ctrl-C: nothing to mend, and DagsterExecutionInterruptedError, its name, tells a user nothing.
+                not_run = f"; not run: {', '.join(rest)}" if rest else ""
+                print(
+                    f"sd-assets: interrupted while making {style}{not_run}; the images made are kept, and "
+                    f"`sd-assets demo{again}` makes only what is missing", file=sys.stderr,
+                )  # fmt: skip
+                return 130
             where = "is in the Dagster UI" if instance.is_persistent else "was not kept: DAGSTER_HOME is not set"
             print(f"sd-assets: run {result.run_id} for {style} failed (its whole log {where}):", file=sys.stderr)
             for event in result.get_step_failure_events():
@@ -264,10 +275,7 @@ def _demo(args: argparse.Namespace) -> int:
                 if message.startswith("sd_assets."):
                     message = message.split(": ", 1)[-1]
                 print(f"  {event.step_key}: {message}", file=sys.stderr)
-            rest = styles[number + 1 :]
             if rest:
-                # The styles asked for, not every style of the grid (which the plain command makes).
-                again = "".join(f" --style {shlex.quote(s)}" for s in styles) if args.style else ""
                 print(
                     f"sd-assets: not run: {', '.join(rest)}; once the error is mended, `sd-assets demo{again}` "
                     "again makes only what is missing", file=sys.stderr,
@@ -280,6 +288,19 @@ def _demo(args: argparse.Namespace) -> int:
     print("gallery index:")
     print(open_store(storage).location(INDEX_KEY))
     return 1 if not_made else 0
+
+
+def _interrupted(result) -> bool:
+    """Whether a run failed because it was interrupted (Ctrl-C, SIGINT), not for an error of its own."""
+    import dagster as dg
+
+    interrupts = {dg.DagsterExecutionInterruptedError.__name__, KeyboardInterrupt.__name__}
+    return any(
+        event.event_type == dg.DagsterEventType.RUN_FAILURE
+        and event.job_failure_data.error is not None
+        and event.job_failure_data.error.cls_name in interrupts
+        for event in result.all_events
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -116,3 +116,29 @@ def test_two_runs_of_one_style_at_once_make_each_image_and_the_model_once(tmp_pa
     assert sorted(m["generated"] for m in materializations(node, "style_images")) == [0, 3]
     assert any("waiting for process" in log.read_text() for log in logs)
     assert all(path.is_file() for path in image_paths(grid, "Banksy", SUBJECTS[:3]))
+
+
+def test_ctrl_c_in_a_demo_says_it_was_interrupted_and_how_to_go_on(tmp_path, tiny_model_store, node):
+    grid = write_grid(
+        tmp_path / "grid", styles=("Banksy", "Andy Warhol"), subjects=SUBJECTS, images_per_prompt=1, batch_size=1
+    )
+    shutil.copytree(tiny_model_store.root / "models", grid.parent / "data" / "models")
+    paths = image_paths(grid, "Banksy", SUBJECTS)
+    log = tmp_path / "demo.log"
+    demo = subprocess.Popen(
+        [str(BIN / "sd-assets"), "demo"], cwd=REPO, env={**node, "SD_ASSETS_GRID": str(grid)},
+        stdout=subprocess.DEVNULL, stderr=log.open("wb"), start_new_session=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + TIMEOUT_SECONDS
+    while not any(path.is_file() for path in paths):
+        assert demo.poll() is None, "the demo ended before it was interrupted\n" + log.read_text()
+        assert time.monotonic() < deadline, "the demo made no images in time"
+        time.sleep(0.2)
+    os.kill(demo.pid, signal.SIGINT)
+    assert demo.wait(timeout=TIMEOUT_SECONDS) == 130, log.read_text()[-3000:]
+
+    assert log.read_text().splitlines()[-1] == (
+        "sd-assets: interrupted while making Banksy; not run: Andy Warhol; the images made are kept, and "
+        "`sd-assets demo` makes only what is missing"
+    )
+    assert 1 <= sum(path.is_file() for path in paths) < len(paths)
