@@ -236,3 +236,12 @@ def test_a_grid_file_that_cannot_be_read_is_one_line_naming_it():
 def test_a_grid_path_that_is_a_folder_says_so(tmp_path):
     with pytest.raises(GridError, match=rf"grid file {tmp_path} is a folder \(set SD_ASSETS_GRID to a grid.yaml"):
         load_grid(tmp_path)
+
+
+def test_a_home_folder_in_the_grids_paths_is_the_users_not_a_folder_named_tilde(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("styles: [Banksy]\nsubjects_dir: ~/subjects\nmodel: {id: tiny-random}\nstorage: ~/sd-data\n")
+    loaded = load_grid(grid)
+    assert loaded.subjects_dir == tmp_path / "home" / "subjects"
+    assert loaded.storage == str(tmp_path / "home" / "sd-data")

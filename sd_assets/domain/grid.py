@@ -290,10 +290,12 @@ def load_grid(path: str | Path) -> GridConfig:
                 message = error["msg"].removeprefix("Value error, ")
                 problems.append(f"{path}: field '{field}' = {error.get('input')!r}: {message}")
         raise GridError("\n".join(problems)) from None
-    subjects_dir = grid.subjects_dir if grid.subjects_dir.is_absolute() else path.parent / grid.subjects_dir
+    # '~/...' as the shell and SD_ASSETS_STORAGE read it: joined to the grid's folder, it would
+    # name a folder called '~' there, and fill it.
+    subjects_dir = path.parent / grid.subjects_dir.expanduser()
     storage = grid.storage
-    if "://" not in storage and not Path(storage).is_absolute():
-        storage = str(path.parent / storage)
+    if "://" not in storage:
+        storage = str(path.parent / Path(storage).expanduser())
     grid = grid.model_copy(update={"subjects_dir": subjects_dir.resolve(), "storage": storage})
     grid._source = path
     return grid
