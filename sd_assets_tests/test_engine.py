@@ -552,3 +552,48 @@ def test_a_negative_prompt_longer_than_the_text_encoder_reads_refuses_its_rows_a
     message = overlong.message("Banksy", rows, made=1)
     assert f"and these are longer: the grid's negative prompt ({tokens} tokens). The pipeline would cut" in message
     assert message.endswith("Not made: 2 images of the prompts above; made: 1 other image of the style")
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        # What torch raised on a 2-core CPU for a 4096x4096 image under a 5 GB limit.
+        RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+                     "you tried to allocate 1073741824 bytes. Error code 12 (Cannot allocate memory)"),  # fmt: skip
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+    ],
+    ids=["cpu-allocator", "OutOfMemoryError"],
+)
+def test_running_out_of_memory_names_the_settings_to_lower_and_keeps_the_images_made(
+    loaded, tmp_path, monkeypatch, error
+):
+    forward = loaded.pipeline.unet.forward
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(loaded.pipeline.unet, "forward", counted)
+    render_all(loaded, ROWS[:1], batch_size=1)
+    calls_an_image = len(calls)
+
+    def runs_out_after_two_images(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 3 * calls_an_image:
+            raise error
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(loaded.pipeline.unet, "forward", runs_out_after_two_images)
+    store = LocalStore(tmp_path)
+    ref = ModelRef("tiny-random", "rev", "PNDMScheduler", 0, 0)
+    with pytest.raises(SdAssetsError) as failed:
+        make_style_images(store, loaded, ref, SETTINGS, ROWS, style="Banksy", partition="Banksy", run_id="r1",
+                          batch_size=2)  # fmt: skip
+
+    assert str(failed.value) == (
+        "out of memory on the CPU rendering one 64x64 image; make inference.width and height smaller "
+        "(the images made before it are kept)"
+    )
+    assert [store.exists(image_key_path(row.key)) for row in ROWS] == [True, True, False, False, False, False]
+    assert sorted(catalog.read_catalog(store)["key"]) == sorted(row.key for row in ROWS[:2])

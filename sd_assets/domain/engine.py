@@ -521,7 +521,12 @@ def generate(
         # The shape the UNet sees (on a CPU, one row at a time whatever the batch).
         shape = (len(pipeline_calls(loaded, rendered)[0]), settings.width, settings.height)
         batch_start = time.perf_counter()
-        pixels, flagged = render_checked(loaded, rendered, settings)
+        try:
+            pixels, flagged = render_checked(loaded, rendered, settings)
+        except RuntimeError as exc:  # torch.OutOfMemoryError on a GPU is one too
+            if not is_out_of_memory(exc):
+                raise
+            raise SdAssetsError(out_of_memory_message(loaded, len(rendered), settings)) from None
         batch_seconds = time.perf_counter() - batch_start
         if stats.first_batch_seconds is None:
             stats.first_batch_seconds = batch_seconds
@@ -535,6 +540,28 @@ def generate(
             on_progress(stats.generated, len(rows), time.perf_counter() - start)
     stats.compile_seconds = compile_seconds(cold, warm)
     return stats
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is torch running out of memory: a GPU's ``OutOfMemoryError``, or the CPU
+    allocator's RuntimeError, which has no type of its own."""
+    import torch
+
+    return isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in str(exc)
+
+
+def out_of_memory_message(loaded: LoadedPipeline, images: int, settings: GenerationSettings) -> str:
+    """What to change when a batch of ``images`` ran out of memory on ``loaded``'s device."""
+    size = f"{settings.width}x{settings.height}"
+    if loaded.device == "cpu":  # one image a pipeline call there, whatever the batch size
+        return (
+            f"out of memory on the CPU rendering one {size} image; make inference.width and height smaller "
+            "(the images made before it are kept)"
+        )
+    return (
+        f"out of memory on {loaded.device} rendering a batch of {images} {size} images; make inference.batch_size "
+        "smaller (or 'auto', which measures what fits), or width and height (the images made before it are kept)"
+    )
 
 
 def rows_to_render(
