@@ -22,6 +22,7 @@ from sd_assets.domain.subject_lists import (
     StoreSource,
     decode_cursor,
     encode_cursor,
+    change_key,
     read_subject_lists,
     scan_subject_lists,
 )
@@ -356,3 +357,20 @@ def test_a_malformed_list_does_not_fail_a_run(grid_path, instance):
         "skipped subject list broken.txt: binary content (a NUL byte); expected UTF-8 text"
     )
     assert all(path.is_file() for path in image_paths(grid_path, "Banksy", ["grace hopper"]))
+
+
+def test_a_list_whose_file_name_is_not_utf8_is_read_and_named_by_its_bytes(grid_path, instance):
+    # "café.txt" from an archive made where file names were Latin-1: é is the one byte 0xE9.
+    latin1_name = os.fsdecode(b"caf\xe9 people.txt")
+    (grid_path.parent / "subjects" / latin1_name).write_text("marie curie\n")
+
+    result = materialize_style(grid_path, "Banksy", instance)
+    prompt_grid = next(
+        m for m in result.get_asset_materialization_events() if m.asset_key == dg.AssetKey("prompt_grid")
+    )
+    assert prompt_grid.materialization.metadata["subject_lists"].value == "caf\\xe9 people.txt, people.txt"
+    assert all(path.is_file() for path in image_paths(grid_path, "Banksy", ["marie curie"]))
+
+    scan = scan_subject_lists(FolderSource(grid_path.parent / "subjects"), {}, max_subjects=100)
+    assert change_key(scan.changed).startswith("caf\\xe9 people.txt+1more:")
+    assert decode_cursor(encode_cursor(scan.state, "store")).state == scan.state

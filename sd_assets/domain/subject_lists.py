@@ -179,18 +179,21 @@ def _read_one(
     """(the parsed list or None, the problem or None, the short content hash or None if unreadable).
 
     A list with lines it skipped comes with a problem naming them."""
+    # A file name that is not UTF-8 (from an archive made on an older system) comes from the OS with
+    # stand-ins that no message, run key or hash can encode: the list goes by its bytes shown as \xNN.
+    shown = name.encode(errors="surrogateescape").decode(errors="backslashreplace")
     try:
         data = source.read(name)
     except (OSError, SdAssetsError) as exc:
-        return None, f"skipped subject list {name}: cannot read it: {exc}", None
+        return None, f"skipped subject list {shown}: cannot read it: {exc}", None
     try:
-        parsed = parse_subject_list(name, data, max_subjects)
+        parsed = parse_subject_list(shown, data, max_subjects)
     except GridError as exc:
         return None, f"skipped {exc}", hashlib.sha256(data).hexdigest()[:SHORT_HASH]
     problem = None
     if parsed.skipped_lines:
         lines = "; ".join(parsed.skipped_lines)
-        problem = f"subject list {name}, skipped {lines}; the list's other subjects are taken"
+        problem = f"subject list {shown}, skipped {lines}; the list's other subjects are taken"
     return parsed, problem, parsed.sha256[:SHORT_HASH]
 
 
