@@ -258,6 +258,22 @@ def test_an_unknown_scheduler_is_named_with_the_close_ones_before_any_weights_lo
         engine.load_pipeline(loaded.folder, "cpu", "float32", scheduler="DPMSolverSDEScheduler")
 
 
+def test_a_scheduler_made_for_other_pipelines_is_named_before_any_weights_load(loaded):
+    with pytest.raises(SdAssetsError) as refused:
+        engine.load_pipeline(loaded.folder / "no-weights-here", "cpu", "float32",
+                             scheduler="FlowMatchEulerDiscreteScheduler")  # fmt: skip
+    assert str(refused.value) == (
+        "inference.scheduler 'FlowMatchEulerDiscreteScheduler' is made for other diffusers pipelines than Stable "
+        "Diffusion's (it has no scale_model_input); Stable Diffusion's usual ones are PNDMScheduler, DDIMScheduler, "
+        "EulerDiscreteScheduler and DPMSolverMultistepScheduler"
+    )
+    for other in ("DDPMWuerstchenScheduler", "ScoreSdeVeScheduler"):
+        with pytest.raises(SdAssetsError, match=f"'{other}' is made for other diffusers pipelines"):
+            engine.scheduler_class(other)
+    # Not one of the pipeline's own, but it runs there (with an LCM model or LoRA).
+    assert engine.scheduler_class("LCMScheduler").__name__ == "LCMScheduler"
+
+
 def test_compile_time_is_what_new_shapes_took_beyond_the_warm_rate():
     # 2 warm batches: 4 images in 2 s, so 0.5 s an image. A cold batch of 2 images took 6 s: 5 s compiling.
     assert engine.compile_seconds([(2, 6.0)], [(2, 1.0), (2, 1.0)]) == 5.0

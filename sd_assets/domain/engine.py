@@ -212,6 +212,15 @@ def scheduler_class(name: str):
 
     found = getattr(diffusers, name, None)
     if isinstance(found, type) and issubclass(found, diffusers.SchedulerMixin):
+        # What Stable Diffusion's pipeline steps its scheduler through. diffusers' schedulers for other
+        # pipelines (flow matching, Wuerstchen, score SDE...) lack one of them, and would fail in the
+        # first batch with an AttributeError from deep inside the pipeline.
+        lacking = [part for part in ("set_timesteps", "scale_model_input", "step", "order") if not hasattr(found, part)]
+        if lacking:
+            raise ModelError(
+                f"inference.scheduler {name!r} is made for other diffusers pipelines than Stable Diffusion's "
+                f"(it has no {' or '.join(lacking)}); Stable Diffusion's usual ones are {USUAL_SCHEDULERS}"
+            )
         return found
     missing = [backend for backend in getattr(found, "_backends", ()) if backend != "torch"]
     if missing:
