@@ -13,7 +13,7 @@ import pytest
 
 from sd_assets.cli import main, shorten, text_table
 from sd_assets.definitions import build_definitions
-from sd_assets_tests.helpers import materialize_style
+from sd_assets_tests.helpers import materialize_style, write_grid
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -535,3 +535,22 @@ def test_each_search_option_filters_on_its_own_column(tmp_path, monkeypatch, cap
     assert found("--prompt", "lovelace by banksy") == [("Banksy", "ada lovelace", "run-1")]
     assert len(found("--model", "TINY-random")) == 4 and found("--model", "stable-diffusion") == []
     assert found("--key", f"{3:064x}") == [("Andy Warhol", "grace hopper", "run-1")]
+
+
+def test_a_store_in_a_folder_whose_name_is_not_utf8_is_named_in_one_line(tmp_path, monkeypatch, capsys):
+    # "größe" unpacked from an archive made where file names were Latin-1: one byte a letter.
+    grid = write_grid(tmp_path / os.fsdecode(b"gr\xf6\xdfe"), styles=("Banksy",))
+    for name, value in {"SD_ASSETS_GRID": str(grid), "SD_ASSETS_DEVICE": "cpu"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    expected = (
+        f"storage {tmp_path}/gr\\xf6\\xdfe/data: the path is not UTF-8 text, which every image's provenance and "
+        "catalog row record; rename the folder, or put the store in another one (storage: in the grid, or "
+        "SD_ASSETS_STORAGE)"
+    )
+
+    assert main(["search"]) == 2
+    assert capsys.readouterr().err == f"sd-assets: {expected}\n"
+    assert main(["demo"]) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == f"  model_weights: {expected}"
+    assert not (grid.parent / "data" / "images").exists()

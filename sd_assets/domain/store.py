@@ -169,6 +169,14 @@ class LocalStore(ArtifactStore):
     def __init__(self, root: str | Path):
         self.root = Path(root).expanduser().resolve()
         self.url = str(self.root)
+        try:
+            self.url.encode()
+        except UnicodeEncodeError:  # a folder name in another encoding (unpacked from an old archive)
+            shown = self.url.encode(errors="surrogateescape").decode(errors="backslashreplace")
+            raise StoreError(
+                f"storage {shown}: the path is not UTF-8 text, which every image's provenance and catalog row "
+                "record; rename the folder, or put the store in another one (storage: in the grid, or SD_ASSETS_STORAGE)"
+            ) from None
         # A file where the store's folder, or one above it, should be: say so now, by name,
         # rather than as whichever OS error the first read or write meets.
         try:
