@@ -175,7 +175,8 @@ class LocalStore(ArtifactStore):
             shown = self.url.encode(errors="surrogateescape").decode(errors="backslashreplace")
             raise StoreError(
                 f"storage {shown}: the path is not UTF-8 text, which every image's provenance and catalog row "
-                "record; rename the folder, or put the store in another one (storage: in the grid, or SD_ASSETS_STORAGE)"
+                "record; rename the folder, or put the store in another one (storage: in the grid, or "
+                "SD_ASSETS_STORAGE)"
             ) from None
         # A file where the store's folder, or one above it, should be: say so now, by name,
         # rather than as whichever OS error the first read or write meets.
