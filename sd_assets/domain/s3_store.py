@@ -24,7 +24,7 @@ from typing import Any
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, PartialCredentialsError
 
 from sd_assets.domain.errors import StoreError
-from sd_assets.domain.store import ArtifactStore, ObjectVersion, _check_key, new_temporary_file
+from sd_assets.domain.store import ArtifactStore, ObjectVersion, _check_key, flush_to_disk, new_temporary_file
 
 CONTENT_TYPES = {
     ".html": "text/html; charset=utf-8",
@@ -207,6 +207,7 @@ class S3Store(ArtifactStore):
         try:
             with os.fdopen(fd, "wb") as handle, self._errors("download", key):
                 self.client.download_fileobj(self.bucket, self._object_key(key), handle)
+            flush_to_disk(tmp)
             os.replace(tmp, destination)
         except BaseException:
             tmp.unlink(missing_ok=True)

@@ -129,6 +129,17 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def flush_to_disk(path: Path) -> None:
+    """Make ``path``'s content durable before it is renamed into place. Without it a file system
+    may journal the rename before the data, and a power cut leave an image that exists, empty,
+    which every later run would take for made."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextmanager
 def _replacing(path: Path) -> Iterator[Path]:
     """A temporary file beside ``path``, renamed over it when the block ends (readers never see
@@ -144,6 +155,7 @@ def _replacing(path: Path) -> Iterator[Path]:
         fd, tmp = new_temporary_file(path.parent, path.name)
         os.close(fd)
         yield tmp
+        flush_to_disk(tmp)
         os.replace(tmp, path)
     except OSError as exc:
         raise StoreError(f"cannot write {path}: {exc}") from None
