@@ -168,10 +168,20 @@ def test_a_subject_is_one_editor_line_whatever_its_accents_are_made_of():
     assert parsed.skipped_lines == ("line 6: 501 characters, over the 500 a subject has",)
 
 
+def test_a_list_saved_as_utf16_as_windows_notepad_saves_unicode_is_read():
+    text = "alan turing\r\ncaf\u00e9 by night\r\n\u845b\u98fe \u5317\u658e\r\n"
+    for encoding in ("utf-16", "utf-16-be"):  # the byte-order mark first, little-endian or big
+        data = text.encode(encoding) if encoding == "utf-16" else b"\xfe\xff" + text.encode(encoding)
+        parsed = parse_subject_list("notepad.txt", data)
+        assert parsed.subjects == ("alan turing", "caf\u00e9 by night", "\u845b\u98fe \u5317\u658e")
+
+
 @pytest.mark.parametrize(
     ("data", "expected"),
     [
         (b"\x00\x01binary", "binary content"),
+        # UTF-16's byte-order mark, then an odd byte out.
+        ("ok\n".encode("utf-16") + b"x", r"starts as UTF-16 text but is not \(byte 8\): truncated data; save it as"),
         (b"ok\ncaf\xe9\n", r"not UTF-8 text \(line 2, byte 6\): invalid continuation byte; save it as UTF-8"),
         (b"# only a comment\n\n", "no subjects"),
         (b"x" * 501 + b"\n", r"no subjects \(line 1: 501 characters, over the 500 a subject has\)"),

@@ -311,7 +311,7 @@ def test_a_list_saved_as_upper_case_txt_is_a_list_and_other_files_are_not(tmp_pa
 
 def test_reading_lists_skips_bad_ones_and_fails_only_when_none_is_valid(tmp_path):
     (tmp_path / "good.txt").write_text("alan turing\n")
-    (tmp_path / "bad.txt").write_bytes(b"\xff\xfe")
+    (tmp_path / "bad.txt").write_bytes(b"\xffbad")
     read = read_subject_lists(FolderSource(tmp_path), max_subjects=100)
     assert [sl.name for sl in read.lists] == ["good.txt"]
     assert read.problems == [

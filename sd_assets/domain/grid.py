@@ -319,18 +319,34 @@ class SubjectList:
     skipped_lines: tuple[str, ...] = ()  # "line <n>: <why>" for the lines it could not take (the first 5)
 
 
+# The byte-order marks UTF-16 text starts with (little- and big-endian).
+UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+
+
 def parse_subject_list(name: str, data: bytes, max_subjects: int = 10_000) -> SubjectList:
-    """Parse one list: one subject per line, blank lines and '#' comments ignored.
+    """Parse one list: one subject per line, blank lines and '#' comments ignored. The text is
+    UTF-8 (with or without a byte-order mark), or UTF-16 that starts with its byte-order mark.
 
     A line over MAX_SUBJECT_LENGTH characters is skipped, with a message in ``skipped_lines``;
     the list's other subjects stand.
 
     Raises:
-        GridError: binary or non-UTF-8 content, no subjects, or more than ``max_subjects``.
+        GridError: binary content, text in another encoding, no subjects, or more than ``max_subjects``.
     """
-    if b"\0" in data:
+    if data.startswith(UTF16_BOMS):  # Windows Notepad's "Unicode": UTF-16, its byte-order mark first
+        try:
+            text = data.decode("utf-16")
+        except UnicodeDecodeError as exc:
+            raise GridError(
+                f"subject list {name}: starts as UTF-16 text but is not (byte {exc.start}): {exc.reason}; "
+                "save it as UTF-8"
+            ) from None
+        if "\0" in text:
+            raise GridError(f"subject list {name}: binary content (a NUL character); expected text")
+    elif b"\0" in data:
         raise GridError(f"subject list {name}: binary content (a NUL byte); expected UTF-8 text")
-    text = _utf8_text(data, f"subject list {name}", encoding="utf-8-sig")
+    else:
+        text = _utf8_text(data, f"subject list {name}", encoding="utf-8-sig")
     subjects: list[str] = []
     skipped: list[str] = []
     # Lines as an editor shows them: str.splitlines would also end one at a form feed, U+2028 and
