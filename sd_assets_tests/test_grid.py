@@ -64,7 +64,19 @@ model: {id: tiny-random}
         (VALID + "inference: {batch_size: lots}\n", "field 'inference.batch_size' = 'lots': must be 'auto' or an integer"),
         (VALID + "inference: {batch_size: true}\n", "field 'inference.batch_size' = True: must be 'auto' or an integer"),
         (VALID + "inference: {steps: true}\n", "field 'inference.steps' = True: Input should be a valid integer"),
-        (VALID + 'inference: {width: "64"}\n', "field 'inference.width' = '64': Input should be a valid integer"),
+        (VALID + 'inference: {width: "64"}\n',
+         "field 'inference.width' = '64': Input should be a valid integer; in quotes it is text: write 64 "
+         "without them"),  # fmt: skip
+        # YAML 1.1, which PyYAML reads, takes a number without a '.' before its exponent for text.
+        (VALID + "inference: {guidance_scale: 1e1}\n",
+         "field 'inference.guidance_scale' = '1e1': Input should be a valid number; YAML reads 1e1 as text, not a "
+         "number: write 10.0"),
+        (VALID + "seed: 1e3\n", "field 'seed' = '1e3': Input should be a valid integer; YAML reads 1e3 as text, not a "
+         "number: write 1000"),
+        (VALID + 'storage: "da\\0ta"\n',
+         "field 'storage' = 'da\\x00ta': holds a NUL character (\\0), which no path can"),  # fmt: skip
+        (VALID.replace("subjects_dir: subjects", 'subjects_dir: "sub\\0jects"'),
+         "field 'subjects_dir' = 'sub\\x00jects': holds a NUL character"),
         (VALID + "inference: {guidance_scale: .nan}\n", "field 'inference.guidance_scale' = nan: Input should be a finite"),
         (VALID + "inference: {guidance_scale: true}\n", "field 'inference.guidance_scale' = True: Input should be a"),
         (VALID + "inference: {scheduler: EulerDiscrete}\n",

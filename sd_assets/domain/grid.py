@@ -138,6 +138,14 @@ class GridConfig(_Strict):
     def source(self) -> Path | None:
         return self._source
 
+    @pydantic.field_validator("subjects_dir", "storage", mode="before")
+    @classmethod
+    def _no_nul_in_paths(cls, value):
+        # Every file system call would refuse it with a bare "embedded null byte", from deep in a run.
+        if isinstance(value, str) and "\0" in value:
+            raise ValueError("holds a NUL character (\\0), which no path can")
+        return value
+
     @pydantic.field_validator("styles")
     @classmethod
     def _valid_styles(cls, styles: list[str]) -> list[str]:
@@ -214,6 +222,27 @@ def _utf8_text(data: bytes, what: str, encoding: str = "utf-8") -> str:
         ) from None
 
 
+def _number_as_text(error) -> str:
+    """A hint for a number read as text: one in quotes, or one YAML 1.1 reads as a string (1e1 or
+    1e3, without a '.' before the exponent); the field wants the number it looks like."""
+    value = error.get("input")
+    if not isinstance(value, str) or not error["type"].startswith(("int_", "float_")):
+        return ""
+    try:
+        number = float(value)
+    except ValueError:
+        return ""
+    if error["type"].startswith("int_"):
+        if not number.is_integer():
+            return ""
+        written = str(int(number))
+    else:
+        written = repr(number)
+    if isinstance(yaml.safe_load(value), (int, float)):  # YAML would read it bare as a number: it was quoted
+        return f"; in quotes it is text: write {written} without them"
+    return f"; YAML reads {value} as text, not a number: write {written}"
+
+
 def _yaml_problem(exc: yaml.YAMLError, text: str) -> str:
     """A YAML error of ``text`` in one line: where in the file, then what (PyYAML's own message
     spans several lines and names its input '<unicode string>', not the file)."""
@@ -287,7 +316,7 @@ def load_grid(path: str | Path) -> GridConfig:
             elif error["type"] == "missing":
                 problems.append(f"{path}: missing field '{field}'")
             else:
-                message = error["msg"].removeprefix("Value error, ")
+                message = error["msg"].removeprefix("Value error, ") + _number_as_text(error)
                 problems.append(f"{path}: field '{field}' = {error.get('input')!r}: {message}")
         raise GridError("\n".join(problems)) from None
     # '~/...' as the shell and SD_ASSETS_STORAGE read it: joined to the grid's folder, it would
