@@ -241,7 +241,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     grid, storage = grid_from_environment()
     job = build_definitions().resolve_job_def(GENERATE_JOB)
-    styles = args.style or grid.styles
+    styles = list(dict.fromkeys(args.style)) if args.style else grid.styles  # one given twice is made once
     for style in styles:
         grid.require_style(style)
     instance = _instance(os.environ.get("DAGSTER_HOME"))

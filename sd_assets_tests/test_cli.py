@@ -109,7 +109,9 @@ def test_a_demo_that_refuses_a_prompt_names_it_shows_the_rest_and_exits_1(cli_en
 def test_a_failed_demo_names_the_step_its_error_and_the_styles_it_did_not_run(cli_env, grid_path, tmp_path):
     grid_path.write_text(grid_path.read_text().replace("id: tiny-random", "id: example-org/not-cached"))
     offline = {**cli_env, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "empty-hf-home")}
-    result = _run([BIN / "sd-assets", "demo", "--style", "Banksy", "--style", "Andy Warhol"], offline, check=False)
+    # A style given twice is made once.
+    styles = ["--style", "Banksy", "--style", "Andy Warhol", "--style", "Banksy"]
+    result = _run([BIN / "sd-assets", "demo", *styles], offline, check=False)
     assert result.returncode == 1
     *_, headline, reason, not_run = result.stderr.strip().splitlines()
     assert not_run == (
