@@ -236,6 +236,7 @@ def _demo(args: argparse.Namespace) -> int:
     import os
 
     from sd_assets.definitions import GENERATE_JOB, build_definitions, grid_from_environment
+    from sd_assets.orchestration.loggers import BRIEF_CONSOLE
     from sd_assets.domain.gallery import INDEX_KEY
     from sd_assets.domain.store import open_store
 
@@ -250,8 +251,9 @@ def _demo(args: argparse.Namespace) -> int:
         print(f"materializing {style} ...", flush=True)
         result = job.execute_in_process(
             partition_key=style, instance=instance, raise_on_error=False,
-            # The steps' own messages; Dagster's DEBUG events (step starts, outputs) stay in the run's log.
-            run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
+            # The steps' own messages, a line each; Dagster's DEBUG events (step starts, outputs) and
+            # a failed step's stack trace stay in the run's log (the summary below says the error).
+            run_config={"loggers": {BRIEF_CONSOLE: {"config": {"log_level": "INFO"}}}},
         )  # fmt: skip
         if not result.success:
             rest = styles[number + 1 :]
@@ -271,9 +273,12 @@ def _demo(args: argparse.Namespace) -> int:
                 error = event.step_failure_data.error
                 # The step's own exception, under Dagster's "error occurred while executing" wrapper;
                 # the project's own errors without their module path (their text says it all).
-                message = (error.cause or error).message.strip() if error else "failed"
+                cause = (error.cause or error) if error else None
+                message = cause.message.strip() if cause else "failed"
                 if message.startswith("sd_assets."):
                     message = message.split(": ", 1)[-1]
+                elif cause is not None:  # not the project's own error: where it came from, for a bug report
+                    message += "\n" + "".join(cause.stack).rstrip()
                 print(f"  {event.step_key}: {message}", file=sys.stderr)
             if rest:
                 print(

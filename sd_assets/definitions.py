@@ -33,6 +33,7 @@ from sd_assets.domain import engine
 from sd_assets.domain.errors import GridError, SdAssetsError
 from sd_assets.domain.grid import GridConfig, load_grid
 from sd_assets.orchestration.assets import GENERATE_JOB, build_assets
+from sd_assets.orchestration.loggers import BRIEF_CONSOLE, brief_console_logger
 from sd_assets.orchestration.resources import ArtifactStoreResource, GeneratorResource, GridResource, HubResource
 from sd_assets.orchestration.sensors import build_new_subject_lists_sensor
 
@@ -160,6 +161,8 @@ def build_definitions(environ: Mapping[str, str] | None = None) -> dg.Definition
         assets=assets,
         jobs=[generate_job],
         sensors=[new_subject_lists],
+        # Dagster's console logger stays the default of every run that names none; the demo names its own.
+        loggers={"console": dg.colored_console_logger, BRIEF_CONSOLE: brief_console_logger},
         resources={
             "grid": GridResource(path=str(grid_path)),
             "store": store_from_environment(storage, environ),

@@ -221,8 +221,34 @@ def test_an_s3_endpoint_without_a_scheme_is_one_line_in_search_and_in_a_run(grid
     assert capsys.readouterr().err == f"sd-assets: {reason}\n"
     assert main(["demo", "--style", "Banksy"]) == 1
     # The summary after Dagster's own log of the failed steps: each of them, with the reason.
-    summary = capsys.readouterr().err.split("sd-assets: run ", 1)[1].splitlines()[1:]
+    err = capsys.readouterr().err
+    summary = err.split("sd-assets: run ", 1)[1].splitlines()[1:]
     assert summary == [f"  grid_inputs: {reason}", f"  model_weights: {reason}"]
+    # Dagster's log of the run, a line an event: the failed steps' stack traces stay in the run's log.
+    log = err.split("sd-assets: run ", 1)[0].splitlines()
+    assert "Stack Trace:" not in err and all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ", line) for line in log)
+    assert [line.split(" - ")[-1] for line in log if "STEP_FAILURE" in line] == [
+        'Execution of step "grid_inputs" failed.', 'Execution of step "model_weights" failed.'
+    ]  # fmt: skip
+
+
+def test_a_demo_step_failing_with_an_error_not_the_projects_shows_where_it_came_from(grid_path, monkeypatch, capsys):
+    from sd_assets.orchestration import assets
+
+    def broken_settings(config, artifact_store):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(assets, "_settings_now", broken_settings)
+    monkeypatch.setenv("SD_ASSETS_GRID", str(grid_path))
+    monkeypatch.setenv("SD_ASSETS_DEVICE", "cpu")
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+
+    assert main(["demo", "--style", "Banksy"]) == 1
+    err = capsys.readouterr().err
+    step, *stack = err.split("sd-assets: run ", 1)[1].splitlines()[1:]
+    assert step == "  prompt_grid: ZeroDivisionError: a bug"
+    assert any(line.strip().startswith("File ") for line in stack) and "in broken_settings" in "\n".join(stack)
+    assert "Stack Trace:" not in err, "the stack once, in the summary"
 
 
 def test_search_in_a_store_without_a_catalog_says_so(grid_path, tmp_path):
@@ -531,7 +557,8 @@ def test_each_search_option_filters_on_its_own_column(tmp_path, monkeypatch, cap
         return sorted((row["style"], row["subject"], row["run_id"]) for row in json.loads(capsys.readouterr().out))
 
     assert len(found()) == 4
-    assert found("--style", "WARHOL") == [("Andy Warhol", "alan turing", "run-0"), ("Andy Warhol", "grace hopper", "run-1")]
+    warhol = [("Andy Warhol", "alan turing", "run-0"), ("Andy Warhol", "grace hopper", "run-1")]
+    assert found("--style", "WARHOL") == warhol
     assert found("--style", "andy-warhol", "--subject", "turing") == [("Andy Warhol", "alan turing", "run-0")]
     assert found("--run", "run-1") == [("Andy Warhol", "grace hopper", "run-1"), ("Banksy", "ada lovelace", "run-1")]
     assert found("--prompt", "lovelace by banksy") == [("Banksy", "ada lovelace", "run-1")]
