@@ -176,3 +176,13 @@ def test_a_lock_file_names_only_its_holder_whatever_a_longer_pid_left_there(tmp_
     (tmp_path / "style-x.lock").write_text("99999999\n")
     with hold_lock(tmp_path, "style-x.lock") as path:
         assert path.read_text() == f"{os.getpid()}\n"
+
+
+def test_a_lock_folder_that_is_a_file_is_named_as_one(tmp_path):
+    from sd_assets.domain.node_locks import make_lock_dir
+
+    (tmp_path / "locks").write_text("not a folder")
+    with pytest.raises(SdAssetsError, match=r"^the lock folder .*/locks is a file, not a folder; set "
+                       r"SD_ASSETS_DEVICE_LOCKS to a folder$"):  # fmt: skip
+        make_lock_dir(tmp_path / "locks")
+    assert make_lock_dir(tmp_path / "new" / "locks").is_dir()

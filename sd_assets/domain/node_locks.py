@@ -53,6 +53,10 @@ def make_lock_dir(lock_dir: Path) -> Path:
     lock_dir = Path(lock_dir)
     try:
         lock_dir.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:  # a file where the folder should be (mkdir's own words: "File exists")
+        raise SdAssetsError(
+            f"the lock folder {lock_dir} is a file, not a folder; set SD_ASSETS_DEVICE_LOCKS to a folder"
+        ) from None
     except OSError as exc:
         raise SdAssetsError(f"cannot create the lock folder {lock_dir}: {exc}") from None
     return lock_dir
