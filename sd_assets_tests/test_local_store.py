@@ -116,3 +116,19 @@ def test_a_key_that_would_leave_the_store_or_name_no_file_is_refused_before_any_
             touch()
     assert (tmp_path / "outside.png").read_bytes() == b"not the store's"
     assert not (tmp_path / "data").exists(), "nothing was written"
+
+
+def test_versions_leave_out_a_file_deleted_between_the_listing_and_its_stat(tmp_path):
+    class MergedMeanwhile(LocalStore):
+        """Another run merges (and deletes) a pending batch just after this one listed it."""
+
+        def list_keys(self, prefix: str):
+            keys = list(super().list_keys(prefix))
+            (self.root / "catalog" / "pending" / "banksy" / "run-1.jsonl").unlink()
+            yield from keys
+
+    store = MergedMeanwhile(tmp_path)
+    store.write_bytes("catalog/banksy.parquet", b"rows")
+    store.write_bytes("catalog/pending/banksy/run-1.jsonl", b"{}\n")
+    versions = store.versions("catalog/")
+    assert list(versions) == ["catalog/banksy.parquet"] and versions["catalog/banksy.parquet"].size == 4

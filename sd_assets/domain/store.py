@@ -229,7 +229,10 @@ class LocalStore(ArtifactStore):
     def versions(self, prefix: str) -> dict[str, ObjectVersion]:
         found = {}
         for key in self.list_keys(prefix):
-            stat = self._path(key).stat()
+            try:
+                stat = self._path(key).stat()
+            except FileNotFoundError:  # deleted since it was listed (a pending batch another run merged)
+                continue
             found[key] = ObjectVersion(stat.st_size, str(stat.st_mtime_ns))
         return found
 
