@@ -11,6 +11,7 @@ import json
 import re
 import time
 import warnings
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -36,6 +37,7 @@ from sd_assets.domain.prompts import (
     write_prompt_rows,
     write_refused,
 )
+from sd_assets.domain.store import ArtifactStore
 from sd_assets.domain.subject_lists import read_subject_lists, subject_source
 from sd_assets.orchestration.resources import ArtifactStoreResource, GeneratorResource, GridResource, HubResource
 
@@ -329,7 +331,7 @@ def build_assets(styles: dg.StaticPartitionsDefinition) -> list:
         # run's, whose index is written after it).
         for attempt in range(1, INDEX_ATTEMPTS + 1):
             drawn_from = _index_sources(artifact_store)
-            index = _write_index(context, config, artifact_store, rows_by_style)
+            index = _write_index(config, artifact_store, rows_by_style)
             if _index_sources(artifact_store) == drawn_from:
                 break
             message = "a catalog changed while the gallery index was written"
@@ -337,7 +339,9 @@ def build_assets(styles: dg.StaticPartitionsDefinition) -> list:
                 context.log.warning(f"{message} {attempt} times; the next run's index will count it")
             else:
                 context.log.info(f"{message}; writing it again")
-        summaries, unreadable, key = index
+        summaries, unreadable, key = index.summaries, index.unreadable, index.key
+        for entry in unreadable:
+            context.log.warning(f"{entry.message}; the index shows its style's count as unknown")
         metadata = {
             "styles": len(summaries),
             "images": sum(s.present for s in summaries),
@@ -361,15 +365,23 @@ def _index_sources(artifact_store) -> tuple[dict, set[str]]:
     return catalogs, artifact_store.existing([gallery.style_page_key(slug, 1) for slug in catalogs])
 
 
-def _write_index(context: dg.AssetExecutionContext, config, artifact_store, rows_by_style: dict):
-    """Draw and write the gallery index from the catalogs as they are now; returns the grid's
-    styles' summaries, the unreadable catalogs and the index's key."""
+@dataclass(frozen=True)
+class _WrittenIndex:
+    """The gallery index as written: the grid's styles' counts, the catalogs it could not read, its key."""
+
+    summaries: list[gallery.StyleSummary]
+    unreadable: list[catalog_lib.UnreadableCatalog]
+    key: str
+
+
+def _write_index(
+    config: GridConfig, artifact_store: ArtifactStore, rows_by_style: dict[str, list[PromptRow]]
+) -> _WrittenIndex:
+    """Draw and write the gallery index from the catalogs as they are now."""
     # A damaged catalog leaves its style's count unknown, not every style's index out of date.
     unreadable: list[catalog_lib.UnreadableCatalog] = []
     made = catalog_lib.catalog_styles(artifact_store, unreadable)
     broken = {entry.slug for entry in unreadable}
-    for entry in unreadable:
-        context.log.warning(f"{entry.message}; the index shows its style's count as unknown")
     present = {key for keys in made.values() for key in keys}
 
     def summary(style: str, total: int, present_count: int) -> gallery.StyleSummary:
@@ -386,7 +398,7 @@ def _write_index(context: dg.AssetExecutionContext, config, artifact_store, rows
     key = gallery.render_index(
         artifact_store, summaries, rows_by_style, present, other_styles=others, model_id=config.model.id
     )
-    return summaries, unreadable, key
+    return _WrittenIndex(summaries, unreadable, key)
 
 
 def _style_lock(context: dg.AssetExecutionContext, generator: GeneratorResource, artifact_store, style: str):
