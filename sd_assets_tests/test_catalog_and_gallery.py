@@ -392,6 +392,32 @@ def test_search_is_case_insensitive_substring_and(tmp_path):
     assert catalog.search(code, subject="st. paul").empty and len(catalog.search(code, style="(c)")) == 2
 
 
+@pytest.mark.parametrize(
+    ("style", "where", "slug", "reached"),
+    [
+        ("gogh", None, "vincent-van-gogh", True),
+        ("Van Gogh", None, "vincent-van-gogh", True),  # slugged, as its name would be
+        ("warhol", None, "banksy", False),
+        (None, [("style", "Banksy")], "banksy", True),
+        (None, [("style", "Andy Warhol")], "banksy", False),
+        (None, {"style": "Andy Warhol", "steps": 50}, "andy-warhol", True),
+        # As search compares: case folded ("STRASSE" finds "Straße") and accents in one form.
+        ("STRASSE", None, "straße-kunst", True),
+        (None, [("style", "Cafe\u0301 Noir")], "caf\u00e9-noir", True),
+        ("CAFE\u0301", None, "caf\u00e9-noir", True),
+    ],
+)
+def test_a_search_reaches_a_catalog_it_cannot_read_unless_its_style_filter_leaves_the_style_out(
+    style, where, slug, reached
+):
+    assert catalog.search_may_reach(slug, style=style, where=where) is reached
+    # Where search would find the style's rows, were its catalog readable, it must be reached.
+    name = {"straße-kunst": "Straße Kunst", "caf\u00e9-noir": "Caf\u00e9 Noir", "banksy": "Banksy",
+            "andy-warhol": "Andy Warhol", "vincent-van-gogh": "Vincent Van Gogh"}[slug]  # fmt: skip
+    frame = pd.DataFrame([{"subject": "x", "style": name, "model_id": "m", "run_id": "r", "steps": 50}])
+    assert catalog.search(frame, style=style, where=where).empty is not reached
+
+
 def test_search_finds_an_image_by_prompt_by_its_file_and_by_whole_settings(tmp_path):
     store = LocalStore(tmp_path)
     turing, lovelace = _row("alan turing", "Banksy"), _row("ada lovelace", "Banksy")

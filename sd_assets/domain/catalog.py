@@ -580,9 +580,11 @@ def search_may_reach(slug: str, style: str | None = None, where: Where = None) -
     of the style ``slug``: one it could not read need not be reported to a search that leaves
     its style out. Only the slug is known of such a catalog, so a style named in part is tried
     against it slugged (``Van Gogh`` finds ``vincent-van-gogh``)."""
-    if style and _normal(style) not in slug and slugify(style) not in slug:
+    # Compared as search compares (NFC, case folded: "STRASSE" finds "Straße"), on both sides.
+    slug = _normal(slug)
+    if style and _normal(style) not in slug and slugify(_normal(style)) not in slug:
         return False
-    return all(slugify(str(value)) == slug for name, value in _where_pairs(where) if name == "style")
+    return all(slugify(_normal(str(value))) == slug for name, value in _where_pairs(where) if name == "style")
 
 
 def _normal(text: pd.Series | str):
