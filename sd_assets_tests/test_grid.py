@@ -267,3 +267,10 @@ def test_a_home_folder_in_the_grids_paths_is_the_users_not_a_folder_named_tilde(
     loaded = load_grid(grid)
     assert loaded.subjects_dir == tmp_path / "home" / "subjects"
     assert loaded.storage == str(tmp_path / "home" / "sd-data")
+    # Another user's home, as the shell reads it; one this machine does not know, by field.
+    grid.write_text("styles: [Banksy]\nsubjects_dir: ~root/subjects\nmodel: {id: tiny-random}\n")
+    assert load_grid(grid).subjects_dir == Path("~root").expanduser() / "subjects"
+    grid.write_text("styles: [Banksy]\nsubjects_dir: s\nmodel: {id: tiny-random}\nstorage: ~no-such-user-x/d\n")
+    with pytest.raises(GridError, match=r"grid.yaml: field 'storage' = '~no-such-user-x/d': no home folder for "
+                       r"'~no-such-user-x' on this machine$"):  # fmt: skip
+        load_grid(grid)

@@ -283,6 +283,17 @@ class _GridLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+def _home_expanded(grid_file: Path, field: str, value: Path) -> Path:
+    """``value`` with a leading '~' or '~user' as the shell reads it; a GridError for a user this
+    machine does not know."""
+    try:
+        return value.expanduser()
+    except RuntimeError:  # pathlib's "Could not determine home directory."
+        raise GridError(
+            f"{grid_file}: field '{field}' = {str(value)!r}: no home folder for {value.parts[0]!r} on this machine"
+        ) from None
+
+
 def load_grid(path: str | Path) -> GridConfig:
     """Read and validate a grid file; relative paths inside it are relative to the file.
 
@@ -321,10 +332,10 @@ def load_grid(path: str | Path) -> GridConfig:
         raise GridError("\n".join(problems)) from None
     # '~/...' as the shell and SD_ASSETS_STORAGE read it: joined to the grid's folder, it would
     # name a folder called '~' there, and fill it.
-    subjects_dir = path.parent / grid.subjects_dir.expanduser()
+    subjects_dir = path.parent / _home_expanded(path, "subjects_dir", grid.subjects_dir)
     storage = grid.storage
     if "://" not in storage:
-        storage = str(path.parent / Path(storage).expanduser())
+        storage = str(path.parent / _home_expanded(path, "storage", Path(storage)))
     grid = grid.model_copy(update={"subjects_dir": subjects_dir.resolve(), "storage": storage})
     grid._source = path
     return grid
