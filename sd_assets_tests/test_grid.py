@@ -73,6 +73,8 @@ model: {id: tiny-random}
          "number: write 10.0"),
         (VALID + "seed: 1e3\n", "field 'seed' = '1e3': Input should be a valid integer; YAML reads 1e3 as text, not a "
          "number: write 1000"),
+        # A hint YAML reads as a number: a '.' in the mantissa.
+        (VALID + "inference: {guidance_scale: 1e-5}\n", "YAML reads 1e-5 as text, not a number: write 1.0e-05"),
         (VALID + 'storage: "da\\0ta"\n',
          "field 'storage' = 'da\\x00ta': holds a NUL character (\\0), which no path can"),  # fmt: skip
         (VALID.replace("subjects_dir: subjects", 'subjects_dir: "sub\\0jects"'),
@@ -123,6 +125,12 @@ def test_bad_grid_files_name_the_field_and_value(tmp_path, text, expected):
     message = _error_for(tmp_path, text)
     assert expected in message
     assert "\n" not in message and "<unicode string>" not in message, "one line, naming the file"
+
+
+def test_no_number_is_hinted_where_it_is_not_one_to_write(tmp_path):
+    # 1e30 as an integer has rounded in a float; .inf is a word YAML has, and no field takes it.
+    for text in ("seed: 1e30\n", 'inference: {guidance_scale: "inf"}\n'):
+        assert _error_for(tmp_path, VALID + text).endswith(("Input should be a valid integer", "Input should be a valid number"))
 
 
 def test_a_grid_that_is_not_utf8_names_the_line(tmp_path):

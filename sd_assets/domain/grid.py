@@ -7,6 +7,7 @@ points to. Every error names the file, the field and the bad value.
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 import string
 import unicodedata
@@ -232,12 +233,16 @@ def _number_as_text(error) -> str:
         number = float(value)
     except ValueError:
         return ""
+    if not math.isfinite(number):  # .inf and .nan are YAML's own words, and no field takes them
+        return ""
     if error["type"].startswith("int_"):
-        if not number.is_integer():
+        if not number.is_integer() or abs(number) >= 2**53:  # beyond, the float has rounded the integer
             return ""
         written = str(int(number))
     else:
-        written = repr(number)
+        # As YAML 1.1 reads a float: a '.' in the mantissa (Python's shortest form gives the exponent its sign).
+        mantissa, e, exponent = repr(number).partition("e")
+        written = f"{mantissa if '.' in mantissa else mantissa + '.0'}{e}{exponent}"
     if isinstance(yaml.safe_load(value), (int, float)):  # YAML would read it bare as a number: it was quoted
         return f"; in quotes it is text: write {written} without them"
     return f"; YAML reads {value} as text, not a number: write {written}"
