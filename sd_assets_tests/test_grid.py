@@ -84,6 +84,8 @@ model: {id: tiny-random}
         (VALID + "inference: {scheduler: EulerDiscrete}\n",
          "field 'inference.scheduler' = 'EulerDiscrete': must be a diffusers scheduler class name; did you mean "
          "EulerDiscreteScheduler?"),  # fmt: skip
+        (VALID + "inference: {scheduler: eulerdiscretescheduler}\n", "did you mean EulerDiscreteScheduler?"),
+        (VALID + "inference: {scheduler: Euler_Discrete}\n", "did you mean EulerDiscreteScheduler?"),
         (VALID + "inference: {scheduler: Foo}\n",
          "field 'inference.scheduler' = 'Foo': must be a diffusers scheduler class name, such as"),  # fmt: skip
         # The web UI's sampler names, as people copy them from a PNG's parameters or their notes.

@@ -101,7 +101,9 @@ class InferenceConfig(_Strict):
             web_ui = web_ui_name(value)
             if web_ui:
                 raise ValueError(web_ui)
-            suffixed = next((name for name in SAMPLER_NAMES if name.casefold() == f"{value}Scheduler".casefold()), None)
+            # 'EulerDiscrete', 'eulerdiscretescheduler', 'Euler_Discrete': a class of the table, spelt otherwise.
+            spelt = re.sub(r"[\s_-]+", "", value).casefold().removesuffix("scheduler") + "scheduler"
+            suffixed = next((name for name in SAMPLER_NAMES if name.casefold() == spelt), None)
             hint = f"; did you mean {suffixed}?" if suffixed else ", such as EulerDiscreteScheduler or DDIMScheduler"
             raise ValueError(f"must be a diffusers scheduler class name{hint}")
         return value
