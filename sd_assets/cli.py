@@ -356,6 +356,11 @@ def main(argv: list[str] | None = None) -> int:
         # The reader (head, less) stopped early: not an error of ours.
         sys.stderr.close()
         return 0
+    except KeyboardInterrupt:  # Ctrl-C outside a run (one inside a run ends it, and the demo says so)
+        print(
+            "sd-assets: interrupted; every file it wrote is whole, and the command run again goes on", file=sys.stderr
+        )
+        return 130
 
 
 if __name__ == "__main__":

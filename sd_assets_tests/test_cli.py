@@ -583,3 +583,16 @@ def test_a_store_in_a_folder_whose_name_is_not_utf8_is_named_in_one_line(tmp_pat
     assert main(["demo"]) == 1
     assert capsys.readouterr().err.splitlines()[-1] == f"  model_weights: {expected}"
     assert not (grid.parent / "data" / "images").exists()
+
+
+def test_ctrl_c_outside_a_run_is_one_line_and_exit_status_130(monkeypatch, capsys):
+    from sd_assets import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt  # what Python raises on Ctrl-C, here while loading or between runs
+
+    monkeypatch.setattr(cli, "_rebuild_catalog", interrupted)
+    assert main(["rebuild-catalog"]) == 130
+    assert capsys.readouterr().err == (
+        "sd-assets: interrupted; every file it wrote is whole, and the command run again goes on\n"
+    )
