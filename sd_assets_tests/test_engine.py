@@ -133,6 +133,12 @@ def test_a_remembered_auto_batch_size_is_used_without_a_probe_and_capped_by_the_
     assert engine.auto_batch_size(on_gpu, SETTINGS, memory_file) == 16
     assert engine.auto_batch_size(on_gpu, SETTINGS, memory_file, pending=48) == 16
     assert engine.auto_batch_size(on_gpu, SETTINGS, memory_file, pending=3) == 3
+    # A run that ran out of memory at 16 and went on at 8 leaves 8 for the next, beside the other answers.
+    other = dataclasses.replace(SETTINGS, width=128)
+    engine.remember_auto_batch_size(on_gpu, other, memory_file, 4)
+    engine.remember_auto_batch_size(on_gpu, SETTINGS, memory_file, 8)
+    assert engine.auto_batch_size(on_gpu, SETTINGS, memory_file) == 8
+    assert engine.auto_batch_size(on_gpu, other, memory_file) == 4
 
 
 def test_a_short_last_batch_is_filled_to_the_compiled_shape_only_on_a_gpu(loaded):
@@ -613,3 +619,47 @@ def test_running_out_of_memory_names_the_settings_to_lower_and_keeps_the_images_
     )
     assert [store.exists(image_key_path(row.key)) for row in ROWS] == [True, True, False, False, False, False]
     assert sorted(catalog.read_catalog(store)["key"]) == sorted(row.key for row in ROWS[:2])
+
+
+def test_a_gpu_out_of_memory_goes_on_at_half_the_batch_and_makes_every_image(loaded, monkeypatch):
+    alone = render_all(loaded, ROWS, batch_size=1)
+    on_gpu = engine.LoadedPipeline(loaded.pipeline, loaded.folder, "cuda", "float32", "PNDMScheduler", False)
+    forward = loaded.pipeline.unet.forward
+
+    def fits_one_image(sample, *args, **kwargs):  # with guidance, one image is a UNet batch of 2
+        if sample.shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return forward(sample, *args, **kwargs)
+
+    monkeypatch.setattr(loaded.pipeline.unet, "forward", fits_one_image)
+    images: dict[str, np.ndarray] = {}
+    halvings: list[tuple[int, int]] = []
+    with engine.BoundedWriter(workers=2, max_pending=8) as writer:
+        stats = engine.generate(on_gpu, ROWS, SETTINGS, 4,
+                                lambda row, pixels, _flagged: images.update({row.key: pixels}), writer,
+                                on_smaller_batches=lambda old, new: halvings.append((old, new)))  # fmt: skip
+
+    assert halvings == [(4, 2), (2, 1)] and (stats.generated, stats.batch_size) == (6, 1)
+    assert set(images) == set(alone) and all(_close(images[key], alone[key]) for key in alone)
+
+    # One image that does not fit either: the settings to lower, and the images made before it kept.
+    calls: list[int] = []
+    monkeypatch.setattr(loaded.pipeline.unet, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
+    render_all(loaded, ROWS[:1], batch_size=1)
+    calls_an_image = len(calls)
+
+    def room_for_three_images(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 4 * calls_an_image:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(loaded.pipeline.unet, "forward", room_for_three_images)
+    made: list[str] = []
+    with pytest.raises(SdAssetsError) as failed, engine.BoundedWriter(workers=1, max_pending=8) as writer:
+        engine.generate(on_gpu, ROWS, SETTINGS, 1, lambda row, pixels, _flagged: made.append(row.key), writer)
+    assert str(failed.value) == (
+        "out of memory on cuda rendering one 64x64 image; make inference.width and height smaller, or free the GPU "
+        "of other work (the images made before it are kept)"
+    )
+    assert len(made) == 3

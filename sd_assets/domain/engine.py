@@ -495,6 +495,8 @@ class GenerationStats:
     compile_seconds: float = 0.0
     # Extra images rendered (and thrown away) to fill a short last batch; see ``rows_to_render``.
     padded: int = 0
+    # The batch size the last batch ran at: smaller than asked when a GPU ran out of memory.
+    batch_size: int = 0
 
 
 def compile_seconds(cold: Sequence[tuple[int, float]], warm: Sequence[tuple[int, float]]) -> float:
@@ -513,17 +515,24 @@ def generate(
     on_image: Callable[[PromptRow, Any, bool], None],
     writer: BoundedWriter,
     on_progress: Callable[[int, int, float], None] | None = None,
+    on_smaller_batches: Callable[[int, int], None] | None = None,
 ) -> GenerationStats:
     """Render ``rows`` in batches; each image's pixels, and whether the safety checker flagged
     it, go to ``on_image`` on the writer's pool.
 
-    ``on_progress(done, total, elapsed_seconds)`` is called after each batch.
+    ``on_progress(done, total, elapsed_seconds)`` is called after each batch. A GPU that runs
+    out of memory goes on at half the batch size from the batch that did not fit (an image's
+    pixels do not depend on its batch, up to kernel nondeterminism), calling
+    ``on_smaller_batches(old, new)``; at batch size 1, or on a CPU (one row a call whatever the
+    batch), running out of memory is a SdAssetsError saying what to make smaller.
     """
-    stats = GenerationStats()
+    stats = GenerationStats(batch_size=batch_size)
     cold: list[tuple[int, float]] = []
     warm: list[tuple[int, float]] = []
     start = time.perf_counter()
-    for offset in range(0, len(rows), batch_size):
+    offset = 0
+    while offset < len(rows):
+        batch_size = stats.batch_size
         batch = rows[offset : offset + batch_size]
         rendered = rows_to_render(loaded, batch, batch_size, settings)
         stats.padded += len(rendered) - len(batch)
@@ -535,7 +544,14 @@ def generate(
         except RuntimeError as exc:  # torch.OutOfMemoryError on a GPU is one too
             if not is_out_of_memory(exc):
                 raise
-            raise SdAssetsError(out_of_memory_message(loaded, len(rendered), settings)) from None
+            if loaded.device == "cpu" or batch_size == 1:
+                raise SdAssetsError(out_of_memory_message(loaded, settings)) from None
+            stats.batch_size = batch_size // 2
+        if stats.batch_size < batch_size:  # out of the except block: the failed batch's tensors are freed now
+            _release_cached_memory(loaded.device)
+            if on_smaller_batches is not None:
+                on_smaller_batches(batch_size, stats.batch_size)
+            continue
         batch_seconds = time.perf_counter() - batch_start
         if stats.first_batch_seconds is None:
             stats.first_batch_seconds = batch_seconds
@@ -545,10 +561,19 @@ def generate(
             writer.submit(on_image, row, image, flag)
         writer.raise_first_error()
         stats.generated += len(batch)
+        offset += len(batch)
         if on_progress is not None:
             on_progress(stats.generated, len(rows), time.perf_counter() - start)
     stats.compile_seconds = compile_seconds(cold, warm)
     return stats
+
+
+def _release_cached_memory(device: str) -> None:
+    """Give the blocks torch's allocator keeps back to the GPU, for the smaller batches to come."""
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -559,17 +584,15 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in str(exc)
 
 
-def out_of_memory_message(loaded: LoadedPipeline, images: int, settings: GenerationSettings) -> str:
-    """What to change when a batch of ``images`` ran out of memory on ``loaded``'s device."""
+def out_of_memory_message(loaded: LoadedPipeline, settings: GenerationSettings) -> str:
+    """What to change when one image did not fit in ``loaded``'s device's memory (on a CPU one
+    image a pipeline call, whatever the batch size; on a GPU, after batches halved down to one)."""
     size = f"{settings.width}x{settings.height}"
-    if loaded.device == "cpu":  # one image a pipeline call there, whatever the batch size
-        return (
-            f"out of memory on the CPU rendering one {size} image; make inference.width and height smaller "
-            "(the images made before it are kept)"
-        )
+    where = "the CPU" if loaded.device == "cpu" else loaded.device
+    other_work = "" if loaded.device == "cpu" else ", or free the GPU of other work"
     return (
-        f"out of memory on {loaded.device} rendering a batch of {images} {size} images; make inference.batch_size "
-        "smaller (or 'auto', which measures what fits), or width and height (the images made before it are kept)"
+        f"out of memory on {where} rendering one {size} image; make inference.width and height smaller{other_work} "
+        "(the images made before it are kept)"
     )
 
 
@@ -620,6 +643,27 @@ def auto_batch_key(loaded: LoadedPipeline, settings: GenerationSettings) -> str:
     return key
 
 
+def _remembered_sizes(memory_file: Path) -> dict:
+    """``auto``'s answers kept in ``memory_file``; none when it is missing or damaged."""
+    if not memory_file.is_file():
+        return {}
+    try:
+        return json.loads(memory_file.read_text())
+    except ValueError:
+        return {}
+
+
+def remember_auto_batch_size(
+    loaded: LoadedPipeline, settings: GenerationSettings, memory_file: Path, size: int
+) -> None:
+    """Keep ``size`` as ``auto``'s answer for this model, device and settings in ``memory_file``
+    (measured, or what a run that ran out of memory went on at)."""
+    remembered = _remembered_sizes(memory_file)
+    remembered[auto_batch_key(loaded, settings)] = size
+    memory_file.parent.mkdir(parents=True, exist_ok=True)
+    memory_file.write_text(json.dumps(remembered, indent=1, sort_keys=True))
+
+
 def auto_batch_size(
     loaded: LoadedPipeline, settings: GenerationSettings, memory_file: Path | None = None, pending: int = 0
 ) -> int:
@@ -634,12 +678,7 @@ def auto_batch_size(
     import torch
 
     remembered_key = auto_batch_key(loaded, settings)
-    remembered: dict = {}
-    if memory_file is not None and memory_file.is_file():
-        try:
-            remembered = json.loads(memory_file.read_text())
-        except ValueError:
-            remembered = {}
+    remembered = _remembered_sizes(memory_file) if memory_file is not None else {}
     if remembered_key in remembered:
         size = int(remembered[remembered_key])
     else:
@@ -657,9 +696,7 @@ def auto_batch_size(
         free, _total = torch.cuda.mem_get_info(loaded.device)
         size = batch_size_for_memory(peaks[0], peaks[1], free)
         if memory_file is not None:
-            remembered[remembered_key] = size
-            memory_file.parent.mkdir(parents=True, exist_ok=True)
-            memory_file.write_text(json.dumps(remembered, indent=1, sort_keys=True))
+            remember_auto_batch_size(loaded, settings, memory_file, size)
     if pending:
         size = min(size, max(1, pending))
     return size

@@ -40,6 +40,8 @@ class StyleRunReport:
     padded_images: int = 0
     # Images the model's safety checker flagged and blacked out.
     safety_flagged: int = 0
+    # The batch size the last batch ran at: smaller than asked when the GPU ran out of memory.
+    batch_size: int = 0
 
     @property
     def images_per_minute(self) -> float:
@@ -63,7 +65,8 @@ def make_style_images(
 ) -> StyleRunReport:
     """Render ``rows``, write each PNG under its content key, and leave catalog records behind.
 
-    ``log`` receives a progress line (done/total, images/s, time left) every few seconds.
+    ``log`` receives a progress line (done/total, images/s, time left) every few seconds, and a
+    line when the GPU runs out of memory and the batches are halved.
     """
     catalog.write_intent(store, style, run_id, [row.key for row in rows])
     deep_cache = settings.deep_cache.describe() if settings.deep_cache else ""
@@ -118,7 +121,12 @@ def make_style_images(
     writer = BoundedWriter(writer_threads, max_pending)
     start = time.perf_counter()
     try:
-        stats = generate(loaded, rows, settings, batch_size, write_image, writer, progress)
+        stats = generate(
+            loaded, rows, settings, batch_size, write_image, writer, progress,
+            on_smaller_batches=lambda old, new: log(
+                f"{style}: out of memory on {loaded.device} at batch size {old}; going on at {new}"
+            ),
+        )  # fmt: skip
     finally:
         writer.close()
         flush(force=True)
@@ -128,6 +136,7 @@ def make_style_images(
         first_batch_seconds=stats.first_batch_seconds or 0.0,
         compile_seconds=stats.compile_seconds,
         padded_images=stats.padded,
+        batch_size=stats.batch_size,
         writer_peak_pending=writer.peak_pending,
         safety_flagged=sum(1 for record in records if record["safety_flagged"]),
         previews=sorted(previews, key=lambda preview: preview_order[preview[0].key]),

@@ -546,13 +546,21 @@ def _render_style(
             style=style, partition=context.partition_key, run_id=context.run.run_id, batch_size=batch_size,
             writer_threads=generator.writer_threads, max_pending=generator.max_pending_images, log=context.log.info,
         )  # fmt: skip
+    if report.batch_size < batch_size:  # the GPU ran out of memory: the rest went in smaller batches
+        remembered = ", which batch_size auto now remembers" if inference.batch_size == "auto" else ""
+        context.log.warning(
+            f"{style}: out of memory on {device} at batch size {batch_size}; the images from there on were made "
+            f"at batch size {report.batch_size}{remembered}"
+        )
+        if inference.batch_size == "auto":
+            engine.remember_auto_batch_size(loaded, settings, generator.batch_memory_file, report.batch_size)
     profile = profiler.profile()
     gpu_profile.save_profile(artifact_store, style, profile)
     metadata = {
         "settings": gallery.settings_text(settings.as_record()),
         "generated": report.generated,
         "images_per_minute": round(report.images_per_minute, 1),
-        "batch_size": batch_size,
+        "batch_size": report.batch_size,
         "first_batch_seconds": round(report.first_batch_seconds, 3),
         "writer_peak_pending": report.writer_peak_pending,
         "previews": dg.MetadataValue.md("\n\n".join(_thumbnail_markdown(image, row) for row, image in report.previews)),
