@@ -192,8 +192,9 @@ def test_a_subject_is_one_editor_line_whatever_its_accents_are_made_of():
 
 def test_a_list_saved_as_utf16_as_windows_notepad_saves_unicode_is_read():
     text = "alan turing\r\ncaf\u00e9 by night\r\n\u845b\u98fe \u5317\u658e\r\n"
-    for encoding in ("utf-16", "utf-16-be"):  # the byte-order mark first, little-endian or big
-        data = text.encode(encoding) if encoding == "utf-16" else b"\xfe\xff" + text.encode(encoding)
+    marks = {"utf-16": b"", "utf-16-be": b"\xfe\xff", "utf-32": b"", "utf-32-be": b"\x00\x00\xfe\xff"}
+    for encoding, mark in marks.items():  # the byte-order mark first, little-endian or big
+        data = mark + text.encode(encoding)
         parsed = parse_subject_list("notepad.txt", data)
         assert parsed.subjects == ("alan turing", "caf\u00e9 by night", "\u845b\u98fe \u5317\u658e")
 

@@ -366,13 +366,15 @@ class SubjectList:
     skipped_lines: tuple[str, ...] = ()  # "line <n>: <why>" for the lines it could not take (the first 5)
 
 
-# The byte-order marks UTF-16 text starts with (little- and big-endian).
-UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+# The byte-order marks UTF-32 and UTF-16 text start with (little- and big-endian), UTF-32's
+# first: its little-endian mark begins as UTF-16's does.
+_WIDE_TEXT_BOMS = {b"\xff\xfe\x00\x00": "utf-32", b"\x00\x00\xfe\xff": "utf-32",
+                   b"\xff\xfe": "utf-16", b"\xfe\xff": "utf-16"}  # fmt: skip
 
 
 def parse_subject_list(name: str, data: bytes, max_subjects: int = 10_000) -> SubjectList:
     """Parse one list: one subject per line, blank lines and '#' comments ignored. The text is
-    UTF-8 (with or without a byte-order mark), or UTF-16 that starts with its byte-order mark.
+    UTF-8 (with or without a byte-order mark), or UTF-16 or UTF-32 that starts with its mark.
 
     A line over MAX_SUBJECT_LENGTH characters is skipped, with a message in ``skipped_lines``;
     the list's other subjects stand.
@@ -380,12 +382,13 @@ def parse_subject_list(name: str, data: bytes, max_subjects: int = 10_000) -> Su
     Raises:
         GridError: binary content, text in another encoding, no subjects, or more than ``max_subjects``.
     """
-    if data.startswith(UTF16_BOMS):  # Windows Notepad's "Unicode": UTF-16, its byte-order mark first
+    wide = next((encoding for bom, encoding in _WIDE_TEXT_BOMS.items() if data.startswith(bom)), None)
+    if wide:  # Windows Notepad's "Unicode" is UTF-16, its byte-order mark first
         try:
-            text = data.decode("utf-16")
+            text = data.decode(wide)
         except UnicodeDecodeError as exc:
             raise GridError(
-                f"subject list {name}: starts as UTF-16 text but is not (byte {exc.start}): {exc.reason}; "
+                f"subject list {name}: starts as {wide.upper()} text but is not (byte {exc.start}): {exc.reason}; "
                 "save it as UTF-8"
             ) from None
         if "\0" in text:
