@@ -93,6 +93,11 @@ def test_round_trip_listing_and_content_types(bucket, tmp_path):
     store.download_file("models/m/r/unet/weights.bin", target)
     assert target.read_bytes() == b"w" * 1000
     assert [p.name for p in target.parent.iterdir()] == ["weights.bin"]  # no temporary file left
+    # The node's disk refusing the copy (here a file where its folder should be) is a StoreError naming both.
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(StoreError, match=rf"^cannot write {tmp_path}/a-file/weights.bin \(a copy of s3://{bucket}/"
+                       r"run-1/models/m/r/unet/weights.bin\): "):  # fmt: skip
+        store.download_file("models/m/r/unet/weights.bin", tmp_path / "a-file" / "weights.bin")
 
     store.delete("images/cd/cdef.png")
     assert not store.exists("images/cd/cdef.png")

@@ -202,16 +202,19 @@ class S3Store(ArtifactStore):
 
     def download_file(self, key: str, destination: Path) -> None:
         destination = Path(destination)
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = new_temporary_file(destination.parent, destination.name)
+        tmp: Path | None = None
         try:
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = new_temporary_file(destination.parent, destination.name)
             with os.fdopen(fd, "wb") as handle, self._errors("download", key):
                 self.client.download_fileobj(self.bucket, self._object_key(key), handle)
             flush_to_disk(tmp)
             os.replace(tmp, destination)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        except OSError as exc:  # the node's disk: full, read-only, a file where a folder should be
+            raise StoreError(f"cannot write {destination} (a copy of {self.location(key)}): {exc}") from None
+        finally:
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
 
     def upload_file(self, source: Path, key: str) -> None:
         # upload_file switches to multipart for large weights; S3 shows the object only once complete.
