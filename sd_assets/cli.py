@@ -236,9 +236,9 @@ def _demo(args: argparse.Namespace) -> int:
     import os
 
     from sd_assets.definitions import GENERATE_JOB, build_definitions, grid_from_environment
-    from sd_assets.orchestration.loggers import BRIEF_CONSOLE
     from sd_assets.domain.gallery import INDEX_KEY
     from sd_assets.domain.store import open_store
+    from sd_assets.orchestration.loggers import BRIEF_CONSOLE
 
     grid, storage = grid_from_environment()
     job = build_definitions().resolve_job_def(GENERATE_JOB)
