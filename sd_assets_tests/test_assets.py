@@ -1,6 +1,7 @@
 """The asset graph end to end on the embedded default: images, catalog, galleries, idempotence."""
 
 import hashlib
+import io
 import json
 import logging
 import re
@@ -622,3 +623,27 @@ def test_an_index_drawn_while_another_style_merged_its_catalog_is_drawn_again_co
     assert _metadata(result, "gallery_index")["images"] == 8
     messages = [e.message for e in instance.all_logs(result.run_id) if e.level == logging.INFO]
     assert "a catalog changed while the gallery index was written; writing it again" in messages
+
+
+def test_a_png_cut_short_without_its_row_is_set_aside_and_the_next_run_makes_it_again(grid_path, instance):
+    data = grid_path.parent / "data"
+    materialize_style(grid_path, "Banksy", instance)
+    cut = sorted((data / "images").rglob("*.png"))[0]
+    whole = cut.read_bytes()
+    cut.write_bytes(whole[:100])  # a node lost power as it wrote it, say
+    (data / "catalog" / "banksy.parquet").unlink()  # so its row comes back from the PNGs
+
+    second = materialize_style(grid_path, "Banksy", instance)
+    aside = data / "unreadable" / cut.relative_to(data)
+    assert _metadata(second, "image_catalog")["images_set_aside"] == [str(aside)]
+    assert aside.read_bytes() == whole[:100] and not cut.exists()
+    warnings = [e.message for e in instance.all_logs(second.run_id) if e.level == logging.WARNING]
+    assert any(m.startswith(f"{cut} is not a readable image of this project (") and
+               m.endswith(f"; set aside as {aside}, and the next run of Banksy makes it again") for m in warnings)
+    assert len(pd.read_parquet(data / "catalog" / "banksy.parquet")) == 3
+
+    third = materialize_style(grid_path, "Banksy", instance)
+    assert _metadata(third, "style_images")["generated"] == 1
+    with Image.open(cut) as remade, Image.open(io.BytesIO(whole)) as original:
+        assert np.array_equal(np.asarray(remade), np.asarray(original)), "the same picture, from its own seed"
+    assert len(pd.read_parquet(data / "catalog" / "banksy.parquet")) == 4

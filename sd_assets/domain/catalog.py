@@ -110,6 +110,11 @@ class CatalogUnreadable(StoreError):
     short, overwritten)."""
 
 
+class ImageUnreadable(StoreError):
+    """An image file was read and is not a PNG this project wrote, or its provenance does not fit
+    the catalog (cut short, overwritten)."""
+
+
 def _read_catalog_file(store: ArtifactStore, key: str, columns: Sequence[str] | None = None) -> pa.Table:
     """``_from_parquet`` of a style's catalog in the store.
 
@@ -332,28 +337,38 @@ def galleries_without_catalog(store: ArtifactStore) -> list[str]:
     return sorted(galleries - catalogued)
 
 
-REMAKE = "delete it, and the next run of the style makes it again"
-
-
-def _png_record(store: ArtifactStore, image_key: str, way_out: str = REMAKE) -> dict:
+def _png_record(store: ArtifactStore, image_key: str, way_out: str = "") -> dict:
     """The catalog record of an image in the store, from its provenance chunk, checked against the
     catalog's columns (a plain dict: a rebuild holds one per image, a one-row table would cost ten times more).
 
     Raises:
-        StoreError: the file is not a PNG this project wrote (cut short, say), or its provenance
-            does not fit the catalog's columns, naming it and ``way_out``.
+        ImageUnreadable: the file is not a PNG this project wrote (cut short, say), or its
+            provenance does not fit the catalog's columns, naming it and ``way_out``.
+        StoreError: the store could not be read.
     """
     location = store.location(image_key)
     try:
         provenance = read_provenance(store.read_bytes(image_key))
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise StoreError(f"{location} is not a readable image of this project ({exc!r}); {way_out}") from None
+        raise ImageUnreadable(f"{location} is not a readable image of this project ({exc!r}){way_out}") from None
     record = catalog_record(provenance, location)
     try:
         _records_table([record])
     except (pa.ArrowException, TypeError) as exc:
-        raise StoreError(f"{location} has provenance the catalog cannot hold ({exc}); {way_out}") from None
+        raise ImageUnreadable(f"{location} has provenance the catalog cannot hold ({exc}){way_out}") from None
     return record
+
+
+UNREADABLE_IMAGES = "unreadable/"
+
+
+def _set_image_aside(store: ArtifactStore, image_key: str) -> str:
+    """Move an unreadable image out of ``images/`` (the store's copy is kept, under
+    ``unreadable/``); its key is then missing, and the next run of its style makes it again."""
+    aside = UNREADABLE_IMAGES + image_key
+    store.write_bytes(aside, store.read_bytes(image_key))
+    store.delete(image_key)
+    return aside
 
 
 @dataclass(frozen=True)
@@ -362,6 +377,9 @@ class MergeReport:
     added_from_records: int  # images the catalog had no row for
     recovered_from_png: int
     replaced_from_records: int = 0  # rows a newer record of the same image took over
+    # Images with no row whose file is not a readable image of this project: each as (what was
+    # wrong with it, where it now is, under unreadable/); the next run makes them again.
+    set_aside: tuple[tuple[str, str], ...] = ()
 
 
 # A column that marks pending records while a merge weighs them against the catalog's rows.
@@ -398,12 +416,18 @@ def merge_catalog(store: ArtifactStore, style: str, grid_rows: Sequence[PromptRo
         tables = [merged.drop_columns([_PENDING])]
     known_keys = {key for table in tables for key in table["key"].to_pylist()}
     recovered = []
+    set_aside: list[tuple[str, str]] = []
     grid_keys = [row.key for row in grid_rows]
     intended = sorted({key for intent in intent_keys for key in _read_intent(store, intent)} - set(grid_keys))
     for key in grid_keys + intended:
         image_key = image_key_path(key)
         if key not in known_keys and store.exists(image_key):
-            recovered.append(_png_record(store, image_key))
+            # A file cut short (a node lost power while writing it, say) would fail every run here.
+            try:
+                recovered.append(_png_record(store, image_key))
+            except ImageUnreadable as exc:
+                set_aside.append((str(exc), store.location(_set_image_aside(store, image_key))))
+                continue
             known_keys.add(key)
     if recovered:
         tables.append(_records_table(recovered))
@@ -414,7 +438,8 @@ def merge_catalog(store: ArtifactStore, style: str, grid_rows: Sequence[PromptRo
         store.write_bytes(catalog_key(style), _to_parquet(merged))
     for key in pending_keys + intent_keys:
         store.delete(key)
-    return merged, MergeReport(len(merged), added, recovered_from_png=len(recovered), replaced_from_records=replaced)
+    report = MergeReport(len(merged), added, len(recovered), replaced_from_records=replaced, set_aside=tuple(set_aside))
+    return merged, report
 
 
 def _newest_records(pending: pa.Table, catalogued: pa.Table | None) -> pa.Table:
@@ -438,7 +463,7 @@ def _sorted(table: pa.Table) -> pa.Table:
 
 # An image rebuild_catalogs reads may be of an earlier grid, which no run makes again.
 NOT_REMADE = (
-    "it gets no catalog row; if it is an image of the current grid, deleting it makes the next run "
+    "; it gets no catalog row; if it is an image of the current grid, deleting it makes the next run "
     "of the style make it again"
 )
 

@@ -257,19 +257,21 @@ def build_assets(styles: dg.StaticPartitionsDefinition) -> list:
         # would be lost. The style's lock keeps them apart (and away from a run making its images).
         with _style_lock(context, generator, artifact_store, style):
             merged, report = catalog_lib.merge_catalog(artifact_store, style, rows)
+        for problem, aside in report.set_aside:
+            context.log.warning(f"{problem}; set aside as {aside}, and the next run of {style} makes it again")
         keys = merged["key"].to_pylist()
-        return dg.MaterializeResult(
-            metadata={
-                "rows": report.rows,
-                "rows_of_current_grid": len(set(keys) & {r.key for r in rows}),
-                "added": report.added_from_records,
-                "replaced": report.replaced_from_records,
-                "recovered_from_png": report.recovered_from_png,
-                "runs": len(set(merged["run_id"].to_pylist())),
-                "path": dg.MetadataValue.path(artifact_store.location(catalog_lib.catalog_key(style))),
-            },
-            data_version=dg.DataVersion(keys_version(keys)),
-        )
+        metadata = {
+            "rows": report.rows,
+            "rows_of_current_grid": len(set(keys) & {r.key for r in rows}),
+            "added": report.added_from_records,
+            "replaced": report.replaced_from_records,
+            "recovered_from_png": report.recovered_from_png,
+            "runs": len(set(merged["run_id"].to_pylist())),
+            "path": dg.MetadataValue.path(artifact_store.location(catalog_lib.catalog_key(style))),
+        }
+        if report.set_aside:
+            metadata["images_set_aside"] = [aside for _problem, aside in report.set_aside]
+        return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(keys_version(keys)))
 
     @dg.asset(
         partitions_def=styles,
