@@ -374,3 +374,17 @@ def test_a_list_whose_file_name_is_not_utf8_is_read_and_named_by_its_bytes(grid_
     scan = scan_subject_lists(FolderSource(grid_path.parent / "subjects"), {}, max_subjects=100)
     assert change_key(scan.changed).startswith("caf\\xe9 people.txt+1more:")
     assert decode_cursor(encode_cursor(scan.state, "store")).state == scan.state
+
+
+def test_a_list_deleted_between_the_folder_listing_and_its_stat_is_left_out(tmp_path, monkeypatch):
+    (tmp_path / "good.txt").write_text("alan turing\n")
+    (tmp_path / "gone.txt").write_text("ada lovelace\n")
+    scandir = os.scandir
+
+    def listed_then_deleted(folder):  # someone removes gone.txt just after the folder is listed
+        entries = list(scandir(folder))
+        (tmp_path / "gone.txt").unlink()
+        return iter(entries)
+
+    monkeypatch.setattr(os, "scandir", listed_then_deleted)
+    assert [listed.name for listed in FolderSource(tmp_path).listing()] == ["good.txt"]

@@ -95,7 +95,10 @@ class FolderSource(SubjectSource):
         listed = []
         for entry in entries:
             if _is_list_name(entry.name) and entry.is_file():
-                stat = entry.stat()
+                try:
+                    stat = entry.stat()
+                except FileNotFoundError:  # deleted since the folder was listed: not a list any more
+                    continue
                 listed.append(ListedFile(entry.name, stat.st_size, stat.st_mtime_ns))
         return sorted(listed, key=lambda f: f.name)
 
