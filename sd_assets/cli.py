@@ -221,6 +221,9 @@ def _instance_error(exc: Exception) -> str:
     import dagster as dg
 
     messages = [str(exc)]
+    if exc.__cause__ is not None and str(exc.__cause__).strip():
+        # "too many retries for DB connection" says nothing of why: the last try's error does.
+        messages = [f"{exc}: {str(exc.__cause__).strip().splitlines()[0]}"]
     if isinstance(exc, dg.DagsterInvalidConfigError) and exc.errors:
         messages = []
         for error in exc.errors:

@@ -82,3 +82,30 @@ def test_a_style_run_is_recorded_in_postgres(grid_path, tmp_path, monkeypatch, p
             '["style_gallery"]', '["gallery_index"]',
         ]  # fmt: skip
     connection.close()
+
+
+def test_a_postgres_that_does_not_answer_is_named_with_why_in_the_demos_one_line(
+    grid_path, tmp_path, monkeypatch, capsys
+):
+    import socket
+
+    from sd_assets.cli import main
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    shutil.copy(PROD_YAML, home / "dagster.yaml")
+    for name, value in {
+        "DAGSTER_HOME": str(home), "SD_ASSETS_GRID": str(grid_path), "DAGSTER_PG_HOST": "127.0.0.1",
+        "DAGSTER_PG_PORT": str(port), "DAGSTER_PG_USER": "postgres", "DAGSTER_PG_PASSWORD": "", "DAGSTER_PG_DB": "x",
+    }.items():  # fmt: skip
+        monkeypatch.setenv(name, value)
+
+    assert main(["demo", "--style", "Banksy"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(
+        f"sd-assets: Dagster cannot load the instance in DAGSTER_HOME={home}: too many retries for DB connection: "
+        f'(psycopg2.OperationalError) connection to server at "127.0.0.1", port {port} failed: Connection refused'
+    )
