@@ -19,7 +19,7 @@ import pydantic
 import yaml
 
 from sd_assets.domain.errors import GridError
-from sd_assets.domain.schedulers import SAMPLER_NAMES, web_ui_name
+from sd_assets.domain.schedulers import class_spelt_otherwise, web_ui_name
 
 # Style names become Dagster partition keys, URL segments and file names (through their slug);
 # letters, digits, spaces and a little punctuation are safe in all three.
@@ -101,9 +101,7 @@ class InferenceConfig(_Strict):
             web_ui = web_ui_name(value)
             if web_ui:
                 raise ValueError(web_ui)
-            # 'EulerDiscrete', 'eulerdiscretescheduler', 'Euler_Discrete': a class of the table, spelt otherwise.
-            spelt = re.sub(r"[\s_-]+", "", value).casefold().removesuffix("scheduler") + "scheduler"
-            suffixed = next((name for name in SAMPLER_NAMES if name.casefold() == spelt), None)
+            suffixed = class_spelt_otherwise(value)
             hint = f"; did you mean {suffixed}?" if suffixed else ", such as EulerDiscreteScheduler or DDIMScheduler"
             raise ValueError(f"must be a diffusers scheduler class name{hint}")
         return value

@@ -44,3 +44,10 @@ def web_ui_name(name: str) -> str | None:
         return None
     left_out = " (without Karras sigmas, which the grid has no setting for)" if spelt.endswith(" karras") else ""
     return f"the web UI's name; diffusers' class is {class_name}{left_out}"
+
+
+def class_spelt_otherwise(name: str) -> str | None:
+    """The table's class that ``name`` spells another way ('EulerDiscrete', 'eulerdiscretescheduler',
+    'Euler_Discrete'); None for any other name."""
+    spelt = _spelling(name).replace(" ", "").removesuffix("scheduler") + "scheduler"
+    return next((class_name for class_name in SAMPLER_NAMES if class_name.casefold() == spelt), None)
