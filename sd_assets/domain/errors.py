@@ -1,5 +1,6 @@
 """The exceptions users see for mistakes they can fix: ``SdAssetsError`` and one subclass per kind
-(bad grid or subject list, missing or damaged model, store problems)."""
+(bad grid or subject list, missing or damaged model, store problems), and how their messages show
+a file name."""
 
 
 class SdAssetsError(Exception):
@@ -16,3 +17,9 @@ class ModelError(SdAssetsError):
 
 class StoreError(SdAssetsError):
     """The artifact store cannot be read or written."""
+
+
+def shown_name(name: str) -> str:
+    """A file name as a message can show it: bytes of it that are not UTF-8 (a name from an archive
+    made on an older system, which the OS hands over as stand-ins no message can encode) as \\xNN."""
+    return name.encode(errors="surrogateescape").decode(errors="backslashreplace")

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from sd_assets.domain.errors import StoreError
+from sd_assets.domain.errors import StoreError, shown_name
 
 
 def new_temporary_file(folder: Path, name: str) -> tuple[int, Path]:
@@ -184,7 +184,7 @@ class LocalStore(ArtifactStore):
         try:
             self.url.encode()
         except UnicodeEncodeError:  # a folder name in another encoding (unpacked from an old archive)
-            shown = self.url.encode(errors="surrogateescape").decode(errors="backslashreplace")
+            shown = shown_name(self.url)
             raise StoreError(
                 f"storage {shown}: the path is not UTF-8 text, which every image's provenance and catalog row "
                 "record; rename the folder, or put the store in another one (storage: in the grid, or "

@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from sd_assets.domain.errors import GridError, SdAssetsError
+from sd_assets.domain.errors import GridError, SdAssetsError, shown_name
 from sd_assets.domain.grid import GridConfig, SubjectList, parse_subject_list
 from sd_assets.domain.store import ArtifactStore
 
@@ -182,9 +182,8 @@ def _read_one(
     """(the parsed list or None, the problem or None, the short content hash or None if unreadable).
 
     A list with lines it skipped comes with a problem naming them."""
-    # A file name that is not UTF-8 (from an archive made on an older system) comes from the OS with
-    # stand-ins that no message, run key or hash can encode: the list goes by its bytes shown as \xNN.
-    shown = name.encode(errors="surrogateescape").decode(errors="backslashreplace")
+    # A file name that is not UTF-8 can be in no message, run key or hash as the OS hands it over.
+    shown = shown_name(name)
     try:
         data = source.read(name)
     except (OSError, SdAssetsError) as exc:
