@@ -98,6 +98,10 @@ def test_round_trip_listing_and_content_types(bucket, tmp_path):
     with pytest.raises(StoreError, match=rf"^cannot write {tmp_path}/a-file/weights.bin \(a copy of s3://{bucket}/"
                        r"run-1/models/m/r/unet/weights.bin\): "):  # fmt: skip
         store.download_file("models/m/r/unet/weights.bin", tmp_path / "a-file" / "weights.bin")
+    # An object that is not there: a StoreError, and no half-written copy left on the node.
+    with pytest.raises(StoreError, match=rf"^cannot download at s3://{bucket}/run-1/models/m/r/unet/gone.bin: "):
+        store.download_file("models/m/r/unet/gone.bin", target.parent / "gone.bin")
+    assert [p.name for p in target.parent.iterdir()] == ["weights.bin"]
 
     store.delete("images/cd/cdef.png")
     assert not store.exists("images/cd/cdef.png")

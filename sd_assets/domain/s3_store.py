@@ -24,7 +24,7 @@ from typing import Any
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, PartialCredentialsError
 
 from sd_assets.domain.errors import StoreError
-from sd_assets.domain.store import ArtifactStore, ObjectVersion, _check_key, flush_to_disk, new_temporary_file
+from sd_assets.domain.store import ArtifactStore, ObjectVersion, _check_key, replacing
 
 CONTENT_TYPES = {
     ".html": "text/html; charset=utf-8",
@@ -201,20 +201,10 @@ class S3Store(ArtifactStore):
             self.client.delete_object(Bucket=self.bucket, Key=self._object_key(key))
 
     def download_file(self, key: str, destination: Path) -> None:
-        destination = Path(destination)
-        tmp: Path | None = None
-        try:
-            destination.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = new_temporary_file(destination.parent, destination.name)
-            with os.fdopen(fd, "wb") as handle, self._errors("download", key):
+        # The node's disk may refuse the copy (full, read-only, a file where a folder should be).
+        with replacing(Path(destination), of=self.location(key)) as tmp, open(tmp, "wb") as handle:
+            with self._errors("download", key):
                 self.client.download_fileobj(self.bucket, self._object_key(key), handle)
-            flush_to_disk(tmp)
-            os.replace(tmp, destination)
-        except OSError as exc:  # the node's disk: full, read-only, a file where a folder should be
-            raise StoreError(f"cannot write {destination} (a copy of {self.location(key)}): {exc}") from None
-        finally:
-            if tmp is not None:
-                tmp.unlink(missing_ok=True)
 
     def upload_file(self, source: Path, key: str) -> None:
         # upload_file switches to multipart for large weights; S3 shows the object only once complete.

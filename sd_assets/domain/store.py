@@ -141,13 +141,13 @@ def flush_to_disk(path: Path) -> None:
 
 
 @contextmanager
-def _replacing(path: Path) -> Iterator[Path]:
+def replacing(path: Path, of: str = "") -> Iterator[Path]:
     """A temporary file beside ``path``, renamed over it when the block ends (readers never see
     half a file) and removed if the block fails.
 
     Raises:
         StoreError: what the file system refused (a read-only or full disk, a file where a
-            folder should be), with the path.
+            folder should be), with the path (and ``of``, where it is a copy: ``s3://...``).
     """
     tmp: Path | None = None
     try:
@@ -158,7 +158,8 @@ def _replacing(path: Path) -> Iterator[Path]:
         flush_to_disk(tmp)
         os.replace(tmp, path)
     except OSError as exc:
-        raise StoreError(f"cannot write {path}: {exc}") from None
+        copy_of = f" (a copy of {of})" if of else ""
+        raise StoreError(f"cannot write {path}{copy_of}: {exc}") from None
     finally:
         if tmp is not None:
             tmp.unlink(missing_ok=True)
@@ -166,12 +167,12 @@ def _replacing(path: Path) -> Iterator[Path]:
 
 def atomic_write(path: Path, data: bytes) -> None:
     """Write ``path`` whole or not at all: a reader, or a process killed half-way, never leaves half a file."""
-    with _replacing(path) as tmp:
+    with replacing(path) as tmp:
         tmp.write_bytes(data)
 
 
 def _atomic_copy(source: Path, destination: Path) -> None:
-    with _replacing(destination) as tmp:
+    with replacing(destination) as tmp:
         shutil.copyfile(source, tmp)
 
 
