@@ -21,7 +21,7 @@ from sd_assets.domain import catalog as catalog_lib
 from sd_assets.domain import engine, gallery
 from sd_assets.domain import profile as gpu_profile
 from sd_assets.domain.errors import GridError, ModelError
-from sd_assets.domain.generation import make_style_images
+from sd_assets.domain.generation import StyleRunReport, make_style_images
 from sd_assets.domain.grid import GridConfig, slugify, unique_subjects
 from sd_assets.domain.models import ModelRef, ensure_model, local_model_folder, read_model_ref
 from sd_assets.domain.pngmeta import image_key_path
@@ -558,6 +558,17 @@ def _render_style(
             engine.remember_auto_batch_size(loaded, settings, generator.batch_memory_file, report.batch_size)
     profile = profiler.profile()
     gpu_profile.save_profile(artifact_store, style, profile)
+    if settings.safety_checker and report.safety_flagged:
+        context.log.warning(
+            f"{style}: the safety checker flagged {gallery.count(report.safety_flagged, 'image')} and blacked "
+            "them out; they are kept, marked safety_flagged in the catalog and the gallery, and not made again"
+        )
+    return _made_metadata(report, profile, settings, loaded)
+
+
+def _made_metadata(report: StyleRunReport, profile: gpu_profile.GpuProfile, settings: GenerationSettings,
+                   loaded: engine.LoadedPipeline) -> dict:  # fmt: skip
+    """The materialization metadata of the images one run made: how many, how fast, on what."""
     metadata = {
         "settings": gallery.settings_text(settings.as_record()),
         "generated": report.generated,
@@ -572,11 +583,6 @@ def _render_style(
         metadata["deep_cache"] = settings.deep_cache.describe()
     if settings.safety_checker:
         metadata["safety_flagged"] = report.safety_flagged
-        if report.safety_flagged:
-            context.log.warning(
-                f"{style}: the safety checker flagged {gallery.count(report.safety_flagged, 'image')} and blacked "
-                "them out; they are kept, marked safety_flagged in the catalog and the gallery, and not made again"
-            )
     if profile.chart_svg:
         metadata["gpu_util_chart"] = dg.MetadataValue.md(profile.chart_markdown())
     if loaded.compiled:
