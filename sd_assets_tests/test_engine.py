@@ -162,6 +162,58 @@ def test_auto_batch_size_on_cpu_is_one_and_remembers_nothing(loaded, tmp_path):
     assert not memory_file.exists()
 
 
+@pytest.fixture
+def gpu_memory_calls(monkeypatch) -> dict:
+    """torch.cuda's memory calls, which a CPU build of torch cannot make, answered as a GPU with
+    80 GiB free whose allocator saw 3 GiB at the peak of a batch of one, 4 GiB at a batch of two."""
+    gib = 2**30
+    peaks = {"probes": 0}
+
+    def reset_peak(_device=None):
+        peaks["probes"] += 1
+
+    for name in ("synchronize", "empty_cache"):
+        monkeypatch.setattr(torch.cuda, name, lambda *_args: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", reset_peak)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda _device=None: 0)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda _device=None: (2 + peaks["probes"]) * gib)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda _device=None: (80 * gib, 80 * gib))
+    return peaks
+
+
+def test_auto_batch_size_on_a_gpu_probes_one_and_two_images(loaded, tmp_path, gpu_memory_calls):
+    on_gpu = engine.LoadedPipeline(loaded.pipeline, loaded.folder, "cuda", "float32", "PNDMScheduler", False)
+    memory_file = tmp_path / "auto-batch-sizes.json"
+    assert engine.auto_batch_size(on_gpu, SETTINGS, memory_file) == 64
+    assert json.loads(memory_file.read_text()) == {engine.auto_batch_key(on_gpu, SETTINGS): 64}
+
+
+@pytest.mark.parametrize("images_that_fit", [1, 0])
+def test_auto_batch_size_when_the_probe_runs_out_of_gpu_memory(
+    loaded, tmp_path, gpu_memory_calls, monkeypatch, images_that_fit
+):
+    on_gpu = engine.LoadedPipeline(loaded.pipeline, loaded.folder, "cuda", "float32", "PNDMScheduler", False)
+    forward = loaded.pipeline.unet.forward
+
+    def fits(sample, *args, **kwargs):  # with guidance, one image is a UNet batch of 2
+        if sample.shape[0] > 2 * images_that_fit:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return forward(sample, *args, **kwargs)
+
+    monkeypatch.setattr(loaded.pipeline.unet, "forward", fits)
+    memory_file = tmp_path / "auto-batch-sizes.json"
+    if images_that_fit:  # a GPU shared with other work: one image a batch, remembered
+        assert engine.auto_batch_size(on_gpu, SETTINGS, memory_file) == 1
+        assert json.loads(memory_file.read_text()) == {engine.auto_batch_key(on_gpu, SETTINGS): 1}
+        return
+    with pytest.raises(SdAssetsError) as failed:
+        engine.auto_batch_size(on_gpu, SETTINGS, memory_file)
+    assert str(failed.value).startswith(
+        "out of memory on cuda rendering one 64x64 image; make inference.width and height smaller, or free the GPU "
+    )
+    assert not memory_file.exists()
+
+
 def test_auto_batch_size_is_the_largest_batch_that_fits_in_85_percent_of_free_memory():
     gib = 2**30
     # A batch of one took 3 GiB at its peak, a batch of two 4 GiB: 1 GiB an image, 2 GiB for any batch.

@@ -615,6 +615,32 @@ def rows_to_render(
 AUTO_BATCH_CANDIDATES = (1, 2, 4, 8, 16, 32, 64)
 
 
+def _probe_peaks(loaded: LoadedPipeline, settings: GenerationSettings) -> list[int]:
+    """The peak bytes of one step of a batch of one image, then of two, beyond what was already
+    allocated; only those that fit (none, when one image does not)."""
+    import torch
+
+    probe = dataclasses.replace(settings, steps=1)
+    row = PromptRow("probe", "probe", 0, "probe", "", 0, "probe")
+    peaks = []
+    for count in (1, 2):
+        torch.cuda.synchronize(loaded.device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(loaded.device)
+        base = torch.cuda.memory_allocated(loaded.device)
+        try:
+            with uncompiled(loaded.pipeline):  # a compiled probe would compile two shapes nobody uses
+                render_batch(loaded, [row] * count, probe)
+        except RuntimeError as exc:  # torch.OutOfMemoryError is one
+            if not is_out_of_memory(exc):
+                raise
+            break
+        peaks.append(torch.cuda.max_memory_allocated(loaded.device) - base)
+    if len(peaks) < 2:  # out of the except block: the failed probe's tensors are freed now
+        _release_cached_memory(loaded.device)
+    return peaks
+
+
 def batch_size_for_memory(peak_one: int, peak_two: int, free: int) -> int:
     """The largest of ``AUTO_BATCH_CANDIDATES`` whose memory fits in 85% of ``free`` bytes.
 
@@ -671,7 +697,11 @@ def auto_batch_size(
 
     CPU: 1 (batching does not speed up a 2-core CPU; it only delays the first image). GPU: the
     largest candidate whose estimated peak memory fits in 85% of the free memory, estimated
-    from the peak of one batch-1 and one batch-2 step, capped by ``pending`` images when given.
+    from the peak of one batch-1 and one batch-2 step, capped by ``pending`` images when given;
+    1 when two images do not fit.
+
+    Raises:
+        SdAssetsError: one image does not fit in the GPU's memory, with the settings to lower.
     """
     if loaded.device == "cpu":
         return 1
@@ -682,19 +712,14 @@ def auto_batch_size(
     if remembered_key in remembered:
         size = int(remembered[remembered_key])
     else:
-        probe = dataclasses.replace(settings, steps=1)
-        row = PromptRow("probe", "probe", 0, "probe", "", 0, "probe")
-        peaks = []
-        for count in (1, 2):
-            torch.cuda.synchronize(loaded.device)
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(loaded.device)
-            base = torch.cuda.memory_allocated(loaded.device)
-            with uncompiled(loaded.pipeline):  # a compiled probe would compile two shapes nobody uses
-                render_batch(loaded, [row] * count, probe)
-            peaks.append(torch.cuda.max_memory_allocated(loaded.device) - base)
-        free, _total = torch.cuda.mem_get_info(loaded.device)
-        size = batch_size_for_memory(peaks[0], peaks[1], free)
+        peaks = _probe_peaks(loaded, settings)
+        if not peaks:
+            raise SdAssetsError(out_of_memory_message(loaded, settings))
+        if len(peaks) == 1:  # one image fits, two do not: the GPU is shared, or nearly full
+            size = 1
+        else:
+            free, _total = torch.cuda.mem_get_info(loaded.device)
+            size = batch_size_for_memory(peaks[0], peaks[1], free)
         if memory_file is not None:
             remember_auto_batch_size(loaded, settings, memory_file, size)
     if pending:
