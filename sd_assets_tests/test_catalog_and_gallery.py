@@ -210,6 +210,28 @@ def test_rebuild_gives_every_image_a_row_whichever_grid_made_it_and_sets_a_broke
     assert again.reports == [] and len(again.errors) == 2
 
 
+def test_rebuild_names_each_png_whose_provenance_does_not_fit_and_gives_the_others_their_rows(tmp_path):
+    # The PNGs are checked against the catalog's columns together, then one by one when some do not fit.
+    store = LocalStore(tmp_path)
+    good = [_row(f"subject {n}", "Banksy") for n in range(6)]
+    for row in good:
+        _store_image(store, row, "r1")
+    odd = [_row("odd seed", "Banksy"), _row("odd steps", "Banksy")]
+    for row, change in zip(odd, ({"seed": "x"}, {"steps": 2**70})):
+        png = encode_png(Image.new("RGB", (8, 8)), replace(_provenance(row, "r2"), **change))
+        store.write_bytes(image_key_path(row.key), png)
+
+    rebuild = catalog.rebuild_catalogs(store, threads=3)
+
+    named = sorted(error.partition(" has provenance the catalog cannot hold (")[0] for error in rebuild.errors)
+    assert named == sorted(store.location(image_key_path(row.key)) for row in odd)
+    [report] = rebuild.reports
+    assert (report.rows, report.recovered_from_png) == (6, 6)
+    rows = catalog.read_catalog(store)
+    assert sorted(rows["key"]) == sorted(row.key for row in good)
+    assert rows.set_index("key").loc[good[0].key, "path"] == store.location(image_key_path(good[0].key))
+
+
 def test_rows_of_an_old_grid_stay_in_the_catalog(tmp_path):
     store = LocalStore(tmp_path)
     old = _row("alan turing", "Banksy")
