@@ -493,7 +493,11 @@ def _with_safety_checker(folder, destination, flag_everything: bool):
     return destination
 
 
-def test_images_the_safety_checker_flags_are_kept_blacked_out_and_marked(loaded, tmp_path):
+def test_images_the_safety_checker_flags_are_kept_blacked_out_and_marked(loaded, tmp_path, monkeypatch):
+    from sd_assets.domain import generation
+
+    # Flagged images are counted across the record flushes (3 images: batches of 2 and 1).
+    monkeypatch.setattr(generation, "RECORD_FLUSH_EVERY", 2)
     settings = dataclasses.replace(SETTINGS, safety_checker=True)
     rows = [dataclasses.replace(row, key=content_key(settings, row.prompt, row.seed)) for row in ROWS[:3]]
     assert rows[0].key != content_key(SETTINGS, rows[0].prompt, rows[0].seed), "checked images are other pictures"
@@ -572,7 +576,11 @@ def test_every_record_of_a_run_reaches_the_catalog_from_its_flushes_none_from_pn
     ref = ModelRef("tiny-random", "rev", "PNDMScheduler", 0, 0)
     make_style_images(store, loaded, ref, SETTINGS, ROWS, style="Banksy", partition="Banksy", run_id="r1", batch_size=1)
 
-    assert len([key for key in store.list_keys(catalog.pending_prefix("Banksy")) if key.endswith(".jsonl")]) == 2
+    batches = sorted(key for key in store.list_keys(catalog.pending_prefix("Banksy")) if key.endswith(".jsonl"))
+    records = [[json.loads(line)["key"] for line in store.read_text(key).splitlines()] for key in batches]
+    # Each record in one batch: a flush writes the records since the last one, not those before it again.
+    assert [len(batch) for batch in records] == [4, 2]
+    assert sorted(key for batch in records for key in batch) == sorted(row.key for row in ROWS)
     merged, report = catalog.merge_catalog(store, "Banksy", ROWS)
     assert (report.added_from_records, report.recovered_from_png) == (6, 0)
     assert sorted(merged["key"].to_pylist()) == sorted(row.key for row in ROWS)
