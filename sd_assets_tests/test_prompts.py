@@ -104,3 +104,23 @@ def test_without_guidance_the_negative_prompt_is_unused_and_neither_keyed_nor_re
 def test_keys_version_ignores_order():
     assert keys_version(["b", "a"]) == keys_version(["a", "b"])
     assert keys_version(["a"]) != keys_version(["a", "b"])
+
+
+def test_a_grids_rows_carry_the_content_key_of_their_prompt_and_seed_under_any_settings(tmp_path):
+    # build_prompt_rows and rows_of_other_settings work the settings' part of the key out once
+    # for all rows: the keys must be content_key's, row by row.
+    from dataclasses import asdict
+
+    from sd_assets.domain.prompts import rows_from_json, rows_of_other_settings, rows_to_json
+
+    grid = load_grid(write_grid(tmp_path, styles=("Banksy",)))
+    for settings in (SETTINGS, replace(SETTINGS, deep_cache=DeepCache(interval=3)),
+                     replace(SETTINGS, safety_checker=True, negative_prompt="blurry")):  # fmt: skip
+        rows = build_prompt_rows(grid, "Banksy", ["alan turing", "ada lovelace"], settings)
+        assert [row.key for row in rows] == [content_key(settings, row.prompt, row.seed) for row in rows]
+        assert rows_of_other_settings(rows, settings) == []
+        assert rows_of_other_settings(rows, replace(settings, steps=5)) == rows
+        # The prompt grid's file: a JSON object per row, its fields in the dataclass's order.
+        text = rows_to_json(rows)
+        assert text == json.dumps([asdict(row) for row in rows], ensure_ascii=False, indent=0)
+        assert rows_from_json(text) == rows

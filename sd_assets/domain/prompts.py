@@ -66,19 +66,30 @@ class GenerationSettings:
         )
 
 
-def content_key(settings: GenerationSettings, prompt: str, seed: int) -> str:
-    """sha256 hex of the canonical JSON of the settings, prompt and seed.
+def _keyed_settings(settings: GenerationSettings) -> dict:
+    """The fields of ``settings`` a content key hashes (``asdict`` is half the cost of a key: a
+    grid's rows work them out once, not once a row).
 
     Without DeepCache and the safety checker the settings hash as they did before those options
     existed, so images made before them keep their keys (and are not made again).
     """
-    payload = {**asdict(settings), "prompt": prompt, "seed": seed}
+    fields = asdict(settings)
     if settings.deep_cache is None:
-        del payload["deep_cache"]
+        del fields["deep_cache"]
     if not settings.safety_checker:
-        del payload["safety_checker"]
+        del fields["safety_checker"]
+    return fields
+
+
+def _content_key(keyed_settings: dict, prompt: str, seed: int) -> str:
+    payload = {**keyed_settings, "prompt": prompt, "seed": seed}
     canonical = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def content_key(settings: GenerationSettings, prompt: str, seed: int) -> str:
+    """sha256 hex of the canonical JSON of the settings (those ``_keyed_settings`` gives), prompt and seed."""
+    return _content_key(_keyed_settings(settings), prompt, seed)
 
 
 @dataclass(frozen=True)
@@ -99,6 +110,7 @@ def build_prompt_rows(
 ) -> list[PromptRow]:
     """The rows of one style: every subject times ``images_per_prompt``, in subject order."""
     grid.require_style(style)
+    keyed_settings = _keyed_settings(settings)
     rows = []
     for subject in subjects:
         prompt = grid.prompt(subject, style)
@@ -112,7 +124,7 @@ def build_prompt_rows(
                     prompt=prompt,
                     negative_prompt=settings.negative_prompt,
                     seed=seed,
-                    key=content_key(settings, prompt, seed),
+                    key=_content_key(keyed_settings, prompt, seed),
                 )
             )
     return rows
@@ -130,7 +142,8 @@ def grid_key(style: str) -> str:
 
 
 def rows_to_json(rows: list[PromptRow]) -> str:
-    return json.dumps([asdict(row) for row in rows], ensure_ascii=False, indent=0)
+    # vars, not asdict: a row's fields are plain values, and asdict's copying was 60% of the time.
+    return json.dumps([vars(row) for row in rows], ensure_ascii=False, indent=0)
 
 
 def rows_from_json(text: str) -> list[PromptRow]:
@@ -186,7 +199,8 @@ def read_refused(store: ArtifactStore, style: str) -> dict[str, str]:
 
 def rows_of_other_settings(rows: list[PromptRow], settings: GenerationSettings) -> list[PromptRow]:
     """The rows whose keys are not the content keys of their prompts and seeds under ``settings``."""
-    return [row for row in rows if content_key(settings, row.prompt, row.seed) != row.key]
+    keyed_settings = _keyed_settings(settings)
+    return [row for row in rows if _content_key(keyed_settings, row.prompt, row.seed) != row.key]
 
 
 def check_rows_match_settings(
