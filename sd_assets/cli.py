@@ -22,6 +22,8 @@ VARYING_COLUMNS = (
 
 def display_width(text: str) -> int:
     """Columns ``text`` takes in a terminal: wide (CJK) characters two, combining marks none."""
+    if text.isascii():  # no ASCII character is wide or combining; a table's cells mostly are ASCII
+        return len(text)
     import unicodedata
 
     return sum(
@@ -36,6 +38,8 @@ _BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u20
 def visible(text: str) -> str:
     """``text`` with what would act on the terminal instead of showing (control characters such as
     ESC, and the bidirectional marks that reorder the rest of a line) written as ``<U+XXXX>``."""
+    if text.isascii() and text.isprintable():  # in ASCII only the control characters are not printable
+        return text
     import unicodedata
 
     return "".join(

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from sd_assets.cli import main, shorten, text_table
+from sd_assets.cli import display_width, main, shorten, text_table, visible
 from sd_assets.definitions import build_definitions
 from sd_assets_tests.helpers import materialize_style, write_grid
 
@@ -596,3 +596,11 @@ def test_ctrl_c_outside_a_run_is_one_line_and_exit_status_130(monkeypatch, capsy
     assert capsys.readouterr().err == (
         "sd-assets: interrupted; every file it wrote is whole, and the command run again goes on\n"
     )
+
+
+def test_plain_ascii_cells_are_shown_as_they_are_and_control_characters_are_named():
+    # Most cells are plain ASCII and take their length; the control characters among ASCII still show by name.
+    assert visible("alan turing /data/images/3f/3f2a.png") == "alan turing /data/images/3f/3f2a.png"
+    assert visible("a\tb\x7f\x1b[2J") == "a<U+0009>b<U+007F><U+001B>[2J"
+    assert visible("\u202eturing") == "<U+202E>turing"
+    assert [display_width(text) for text in ("alan turing", "a\x1bb", "", "漢字", "e\u0301")] == [11, 3, 0, 4, 1]
