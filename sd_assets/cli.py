@@ -81,7 +81,6 @@ def _setting(text: str) -> tuple[str, str]:
 
 
 def _search(args: argparse.Namespace) -> int:
-    from sd_assets.definitions import storage_from_environment
     from sd_assets.domain.catalog import (
         COLUMNS,
         UnreadableCatalog,
@@ -93,6 +92,7 @@ def _search(args: argparse.Namespace) -> int:
     )
     from sd_assets.domain.gallery import count
     from sd_assets.domain.store import open_store
+    from sd_assets.environment import storage_from_environment
 
     storage = storage_from_environment()
     # A damaged catalog hides its own style's images, not every style's: the search goes on
@@ -161,10 +161,10 @@ def _search(args: argparse.Namespace) -> int:
 
 
 def _rebuild_catalog(args: argparse.Namespace) -> int:
-    from sd_assets.definitions import storage_from_environment
     from sd_assets.domain.catalog import rebuild_catalogs
     from sd_assets.domain.gallery import count
     from sd_assets.domain.store import open_store
+    from sd_assets.environment import storage_from_environment
 
     storage = storage_from_environment()
     store = open_store(storage)
@@ -242,9 +242,10 @@ def _instance_error(exc: Exception) -> str:
 def _demo(args: argparse.Namespace) -> int:
     import os
 
-    from sd_assets.definitions import GENERATE_JOB, build_definitions, grid_from_environment
+    from sd_assets.definitions import GENERATE_JOB, build_definitions
     from sd_assets.domain.gallery import INDEX_KEY
     from sd_assets.domain.store import open_store
+    from sd_assets.environment import grid_from_environment
     from sd_assets.orchestration.loggers import BRIEF_CONSOLE
 
     grid, storage = grid_from_environment()

@@ -1,22 +1,11 @@
 """The one Definitions entry point, and the one place where the environment picks resources.
 
-The project's environment variables, read here and nowhere else (Dagster's own, such as
-``DAGSTER_HOME``, and CUDA's are read where they are used):
-- ``SD_ASSETS_GRID``: the grid file (default: ``grid.yaml`` in the current directory).
-- ``SD_ASSETS_STORAGE``: overrides the grid's ``storage`` (a folder or s3://bucket/prefix).
-- ``SD_ASSETS_DEVICE``: 'auto' (default), 'cpu', 'cuda' or 'cuda:<i>'.
-- ``SD_ASSETS_MODEL_CACHE``: node-local folder for model copies (default ~/.cache/sd-assets/models).
-- ``SD_ASSETS_DEVICE_COUNT``: devices runs on this node share, one run each (default: the visible
-  CUDA GPUs; none on CPU).
-- ``SD_ASSETS_DEVICE_LOCKS``: node-local folder of the device claims and of the locks that keep two
-  runs from making one style or filling one model cache at once (default: <tmp>/sd-assets-device-locks).
-- ``SD_ASSETS_SENSOR_INTERVAL``: seconds between looks of the ``new_subject_lists`` sensor (default 30).
+The project's own ``SD_ASSETS_*`` variables are read in ``sd_assets.environment``. Read here:
 - The Hugging Face variables ``HF_TOKEN`` (gated repos), ``HF_HUB_OFFLINE``, ``HF_HUB_CACHE``,
   ``HF_HOME`` and ``HF_ENDPOINT``, for the ``hub`` resource.
-
-For an s3:// store, ``AWS_REGION`` (else ``AWS_DEFAULT_REGION``) and ``AWS_ENDPOINT_URL``
-configure the S3 client here; boto3 reads the credentials (``AWS_ACCESS_KEY_ID``,
-``AWS_SECRET_ACCESS_KEY``, profiles, roles) itself.
+- For an s3:// store, ``AWS_REGION`` (else ``AWS_DEFAULT_REGION``) and ``AWS_ENDPOINT_URL``, which
+  configure the S3 client; boto3 reads the credentials (``AWS_ACCESS_KEY_ID``,
+  ``AWS_SECRET_ACCESS_KEY``, profiles, roles) itself.
 """
 
 from __future__ import annotations
@@ -29,53 +18,21 @@ from pathlib import Path
 import click
 import dagster as dg
 
-from sd_assets.domain import engine
-from sd_assets.domain.errors import GridError, SdAssetsError
-from sd_assets.domain.grid import GridConfig, load_grid
+from sd_assets.domain.errors import SdAssetsError
+from sd_assets.environment import (
+    generator_settings,
+    grid_from_environment,
+    sensor_interval,
+)
 from sd_assets.orchestration.assets import GENERATE_JOB, build_assets
 from sd_assets.orchestration.loggers import BRIEF_CONSOLE, brief_console_logger
-from sd_assets.orchestration.resources import ArtifactStoreResource, GeneratorResource, GridResource, HubResource
+from sd_assets.orchestration.resources import (
+    ArtifactStoreResource,
+    GeneratorResource,
+    GridResource,
+    HubResource,
+)
 from sd_assets.orchestration.sensors import build_new_subject_lists_sensor
-
-DEFAULT_SENSOR_INTERVAL_SECONDS = 30
-
-
-def _positive_int(environ: Mapping[str, str], name: str) -> int | None:
-    """The integer in ``environ[name]`` (None when unset); it must be 1 or more."""
-    value = environ.get(name)
-    if value is None or value == "":
-        return None
-    if not value.strip().isdecimal() or int(value) < 1:  # isdigit() also passes '²', which int() refuses
-        raise SdAssetsError(f"environment variable {name}={value!r}: expected a whole number of 1 or more")
-    return int(value)
-
-
-def _device(environ: Mapping[str, str]) -> str:
-    """The device in ``SD_ASSETS_DEVICE`` (default 'auto'), checked now rather than when a run's
-    ``style_images`` step looks for it, after the steps before it."""
-    value = environ.get("SD_ASSETS_DEVICE") or "auto"  # set but empty is unset, as for the other variables
-    if not engine.is_device_name(value):
-        raise SdAssetsError(f"environment variable SD_ASSETS_DEVICE={value!r}: expected {engine.DEVICE_NAMES}")
-    return value
-
-
-def grid_from_environment(environ: Mapping[str, str] | None = None) -> tuple[GridConfig, str]:
-    """The grid named by ``SD_ASSETS_GRID`` and the storage URL in force (``SD_ASSETS_STORAGE`` first)."""
-    environ = os.environ if environ is None else environ
-    # An empty variable counts as unset, as SD_ASSETS_STORAGE's does.
-    grid = load_grid(Path(environ.get("SD_ASSETS_GRID") or "grid.yaml"))
-    return grid, environ.get("SD_ASSETS_STORAGE") or grid.storage
-
-
-def storage_from_environment(environ: Mapping[str, str] | None = None) -> str:
-    """The storage URL in force: ``SD_ASSETS_STORAGE`` (no grid file needed), else the grid's."""
-    environ = os.environ if environ is None else environ
-    if environ.get("SD_ASSETS_STORAGE"):
-        return environ["SD_ASSETS_STORAGE"]
-    try:
-        return grid_from_environment(environ)[1]
-    except GridError as exc:
-        raise GridError(f"{exc}; or set SD_ASSETS_STORAGE to the store") from None
 
 
 def store_from_environment(storage: str, environ: Mapping[str, str]) -> ArtifactStoreResource:
@@ -149,14 +106,7 @@ def build_definitions(environ: Mapping[str, str] | None = None) -> dg.Definition
         executor_def=dg.in_process_executor,
         description="Make a style's missing images, its gallery pages and catalog rows, and refresh the index.",
     )
-    generator_config = {"device": _device(environ)}
-    if environ.get("SD_ASSETS_MODEL_CACHE"):
-        generator_config["model_cache_dir"] = environ["SD_ASSETS_MODEL_CACHE"]
-    generator_config["device_count"] = _positive_int(environ, "SD_ASSETS_DEVICE_COUNT")
-    if environ.get("SD_ASSETS_DEVICE_LOCKS"):
-        generator_config["device_lock_dir"] = environ["SD_ASSETS_DEVICE_LOCKS"]
-    sensor_interval = _positive_int(environ, "SD_ASSETS_SENSOR_INTERVAL") or DEFAULT_SENSOR_INTERVAL_SECONDS
-    new_subject_lists = build_new_subject_lists_sensor(generate_job, grid.styles, sensor_interval)
+    new_subject_lists = build_new_subject_lists_sensor(generate_job, grid.styles, sensor_interval(environ))
     return dg.Definitions(
         assets=assets,
         jobs=[generate_job],
@@ -166,7 +116,7 @@ def build_definitions(environ: Mapping[str, str] | None = None) -> dg.Definition
         resources={
             "grid": GridResource(path=str(grid_path)),
             "store": store_from_environment(storage, environ),
-            "generator": GeneratorResource(**generator_config),
+            "generator": GeneratorResource(**generator_settings(environ)),
             "hub": hub_from_environment(environ),
         },
     )

@@ -57,6 +57,15 @@ def test_dagster_job_execute_makes_a_style_and_search_finds_it(cli_env, grid_pat
     none = _run([BIN / "sd-assets", "search", "--style", "warhol", "--run", "no-such-run", "--json"], cli_env)
     assert json.loads(none.stdout) == []
 
+    # A search needs the store and its catalog alone: it starts without Dagster or torch (a second saved).
+    probe = (
+        "import atexit, sys\n"
+        "atexit.register(lambda: print('loaded:', [m for m in ('dagster', 'torch') if m in sys.modules]))\n"
+        "from sd_assets.cli import main\n"
+        "main(['search', '--style', 'warhol'])\n"
+    )
+    assert _run([sys.executable, "-c", probe], cli_env).stdout.strip().splitlines()[-1] == "loaded: []"
+
 
 def test_a_run_on_a_local_store_loads_no_aws_client_nor_pandas_and_a_rerun_no_model_library(cli_env):
     """Every run is a new process: whatever it imports, every run pays for (docs/PERFORMANCE.md)."""

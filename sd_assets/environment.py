@@ -1,0 +1,83 @@
+"""The project's environment variables, read here and nowhere else, into plain values.
+
+Dagster's own (``DAGSTER_HOME``) and CUDA's are read where they are used; the Hugging Face and
+AWS ones in ``sd_assets.definitions``, where they configure its resources. No Dagster here:
+``sd-assets search`` and ``rebuild-catalog`` need only the store, and importing Dagster would
+more than double their start.
+
+- ``SD_ASSETS_GRID``: the grid file (default: ``grid.yaml`` in the current directory).
+- ``SD_ASSETS_STORAGE``: overrides the grid's ``storage`` (a folder or s3://bucket/prefix).
+- ``SD_ASSETS_DEVICE``: 'auto' (default), 'cpu', 'cuda' or 'cuda:<i>'.
+- ``SD_ASSETS_MODEL_CACHE``: node-local folder for model copies (default ~/.cache/sd-assets/models).
+- ``SD_ASSETS_DEVICE_COUNT``: devices runs on this node share, one run each (default: the visible
+  CUDA GPUs; none on CPU).
+- ``SD_ASSETS_DEVICE_LOCKS``: node-local folder of the device claims and of the locks that keep two
+  runs from making one style or filling one model cache at once (default: <tmp>/sd-assets-device-locks).
+- ``SD_ASSETS_SENSOR_INTERVAL``: seconds between looks of the ``new_subject_lists`` sensor (default 30).
+
+Set but empty counts as unset, for each of them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from sd_assets.domain import engine
+from sd_assets.domain.errors import GridError, SdAssetsError
+from sd_assets.domain.grid import GridConfig, load_grid
+
+DEFAULT_SENSOR_INTERVAL_SECONDS = 30
+
+
+def _positive_int(environ: Mapping[str, str], name: str) -> int | None:
+    """The integer in ``environ[name]`` (None when unset); it must be 1 or more."""
+    value = environ.get(name)
+    if value is None or value == "":
+        return None
+    if not value.strip().isdecimal() or int(value) < 1:  # isdigit() also passes '²', which int() refuses
+        raise SdAssetsError(f"environment variable {name}={value!r}: expected a whole number of 1 or more")
+    return int(value)
+
+
+def _device(environ: Mapping[str, str]) -> str:
+    """The device in ``SD_ASSETS_DEVICE`` (default 'auto'), checked now rather than when a run's
+    ``style_images`` step looks for it, after the steps before it."""
+    value = environ.get("SD_ASSETS_DEVICE") or "auto"
+    if not engine.is_device_name(value):
+        raise SdAssetsError(f"environment variable SD_ASSETS_DEVICE={value!r}: expected {engine.DEVICE_NAMES}")
+    return value
+
+
+def grid_from_environment(environ: Mapping[str, str] | None = None) -> tuple[GridConfig, str]:
+    """The grid named by ``SD_ASSETS_GRID`` and the storage URL in force (``SD_ASSETS_STORAGE`` first)."""
+    environ = os.environ if environ is None else environ
+    grid = load_grid(Path(environ.get("SD_ASSETS_GRID") or "grid.yaml"))
+    return grid, environ.get("SD_ASSETS_STORAGE") or grid.storage
+
+
+def storage_from_environment(environ: Mapping[str, str] | None = None) -> str:
+    """The storage URL in force: ``SD_ASSETS_STORAGE`` (no grid file needed), else the grid's."""
+    environ = os.environ if environ is None else environ
+    if environ.get("SD_ASSETS_STORAGE"):
+        return environ["SD_ASSETS_STORAGE"]
+    try:
+        return grid_from_environment(environ)[1]
+    except GridError as exc:
+        raise GridError(f"{exc}; or set SD_ASSETS_STORAGE to the store") from None
+
+
+def generator_settings(environ: Mapping[str, str]) -> dict:
+    """The ``generator`` resource's fields that the environment sets (the others keep their defaults)."""
+    settings: dict = {"device": _device(environ), "device_count": _positive_int(environ, "SD_ASSETS_DEVICE_COUNT")}
+    if environ.get("SD_ASSETS_MODEL_CACHE"):
+        settings["model_cache_dir"] = environ["SD_ASSETS_MODEL_CACHE"]
+    if environ.get("SD_ASSETS_DEVICE_LOCKS"):
+        settings["device_lock_dir"] = environ["SD_ASSETS_DEVICE_LOCKS"]
+    return settings
+
+
+def sensor_interval(environ: Mapping[str, str]) -> int:
+    """Seconds between the ``new_subject_lists`` sensor's looks."""
+    return _positive_int(environ, "SD_ASSETS_SENSOR_INTERVAL") or DEFAULT_SENSOR_INTERVAL_SECONDS
