@@ -222,6 +222,29 @@ def test_the_ui_marks_a_style_stale_when_its_inputs_change_and_fresh_once_regene
     assert status("style_images") == StaleStatus.STALE
 
 
+def test_observing_the_grid_inputs_shows_which_file_and_lists_it_read_and_who_owns_them(tmp_path, instance):
+    from dagster._core.definitions.observe import observe
+
+    grid_path = write_grid(tmp_path)
+    (tmp_path / "subjects" / "empty.txt").write_text("")
+    defs = build_definitions({"SD_ASSETS_GRID": str(grid_path), "SD_ASSETS_DEVICE": "cpu"})
+    node = defs.resolve_asset_graph().get(dg.AssetKey("grid_inputs"))
+    # The UI's Definition panel: the source's owners and kinds beside the assets'.
+    assert node.owners == ["team:sd-assets"] and node.kinds == {"yaml"}
+
+    assert observe([node.assets_def], instance=instance).success
+    [record] = instance.fetch_observations(dg.AssetKey("grid_inputs"), limit=1).records
+    metadata = {key: value.value for key, value in record.asset_observation.metadata.items()}
+    assert metadata == {
+        "grid_file": str(grid_path),
+        "styles": "Banksy, Andy Warhol",
+        "subjects_location": str(tmp_path / "subjects"),
+        "subject_lists": "people.txt",
+        "subjects": 2,
+        "skipped_subject_lists": "skipped subject list empty.txt: no subjects (only blank lines or '#' comments)",
+    }
+
+
 @pytest.mark.parametrize("deep_cache", ["", ", deep_cache: {interval: 2}"], ids=["full", "deep-cache"])
 def test_a_compiled_run_reports_its_compile_time_and_makes_the_same_pictures(
     tmp_path, tiny_model_store, instance, deep_cache

@@ -91,21 +91,39 @@ def _grid_rows(config: GridConfig, artifact_store, styles: list[str]):
 
 def _grid_inputs_asset():
     """The observable source asset of the grid file and its subject lists."""
-    # observable_source_asset is marked beta; the project relies on it knowingly.
+    # An AssetSpec, unlike observable_source_asset, carries owners and kinds, so that the source shows
+    # them beside the assets; multi_observable_source_asset is marked beta, and the project relies on it knowingly.
+    spec = dg.AssetSpec(
+        "grid_inputs",
+        group_name=GROUP,
+        owners=OWNERS,
+        kinds={"yaml"},
+        description="The grid file and its subject lists; a new version marks the prompt grids stale.",
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", dg.BetaWarning)
 
-        @dg.observable_source_asset(
-            group_name=GROUP,
-            description="The grid file and its subject lists; a new version marks the prompt grids stale.",
-        )
-        def grid_inputs(grid: GridResource, store: ArtifactStoreResource) -> dg.DataVersion:
+        @dg.multi_observable_source_asset(specs=[spec], name="grid_inputs")
+        def grid_inputs(grid: GridResource, store: ArtifactStoreResource) -> dg.ObserveResult:
             config = grid.load()
             digest = hashlib.sha256(config.source.read_bytes())
             source = subject_source(config, store.open())
-            for subject_list in read_subject_lists(source, config.max_subjects_per_list).lists:
+            read = read_subject_lists(source, config.max_subjects_per_list)
+            for subject_list in read.lists:
                 digest.update(f"{subject_list.name}:{subject_list.sha256}".encode())
-            return dg.DataVersion(digest.hexdigest()[:16])
+            # What the version was taken from: "Observe sources" otherwise shows a hash and nothing
+            # that says which file and lists it read.
+            return dg.ObserveResult(
+                data_version=dg.DataVersion(digest.hexdigest()[:16]),
+                metadata={
+                    "grid_file": dg.MetadataValue.path(str(config.source)),
+                    "styles": ", ".join(config.styles),
+                    "subjects_location": source.location,
+                    "subject_lists": ", ".join(sl.name for sl in read.lists),
+                    "subjects": len(unique_subjects(read.lists)),
+                    "skipped_subject_lists": "\n".join(read.problems) or "-",
+                },
+            )
 
     return grid_inputs
 
