@@ -51,7 +51,14 @@ model: {id: tiny-random}
         (VALID.replace("styles: [Banksy]\n", ""), "missing field 'styles'"),
         (VALID + "colour: red\n", "unknown field 'colour'"),
         (VALID + "source: /etc\n", "unknown field 'source'"),
-        (VALID + "inference: {stepz: 3}\n", "unknown field 'inference.stepz'"),
+        (VALID + "inference: {stepz: 3}\n", "unknown field 'inference.stepz'; did you mean 'inference.steps'?"),
+        (VALID + "image_per_prompt: 2\n", "unknown field 'image_per_prompt'; did you mean 'images_per_prompt'?"),
+        (VALID + "steps: 4\n", "unknown field 'steps'; it belongs in another section: 'inference.steps'"),
+        (VALID.replace("tiny-random}", "tiny-random, dtype: float16}"),
+         "unknown field 'model.dtype'; it belongs in another section: 'inference.dtype'"),  # fmt: skip
+        (VALID + "inference: {sampler: euler}\n",
+         "unknown field 'inference.sampler'; 'inference' takes steps, guidance_scale, width, height, negative_prompt, "
+         "batch_size, scheduler, dtype,"),  # fmt: skip
         (VALID.replace("[Banksy]", "[]"), "field 'styles' = []: needs at least one style"),
         (VALID.replace("[Banksy]", "[Banksy, Banksy]"), "'Banksy' duplicates 'Banksy'"),
         (VALID.replace("[Banksy]", "[Andy Warhol, andy-warhol]"), "duplicates 'Andy Warhol'"),
@@ -102,7 +109,8 @@ model: {id: tiny-random}
         (VALID + "inference: {deep_cache: {interval: 1}}\n", "field 'inference.deep_cache.interval' = 1"),
         (VALID + "inference: {deep_cache: {branch: 2}}\n", "missing field 'inference.deep_cache.interval'"),
         (VALID + "inference: {deep_cache: {interval: 3, branch: -1}}\n", "field 'inference.deep_cache.branch' = -1"),
-        (VALID + "inference: {deep_cache: {interval: 3, layer: 0}}\n", "unknown field 'inference.deep_cache.layer'"),
+        (VALID + "inference: {deep_cache: {interval: 3, layer: 0}}\n",
+         "unknown field 'inference.deep_cache.layer'; 'inference.deep_cache' takes interval, branch"),  # fmt: skip
         (VALID + 'prompt_template: "{style} only"\n', "must contain {subject}"),
         (
             VALID + 'prompt_template: "{subject}, oil painting"\n',

@@ -6,6 +6,7 @@ points to. Every error names the file, the field and the bad value.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import math
 import re
@@ -212,6 +213,35 @@ def _describe_location(loc: tuple) -> str:
     return ".".join(str(part) for part in loc) or "(top level)"
 
 
+# The grid's sections and the fields each takes, for the hint an unknown field gets.
+_SECTIONS: dict[tuple[str, ...], type[_Strict]] = {
+    (): GridConfig,
+    ("model",): ModelConfig,
+    ("inference",): InferenceConfig,
+    ("inference", "deep_cache"): DeepCacheConfig,
+}
+
+
+def _unknown_field_hint(loc: tuple) -> str:
+    """What an unknown field at ``loc`` was likely meant to be: the same field in another section
+    (``model.dtype`` for ``inference.dtype``), a field of its section spelt alike, else the fields
+    its section takes. A bare "unknown field" leaves the user to look them up in the README."""
+    *section, name = loc
+    fields = _SECTIONS.get(tuple(section))
+    if fields is None or not isinstance(name, str):
+        return ""
+    # Another section's field first: 'steps' at the top level is inference.steps, not a misspelt 'styles'.
+    elsewhere = [where for where, other in _SECTIONS.items() if where != tuple(section) and name in other.model_fields]
+    if elsewhere:
+        return f"; it belongs in another section: '{_describe_location((*elsewhere[0], name))}'"
+    known = list(fields.model_fields)
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.7)
+    if close:
+        return f"; did you mean '{_describe_location((*section, close[0]))}'?"
+    where = f"'{_describe_location(tuple(section))}'" if section else "the top level"
+    return f"; {where} takes {', '.join(known)}"
+
+
 def _utf8_text(data: bytes, what: str, encoding: str = "utf-8") -> str:
     """``data`` decoded, or a GridError naming ``what``, the line and the byte where it is not UTF-8."""
     try:
@@ -328,7 +358,7 @@ def load_grid(path: str | Path) -> GridConfig:
         for error in exc.errors():
             field = _describe_location(error["loc"])
             if error["type"] == "extra_forbidden":
-                problems.append(f"{path}: unknown field '{field}'")
+                problems.append(f"{path}: unknown field '{field}'{_unknown_field_hint(error['loc'])}")
             elif error["type"] == "missing":
                 problems.append(f"{path}: missing field '{field}'")
             else:
