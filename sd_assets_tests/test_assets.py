@@ -241,7 +241,7 @@ def test_observing_the_grid_inputs_shows_which_file_and_lists_it_read_and_who_ow
         "subjects_location": str(tmp_path / "subjects"),
         "subject_lists": "people.txt",
         "subjects": 2,
-        "skipped_subject_lists": "skipped subject list empty.txt: no subjects (only blank lines or '#' comments)",
+        "skipped_subject_lists": "skipped subject list empty.txt: no subjects (the file is empty)",
     }
 
 

@@ -214,7 +214,10 @@ def test_a_list_saved_as_utf16_as_windows_notepad_saves_unicode_is_read():
         # UTF-16's byte-order mark, then an odd byte out.
         ("ok\n".encode("utf-16") + b"x", r"starts as UTF-16 text but is not \(byte 8\): truncated data; save it as"),
         (b"ok\ncaf\xe9\n", r"not UTF-8 text \(line 2, byte 6\): invalid continuation byte; save it as UTF-8"),
-        (b"# only a comment\n\n", "no subjects"),
+        (b"# only a comment\n\n", r"no subjects \(only blank lines or '#' comments\)"),
+        (b"", r"no subjects \(the file is empty\)"),
+        ("".encode("utf-16"), r"no subjects \(the file is empty\)"),  # Notepad's "Unicode": its byte-order mark
+        (b"\n \n", r"no subjects \(only blank lines or '#' comments\)"),
         (b"x" * 501 + b"\n", r"no subjects \(line 1: 501 characters, over the 500 a subject has\)"),
     ],
 )

@@ -444,7 +444,12 @@ def parse_subject_list(name: str, data: bytes, max_subjects: int = 10_000) -> Su
     if len(skipped) > 5:  # the first few name the problem; a message a screen long would bury it
         skipped[5:] = [f"{len(skipped) - 5} more lines like these"]
     if not subjects:
-        detail = f" ({'; '.join(skipped)})" if skipped else " (only blank lines or '#' comments)"
+        if skipped:
+            detail = f" ({'; '.join(skipped)})"
+        elif not text:  # created empty, or not written yet (a byte-order mark at most): "comments" would puzzle
+            detail = " (the file is empty)"
+        else:
+            detail = " (only blank lines or '#' comments)"
         raise GridError(f"subject list {name}: no subjects{detail}")
     if len(subjects) > max_subjects:
         raise GridError(
