@@ -222,6 +222,39 @@ def test_the_ui_marks_a_style_stale_when_its_inputs_change_and_fresh_once_regene
     assert status("style_images") == StaleStatus.STALE
 
 
+def test_a_comment_a_new_style_or_a_subject_moved_to_another_list_leaves_every_style_fresh(
+    grid_path, instance
+):
+    from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleStatus
+    from dagster._core.definitions.observe import observe
+    from dagster._core.loader import LoadingContextForTest
+
+    materialize_style(grid_path, "Banksy", instance)
+    subjects = grid_path.parent / "subjects"
+
+    def banksy_after(edit) -> StaleStatus:
+        edit()
+        # The code location reloaded after the edit, as the UI's Reload or `dagster dev`'s restart does.
+        defs = build_definitions({"SD_ASSETS_GRID": str(grid_path), "SD_ASSETS_DEVICE": "cpu"})
+        graph = defs.resolve_asset_graph()
+        assert observe([graph.get(dg.AssetKey("grid_inputs")).assets_def], instance=instance).success
+        resolver = CachingStaleStatusResolver(instance, graph, LoadingContextForTest(instance))
+        return resolver.get_status(dg.AssetKey("prompt_grid"), "Banksy")
+
+    assert banksy_after(lambda: grid_path.write_text("# the demo grid\n" + grid_path.read_text())) == StaleStatus.FRESH
+    new_style = grid_path.read_text().replace("[Banksy, Andy Warhol]", "[Banksy, Andy Warhol, Claude Monet]")
+    assert banksy_after(lambda: grid_path.write_text(new_style)) == StaleStatus.FRESH
+
+    def move_a_subject():
+        (subjects / "people.txt").write_text("alan turing\n# more below\n")
+        (subjects / "scientists.txt").write_text("ada lovelace\n")  # read after people.txt: the order stays
+
+    assert banksy_after(move_a_subject) == StaleStatus.FRESH
+    # What does change a style's rows still marks it stale.
+    new_subject = "ada lovelace\ngrace hopper\n"
+    assert banksy_after(lambda: (subjects / "scientists.txt").write_text(new_subject)) == StaleStatus.STALE
+
+
 def test_observing_the_grid_inputs_shows_which_file_and_lists_it_read_and_who_owns_them(tmp_path, instance):
     from dagster._core.definitions.observe import observe
 

@@ -136,6 +136,16 @@ def keys_version(keys: list[str]) -> str:
     return digest[:16]
 
 
+def grid_inputs_version(config: GridConfig, subjects: list[str]) -> str:
+    """A short hash of what every style's prompt grid is built from: the grid's settings and the
+    subjects, in order. Not the grid file's bytes, its list of styles or the lists' files: a
+    comment edited, a style added or a subject moved to another list changes no style's rows, and
+    would mark every style's prompt grid stale in the UI."""
+    settings = config.model_dump(mode="json", exclude={"styles", "subjects_dir"})
+    text = json.dumps({"grid": settings, "subjects": subjects}, sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def grid_key(style: str) -> str:
     """Store key of a style's prompt grid."""
     return f"grids/{slugify(style)}.json"

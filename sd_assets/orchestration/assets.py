@@ -5,7 +5,6 @@ Each asset takes resources, calls domain functions and reports what it did as me
 
 
 import base64
-import hashlib
 import io
 import json
 import re
@@ -30,6 +29,7 @@ from sd_assets.domain.prompts import (
     PromptRow,
     build_prompt_rows,
     check_rows_match_settings,
+    grid_inputs_version,
     keys_version,
     read_prompt_rows,
     read_refused,
@@ -98,7 +98,8 @@ def _grid_inputs_asset():
         group_name=GROUP,
         owners=OWNERS,
         kinds={"yaml"},
-        description="The grid file and its subject lists; a new version marks the prompt grids stale.",
+        description="The grid file and its subject lists; new settings or subjects mark the prompt grids stale "
+        "(a comment, a style added or a subject moved to another list do not).",
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", dg.BetaWarning)
@@ -106,21 +107,19 @@ def _grid_inputs_asset():
         @dg.multi_observable_source_asset(specs=[spec], name="grid_inputs")
         def grid_inputs(grid: GridResource, store: ArtifactStoreResource) -> dg.ObserveResult:
             config = grid.load()
-            digest = hashlib.sha256(config.source.read_bytes())
             source = subject_source(config, store.open())
             read = read_subject_lists(source, config.max_subjects_per_list)
-            for subject_list in read.lists:
-                digest.update(f"{subject_list.name}:{subject_list.sha256}".encode())
+            subjects = unique_subjects(read.lists)
             # What the version was taken from: "Observe sources" otherwise shows a hash and nothing
             # that says which file and lists it read.
             return dg.ObserveResult(
-                data_version=dg.DataVersion(digest.hexdigest()[:16]),
+                data_version=dg.DataVersion(grid_inputs_version(config, subjects)),
                 metadata={
                     "grid_file": dg.MetadataValue.path(str(config.source)),
                     "styles": ", ".join(config.styles),
                     "subjects_location": source.location,
                     "subject_lists": ", ".join(sl.name for sl in read.lists),
-                    "subjects": len(unique_subjects(read.lists)),
+                    "subjects": len(subjects),
                     "skipped_subject_lists": "\n".join(read.problems) or "-",
                 },
             )
