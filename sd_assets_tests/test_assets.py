@@ -100,7 +100,7 @@ def test_the_gallery_follows_the_grid_and_keeps_earlier_images_in_reach(grid_pat
     assert (pages["pages"], pages["images_shown"], pages["earlier_images"]) == (1, 4, 4)
     assert pages["first_page"] == str(data / "gallery" / "banksy" / "page-1.html")
     index_meta = _metadata(changed, "gallery_index")
-    assert (index_meta["styles"], index_meta["images"]) == (2, 4)
+    assert (index_meta["styles"], index_meta["images"], index_meta["grid_images"]) == (2, 4, 8)
     assert index_meta["index"] == str(data / "gallery" / "index.html")
 
     index = (data / "gallery" / "index.html").read_text()

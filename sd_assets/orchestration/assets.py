@@ -363,7 +363,10 @@ def build_assets(styles: dg.StaticPartitionsDefinition) -> list:
             context.log.warning(f"{entry.message}; the index shows its style's count as unknown")
         metadata = {
             "styles": len(summaries),
+            # Both counts, as the page's "<images> of <grid_images> images of the grid made": a bare
+            # count of the grid's images read as all the store holds, earlier grids' included.
             "images": sum(s.present for s in summaries),
+            "grid_images": sum(s.total for s in summaries),
             "index": dg.MetadataValue.path(artifact_store.location(key)),
         }
         if unreadable:
