@@ -60,7 +60,7 @@ model: {id: tiny-random}
          "unknown field 'inference.sampler'; 'inference' takes steps, guidance_scale, width, height, negative_prompt, "
          "batch_size, scheduler, dtype,"),  # fmt: skip
         (VALID.replace("[Banksy]", "[]"), "field 'styles' = []: needs at least one style"),
-        (VALID.replace("[Banksy]", "[Banksy, Banksy]"), "'Banksy' duplicates 'Banksy'"),
+        (VALID.replace("[Banksy]", "[Banksy, Banksy]"), "style 'Banksy' is given twice; keep one"),
         (VALID.replace("[Banksy]", "[Andy Warhol, andy-warhol]"), "duplicates 'Andy Warhol'"),
         (VALID.replace("[Banksy]", '["a/b"]'), "style 'a/b' may hold only"),
         (VALID.replace("[Banksy]", '["bad...dots, ok"]'), "may hold only"),

@@ -166,6 +166,8 @@ class GridConfig(_Strict):
                     "with a letter, digit or punctuation mark other than a space"
                 )
             slug = slugify(style)
+            if seen.get(slug) == style:
+                raise ValueError(f"style {style!r} is given twice; keep one")
             if slug in seen:
                 raise ValueError(f"style {style!r} duplicates {seen[slug]!r} (both file as {slug!r})")
             seen[slug] = style
