@@ -6,7 +6,8 @@ import pytest
 
 from sd_assets.domain.errors import GridError
 from sd_assets.domain.grid import load_grid, parse_subject_list, slugify, unique_subjects
-from sd_assets.domain.subject_lists import FolderSource, read_subject_lists
+from sd_assets.domain.store import LocalStore
+from sd_assets.domain.subject_lists import FolderSource, read_subject_lists, subject_source
 from sd_assets_tests.helpers import write_grid
 
 REPO = Path(__file__).resolve().parent.parent
@@ -269,6 +270,15 @@ def test_a_subjects_dir_that_is_a_file_is_a_clear_error(tmp_path):
     (tmp_path / "subjects.txt").write_text("alan turing\n")
     with pytest.raises(GridError, match=r"subject lists folder .*subjects\.txt is a file \(the grid's 'subjects_dir'"):
         read_subject_lists(FolderSource(tmp_path / "subjects.txt"), 100)
+
+
+def test_a_subjects_dir_that_does_not_exist_names_the_grid_file_it_comes_from(tmp_path):
+    grid_file = write_grid(tmp_path, extra="")
+    grid_file.write_text(grid_file.read_text().replace("subjects_dir: subjects", "subjects_dir: lists"))
+    source = subject_source(load_grid(grid_file), LocalStore(tmp_path / "data"))
+    with pytest.raises(GridError) as error:
+        read_subject_lists(source, 100)
+    assert str(error.value) == f"subject lists folder {tmp_path / 'lists'} does not exist ('subjects_dir' in {grid_file})"
 
 
 def test_a_grid_file_that_cannot_be_read_is_one_line_naming_it():

@@ -77,21 +77,22 @@ def _is_list_name(name: str) -> bool:
 class FolderSource(SubjectSource):
     """``*.txt`` files directly in a local folder."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, named_by: str = "the grid's 'subjects_dir'"):
         self.folder = Path(folder)
         self.location = str(self.folder)
+        self.named_by = named_by  # where the folder's name comes from, for the errors
 
     def listing(self) -> list[ListedFile]:
         try:
             entries = list(os.scandir(self.folder))
         except FileNotFoundError:
-            raise GridError(f"subject lists folder {self.folder} does not exist (the grid's 'subjects_dir')") from None
+            raise GridError(f"subject lists folder {self.folder} does not exist ({self.named_by})") from None
         except NotADirectoryError:
             raise GridError(
-                f"subject lists folder {self.folder} is a file (the grid's 'subjects_dir' names the folder of *.txt lists)"
+                f"subject lists folder {self.folder} is a file ({self.named_by} names the folder of *.txt lists)"
             ) from None
         except OSError as exc:
-            raise GridError(f"cannot list the subject lists folder {self.folder} (the grid's 'subjects_dir'): {exc}") from None
+            raise GridError(f"cannot list the subject lists folder {self.folder} ({self.named_by}): {exc}") from None
         listed = []
         for entry in entries:
             if _is_list_name(entry.name) and entry.is_file():
@@ -164,7 +165,7 @@ class StoreSource(SubjectSource):
 def subject_source(grid: GridConfig, store: ArtifactStore) -> SubjectSource:
     """The grid's subjects folder for a local store; the store's ``subjects/`` prefix otherwise."""
     if store.local_path(STORE_PREFIX) is not None:
-        return FolderSource(grid.subjects_dir)
+        return FolderSource(grid.subjects_dir, named_by=f"'subjects_dir' in {grid.source}")
     return StoreSource(store)
 
 
