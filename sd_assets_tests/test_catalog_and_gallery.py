@@ -513,7 +513,8 @@ def test_style_pages_paginate_escape_and_link_relatively(tmp_path):
     )
     gallery.render_style_pages(store, "Banksy", rows, made, page_size=4)
     # A new image on page 2 and a new profile: page 2 for its image, page 1 for the counts, no more.
-    profile = {"summary": "CPU: no GPU utilisation measured (1.0 s of generation).", "chart_svg": ""}
+    profile = {"made_by": "Run r2, ended 2026-12-07 04:00 UTC.",
+               "summary": "CPU: no GPU utilisation measured (1.0 s of generation).", "chart_svg": ""}  # fmt: skip
     pages = gallery.render_style_pages(store, "Banksy", rows, made + [_made(rows[4], "r2")], 4, profile)
     assert pages.written == 2 and "5 of 6 images made" in store.read_text(written.pages[0])
     # Later runs that add images to page 2 leave page 1's images as they were, but not its counts.

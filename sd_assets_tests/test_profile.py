@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import threading
 from types import SimpleNamespace
@@ -130,14 +131,21 @@ def test_profile_survives_the_store_round_trip():
     profile = profile_from_fake_gpu()
     again = GpuProfile.from_json(profile.to_json())
     assert again == profile
-    assert again.page_view() == {"summary": profile.summary, "chart_svg": profile.chart_svg}
+    assert again.page_view() == {"made_by": "", "summary": profile.summary, "chart_svg": profile.chart_svg}
 
 
 def test_a_damaged_profile_file_reads_as_none_not_a_failed_gallery(tmp_path):
     store = LocalStore(tmp_path)
     profile = profile_from_fake_gpu()
-    save_profile(store, "Banksy", profile)
-    assert load_profile(store, "Banksy") == profile
+    save_profile(store, "Banksy", profile, "0f3a9c41-run")
+    saved = load_profile(store, "Banksy")
+    assert dataclasses.replace(saved, run_id="", ended="") == profile
+    assert re.fullmatch(r"Run 0f3a9c41, ended \d{4}-\d\d-\d\d \d\d:\d\d UTC\.", saved.page_view()["made_by"])
+    # One saved before profiles named their run reads, and names none.
+    before_runs_were_named = profile.to_json().replace(', "run_id": "", "ended": ""', "")
+    assert "run_id" not in before_runs_were_named
+    store.write_text(profile_key("Banksy"), before_runs_were_named)
+    assert load_profile(store, "Banksy") == profile and profile.page_view()["made_by"] == ""
     for damaged in ['{"device": "cuda:0", "samples": ', '{"device": "cuda:0"}', "[1, 2]", "\udcff"]:
         store.write_bytes(profile_key("Banksy"), damaged.encode("utf-8", "surrogateescape"))
         assert load_profile(store, "Banksy") is None, damaged
@@ -179,5 +187,6 @@ def test_cpu_run_records_its_profile_in_metadata_the_store_and_the_gallery(grid_
     store = LocalStore(grid_path.parent / "data")
     assert GpuProfile.from_json(store.read_text(profile_key("Banksy"))).source is None
     page = store.read_text("gallery/banksy/page-1.html")
-    assert "Last generation" in page and "CPU: no GPU utilisation measured" in page
+    assert f"<h2>Last generation</h2>\n  <p>Run {result.run_id[:8]}, ended " in page
+    assert "CPU: no GPU utilisation measured" in page
     assert "<svg" not in page

@@ -10,12 +10,14 @@ On a CPU the profile says that no GPU was measured; it never invents numbers.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import os
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime, timezone
 
 from sd_assets.domain.gallery import count, render_utilisation_chart
 from sd_assets.domain.grid import slugify
@@ -30,8 +32,10 @@ def profile_key(style: str) -> str:
     return f"profiles/{slugify(style)}.json"
 
 
-def save_profile(store: ArtifactStore, style: str, profile: GpuProfile) -> None:
-    store.write_text(profile_key(style), profile.to_json())
+def save_profile(store: ArtifactStore, style: str, profile: GpuProfile, run_id: str = "") -> None:
+    """Keep ``profile`` as the style's last, made by ``run_id`` and ending now, for its gallery page."""
+    ended = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    store.write_text(profile_key(style), dataclasses.replace(profile, run_id=run_id, ended=ended).to_json())
 
 
 def load_profile(store: ArtifactStore, style: str) -> GpuProfile | None:
@@ -129,6 +133,10 @@ class GpuProfile:
     seconds: float
     samples: tuple[Sample, ...] = ()
     error: str | None = None
+    # The run that generated, and when it ended: set when saved (a later run with nothing to make
+    # keeps the profile, so a style's page must say whose it is).
+    run_id: str = ""
+    ended: str = ""
 
     @property
     def utilisations(self) -> list[float]:
@@ -188,8 +196,9 @@ class GpuProfile:
         return values
 
     def page_view(self) -> dict[str, str]:
-        """What a gallery page shows: the summary line and the chart."""
-        return {"summary": self.summary, "chart_svg": self.chart_svg}
+        """What a gallery page shows: which run, the summary line and the chart."""
+        made_by = f"Run {self.run_id[:8]}, ended {self.ended}." if self.run_id else ""
+        return {"made_by": made_by, "summary": self.summary, "chart_svg": self.chart_svg}
 
     def to_json(self) -> str:
         return json.dumps(
@@ -200,6 +209,8 @@ class GpuProfile:
                 "seconds": self.seconds,
                 "samples": [[s.seconds, s.utilisation, s.memory_mb] for s in self.samples],
                 "error": self.error,
+                "run_id": self.run_id,
+                "ended": self.ended,
             }
         )
 
@@ -215,6 +226,9 @@ class GpuProfile:
                 Sample(float(t), None if u is None else float(u), float(m)) for t, u, m in data["samples"]
             ),
             error=None if data["error"] is None else str(data["error"]),
+            # Profiles saved before these were kept name no run.
+            run_id=str(data.get("run_id", "")),
+            ended=str(data.get("ended", "")),
         )
 
 

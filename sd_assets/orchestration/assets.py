@@ -577,7 +577,7 @@ def _render_style(
         if inference.batch_size == "auto":
             engine.remember_auto_batch_size(loaded, settings, generator.batch_memory_file, report.batch_size)
     profile = profiler.profile()
-    gpu_profile.save_profile(artifact_store, style, profile)
+    gpu_profile.save_profile(artifact_store, style, profile, context.run.run_id)
     if settings.safety_checker and report.safety_flagged:
         context.log.warning(
             f"{style}: the safety checker flagged {gallery.count(report.safety_flagged, 'image')} and blacked "
