@@ -250,6 +250,9 @@ def test_a_comment_a_new_style_or_a_subject_moved_to_another_list_leaves_every_s
         (subjects / "scientists.txt").write_text("ada lovelace\n")  # read after people.txt: the order stays
 
     assert banksy_after(move_a_subject) == StaleStatus.FRESH
+    # A batch size tried changes no image's key.
+    larger_batches = grid_path.read_text().replace("batch_size: 4", "batch_size: 8")
+    assert banksy_after(lambda: grid_path.write_text(larger_batches)) == StaleStatus.FRESH
     # What does change a style's rows still marks it stale.
     new_subject = "ada lovelace\ngrace hopper\n"
     assert banksy_after(lambda: (subjects / "scientists.txt").write_text(new_subject)) == StaleStatus.STALE

@@ -124,3 +124,37 @@ def test_a_grids_rows_carry_the_content_key_of_their_prompt_and_seed_under_any_s
         text = rows_to_json(rows)
         assert text == json.dumps([asdict(row) for row in rows], ensure_ascii=False, indent=0)
         assert rows_from_json(text) == rows
+
+
+def test_the_grid_inputs_version_changes_with_what_changes_a_styles_rows_and_with_nothing_else(tmp_path):
+    # Observing grid_inputs marks every style's prompt_grid stale when this version changes: a
+    # batch size or dtype tried, or an unused negative prompt edited, must not.
+    from sd_assets.domain.prompts import grid_inputs_version
+
+    path = write_grid(tmp_path, styles=("Banksy",))
+    original = path.read_text()
+    subjects = ["alan turing", "ada lovelace"]
+
+    def version_after(old: str, new: str) -> str:
+        path.write_text(original.replace(old, new))
+        return grid_inputs_version(load_grid(path), subjects)
+
+    base = version_after("", "")
+    unused = {"batch_size: 4": "batch_size: 8", "height: 64": "height: 64, dtype: float32, compile: true",
+              "revision: main": "revision: main, variant: none", "storage: data": "storage: elsewhere",
+              "seed: 42": "seed: 42\nmax_subjects_per_list: 50"}  # fmt: skip
+    assert {new: version_after(old, new) for old, new in unused.items()} == dict.fromkeys(unused.values(), base)
+    keyed = {"steps: 2": "steps: 3", "seed: 42": "seed: 7", "images_per_prompt: 2": "images_per_prompt: 3",
+             "{subject} by {style}": "{subject} in the style of {style}", "width: 64": "width: 72",
+             "revision: main": "revision: v2", 'negative_prompt: ""': 'negative_prompt: "blurry"',
+             "height: 64": "height: 64, scheduler: DDIMScheduler, safety_checker: true",
+             "batch_size: 4": "batch_size: 4, deep_cache: {interval: 3}"}  # fmt: skip
+    changed = [version_after(old, new) for old, new in keyed.items()]
+    assert base not in changed and len(set(changed)) == len(keyed)
+    assert grid_inputs_version(load_grid(path), subjects[:1]) != grid_inputs_version(load_grid(path), subjects)
+    # Without guidance the negative prompt is unused: no row holds it, and editing it changes nothing.
+    without_guidance = version_after("guidance_scale: 7.5", "guidance_scale: 1.0")
+    unused_negative = 'guidance_scale: 1.0, width: 64, height: 64, negative_prompt: "blurry"'
+    assert version_after('guidance_scale: 7.5, width: 64, height: 64, negative_prompt: ""', unused_negative) == (
+        without_guidance
+    )

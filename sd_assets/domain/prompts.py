@@ -137,12 +137,21 @@ def keys_version(keys: list[str]) -> str:
 
 
 def grid_inputs_version(config: GridConfig, subjects: list[str]) -> str:
-    """A short hash of what every style's prompt grid is built from: the grid's settings and the
-    subjects, in order. Not the grid file's bytes, its list of styles or the lists' files: a
-    comment edited, a style added or a subject moved to another list changes no style's rows, and
-    would mark every style's prompt grid stale in the UI."""
-    settings = config.model_dump(mode="json", exclude={"styles", "subjects_dir"})
-    text = json.dumps({"grid": settings, "subjects": subjects}, sort_keys=True, ensure_ascii=False)
+    """A short hash of what every style's prompt grid is built from: the grid's template, seed and
+    images per prompt, the settings a content key hashes, and the subjects, in order. Not the grid
+    file's bytes, its list of styles, the lists' files or the settings no key holds (batch size,
+    dtype, compile, storage): changing those changes no style's rows, and would mark every style's
+    prompt grid stale in the UI."""
+    # The model's revision and scheduler as the grid names them: model_weights' version covers
+    # what they resolve to.
+    settings = GenerationSettings.from_grid(config, config.model.revision, config.inference.scheduler or "")
+    grid = {
+        "prompt_template": config.prompt_template,
+        "images_per_prompt": config.images_per_prompt,
+        "seed": config.seed,
+        "settings": _keyed_settings(settings),
+    }
+    text = json.dumps({"grid": grid, "subjects": subjects}, sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

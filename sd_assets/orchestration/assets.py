@@ -99,7 +99,7 @@ def _grid_inputs_asset():
         owners=OWNERS,
         kinds={"yaml"},
         description="The grid file and its subject lists; new settings or subjects mark the prompt grids stale "
-        "(a comment, a style added or a subject moved to another list do not).",
+        "(a comment, a style added, a subject moved to another list or a batch size do not).",
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", dg.BetaWarning)
