@@ -584,15 +584,17 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in str(exc)
 
 
-def out_of_memory_message(loaded: LoadedPipeline, settings: GenerationSettings) -> str:
+def out_of_memory_message(loaded: LoadedPipeline, settings: GenerationSettings, mid_run: bool = True) -> str:
     """What to change when one image did not fit in ``loaded``'s device's memory (on a CPU one
-    image a pipeline call, whatever the batch size; on a GPU, after batches halved down to one)."""
+    image a pipeline call, whatever the batch size; on a GPU, after batches halved down to one,
+    or in ``auto``'s probe, before the run made any: not ``mid_run``)."""
     size = f"{settings.width}x{settings.height}"
     where = "the CPU" if loaded.device == "cpu" else loaded.device
     other_work = "" if loaded.device == "cpu" else ", or free the GPU of other work"
+    kept = " (the images made before it are kept)" if mid_run else ""
     return (
-        f"out of memory on {where} rendering one {size} image; make inference.width and height smaller{other_work} "
-        "(the images made before it are kept)"
+        f"out of memory on {where} rendering one {size} image; make inference.width and height smaller{other_work}"
+        + kept
     )
 
 
@@ -714,7 +716,7 @@ def auto_batch_size(
     else:
         peaks = _probe_peaks(loaded, settings)
         if not peaks:
-            raise SdAssetsError(out_of_memory_message(loaded, settings))
+            raise SdAssetsError(out_of_memory_message(loaded, settings, mid_run=False))
         if len(peaks) == 1:  # one image fits, two do not: the GPU is shared, or nearly full
             size = 1
         else:
