@@ -1,21 +1,22 @@
 """Catalog merging and searching, and the static gallery pages, on a local store."""
 
 import hashlib
+import io
 import json
 import re
 import shutil
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from sd_assets.domain import catalog, gallery
 from sd_assets.domain.errors import SdAssetsError, StoreError
-from sd_assets.domain.pngmeta import Provenance, encode_png, image_key_path, read_provenance
+from sd_assets.domain.pngmeta import PROVENANCE_CHUNK, Provenance, encode_png, image_key_path, read_provenance
 from sd_assets.domain.prompts import PromptRow
 from sd_assets.domain.store import LocalStore
 
@@ -220,6 +221,13 @@ def test_rebuild_names_each_png_whose_provenance_does_not_fit_and_gives_the_othe
     for row, change in zip(odd, ({"seed": "x"}, {"steps": 2**70})):
         png = encode_png(Image.new("RGB", (8, 8)), replace(_provenance(row, "r2"), **change))
         store.write_bytes(image_key_path(row.key), png)
+    # And a subject that is not text: JSON's escape of a lone surrogate, which no encoder writes.
+    odd.append(_row("odd subject", "Banksy"))
+    info = PngImagePlugin.PngInfo()
+    info.add_text(PROVENANCE_CHUNK, json.dumps({**asdict(_provenance(odd[-1], "r2")), "subject": "odd \udcff"}))
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, format="PNG", pnginfo=info)
+    store.write_bytes(image_key_path(odd[-1].key), buffer.getvalue())
 
     rebuild = catalog.rebuild_catalogs(store, threads=3)
 

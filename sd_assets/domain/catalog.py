@@ -358,7 +358,7 @@ def _misfit(record: dict, way_out: str) -> str | None:
     """Why the catalog's columns cannot hold ``record``, naming its image and ``way_out``; None when they can."""
     try:
         _records_table([record])
-    except (pa.ArrowException, TypeError) as exc:
+    except (pa.ArrowException, TypeError, UnicodeError) as exc:  # UnicodeError: a lone surrogate, not text
         return f"{record['path']} has provenance the catalog cannot hold ({exc}){way_out}"
     return None
 
@@ -371,7 +371,7 @@ def _misfits(records: Sequence[dict], way_out: str) -> list[str | None]:
         if records:
             _records_table(records)
         return [None] * len(records)
-    except (pa.ArrowException, TypeError):
+    except (pa.ArrowException, TypeError, UnicodeError):
         return [_misfit(record, way_out) for record in records]
 
 
