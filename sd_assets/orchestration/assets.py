@@ -98,8 +98,9 @@ def _grid_inputs_asset():
         group_name=GROUP,
         owners=OWNERS,
         kinds={"yaml"},
-        description="The grid file and its subject lists; new settings or subjects mark the prompt grids stale "
-        "(a comment, a style added, a subject moved to another list or a batch size do not).",
+        description="The grid file and its subject lists; what changes a style's rows (settings its images' keys "
+        "hash, the subjects or their order) marks the prompt grids stale; a comment, a style added or a batch size "
+        "does not.",
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", dg.BetaWarning)
