@@ -91,14 +91,13 @@ def _search(args: argparse.Namespace) -> int:
         search_may_reach,
     )
     from sd_assets.domain.gallery import count
-    from sd_assets.domain.store import open_store
-    from sd_assets.environment import storage_from_environment
+    from sd_assets.environment import open_store_from_environment, storage_from_environment
 
     storage = storage_from_environment()
     # A damaged catalog hides its own style's images, not every style's: the search goes on
     # without it, says so, and exits 2.
     unreadable: list[UnreadableCatalog] = []
-    store = open_store(storage)
+    store = open_store_from_environment(storage)
     catalog = read_catalog(store, unreadable)
 
     def reached(slug: str) -> bool:  # a catalog the filters leave out has no rows to miss
@@ -163,11 +162,10 @@ def _search(args: argparse.Namespace) -> int:
 def _rebuild_catalog(args: argparse.Namespace) -> int:
     from sd_assets.domain.catalog import rebuild_catalogs
     from sd_assets.domain.gallery import count
-    from sd_assets.domain.store import open_store
-    from sd_assets.environment import storage_from_environment
+    from sd_assets.environment import open_store_from_environment, storage_from_environment
 
     storage = storage_from_environment()
-    store = open_store(storage)
+    store = open_store_from_environment(storage)
     rebuild = rebuild_catalogs(store)
     if not rebuild.images and not rebuild.catalogs:
         raise StoreError(f"no images and no catalog in {storage}: nothing to rebuild there (is it the right store?)")
@@ -244,8 +242,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     from sd_assets.definitions import GENERATE_JOB, build_definitions
     from sd_assets.domain.gallery import INDEX_KEY
-    from sd_assets.domain.store import open_store
-    from sd_assets.environment import grid_from_environment
+    from sd_assets.environment import grid_from_environment, open_store_from_environment
     from sd_assets.orchestration.loggers import BRIEF_CONSOLE
 
     grid, storage = grid_from_environment()
@@ -299,7 +296,7 @@ def _demo(args: argparse.Namespace) -> int:
                 print(f"sd-assets: {check.description}", file=sys.stderr)
                 not_made = True
     print("gallery index:")
-    print(open_store(storage).location(INDEX_KEY))
+    print(open_store_from_environment(storage).location(INDEX_KEY))
     return 1 if not_made else 0
 
 

@@ -1,11 +1,8 @@
 """The one Definitions entry point, and the one place where the environment picks resources.
 
-The project's own ``SD_ASSETS_*`` variables are read in ``sd_assets.environment``. Read here:
-- The Hugging Face variables ``HF_TOKEN`` (gated repos), ``HF_HUB_OFFLINE``, ``HF_HUB_CACHE``,
-  ``HF_HOME`` and ``HF_ENDPOINT``, for the ``hub`` resource.
-- For an s3:// store, ``AWS_REGION`` (else ``AWS_DEFAULT_REGION``) and ``AWS_ENDPOINT_URL``, which
-  configure the S3 client; boto3 reads the credentials (``AWS_ACCESS_KEY_ID``,
-  ``AWS_SECRET_ACCESS_KEY``, profiles, roles) itself.
+The project's own ``SD_ASSETS_*`` variables, and the AWS region and endpoint, are read in
+``sd_assets.environment``. Read here: the Hugging Face variables ``HF_TOKEN`` (gated repos),
+``HF_HUB_OFFLINE``, ``HF_HUB_CACHE``, ``HF_HOME`` and ``HF_ENDPOINT``, for the ``hub`` resource.
 """
 
 from __future__ import annotations
@@ -22,6 +19,7 @@ from sd_assets.domain.errors import SdAssetsError
 from sd_assets.environment import (
     generator_settings,
     grid_from_environment,
+    s3_client_settings,
     sensor_interval,
 )
 from sd_assets.orchestration.assets import GENERATE_JOB, build_assets
@@ -45,10 +43,7 @@ def store_from_environment(storage: str, environ: Mapping[str, str]) -> Artifact
 
     return S3ArtifactStoreResource(
         url=storage,
-        s3=S3Resource(
-            region_name=environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION") or None,
-            endpoint_url=environ.get("AWS_ENDPOINT_URL") or None,
-        ),
+        s3=S3Resource(**s3_client_settings(environ)),
     )
 
 

@@ -1,7 +1,7 @@
 """The project's environment variables, read here and nowhere else, into plain values.
 
-Dagster's own (``DAGSTER_HOME``) and CUDA's are read where they are used; the Hugging Face and
-AWS ones in ``sd_assets.definitions``, where they configure its resources. No Dagster here:
+Dagster's own (``DAGSTER_HOME``) and CUDA's are read where they are used; the Hugging Face ones
+in ``sd_assets.definitions``, where they configure the ``hub`` resource. No Dagster here:
 ``sd-assets search`` and ``rebuild-catalog`` need only the store, and importing Dagster would
 more than double their start.
 
@@ -15,6 +15,10 @@ more than double their start.
   runs from making one style or filling one model cache at once (default: <tmp>/sd-assets-device-locks).
 - ``SD_ASSETS_SENSOR_INTERVAL``: seconds between looks of the ``new_subject_lists`` sensor (default 30).
 
+For an s3:// store, ``AWS_REGION`` (else ``AWS_DEFAULT_REGION``) and ``AWS_ENDPOINT_URL`` make the
+S3 client, the runs' and the command line's alike (boto3 alone reads ``AWS_DEFAULT_REGION`` only);
+boto3 reads the credentials (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, profiles, roles) itself.
+
 Set but empty counts as unset, for each of them.
 """
 
@@ -27,6 +31,7 @@ from pathlib import Path
 from sd_assets.domain import engine
 from sd_assets.domain.errors import GridError, SdAssetsError
 from sd_assets.domain.grid import GridConfig, load_grid
+from sd_assets.domain.store import ArtifactStore, open_store
 
 DEFAULT_SENSOR_INTERVAL_SECONDS = 30
 
@@ -81,3 +86,26 @@ def generator_settings(environ: Mapping[str, str]) -> dict:
 def sensor_interval(environ: Mapping[str, str]) -> int:
     """Seconds between the ``new_subject_lists`` sensor's looks."""
     return _positive_int(environ, "SD_ASSETS_SENSOR_INTERVAL") or DEFAULT_SENSOR_INTERVAL_SECONDS
+
+
+def s3_client_settings(environ: Mapping[str, str]) -> dict[str, str | None]:
+    """The region and endpoint of the S3 client, as boto3's ``client("s3", ...)`` and dagster-aws's
+    ``S3Resource`` both take them."""
+    return {
+        "region_name": environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION") or None,
+        "endpoint_url": environ.get("AWS_ENDPOINT_URL") or None,
+    }
+
+
+def open_store_from_environment(storage: str, environ: Mapping[str, str] | None = None) -> ArtifactStore:
+    """The store at ``storage``, an s3:// one with the client the runs have (without Dagster)."""
+    environ = os.environ if environ is None else environ
+    if not storage.startswith("s3://"):
+        return open_store(storage)
+
+    def client():
+        import boto3
+
+        return boto3.session.Session().client("s3", **s3_client_settings(environ))
+
+    return open_store(storage, client)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import http.server
 import io
 import json
 import posixpath
 import re
 import socket
 import stat
+import threading
 import uuid
 
 import boto3
@@ -16,6 +18,7 @@ import pytest
 from moto.server import ThreadedMotoServer
 from PIL import Image
 
+from sd_assets.cli import main
 from sd_assets.definitions import store_from_environment
 from sd_assets.domain.catalog import read_catalog, rebuild_catalogs
 from sd_assets.domain.errors import GridError, ModelError, StoreError
@@ -171,6 +174,53 @@ def test_an_endpoint_that_is_not_a_url_is_named_by_either_client(monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "localhost:9000")
     with pytest.raises(StoreError, match=r"^cannot open the bucket at s3://some-bucket/sd: AWS_ENDPOINT_URL_S3="):
         open_store("s3://some-bucket/sd")
+
+
+class _RegionBoundS3(http.server.BaseHTTPRequestHandler):
+    """An S3-compatible service in region 'garage' (Garage's default) with one empty bucket: a request
+    signed for another region gets a bare 400, without the region that boto3 could redirect to."""
+
+    def _signed_here(self) -> bool:
+        return "/garage/s3/aws4_request" in self.headers.get("Authorization", "")
+
+    def _answer(self, body: bytes = b"") -> None:
+        self.send_response(200 if self._signed_here() else 400)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command == "GET":
+            self.wfile.write(body)
+
+    def do_HEAD(self):
+        self._answer()
+
+    def do_GET(self):
+        empty = b"<ListBucketResult><Name>sd-region</Name><KeyCount>0</KeyCount><IsTruncated>false</IsTruncated>"
+        self._answer(empty + b"</ListBucketResult>" if self._signed_here() else b"")
+
+    def log_message(self, *args):
+        pass
+
+
+def test_search_and_rebuild_catalog_sign_for_aws_region_as_the_runs_do(monkeypatch, capsys):
+    # boto3 alone reads AWS_DEFAULT_REGION, not AWS_REGION, which the docs name first.
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _RegionBoundS3)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{server.server_address[1]}")
+    monkeypatch.setenv("AWS_REGION", "garage")
+    monkeypatch.delenv("AWS_DEFAULT_REGION", raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("SD_ASSETS_STORAGE", "s3://sd-region/x")
+    try:
+        assert main(["search"]) == 2
+        assert capsys.readouterr().err == (
+            "sd-assets: no catalog in s3://sd-region/x: no style has been made there yet (make demo, or dagster "
+            "job execute)\n"
+        )
+        assert main(["rebuild-catalog"]) == 2
+        assert "no images and no catalog in s3://sd-region/x" in capsys.readouterr().err
+    finally:
+        server.shutdown()
 
 
 # --- whole runs on S3 ----------------------------------------------------------------------------

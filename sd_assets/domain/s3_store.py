@@ -7,8 +7,8 @@ every write is all-or-nothing without a temporary object; downloads land in a te
 that is renamed into place.
 
 Credentials, region and endpoint come from boto3's own resolution (``AWS_ACCESS_KEY_ID``,
-``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION``, ``AWS_ENDPOINT_URL``, profiles, instance roles), never
-from the grid file.
+``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION``, ``AWS_ENDPOINT_URL``, profiles, instance roles)
+or from the client the caller makes (``sd_assets.environment``'s adds ``AWS_REGION``), never from the grid file.
 """
 
 from __future__ import annotations
