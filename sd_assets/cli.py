@@ -171,7 +171,7 @@ def _rebuild_catalog(args: argparse.Namespace) -> int:
         raise StoreError(f"no images and no catalog in {storage}: nothing to rebuild there (is it the right store?)")
     for report in rebuild.reports:
         print(
-            f"{store.location(report.catalog)}: {report.rows} rows "
+            f"{store.location(report.catalog)}: {count(report.rows, 'row')} "
             f"({report.kept} kept, {report.recovered_from_png} from PNGs)"
         )
         if report.set_aside:
