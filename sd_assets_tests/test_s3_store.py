@@ -5,14 +5,20 @@ from __future__ import annotations
 import http.server
 import io
 import json
+import os
 import posixpath
 import re
+import signal
 import socket
 import stat
+import subprocess
+import sys
 import threading
+import time
 import uuid
 
 import boto3
+import botocore.exceptions
 import pandas as pd
 import pytest
 from moto.server import ThreadedMotoServer
@@ -23,11 +29,20 @@ from sd_assets.definitions import store_from_environment
 from sd_assets.domain.catalog import read_catalog, rebuild_catalogs
 from sd_assets.domain.errors import GridError, ModelError, StoreError
 from sd_assets.domain.grid import load_grid
-from sd_assets.domain.models import MANIFEST, VERIFIED, local_model_folder, read_model_ref
+from sd_assets.domain.models import (
+    MANIFEST,
+    VERIFIED,
+    local_model_folder,
+    read_model_ref,
+)
 from sd_assets.domain.pngmeta import PROVENANCE_CHUNK
 from sd_assets.domain.s3_store import S3Store
 from sd_assets.domain.store import open_store
-from sd_assets.domain.subject_lists import StoreSource, read_subject_lists, scan_subject_lists
+from sd_assets.domain.subject_lists import (
+    StoreSource,
+    read_subject_lists,
+    scan_subject_lists,
+)
 from sd_assets_tests.helpers import materialize_style, write_grid
 
 
@@ -221,6 +236,45 @@ def test_search_and_rebuild_catalog_sign_for_aws_region_as_the_runs_do(monkeypat
         assert "no images and no catalog in s3://sd-region/x" in capsys.readouterr().err
     finally:
         server.shutdown()
+
+
+def test_an_endpoint_that_stops_answering_after_the_bucket_opened_says_to_run_again(monkeypatch):
+    # The S3 service going away mid-run (restarted, its network lost): the endpoint was right a moment
+    # ago, so the message says to run again once it answers, not to check AWS_ENDPOINT_URL.
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-c", "import time; from moto.server import ThreadedMotoServer; "
+         f"ThreadedMotoServer(ip_address='127.0.0.1', port={port}, verbose=False).start(); time.sleep(600)"],
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+        for name, value in [("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
+                            ("AWS_REGION", "us-east-1"), ("AWS_ENDPOINT_URL", endpoint)]:  # fmt: skip
+            monkeypatch.setenv(name, value)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                boto3.client("s3").create_bucket(Bucket="going-away")
+                break
+            except botocore.exceptions.EndpointConnectionError:
+                assert time.monotonic() < deadline, "the moto server did not start"
+                time.sleep(0.2)
+        store = open_store("s3://going-away/sd")
+        store.write_bytes("images/aa/first.png", b"first")
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+    with pytest.raises(StoreError) as stopped:
+        store.write_bytes("images/ab/second.png", b"second")
+    assert str(stopped.value) == (
+        f"cannot write at s3://going-away/sd/images/ab/second.png: the S3 endpoint {endpoint} stopped answering "
+        "(no connection); once it answers again, run again: what was written is kept, and a run makes only "
+        "the images still missing"
+    )
+    with pytest.raises(StoreError) as never_opened:  # never answered: the endpoint itself may be wrong
+        open_store("s3://going-away/sd")
+    assert str(never_opened.value).endswith("(check AWS_ENDPOINT_URL and AWS_REGION)")
 
 
 # --- whole runs on S3 ----------------------------------------------------------------------------

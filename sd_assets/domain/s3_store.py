@@ -21,7 +21,16 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, PartialCredentialsError
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectionClosedError,
+    ConnectTimeoutError,
+    EndpointConnectionError,
+    NoCredentialsError,
+    PartialCredentialsError,
+    ReadTimeoutError,
+)
 
 from sd_assets.domain.errors import StoreError
 from sd_assets.domain.store import ArtifactStore, ObjectVersion, _check_key, replacing
@@ -38,6 +47,14 @@ _CHUNK = 8 * 1024 * 1024
 # Below botocore's default connection pool of 10, so no thread waits for a connection.
 LISTING_THREADS = 8
 _MISSING = {"404", "NoSuchKey", "NotFound"}
+# How an endpoint that answered when the bucket was opened stops answering (the service restarted,
+# its network lost), as a message says it.
+_STOPPED_ANSWERING = {
+    EndpointConnectionError: "no connection",
+    ConnectTimeoutError: "no connection in time",
+    ReadTimeoutError: "no reply in time",
+    ConnectionClosedError: "the connection was closed",
+}
 
 
 def content_type(key: str) -> str:
@@ -78,9 +95,11 @@ class S3Store(ArtifactStore):
         makes one (an endpoint that is not a URL) is a StoreError like any other."""
         self.bucket, self.prefix = parse_s3_url(url)
         self.url = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
+        self._answered = False
         with self._errors("open the bucket"):
             self.client = make_client()
             self.client.head_bucket(Bucket=self.bucket)
+        self._answered = True
 
     @contextlib.contextmanager
     def _errors(self, action: str, key: str = "") -> Iterator[None]:
@@ -107,6 +126,13 @@ class S3Store(ArtifactStore):
                 ) from None
             raise StoreError(f"cannot {action} at {where}: {code or exc}") from None
         except BotoCoreError as exc:
+            stopped = [text for kind, text in _STOPPED_ANSWERING.items() if isinstance(exc, kind)]
+            if stopped and self._answered:  # it answered a moment ago: not the setting, the service
+                raise StoreError(
+                    f"cannot {action} at {where}: the S3 endpoint {self.client.meta.endpoint_url} stopped "
+                    f"answering ({stopped[0]}); once it answers again, run again: what was written is kept, "
+                    "and a run makes only the images still missing"
+                ) from None
             raise StoreError(
                 f"cannot {action} at {where}: {exc} (check AWS_ENDPOINT_URL and AWS_REGION)"
             ) from None
