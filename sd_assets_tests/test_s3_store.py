@@ -154,9 +154,14 @@ def test_listings_of_more_than_one_page_find_every_key(bucket):
     assert store.existing([keys[-1], "images/ab/none.png"]) == {keys[-1]}
 
 
-def test_missing_bucket_is_named(bucket):
-    with pytest.raises(StoreError, match="bucket 'no-such-bucket-here' does not exist"):
+def test_missing_bucket_is_named_with_the_endpoint_asked(bucket, s3_endpoint):
+    # The endpoint is named: a bucket missing from the wrong service is not to be created there.
+    with pytest.raises(StoreError) as missing:
         open_store("s3://no-such-bucket-here/x")
+    assert str(missing.value) == (
+        f"cannot open the bucket: bucket 'no-such-bucket-here' does not exist at {s3_endpoint}; create it there, "
+        "or fix the storage URL, or AWS_ENDPOINT_URL if that is not your S3 service"
+    )
 
 
 def test_missing_credentials_name_the_variables(bucket, monkeypatch, tmp_path):

@@ -116,8 +116,8 @@ class S3Store(ArtifactStore):
             code = _error_code(exc)
             if code in ("NoSuchBucket",) or (code in _MISSING and not key):
                 raise StoreError(
-                    f"cannot {action}: bucket {self.bucket!r} does not exist at this endpoint; "
-                    "create it or fix the storage URL (and AWS_ENDPOINT_URL for non-AWS services)"
+                    f"cannot {action}: bucket {self.bucket!r} does not exist at {self.client.meta.endpoint_url}; "
+                    "create it there, or fix the storage URL, or AWS_ENDPOINT_URL if that is not your S3 service"
                 ) from None
             if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
                 raise StoreError(
