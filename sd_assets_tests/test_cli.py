@@ -5,8 +5,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -101,6 +103,36 @@ def test_demo_ends_with_the_gallery_path(cli_env, grid_path):
     index = Path(last).read_text()
     assert '<a href="banksy/page-1.html">Banksy</a>: 4 of 4 images' in index
     assert "<li>Andy Warhol (no gallery pages yet): 0 of 4 images</li>" in index, "a style of the grid not run"
+
+
+def test_a_demo_waiting_for_a_gpu_pool_slot_says_so(cli_env, grid_path):
+    # The production instance limits the gpu pool; a slot another run holds (a daemon run, a killed
+    # `dagster job execute`) holds the demo's style_images back, and the demo must not look hung.
+    import dagster as dg
+
+    home = Path(cli_env["DAGSTER_HOME"])
+    (home / "dagster.yaml").write_text("concurrency:\n  pools:\n    default_limit: 1\ntelemetry:\n  enabled: false\n")
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        instance.event_log_storage.set_concurrency_slots("gpu", 1)
+        assert instance.event_log_storage.claim_concurrency_slot("gpu", "another-run", "style_images").is_claimed
+    log = home / "demo.err"
+    demo = subprocess.Popen(
+        [str(BIN / "sd-assets"), "demo", "--style", "Banksy"], cwd=REPO, env={**os.environ, **cli_env},
+        stdout=subprocess.DEVNULL, stderr=log.open("wb"), start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while "Step blocked by limit for pool gpu" not in log.read_text():
+            assert demo.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, "the demo said nothing of the pool it waits for\n" + log.read_text()
+            time.sleep(0.5)
+    finally:
+        os.killpg(demo.pid, signal.SIGKILL)
+        demo.wait()
+    shown = log.read_text()
+    blocked = r" - style_images - ENGINE_EVENT - Step blocked by limit for pool gpu$"
+    assert re.search(blocked, shown, re.MULTILINE), shown
+    assert "STEP_START" not in shown  # the demo's other DEBUG lines stay in the run's log
 
 
 def test_a_demo_that_refuses_a_prompt_names_it_shows_the_rest_and_exits_1(cli_env, grid_path):

@@ -19,14 +19,28 @@ class _FirstLine(logging.Formatter):
         return super().format(record).split("\n", 1)[0]
 
 
+class _LevelOrPoolWait(logging.Filter):
+    """Records at ``level`` or above, and Dagster's DEBUG line saying a step waits for a pool slot
+    ("Step blocked by limit for pool gpu", then "still blocked" now and then): while another run
+    holds the production instance's gpu slots, that line is all that tells a waiting demo from a hung one."""
+
+    def __init__(self, level: int):
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= self.level or "blocked by limit for pool " in record.getMessage()
+
+
 @dg.logger(
     config_schema={"log_level": dg.Field(str, is_required=False, default_value="INFO")},
     description="Dagster's console lines, each cut to its first line (what sd-assets demo shows).",
 )
 def brief_console_logger(init_context: dg.InitLoggerContext) -> logging.Logger:
     # A logger of its own, not logging.getLogger's: each run's gets its own handler, and none is left behind.
-    logger = logging.Logger(BRIEF_CONSOLE, level=init_context.logger_config["log_level"])
+    logger = logging.Logger(BRIEF_CONSOLE, level=logging.DEBUG)
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_LevelOrPoolWait(logging.getLevelName(init_context.logger_config["log_level"].upper())))
     handler.setFormatter(_FirstLine("%(asctime)s - %(levelname)s - %(message)s", datefmt="%Y-%m-%d %H:%M:%S %z"))
     logger.addHandler(handler)
     return logger
