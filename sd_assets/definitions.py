@@ -16,20 +16,10 @@ import click
 import dagster as dg
 
 from sd_assets.domain.errors import SdAssetsError
-from sd_assets.environment import (
-    generator_settings,
-    grid_from_environment,
-    s3_client_settings,
-    sensor_interval,
-)
+from sd_assets.environment import generator_settings, grid_from_environment, s3_client_settings, sensor_interval
 from sd_assets.orchestration.assets import GENERATE_JOB, build_assets
 from sd_assets.orchestration.loggers import BRIEF_CONSOLE, brief_console_logger
-from sd_assets.orchestration.resources import (
-    ArtifactStoreResource,
-    GeneratorResource,
-    GridResource,
-    HubResource,
-)
+from sd_assets.orchestration.resources import ArtifactStoreResource, GeneratorResource, GridResource, HubResource
 from sd_assets.orchestration.sensors import build_new_subject_lists_sensor
 
 
