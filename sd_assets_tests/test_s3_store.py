@@ -27,7 +27,7 @@ from PIL import Image
 from sd_assets.cli import main
 from sd_assets.definitions import store_from_environment
 from sd_assets.domain.catalog import read_catalog, rebuild_catalogs
-from sd_assets.domain.errors import GridError, ModelError, StoreError
+from sd_assets.domain.errors import GridError, ModelError, StoreError, StoreUnavailable
 from sd_assets.domain.grid import load_grid
 from sd_assets.domain.models import (
     MANIFEST,
@@ -277,9 +277,54 @@ def test_an_endpoint_that_stops_answering_after_the_bucket_opened_says_to_run_ag
         "(no connection); once it answers again, run again: what was written is kept, and a run makes only "
         "the images still missing"
     )
-    with pytest.raises(StoreError) as never_opened:  # never answered: the endpoint itself may be wrong
+    assert isinstance(stopped.value, StoreUnavailable) and stopped.value.answered
+    with pytest.raises(StoreUnavailable) as never_opened:  # never answered: the endpoint itself may be wrong
         open_store("s3://going-away/sd")
     assert str(never_opened.value).endswith("(check AWS_ENDPOINT_URL and AWS_REGION)")
+    assert not never_opened.value.answered
+
+
+class _FailingS3(http.server.BaseHTTPRequestHandler):
+    """An S3 service that is up but failing: the bucket opens, every other request gets 503 SlowDown."""
+
+    def do_HEAD(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def do_PUT(self):
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        body = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
+        self.send_response(503)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_service_that_answers_503_to_every_try_is_an_outage_to_wait_out(monkeypatch):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FailingS3)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+    for name, value in [("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
+                        ("AWS_REGION", "us-east-1"), ("AWS_ENDPOINT_URL", endpoint),
+                        ("AWS_MAX_ATTEMPTS", "2")]:  # fmt: skip
+        monkeypatch.setenv(name, value)
+    try:
+        store = open_store("s3://failing/sd")
+        with pytest.raises(StoreUnavailable) as failing:
+            store.write_bytes("images/aa/one.png", b"one")
+    finally:
+        server.shutdown()
+    assert failing.value.answered
+    assert str(failing.value) == (
+        f"cannot write at s3://failing/sd/images/aa/one.png: the S3 service at {endpoint} answered SlowDown "
+        "(overloaded or failing) to every try; once it recovers, run again: what was written is kept, and a run "
+        "makes only the images still missing"
+    )
+
 
 
 # --- whole runs on S3 ----------------------------------------------------------------------------
@@ -423,3 +468,117 @@ def test_a_list_rewritten_between_listing_and_reading_is_not_remembered_under_it
     assert source.read("people.txt") == b"ada lovelace\n"
     store.write_text("subjects/people.txt", "alan turing\n")  # put back: S3 gives it the first tag again
     assert read_subject_lists(StoreSource(store), 100).lists[0].subjects == ("alan turing",)
+
+
+class _Outage:
+    """The network between a worker and S3 going down, as the S3 client meets it: once the ``after``-th
+    image has been written, no request connects, until a step opens the bucket again (``ends``) or ever."""
+
+    def __init__(self, after: int, ends: bool):
+        self.after, self.ends = after, ends
+        self.down = False
+        self.image_writes: dict[str, int] = {}
+        self.failed = 0
+        self._lock = threading.Lock()
+
+    def before_send(self, request, event_name: str, **kwargs):
+        operation = event_name.rsplit(".", 1)[-1]
+        with self._lock:
+            if self.down and self.ends and operation == "HeadBucket":
+                self.down = False
+            if self.down:
+                self.failed += 1
+                raise botocore.exceptions.EndpointConnectionError(endpoint_url=request.url)
+            if operation == "PutObject" and "/images/" in request.url:
+                self.image_writes[request.url] = self.image_writes.get(request.url, 0) + 1
+                self.down = sum(self.image_writes.values()) == self.after
+
+
+def _run_through(outage: _Outage, tmp_path, instance, bucket, s3_endpoint, monkeypatch):
+    """generate_images for Banksy (8 images, 2 a batch) on S3 whose client goes through ``outage``."""
+    from dagster_aws.s3 import S3Resource
+
+    from sd_assets.definitions import GENERATE_JOB, build_definitions
+    from sd_assets.orchestration import assets
+    from sd_assets.orchestration.s3_resources import S3ArtifactStoreResource
+
+    class S3ThroughOutage(S3Resource):
+        def get_client(self):
+            client = super().get_client()
+            client.meta.events.register("before-send.s3", outage.before_send)
+            return client
+
+    monkeypatch.setattr(assets, "OUTAGE_RETRY_SECONDS", (0.1, 0.1, 0.1))
+    grid_path = write_grid(tmp_path, images_per_prompt=4, batch_size=2)
+    url = f"s3://{bucket}/grid"
+    boto3.client("s3").upload_file(str(tmp_path / "subjects" / "people.txt"), bucket, "grid/subjects/people.txt")
+    defs = build_definitions({"SD_ASSETS_GRID": str(grid_path), "SD_ASSETS_DEVICE": "cpu", "SD_ASSETS_STORAGE": url,
+                              "SD_ASSETS_MODEL_CACHE": str(tmp_path / "node-cache")})  # fmt: skip
+    # botocore's own tries off (max_attempts=1): each request meets the outage once.
+    s3 = S3ThroughOutage(region_name="us-east-1", endpoint_url=s3_endpoint, max_attempts=1)
+    return defs.resolve_job_def(GENERATE_JOB).execute_in_process(
+        partition_key="Banksy", instance=instance, raise_on_error=False,
+        resources={"store": S3ArtifactStoreResource(url=url, s3=s3)},
+    )  # fmt: skip
+
+
+def _retries(result) -> list[str]:
+    return [event.step_key for event in result.all_events if event.event_type_value == "STEP_UP_FOR_RETRY"]
+
+
+def test_a_step_whose_store_stops_answering_is_tried_again_and_makes_only_what_is_missing(
+    bucket, s3_endpoint, tmp_path, instance, monkeypatch
+):
+    outage = _Outage(after=3, ends=True)
+    result = _run_through(outage, tmp_path, instance, bucket, s3_endpoint, monkeypatch)
+
+    assert result.success
+    assert outage.failed >= 1 and _retries(result) == ["style_images"]
+    [warning] = [e.message for e in instance.all_logs(result.run_id) if "trying again in" in e.message]
+    assert f"the S3 endpoint {s3_endpoint} stopped answering (no connection)" in warning
+    assert warning.endswith("trying again in 0.1 s (retry 1 of 3)")
+    images = _metadata(result, "style_images")
+    assert (images["images"], images["skipped"], images["generated"]) == (8, 3, 5)
+    # Every image written once: the try after the outage made only those the store lacked.
+    assert len(outage.image_writes) == 8 and set(outage.image_writes.values()) == {1}
+    listed = boto3.client("s3").list_objects_v2(Bucket=bucket, Prefix="grid/images/")["Contents"]
+    assert len([item for item in listed if item["Key"].endswith(".png")]) == 8
+    catalog = read_catalog(open_store(f"s3://{bucket}/grid"))
+    assert len(catalog) == 8 and set(catalog["run_id"]) == {result.run_id}
+
+
+def test_a_store_that_does_not_answer_again_fails_the_step_after_three_more_tries(
+    bucket, s3_endpoint, tmp_path, instance, monkeypatch
+):
+    outage = _Outage(after=3, ends=False)
+    result = _run_through(outage, tmp_path, instance, bucket, s3_endpoint, monkeypatch)
+
+    assert not result.success
+    assert _retries(result) == ["style_images"] * 3
+    [failure] = [event for event in result.all_events if event.is_step_failure]
+    assert failure.step_key == "style_images"
+    assert "cannot open the bucket at s3://" in str(failure.step_failure_data.error)
+
+
+def test_a_store_that_never_answered_is_not_waited_for(tmp_path, instance, monkeypatch):
+    # The endpoint is likely mistyped: the step fails at once, without three waits for it.
+    from sd_assets.definitions import GENERATE_JOB, build_definitions
+    from sd_assets.orchestration import assets
+
+    monkeypatch.setattr(assets, "OUTAGE_RETRY_SECONDS", (0.1, 0.1, 0.1))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_free_port()}")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    for name, value in [("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
+                        ("AWS_REGION", "us-east-1")]:  # fmt: skip
+        monkeypatch.setenv(name, value)
+    grid_path = write_grid(tmp_path)
+    defs = build_definitions({"SD_ASSETS_GRID": str(grid_path), "SD_ASSETS_DEVICE": "cpu",
+                              "SD_ASSETS_STORAGE": "s3://nowhere/grid"})  # fmt: skip
+    result = defs.resolve_job_def(GENERATE_JOB).execute_in_process(
+        partition_key="Banksy", instance=instance, raise_on_error=False
+    )
+
+    assert not result.success and _retries(result) == []
+    failures = {e.step_key: str(e.step_failure_data.error) for e in result.all_events if e.is_step_failure}
+    assert sorted(failures) == ["grid_inputs", "model_weights"]  # the steps that open the store first
+    assert all("cannot open the bucket at s3://nowhere/grid: Could not connect" in error for error in failures.values())

@@ -19,6 +19,15 @@ class StoreError(SdAssetsError):
     """The artifact store cannot be read or written."""
 
 
+class StoreUnavailable(StoreError):
+    """The store's service did not answer, or answered that it is failing (an outage, not a setting):
+    the same request may work a while later. ``answered``: it had answered this process before."""
+
+    def __init__(self, message: str, answered: bool = False):
+        super().__init__(message)
+        self.answered = answered
+
+
 def shown_name(name: str) -> str:
     """A file name as a message can show it: bytes of it that are not UTF-8 (a name from an archive
     made on an older system, which the OS hands over as stand-ins no message can encode) as \\xNN."""

@@ -32,7 +32,7 @@ from botocore.exceptions import (
     ReadTimeoutError,
 )
 
-from sd_assets.domain.errors import StoreError
+from sd_assets.domain.errors import StoreError, StoreUnavailable
 from sd_assets.domain.store import ArtifactStore, ObjectVersion, _check_key, replacing
 
 CONTENT_TYPES = {
@@ -55,6 +55,10 @@ _STOPPED_ANSWERING = {
     ReadTimeoutError: "no reply in time",
     ConnectionClosedError: "the connection was closed",
 }
+# Answers of a service that is overloaded or failing, not refusing (besides any 5xx status): botocore
+# has already tried each request again a few times when one of them reaches the store.
+_FAILING = {"SlowDown", "RequestTimeout", "Throttling", "ThrottlingException"}
+_RUN_AGAIN = "what was written is kept, and a run makes only the images still missing"
 
 
 def content_type(key: str) -> str:
@@ -124,18 +128,23 @@ class S3Store(ArtifactStore):
                     f"cannot {action} at {where}: access denied ({code}); check AWS_ACCESS_KEY_ID / "
                     "AWS_SECRET_ACCESS_KEY and the bucket policy"
                 ) from None
+            if code in _FAILING or exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) >= 500:
+                raise StoreUnavailable(
+                    f"cannot {action} at {where}: the S3 service at {self.client.meta.endpoint_url} answered "
+                    f"{code} (overloaded or failing) to every try; once it recovers, run again: {_RUN_AGAIN}",
+                    answered=True,
+                ) from None
             raise StoreError(f"cannot {action} at {where}: {code or exc}") from None
         except BotoCoreError as exc:
             stopped = [text for kind, text in _STOPPED_ANSWERING.items() if isinstance(exc, kind)]
             if stopped and self._answered:  # it answered a moment ago: not the setting, the service
-                raise StoreError(
+                raise StoreUnavailable(
                     f"cannot {action} at {where}: the S3 endpoint {self.client.meta.endpoint_url} stopped "
-                    f"answering ({stopped[0]}); once it answers again, run again: what was written is kept, "
-                    "and a run makes only the images still missing"
+                    f"answering ({stopped[0]}); once it answers again, run again: {_RUN_AGAIN}",
+                    answered=True,
                 ) from None
-            raise StoreError(
-                f"cannot {action} at {where}: {exc} (check AWS_ENDPOINT_URL and AWS_REGION)"
-            ) from None
+            message = f"cannot {action} at {where}: {exc} (check AWS_ENDPOINT_URL and AWS_REGION)"
+            raise (StoreUnavailable(message) if stopped else StoreError(message)) from None
         except ValueError as exc:
             # botocore's plain ValueError for an endpoint without a scheme or host: "Invalid endpoint: <url>"
             endpoint = str(exc).removeprefix("Invalid endpoint: ")

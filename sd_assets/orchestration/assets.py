@@ -5,6 +5,7 @@ Each asset takes resources, calls domain functions and reports what it did as me
 
 
 import base64
+import functools
 import io
 import json
 import re
@@ -19,7 +20,7 @@ import dagster as dg
 from sd_assets.domain import catalog as catalog_lib
 from sd_assets.domain import engine, gallery
 from sd_assets.domain import profile as gpu_profile
-from sd_assets.domain.errors import GridError, ModelError
+from sd_assets.domain.errors import GridError, ModelError, StoreUnavailable
 from sd_assets.domain.generation import StyleRunReport, make_style_images
 from sd_assets.domain.grid import GridConfig, slugify, unique_subjects
 from sd_assets.domain.models import ModelRef, ensure_model, local_model_folder, read_model_ref
@@ -50,6 +51,31 @@ GENERATE_JOB = "generate_images"
 PROMPTS_FIT = "prompts_fit_text_encoder"
 # Draws of the gallery index before it is left to the next run: each redraw means another run merged meanwhile.
 INDEX_ATTEMPTS = 3
+# A store that stops answering mid-step (S3 restarted, its network lost) gets the step run again
+# after each of these waits: the next try makes, writes and merges only what is still missing.
+OUTAGE_RETRY_SECONDS = (30, 60, 120)
+
+
+def _retried_through_store_outages(compute):
+    """Run an asset's step again, within its run, when its store stops answering (``StoreUnavailable``).
+
+    A store that never answered is not waited for on the first try (the setting is likely wrong),
+    but on a try after an outage it is the outage going on.
+    """
+
+    @functools.wraps(compute)
+    def retried(context: dg.AssetExecutionContext, *args, **kwargs):
+        try:
+            return compute(context, *args, **kwargs)
+        except StoreUnavailable as exc:
+            tries = context.retry_number
+            if tries >= len(OUTAGE_RETRY_SECONDS) or not (exc.answered or tries > 0):
+                raise
+            wait = OUTAGE_RETRY_SECONDS[tries]
+            context.log.warning(f"{exc}; trying again in {wait} s (retry {tries + 1} of {len(OUTAGE_RETRY_SECONDS)})")
+            raise dg.RetryRequested(max_retries=len(OUTAGE_RETRY_SECONDS), seconds_to_wait=wait) from exc
+
+    return retried
 
 
 def _style(context: dg.AssetExecutionContext, config: GridConfig) -> str:
@@ -153,6 +179,7 @@ def build_assets(styles: dg.StaticPartitionsDefinition) -> list:
         kinds={"pytorch", "diffusers"},
         description="The Stable Diffusion pipeline the workers load, cached and verified in the store.",
     )
+    @_retried_through_store_outages
     def model_weights(
         context: dg.AssetExecutionContext,
         grid: GridResource,
@@ -195,6 +222,7 @@ def build_assets(styles: dg.StaticPartitionsDefinition) -> list:
         kinds={"python"},
         description="One row per (subject, image) of a style: prompt, per-image seed and content key.",
     )
+    @_retried_through_store_outages
     def prompt_grid(
         context: dg.AssetExecutionContext, grid: GridResource, store: ArtifactStoreResource
     ) -> dg.MaterializeResult:
@@ -229,6 +257,7 @@ def build_assets(styles: dg.StaticPartitionsDefinition) -> list:
         description="The PNGs of a style, named by content key; images that exist are never made again.",
         check_specs=[_prompts_fit_spec(styles)],
     )
+    @_retried_through_store_outages
     def style_images(
         context: dg.AssetExecutionContext,
         grid: GridResource,
@@ -261,6 +290,7 @@ def build_assets(styles: dg.StaticPartitionsDefinition) -> list:
         kinds={"parquet"},
         description="Parquet catalog of every image of a style ever made, with full provenance.",
     )
+    @_retried_through_store_outages
     def image_catalog(
         context: dg.AssetExecutionContext,
         grid: GridResource,
@@ -300,6 +330,7 @@ def build_assets(styles: dg.StaticPartitionsDefinition) -> list:
         description=f"Gallery pages of a style: the grid's images, {gallery.DEFAULT_PAGE_SIZE} a page, then its "
         "images of earlier grids.",
     )
+    @_retried_through_store_outages
     def style_gallery(
         context: dg.AssetExecutionContext,
         grid: GridResource,
@@ -337,6 +368,7 @@ def build_assets(styles: dg.StaticPartitionsDefinition) -> list:
         kinds={"html"},
         description="The gallery's entry point: every style of the grid with its counts, and a contact sheet.",
     )
+    @_retried_through_store_outages
     def gallery_index(
         context: dg.AssetExecutionContext, grid: GridResource, store: ArtifactStoreResource
     ) -> dg.MaterializeResult:
