@@ -18,6 +18,7 @@ import time
 import uuid
 
 import boto3
+import botocore.config
 import botocore.exceptions
 import pandas as pd
 import pytest
@@ -326,6 +327,34 @@ def test_a_service_that_answers_503_to_every_try_is_an_outage_to_wait_out(monkey
     )
 
 
+
+def test_rebuild_catalog_through_a_blip_leaves_the_catalog_as_it_was(bucket):
+    # A catalog that could not be read for the network's sake is not the file's fault: set aside and
+    # rebuilt from the PNGs, it would lose the row of an image deleted since.
+    from sd_assets.domain import catalog
+    from sd_assets_tests.test_catalog_and_gallery import _provenance, _row
+
+    row = _row("alan turing", "Banksy")
+    store = open_store(f"s3://{bucket}/sd")
+    catalog.write_pending(store, "Banksy", "run-000001", [catalog.catalog_record(_provenance(row, "run"), "")])
+    catalog.merge_catalog(store, "Banksy", [])
+    blips = []
+
+    def blip(request, **kwargs):  # the first read of the catalog gets no connection, and no second try
+        if not blips and "/catalog/" in request.url:
+            blips.append(request.url)
+            raise botocore.exceptions.EndpointConnectionError(endpoint_url=request.url)
+
+    def client():
+        made = boto3.client("s3", config=botocore.config.Config(retries={"total_max_attempts": 1}))
+        made.meta.events.register("before-send.s3.GetObject", blip)
+        return made
+
+    with pytest.raises(StoreUnavailable):
+        rebuild_catalogs(S3Store(f"s3://{bucket}/sd", client))
+
+    assert blips and read_catalog(store)["key"].tolist() == [row.key]
+    assert not list(store.list_keys("catalog/unreadable/"))
 
 # --- whole runs on S3 ----------------------------------------------------------------------------
 
