@@ -478,6 +478,7 @@ def test_search_finds_an_image_by_prompt_by_its_file_and_by_whole_settings(tmp_p
     for where, message in [
         ({"sampler": "x"}, r"no catalog column 'sampler'; the columns are key, subject, "),
         ({"steps": "many"}, r"steps is a number, not 'many'"),
+        ({"steps": "4_0"}, r"steps is a number, not '4_0'"),  # Python reads it as 40
         ({"safety_flagged": "yes"}, r"safety_flagged is true or false, not 'yes'"),
     ]:
         with pytest.raises(SdAssetsError, match=message):

@@ -671,6 +671,8 @@ def _equals(catalog: pd.DataFrame, column: str, value: str | int | float | bool)
         return catalog[column].astype(bool) == (value.casefold() == "true")
     if pa.types.is_integer(kind) or pa.types.is_floating(kind):
         try:
+            if "_" in value:  # Python's digit separator: '4_0' would be 40
+                raise ValueError(value)
             number = float(value)
         except ValueError:
             raise SdAssetsError(f"{column} is a number, not {value!r}") from None
