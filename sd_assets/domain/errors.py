@@ -21,11 +21,13 @@ class StoreError(SdAssetsError):
 
 class StoreUnavailable(StoreError):
     """The store's service did not answer, or answered that it is failing (an outage, not a setting):
-    the same request may work a while later. ``answered``: it had answered this process before."""
+    the same request may work a while later. ``answered``: it had answered this process before;
+    ``problem``: the message without its advice to run again, for a caller that tries again itself."""
 
-    def __init__(self, message: str, answered: bool = False):
+    def __init__(self, message: str, answered: bool = False, problem: str = ""):
         super().__init__(message)
         self.answered = answered
+        self.problem = problem or message
 
 
 def shown_name(name: str) -> str:

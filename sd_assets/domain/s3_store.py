@@ -129,19 +129,23 @@ class S3Store(ArtifactStore):
                     "AWS_SECRET_ACCESS_KEY and the bucket policy"
                 ) from None
             if code in _FAILING or exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) >= 500:
-                raise StoreUnavailable(
+                problem = (
                     f"cannot {action} at {where}: the S3 service at {self.client.meta.endpoint_url} answered "
-                    f"{code} (overloaded or failing) to every try; once it recovers, run again: {_RUN_AGAIN}",
-                    answered=True,
+                    f"{code} (overloaded or failing) to every try"
+                )
+                raise StoreUnavailable(
+                    f"{problem}; once it recovers, run again: {_RUN_AGAIN}", answered=True, problem=problem
                 ) from None
             raise StoreError(f"cannot {action} at {where}: {code or exc}") from None
         except BotoCoreError as exc:
             stopped = [text for kind, text in _STOPPED_ANSWERING.items() if isinstance(exc, kind)]
             if stopped and self._answered:  # it answered a moment ago: not the setting, the service
-                raise StoreUnavailable(
+                problem = (
                     f"cannot {action} at {where}: the S3 endpoint {self.client.meta.endpoint_url} stopped "
-                    f"answering ({stopped[0]}); once it answers again, run again: {_RUN_AGAIN}",
-                    answered=True,
+                    f"answering ({stopped[0]})"
+                )
+                raise StoreUnavailable(
+                    f"{problem}; once it answers again, run again: {_RUN_AGAIN}", answered=True, problem=problem
                 ) from None
             message = f"cannot {action} at {where}: {exc} (check AWS_ENDPOINT_URL and AWS_REGION)"
             raise (StoreUnavailable(message) if stopped else StoreError(message)) from None

@@ -72,7 +72,10 @@ def _retried_through_store_outages(compute):
             if tries >= len(OUTAGE_RETRY_SECONDS) or not (exc.answered or tries > 0):
                 raise
             wait = OUTAGE_RETRY_SECONDS[tries]
-            context.log.warning(f"{exc}; trying again in {wait} s (retry {tries + 1} of {len(OUTAGE_RETRY_SECONDS)})")
+            context.log.warning(
+                f"{exc.problem}; trying again in {wait} s (retry {tries + 1} of {len(OUTAGE_RETRY_SECONDS)}): what "
+                "was written is kept, and the next try makes only what is still missing"
+            )
             raise dg.RetryRequested(max_retries=len(OUTAGE_RETRY_SECONDS), seconds_to_wait=wait) from exc
 
     return retried
