@@ -27,13 +27,11 @@ def store_from_environment(storage: str, environ: Mapping[str, str]) -> Artifact
     """The ``store`` resource for ``storage``; an s3:// URL gets its S3 client from dagster-aws."""
     if not storage.startswith("s3://"):
         return ArtifactStoreResource(url=storage)
-    from dagster_aws.s3 import S3Resource
-
-    from sd_assets.orchestration.s3_resources import S3ArtifactStoreResource
+    from sd_assets.orchestration.s3_resources import S3ArtifactStoreResource, S3ClientResource
 
     return S3ArtifactStoreResource(
         url=storage,
-        s3=S3Resource(**s3_client_settings(environ)),
+        s3=S3ClientResource(**s3_client_settings(environ)),
     )
 
 

@@ -106,6 +106,8 @@ def open_store_from_environment(storage: str, environ: Mapping[str, str] | None 
     def client():
         import boto3
 
-        return boto3.session.Session().client("s3", **s3_client_settings(environ))
+        from sd_assets.domain.s3_store import client_config
+
+        return boto3.session.Session().client("s3", config=client_config(), **s3_client_settings(environ))
 
     return open_store(storage, client)

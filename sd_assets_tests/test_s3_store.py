@@ -285,6 +285,52 @@ def test_an_endpoint_that_stops_answering_after_the_bucket_opened_says_to_run_ag
     assert not never_opened.value.answered
 
 
+
+def _dropping_endpoint(held: list) -> str:
+    """An endpoint whose connections are never answered, as on a network that drops packets: a socket
+    whose accept queue is full (Linux drops the next connections' SYNs)."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(0)
+    held.append(server)
+    for _ in range(3):
+        filler = socket.socket()
+        filler.setblocking(False)
+        filler.connect_ex(server.getsockname())
+        held.append(filler)
+    time.sleep(0.2)
+    return f"http://127.0.0.1:{server.getsockname()[1]}"
+
+
+def test_every_s3_client_gives_up_connecting_after_seconds_not_a_minute(monkeypatch):
+    # botocore waits 60 s for a connection, on each try: minutes a request on a network that drops packets.
+    from sd_assets.environment import open_store_from_environment
+    from sd_assets.orchestration.s3_resources import S3ArtifactStoreResource, S3ClientResource
+
+    held: list = []
+    endpoint = _dropping_endpoint(held)
+    for name, value in [("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
+                        ("AWS_REGION", "us-east-1"), ("AWS_ENDPOINT_URL", endpoint),
+                        ("AWS_MAX_ATTEMPTS", "1")]:  # fmt: skip
+        monkeypatch.setenv(name, value)
+    assert isinstance(store_from_environment("s3://dropped/sd", {}).s3, S3ClientResource)
+    clients = {
+        "the runs'": S3ArtifactStoreResource(
+            url="s3://dropped/sd", s3=S3ClientResource(region_name="us-east-1", endpoint_url=endpoint, max_attempts=1)
+        ).open,
+        "the command line's": lambda: open_store_from_environment("s3://dropped/sd"),
+        "boto3's default": lambda: open_store("s3://dropped/sd"),
+    }
+    try:
+        for name, open_it in clients.items():
+            started = time.monotonic()
+            with pytest.raises(StoreUnavailable, match=r"Connect timeout on endpoint URL"):
+                open_it()
+            assert time.monotonic() - started < 30, name
+    finally:
+        for sock in held:
+            sock.close()
+
 class _FailingS3(http.server.BaseHTTPRequestHandler):
     """An S3 service that is up but failing: the bucket opens, every other request gets 503 SlowDown."""
 

@@ -59,6 +59,17 @@ _STOPPED_ANSWERING = {
 # has already tried each request again a few times when one of them reaches the store.
 _FAILING = {"SlowDown", "RequestTimeout", "Throttling", "ThrottlingException"}
 _RUN_AGAIN = "what was written is kept, and a run makes only the images still missing"
+# Seconds a client waits to connect. A connection to S3 takes milliseconds; botocore's default of
+# 60 s on each of its tries held every request for minutes on a network that drops packets.
+CONNECT_TIMEOUT_SECONDS = 5
+
+
+def client_config(**settings: Any):
+    """botocore's ``Config`` for the store's S3 clients: ``settings``, by default a ``connect_timeout``
+    of ``CONNECT_TIMEOUT_SECONDS``."""
+    from botocore.config import Config
+
+    return Config(**{"connect_timeout": CONNECT_TIMEOUT_SECONDS, **settings})
 
 
 def content_type(key: str) -> str:

@@ -268,12 +268,12 @@ def open_store(url: str, s3_client: Callable[[], Any] | None = None) -> Artifact
     from the standard AWS environment variables.
     """
     if url.startswith("s3://"):
-        from sd_assets.domain.s3_store import S3Store
+        from sd_assets.domain.s3_store import S3Store, client_config
 
         if s3_client is None:
             import boto3
 
-            return S3Store(url, lambda: boto3.session.Session().client("s3"))
+            return S3Store(url, lambda: boto3.session.Session().client("s3", config=client_config()))
         return S3Store(url, s3_client)
     if url.lower().startswith("s3:"):  # s3:/bucket, S3://bucket: not a folder named "s3:"
         raise StoreError(f"storage {url!r}: an S3 store is written s3://bucket/prefix")
