@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import transformers
 from PIL import Image
 
 from sd_assets import cli
@@ -63,7 +64,9 @@ def test_two_styles_make_images_catalog_and_gallery(grid_path, instance):
     assert set(catalog["run_id"]) == {r.run_id for r in results.values()}
     assert set(catalog["model_id"]) == {"tiny-random"} and set(catalog["steps"]) == {2}
     assert set(catalog["model_variant"]) == {""}
-    assert set(catalog["software"]) == {f"torch {torch.__version__}, diffusers {diffusers.__version__}"}
+    assert set(catalog["software"]) == {
+        f"torch {torch.__version__}, diffusers {diffusers.__version__}, transformers {transformers.__version__}"
+    }
     for row in catalog.itertuples():
         provenance = read_provenance((data / row.path.split("/data/", 1)[1]).read_bytes())
         assert (provenance.key, provenance.seed, provenance.prompt) == (row.key, row.seed, row.prompt)

@@ -569,6 +569,21 @@ def test_each_png_records_what_made_it_field_by_field_and_its_catalog_record_say
     assert rows[0].image_index == 1 and rows[1].subject == "ada lovelace", "rows that tell index and subject apart"
 
 
+def test_a_png_names_every_library_that_computed_its_pixels_the_text_encoders_too(loaded, tmp_path):
+    import diffusers
+    import transformers
+
+    store = LocalStore(tmp_path)
+    ref = ModelRef("tiny-random", "rev", "PNDMScheduler", 0, 0)
+    make_style_images(store, loaded, ref, SETTINGS, ROWS[:1], style="Banksy", partition="Banksy", run_id="r1",
+                      batch_size=1)  # fmt: skip
+    made = read_provenance(store.read_bytes(image_key_path(ROWS[0].key)))
+    # The prompt's embeddings come from transformers' CLIP text encoder: another version can move the pixels.
+    assert made.software == (
+        f"torch {torch.__version__}, diffusers {diffusers.__version__}, transformers {transformers.__version__}"
+    )
+
+
 def test_every_record_of_a_run_reaches_the_catalog_from_its_flushes_none_from_pngs(loaded, tmp_path, monkeypatch):
     from sd_assets.domain import generation
 

@@ -198,11 +198,13 @@ def load_pipeline(
 
 
 def software_versions() -> str:
-    """The libraries that compute an image's pixels, as its provenance records them."""
+    """The libraries that compute an image's pixels, as its provenance records them: transformers
+    too, whose text encoder computes the embeddings the UNet is conditioned on."""
     import diffusers
     import torch
+    import transformers
 
-    return f"torch {torch.__version__}, diffusers {diffusers.__version__}"
+    return f"torch {torch.__version__}, diffusers {diffusers.__version__}, transformers {transformers.__version__}"
 
 
 def scheduler_class(name: str):

@@ -48,7 +48,8 @@ class Provenance:
     # images made before the option existed).
     deep_cache: str = ""
     # The weights variant loaded ("fp16", or "" for the plain weights) and the libraries that
-    # computed the pixels ("torch 2.13.0, diffusers 0.42.1"): both move pixels by rounding, not
+    # computed the pixels ("torch 2.13.0, diffusers 0.42.1, transformers 5.25.0"; images made before
+    # the text encoder's library was recorded name the first two): both move pixels by rounding, not
     # the picture, so they are recorded, not hashed. "" in images made before they were recorded.
     model_variant: str = ""
     software: str = ""
