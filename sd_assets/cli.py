@@ -16,7 +16,7 @@ TABLE_COLUMNS = ("subject", "style", "image_index", "seed", "model_id", "run_id"
 # found rows differ in it (DeepCache whenever any image has it).
 VARYING_COLUMNS = (
     "steps", "guidance_scale", "width", "height", "scheduler", "negative_prompt", "model_revision", "model_variant",
-    "dtype", "software", "safety_checker",
+    "dtype", "software", "cpu_threads", "safety_checker",
 )  # fmt: skip
 
 

@@ -560,6 +560,7 @@ def test_each_png_records_what_made_it_field_by_field_and_its_catalog_record_say
             scheduler="PNDMScheduler", steps=2, guidance_scale=7.5, width=64, height=64, run_id="r7",
             partition="banksy-partition", created=made.created, device="cpu", dtype="float32", deep_cache="",
             model_variant="fp16", software=engine.software_versions(), safety_flagged=False, safety_checker=False,
+            cpu_threads=torch.get_num_threads(),
         )  # fmt: skip
         assert before <= datetime.fromisoformat(made.created) <= after + timedelta(seconds=1)
         assert made.created.endswith("+00:00"), "times are UTC"
@@ -582,6 +583,27 @@ def test_a_png_names_every_library_that_computed_its_pixels_the_text_encoders_to
     assert made.software == (
         f"torch {torch.__version__}, diffusers {diffusers.__version__}, transformers {transformers.__version__}"
     )
+
+
+def test_a_png_made_on_the_cpu_records_the_threads_torch_computed_it_with(loaded, tmp_path):
+    store = LocalStore(tmp_path)
+    ref = ModelRef("tiny-random", "rev", "PNDMScheduler", 0, 0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        made_on_one = render_all(loaded, ROWS[:1], batch_size=1)[ROWS[0].key]
+        make_style_images(store, loaded, ref, SETTINGS, ROWS[:1], style="Banksy", partition="Banksy", run_id="r1",
+                          batch_size=1)  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    made = read_provenance(store.read_bytes(image_key_path(ROWS[0].key)))
+    # What a user sets (torch.set_num_threads) to make the same pixels bit for bit on another machine.
+    assert made.cpu_threads == 1
+    records = [json.loads(line) for key in store.list_keys(catalog.pending_prefix("Banksy")) if key.endswith(".jsonl")
+               for line in store.read_text(key).splitlines()]  # fmt: skip
+    assert [record["cpu_threads"] for record in records] == [1]
+    with Image.open(io.BytesIO(store.read_bytes(image_key_path(ROWS[0].key)))) as image:
+        assert np.array_equal(np.asarray(image), made_on_one)
 
 
 def test_every_record_of_a_run_reaches_the_catalog_from_its_flushes_none_from_pngs(loaded, tmp_path, monkeypatch):

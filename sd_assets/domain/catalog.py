@@ -45,13 +45,14 @@ SCHEMA = pa.schema(
         ("run_id", pa.string()), ("partition", pa.string()), ("path", pa.string()), ("created", pa.string()),
         ("device", pa.string()), ("dtype", pa.string()), ("deep_cache", pa.string()),
         ("model_variant", pa.string()), ("software", pa.string()), ("safety_flagged", pa.bool_()),
-        ("safety_checker", pa.bool_()),
+        ("safety_checker", pa.bool_()), ("cpu_threads", pa.int64()),
     ]
 )  # fmt: skip
 COLUMNS = SCHEMA.names
 # Columns added after the first catalogs were written, with the value their older rows mean.
 LATER_COLUMNS = {
     "deep_cache": "", "model_variant": "", "software": "", "safety_flagged": False, "safety_checker": False,
+    "cpu_threads": 0,
 }
 SEARCH_FIELDS = ("subject", "style", "prompt", "model_id", "run_id", "key")
 

@@ -207,6 +207,13 @@ def software_versions() -> str:
     return f"torch {torch.__version__}, diffusers {diffusers.__version__}, transformers {transformers.__version__}"
 
 
+def cpu_threads(device: str) -> int:
+    """The threads torch computes an image's pixels with on ``device``: 0 on a GPU, where they compute none."""
+    import torch
+
+    return torch.get_num_threads() if device == "cpu" else 0
+
+
 def scheduler_class(name: str):
     """The diffusers scheduler class ``name``; a ModelError with the close names, or with the
     library it needs (diffusers names such a class but leaves it a placeholder without that)."""

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from sd_assets.domain import catalog
-from sd_assets.domain.engine import BoundedWriter, LoadedPipeline, generate, software_versions
+from sd_assets.domain.engine import BoundedWriter, LoadedPipeline, cpu_threads, generate, software_versions
 from sd_assets.domain.models import ModelRef
 from sd_assets.domain.pngmeta import Provenance, encode_png, image_key_path
 from sd_assets.domain.prompts import GenerationSettings, PromptRow
@@ -71,6 +71,7 @@ def make_style_images(
     catalog.write_intent(store, style, run_id, [row.key for row in rows])
     deep_cache = settings.deep_cache.describe() if settings.deep_cache else ""
     software = software_versions()
+    threads = cpu_threads(loaded.device)
     # Only the records not flushed yet: a run of 100,000 images held every one, 1.2 KB each.
     records: list[dict] = []
     previews: list = []
@@ -93,7 +94,7 @@ def make_style_images(
             run_id=run_id, partition=partition,
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"), device=loaded.device,
             dtype=loaded.dtype, deep_cache=deep_cache, model_variant=ref.variant or "", software=software,
-            safety_flagged=safety_flagged, safety_checker=settings.safety_checker,
+            safety_flagged=safety_flagged, safety_checker=settings.safety_checker, cpu_threads=threads,
         )  # fmt: skip
         key = image_key_path(row.key)
         store.write_bytes(key, encode_png(image, provenance))

@@ -58,6 +58,10 @@ class Provenance:
     # The model's safety checker looked at the image (inference.safety_checker): a setting of the
     # content key, flagged or not. False in images made before it was recorded.
     safety_checker: bool = False
+    # The threads torch computed with on a CPU: at another count its sums run in another order and
+    # a few pixels move by one level. 0 on a GPU (they compute none of the pixels) and in images
+    # made before it was recorded.
+    cpu_threads: int = 0
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, ensure_ascii=False)
