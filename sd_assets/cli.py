@@ -80,6 +80,20 @@ def _setting(text: str) -> tuple[str, str]:
     return column.strip(), value.strip()
 
 
+def _open_existing_store(storage: str):
+    """The store at ``storage`` to read from: a folder that is not there is a mistyped store, not a new one."""
+    from sd_assets.domain.store import LocalStore
+    from sd_assets.environment import open_store_from_environment
+
+    store = open_store_from_environment(storage)
+    if isinstance(store, LocalStore) and not store.root.is_dir():
+        raise StoreError(
+            f"no store at {storage}: there is no such folder; set SD_ASSETS_STORAGE (or storage in the grid file) "
+            "to the store's folder"
+        )
+    return store
+
+
 def _search(args: argparse.Namespace) -> int:
     from sd_assets.domain.catalog import (
         COLUMNS,
@@ -91,13 +105,13 @@ def _search(args: argparse.Namespace) -> int:
         search_may_reach,
     )
     from sd_assets.domain.gallery import count
-    from sd_assets.environment import open_store_from_environment, storage_from_environment
+    from sd_assets.environment import storage_from_environment
 
     storage = storage_from_environment()
     # A damaged catalog hides its own style's images, not every style's: the search goes on
     # without it, says so, and exits 2.
     unreadable: list[UnreadableCatalog] = []
-    store = open_store_from_environment(storage)
+    store = _open_existing_store(storage)
     catalog = read_catalog(store, unreadable)
 
     def reached(slug: str) -> bool:  # a catalog the filters leave out has no rows to miss
@@ -162,10 +176,10 @@ def _search(args: argparse.Namespace) -> int:
 def _rebuild_catalog(args: argparse.Namespace) -> int:
     from sd_assets.domain.catalog import rebuild_catalogs
     from sd_assets.domain.gallery import count
-    from sd_assets.environment import open_store_from_environment, storage_from_environment
+    from sd_assets.environment import storage_from_environment
 
     storage = storage_from_environment()
-    store = open_store_from_environment(storage)
+    store = _open_existing_store(storage)
     rebuild = rebuild_catalogs(store)
     if not rebuild.images and not rebuild.catalogs:
         raise StoreError(f"no images and no catalog in {storage}: nothing to rebuild there (is it the right store?)")

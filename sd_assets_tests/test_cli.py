@@ -293,13 +293,22 @@ def test_a_demo_step_failing_with_an_error_not_the_projects_shows_where_it_came_
 
 
 def test_search_in_a_store_without_a_catalog_says_so(grid_path, tmp_path):
-    empty = tmp_path / "no-such-store"
+    empty = tmp_path / "new-store"
+    empty.mkdir()
     result = _run([BIN / "sd-assets", "search", "--subject", "turing"],
                   {"SD_ASSETS_GRID": str(grid_path), "SD_ASSETS_STORAGE": str(empty)}, check=False)  # fmt: skip
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.strip() == (
         f"sd-assets: no catalog in {empty}: no style has been made there yet (make demo, or dagster job execute)"
     )
+    # A folder that is not there is a mistyped store, not a new one.
+    result = _run([BIN / "sd-assets", "search"], {"SD_ASSETS_STORAGE": str(empty) + "-typo"}, check=False)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip() == (
+        f"sd-assets: no store at {empty}-typo: there is no such folder; set SD_ASSETS_STORAGE (or storage in the "
+        "grid file) to the store's folder"
+    )
+    assert not Path(f"{empty}-typo").exists()
 
 
 def test_search_in_a_store_whose_catalog_is_lost_points_to_rebuild_catalog(tmp_path, monkeypatch, capsys):
@@ -403,9 +412,19 @@ def test_a_broken_catalog_is_rebuilt_with_the_images_of_every_grid(cli_env, grid
 
     again = _run([BIN / "sd-assets", "rebuild-catalog"], cli_env)
     assert again.stdout.strip() == f"every image in {data} has its catalog row; nothing to rebuild"
-    typo = _run([BIN / "sd-assets", "rebuild-catalog"], {**cli_env, "SD_ASSETS_STORAGE": str(data) + "-typo"}, check=False)
+    typo = _run([BIN / "sd-assets", "rebuild-catalog"], {**cli_env, "SD_ASSETS_STORAGE": f"{data}-typo"}, check=False)
     assert typo.returncode == 2
-    assert typo.stderr.strip() == f"sd-assets: no images and no catalog in {data}-typo: nothing to rebuild there (is it the right store?)"
+    assert typo.stderr.strip() == (
+        f"sd-assets: no store at {data}-typo: there is no such folder; set SD_ASSETS_STORAGE (or storage in the grid "
+        "file) to the store's folder"
+    )
+    empty = grid_path.parent / "empty"
+    empty.mkdir()
+    nothing = _run([BIN / "sd-assets", "rebuild-catalog"], {**cli_env, "SD_ASSETS_STORAGE": str(empty)}, check=False)
+    assert nothing.returncode == 2
+    assert nothing.stderr.strip() == (
+        f"sd-assets: no images and no catalog in {empty}: nothing to rebuild there (is it the right store?)"
+    )
 
     # Same subject, image and seed, other steps: the table shows the setting that tells them apart.
     # With SD_ASSETS_STORAGE set, no grid file is needed.
