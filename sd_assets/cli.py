@@ -288,17 +288,14 @@ def _demo(args: argparse.Namespace) -> int:
                 return 130
             where = "is in the Dagster UI" if instance.is_persistent else "was not kept: DAGSTER_HOME is not set"
             print(f"sd-assets: run {result.run_id} for {style} failed (its whole log {where}):", file=sys.stderr)
-            for event in result.get_step_failure_events():
+            step_failures = result.get_step_failure_events()
+            for event in step_failures:
                 error = event.step_failure_data.error
-                # The step's own exception, under Dagster's "error occurred while executing" wrapper;
-                # the project's own errors without their module path (their text says it all).
-                cause = (error.cause or error) if error else None
-                message = cause.message.strip() if cause else "failed"
-                if message.startswith("sd_assets."):
-                    message = message.split(": ", 1)[-1]
-                elif cause is not None:  # not the project's own error: where it came from, for a bug report
-                    message += "\n" + "".join(cause.stack).rstrip()
-                print(f"  {event.step_key}: {message}", file=sys.stderr)
+                # The step's own exception, under Dagster's "error occurred while executing" wrapper.
+                print(f"  {event.step_key}: {_error_text((error.cause or error) if error else None)}", file=sys.stderr)
+            if not step_failures:
+                # The run failed outside its steps, in Dagster's engine: its error is the run's.
+                print(f"  {_error_text(_run_error(result))}", file=sys.stderr)
             if rest:
                 print(
                     f"sd-assets: not run: {', '.join(rest)}; once the error is mended, `sd-assets demo{again}` "
@@ -314,17 +311,35 @@ def _demo(args: argparse.Namespace) -> int:
     return 1 if not_made else 0
 
 
+def _error_text(error) -> str:
+    """A failed run's or step's error (Dagster's ``SerializableErrorInfo``) as the demo shows it: the
+    project's own errors without their module path (their text says it all), any other with where
+    it came from, for a bug report."""
+    if error is None:
+        return "failed"
+    message = error.message.strip()
+    if message.startswith("sd_assets."):
+        return message.split(": ", 1)[-1]
+    return message + "\n" + "".join(error.stack).rstrip()
+
+
+def _run_error(result):
+    """The error a run failed with outside its steps; None when it names none."""
+    import dagster as dg
+
+    return next(
+        (e.job_failure_data.error for e in result.all_events if e.event_type == dg.DagsterEventType.RUN_FAILURE),
+        None,
+    )
+
+
 def _interrupted(result) -> bool:
     """Whether a run failed because it was interrupted (Ctrl-C, SIGINT), not for an error of its own."""
     import dagster as dg
 
     interrupts = {dg.DagsterExecutionInterruptedError.__name__, KeyboardInterrupt.__name__}
-    return any(
-        event.event_type == dg.DagsterEventType.RUN_FAILURE
-        and event.job_failure_data.error is not None
-        and event.job_failure_data.error.cls_name in interrupts
-        for event in result.all_events
-    )
+    error = _run_error(result)
+    return error is not None and error.cls_name in interrupts
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -292,6 +292,35 @@ def test_a_demo_step_failing_with_an_error_not_the_projects_shows_where_it_came_
     assert "Stack Trace:" not in err, "the stack once, in the summary"
 
 
+def _instance_with_a_slot_held_since_pool_limits_went(home: Path) -> None:
+    """An instance a version before 348426e used: its dagster.yaml set pool limits, and a run killed in
+    style_images kept its gpu slot. Then the upgrade: the current dagster.yaml, which sets none."""
+    import dagster as dg
+
+    home.mkdir()
+    (home / "dagster.yaml").write_text("concurrency:\n  pools:\n    default_limit: 1\ntelemetry:\n  enabled: false\n")
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        instance.event_log_storage.initialize_concurrency_limit_to_default("gpu")
+        instance.event_log_storage.claim_concurrency_slot("gpu", "killed-run", "style_images")
+    (home / "dagster.yaml").write_text((REPO / "dagster.yaml").read_text())
+
+
+def test_a_demo_run_failing_outside_its_steps_shows_the_runs_error(grid_path, tmp_path, monkeypatch, capsys):
+    # Dagster (1.13) then fails every run before its pooled step, outside any step, on its own tables.
+    _instance_with_a_slot_held_since_pool_limits_went(tmp_path / "dagster_home")
+    monkeypatch.setenv("SD_ASSETS_GRID", str(grid_path))
+    monkeypatch.setenv("SD_ASSETS_DEVICE", "cpu")
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
+
+    assert main(["demo", "--style", "Banksy"]) == 1
+    err = capsys.readouterr().err
+    headline, error, *stack = err.split("sd-assets: run ", 1)[1].splitlines()
+    assert headline.endswith(" for Banksy failed (its whole log is in the Dagster UI):")
+    assert error.startswith("  sqlalchemy.exc.IntegrityError: ") and "concurrency_limits" in error
+    assert any(line.strip().startswith("File ") for line in stack), "where it came from, for a bug report"
+    assert not (grid_path.parent / "data" / "images").exists()
+
+
 def test_search_in_a_store_without_a_catalog_says_so(grid_path, tmp_path):
     empty = tmp_path / "new-store"
     empty.mkdir()
