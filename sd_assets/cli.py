@@ -296,6 +296,14 @@ def _demo(args: argparse.Namespace) -> int:
             if not step_failures:
                 # The run failed outside its steps, in Dagster's engine: its error is the run's.
                 print(f"  {_error_text(_run_error(result))}", file=sys.stderr)
+                held = _pool_slot_holders(instance, result.run_id)
+                if held:
+                    print(
+                        f"  still holding a pool slot in this instance: {', '.join(held)}; a run killed while "
+                        "dagster.yaml set pool limits keeps its slot, and once they are removed Dagster fails every "
+                        "run on it: `dagster run delete <run id>` frees the slot (the run's record goes)",
+                        file=sys.stderr,
+                    )
             if rest:
                 print(
                     f"sd-assets: not run: {', '.join(rest)}; once the error is mended, `sd-assets demo{again}` "
@@ -331,6 +339,15 @@ def _run_error(result):
         (e.job_failure_data.error for e in result.all_events if e.event_type == dg.DagsterEventType.RUN_FAILURE),
         None,
     )
+
+
+def _pool_slot_holders(instance, run_id: str) -> list[str]:
+    """The runs other than ``run_id`` that hold or wait for a pool slot in ``instance``; none when
+    its storage cannot say (the error already shown is the one to act on)."""
+    try:
+        return sorted(instance.event_log_storage.get_concurrency_run_ids() - {run_id})
+    except Exception:  # the storage's own failure, which may be the one the run met
+        return []
 
 
 def _interrupted(result) -> bool:

@@ -305,7 +305,9 @@ def _instance_with_a_slot_held_since_pool_limits_went(home: Path) -> None:
     (home / "dagster.yaml").write_text((REPO / "dagster.yaml").read_text())
 
 
-def test_a_demo_run_failing_outside_its_steps_shows_the_runs_error(grid_path, tmp_path, monkeypatch, capsys):
+def test_a_demo_run_failing_outside_its_steps_shows_the_runs_error_and_any_run_holding_a_pool_slot(
+    grid_path, tmp_path, monkeypatch, capsys
+):
     # Dagster (1.13) then fails every run before its pooled step, outside any step, on its own tables.
     _instance_with_a_slot_held_since_pool_limits_went(tmp_path / "dagster_home")
     monkeypatch.setenv("SD_ASSETS_GRID", str(grid_path))
@@ -318,6 +320,11 @@ def test_a_demo_run_failing_outside_its_steps_shows_the_runs_error(grid_path, tm
     assert headline.endswith(" for Banksy failed (its whole log is in the Dagster UI):")
     assert error.startswith("  sqlalchemy.exc.IntegrityError: ") and "concurrency_limits" in error
     assert any(line.strip().startswith("File ") for line in stack), "where it came from, for a bug report"
+    assert stack[-1] == (
+        "  still holding a pool slot in this instance: killed-run; a run killed while dagster.yaml set pool "
+        "limits keeps its slot, and once they are removed Dagster fails every run on it: `dagster run delete "
+        "<run id>` frees the slot (the run's record goes)"
+    )
     assert not (grid_path.parent / "data" / "images").exists()
 
 
