@@ -131,7 +131,11 @@ def test_profile_survives_the_store_round_trip():
     profile = profile_from_fake_gpu()
     again = GpuProfile.from_json(profile.to_json())
     assert again == profile
-    assert again.page_view() == {"made_by": "", "summary": profile.summary, "chart_svg": profile.chart_svg}
+    assert again.page_view() == {
+        "made_by": "An earlier run, which the record does not name.",
+        "summary": profile.summary,
+        "chart_svg": profile.chart_svg,
+    }
 
 
 def test_a_damaged_profile_file_reads_as_none_not_a_failed_gallery(tmp_path):
@@ -141,11 +145,12 @@ def test_a_damaged_profile_file_reads_as_none_not_a_failed_gallery(tmp_path):
     saved = load_profile(store, "Banksy")
     assert dataclasses.replace(saved, run_id="", ended="") == profile
     assert re.fullmatch(r"Run 0f3a9c41, ended \d{4}-\d\d-\d\d \d\d:\d\d UTC\.", saved.page_view()["made_by"])
-    # One saved before profiles named their run reads, and names none.
+    # One saved before profiles named their run reads, and says it names none (not read as the page's run).
     before_runs_were_named = profile.to_json().replace(', "run_id": "", "ended": ""', "")
     assert "run_id" not in before_runs_were_named
     store.write_text(profile_key("Banksy"), before_runs_were_named)
-    assert load_profile(store, "Banksy") == profile and profile.page_view()["made_by"] == ""
+    assert load_profile(store, "Banksy") == profile
+    assert load_profile(store, "Banksy").page_view()["made_by"] == "An earlier run, which the record does not name."
     for damaged in ['{"device": "cuda:0", "samples": ', '{"device": "cuda:0"}', "[1, 2]", "\udcff"]:
         store.write_bytes(profile_key("Banksy"), damaged.encode("utf-8", "surrogateescape"))
         assert load_profile(store, "Banksy") is None, damaged

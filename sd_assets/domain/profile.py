@@ -197,7 +197,11 @@ class GpuProfile:
 
     def page_view(self) -> dict[str, str]:
         """What a gallery page shows: which run, the summary line and the chart."""
-        made_by = f"Run {self.run_id[:8]}, ended {self.ended}." if self.run_id else ""
+        # One saved before profiles named their run says so: under a page "as of" a later run, a
+        # bare summary read as that run's.
+        made_by = "An earlier run, which the record does not name."
+        if self.run_id:
+            made_by = f"Run {self.run_id[:8]}, ended {self.ended}."
         return {"made_by": made_by, "summary": self.summary, "chart_svg": self.chart_svg}
 
     def to_json(self) -> str:
