@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import io
 import json
@@ -16,6 +17,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 
 import boto3
 import botocore.config
@@ -334,6 +336,8 @@ def test_every_s3_client_gives_up_connecting_after_seconds_not_a_minute(monkeypa
 class _FailingS3(http.server.BaseHTTPRequestHandler):
     """An S3 service that is up but failing: the bucket opens, every other request gets 503 SlowDown."""
 
+    status, code = 503, "SlowDown"
+
     def do_HEAD(self):
         self.send_response(200)
         self.send_header("Content-Length", "0")
@@ -341,8 +345,8 @@ class _FailingS3(http.server.BaseHTTPRequestHandler):
 
     def do_PUT(self):
         self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        body = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
-        self.send_response(503)
+        body = f"<Error><Code>{self.code}</Code><Message>Not now.</Message></Error>".encode()
+        self.send_response(self.status)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
@@ -351,20 +355,28 @@ class _FailingS3(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def test_a_service_that_answers_503_to_every_try_is_an_outage_to_wait_out(monkeypatch):
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FailingS3)
+@contextlib.contextmanager
+def _serving(handler: type[http.server.BaseHTTPRequestHandler], monkeypatch) -> Iterator[str]:
+    """An S3 service played by ``handler`` on loopback, the standard AWS variables pointing at it;
+    yields its endpoint."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     endpoint = f"http://127.0.0.1:{server.server_address[1]}"
     for name, value in [("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
-                        ("AWS_REGION", "us-east-1"), ("AWS_ENDPOINT_URL", endpoint),
-                        ("AWS_MAX_ATTEMPTS", "2")]:  # fmt: skip
+                        ("AWS_REGION", "us-east-1"), ("AWS_ENDPOINT_URL", endpoint)]:  # fmt: skip
         monkeypatch.setenv(name, value)
     try:
+        yield endpoint
+    finally:
+        server.shutdown()
+
+
+def test_a_service_that_answers_503_to_every_try_is_an_outage_to_wait_out(monkeypatch):
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+    with _serving(_FailingS3, monkeypatch) as endpoint:
         store = open_store("s3://failing/sd")
         with pytest.raises(StoreUnavailable) as failing:
             store.write_bytes("images/aa/one.png", b"one")
-    finally:
-        server.shutdown()
     assert failing.value.answered and failing.value.problem == str(failing.value).partition("; once")[0]
     assert str(failing.value) == (
         f"cannot write at s3://failing/sd/images/aa/one.png: the S3 service at {endpoint} answered SlowDown "
@@ -372,6 +384,22 @@ def test_a_service_that_answers_503_to_every_try_is_an_outage_to_wait_out(monkey
         "makes only the images still missing"
     )
 
+
+class _LackingS3(_FailingS3):
+    """An S3-compatible service without a feature a request asks for: 501 NotImplemented, every time."""
+
+    status, code = 501, "NotImplemented"
+
+
+def test_a_service_that_answers_501_refuses_the_request_it_is_no_outage(monkeypatch):
+    # botocore does not try a 501 again, and waiting does not change the answer: a StoreError, not
+    # an outage a step would wait 3.5 minutes for.
+    with _serving(_LackingS3, monkeypatch):
+        store = open_store("s3://lacking/sd")
+        with pytest.raises(StoreError) as refused:
+            store.write_bytes("images/aa/one.png", b"one")
+    assert not isinstance(refused.value, StoreUnavailable)
+    assert str(refused.value) == "cannot write at s3://lacking/sd/images/aa/one.png: NotImplemented"
 
 
 def test_rebuild_catalog_through_a_blip_leaves_the_catalog_as_it_was(bucket):

@@ -55,9 +55,11 @@ _STOPPED_ANSWERING = {
     ReadTimeoutError: "no reply in time",
     ConnectionClosedError: "the connection was closed",
 }
-# Answers of a service that is overloaded or failing, not refusing (besides any 5xx status): botocore
-# has already tried each request again a few times when one of them reaches the store.
+# Answers of a service that is overloaded or failing, not refusing: botocore has already tried each
+# request again a few times when one of them reaches the store. Those statuses are the ones it tries
+# again; another 5xx (501 NotImplemented: a feature the service lacks) answers the same every time.
 _FAILING = {"SlowDown", "RequestTimeout", "Throttling", "ThrottlingException"}
+_FAILING_STATUSES = {500, 502, 503, 504}
 _RUN_AGAIN = "what was written is kept, and a run makes only the images still missing"
 # Seconds a client waits to connect. A connection to S3 takes milliseconds; botocore's default of
 # 60 s on each of its tries held every request for minutes on a network that drops packets.
@@ -139,7 +141,7 @@ class S3Store(ArtifactStore):
                     f"cannot {action} at {where}: access denied ({code}); check AWS_ACCESS_KEY_ID / "
                     "AWS_SECRET_ACCESS_KEY and the bucket policy"
                 ) from None
-            if code in _FAILING or exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) >= 500:
+            if code in _FAILING or exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") in _FAILING_STATUSES:
                 problem = (
                     f"cannot {action} at {where}: the S3 service at {self.client.meta.endpoint_url} answered "
                     f"{code} (overloaded or failing) to every try"
