@@ -402,6 +402,42 @@ def test_a_service_that_answers_501_refuses_the_request_it_is_no_outage(monkeypa
     assert str(refused.value) == "cannot write at s3://lacking/sd/images/aa/one.png: NotImplemented"
 
 
+class _CuttingS3(http.server.BaseHTTPRequestHandler):
+    """An S3 service whose connection is lost while it sends an object: 10 of its 1,000 bytes come."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_HEAD(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "1000")
+        self.send_header("ETag", '"cut"')
+        self.end_headers()
+        self.wfile.write(b"PAR1" + b"x" * 6)
+        self.close_connection = True
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_reply_cut_short_after_the_bucket_opened_is_an_outage_not_a_setting(monkeypatch):
+    # A service restarting while it sends a catalog or a PNG: not a setting to check, a read to try again.
+    with _serving(_CuttingS3, monkeypatch) as endpoint:
+        store = open_store("s3://cutting/sd")
+        with pytest.raises(StoreUnavailable) as cut:
+            store.read_bytes("catalog/banksy.parquet")
+    assert cut.value.answered
+    assert str(cut.value) == (
+        f"cannot read at s3://cutting/sd/catalog/banksy.parquet: the S3 endpoint {endpoint} stopped answering (the "
+        "reply was cut short); once it answers again, run again: what was written is kept, and a run makes only "
+        "the images still missing"
+    )
+
+
 def test_rebuild_catalog_through_a_blip_leaves_the_catalog_as_it_was(bucket):
     # A catalog that could not be read for the network's sake is not the file's fault: set aside and
     # rebuilt from the PNGs, it would lose the row of an image deleted since.

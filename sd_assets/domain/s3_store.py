@@ -27,9 +27,11 @@ from botocore.exceptions import (
     ConnectionClosedError,
     ConnectTimeoutError,
     EndpointConnectionError,
+    IncompleteReadError,
     NoCredentialsError,
     PartialCredentialsError,
     ReadTimeoutError,
+    ResponseStreamingError,
 )
 
 from sd_assets.domain.errors import StoreError, StoreUnavailable
@@ -54,6 +56,9 @@ _STOPPED_ANSWERING = {
     ConnectTimeoutError: "no connection in time",
     ReadTimeoutError: "no reply in time",
     ConnectionClosedError: "the connection was closed",
+    # The connection lost while a reply's body was read (botocore reads it only as the caller does).
+    ResponseStreamingError: "the reply was cut short",
+    IncompleteReadError: "the reply was cut short",
 }
 # Answers of a service that is overloaded or failing, not refusing: botocore has already tried each
 # request again a few times when one of them reaches the store. Those statuses are the ones it tries
