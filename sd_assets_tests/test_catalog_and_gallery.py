@@ -211,6 +211,31 @@ def test_rebuild_gives_every_image_a_row_whichever_grid_made_it_and_sets_a_broke
     assert again.reports == [] and len(again.errors) == 2
 
 
+def test_rebuild_sets_aside_only_a_catalog_that_is_not_one_never_one_the_store_failed_to_give(tmp_path):
+    # A read the store failed (any StoreError but CatalogUnreadable) says nothing of the file: set
+    # aside and rebuilt from the PNGs, a sound catalog would lose the rows of images deleted since.
+    store = LocalStore(tmp_path)
+    gone = _row("alan turing", "Banksy")
+    catalog.write_pending(store, "Banksy", "r1", [_store_image(store, gone, "r1")])
+    catalog.merge_catalog(store, "Banksy", [gone])
+    store.delete(image_key_path(gone.key))
+    whole = store.read_bytes(catalog.catalog_key("Banksy"))
+
+    class ResetOnce(LocalStore):
+        reset = False
+
+        def read_bytes(self, key: str) -> bytes:
+            if key.startswith("catalog/") and not ResetOnce.reset:
+                ResetOnce.reset = True
+                raise StoreError(f"cannot read {key}: the connection was reset")
+            return super().read_bytes(key)
+
+    with pytest.raises(StoreError, match="the connection was reset"):
+        catalog.rebuild_catalogs(ResetOnce(tmp_path))
+    assert store.read_bytes(catalog.catalog_key("Banksy")) == whole
+    assert list(store.list_keys("catalog/unreadable/")) == []
+
+
 def test_rebuild_names_each_png_whose_provenance_does_not_fit_and_gives_the_others_their_rows(tmp_path):
     # The PNGs are checked against the catalog's columns together, then one by one when some do not fit.
     store = LocalStore(tmp_path)

@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
-from sd_assets.domain.errors import SdAssetsError, StoreError, StoreUnavailable
+from sd_assets.domain.errors import SdAssetsError, StoreError
 from sd_assets.domain.grid import slugify
 from sd_assets.domain.pngmeta import Provenance, image_key_path, read_provenance
 from sd_assets.domain.prompts import PromptRow
@@ -540,9 +540,7 @@ def rebuild_catalogs(store: ArtifactStore, threads: int = 16) -> Rebuild:
     for key in _style_catalog_keys(store):
         try:
             catalogs[key] = _read_catalog_file(store, key)
-        except StoreUnavailable:  # not the file's fault: set aside and rebuilt, it would lose deleted images' rows
-            raise
-        except StoreError:
+        except CatalogUnreadable:  # a store that could not give it raises: the file may be sound
             unreadable.append(key)
     known = {image_key for table in catalogs.values() for image_key in table["key"].to_pylist()}
     images = [key for key in sorted(store.list_keys("images/")) if key.endswith(".png")]
