@@ -281,6 +281,11 @@ def test_an_endpoint_that_stops_answering_after_the_bucket_opened_says_to_run_ag
         "the images still missing"
     )
     assert isinstance(stopped.value, StoreUnavailable) and stopped.value.answered
+    # A store opened since (the next step's) meets the same outage: the endpoint answered this process.
+    with pytest.raises(StoreUnavailable) as reopened:
+        open_store("s3://going-away/sd")
+    assert "stopped answering (no connection)" in str(reopened.value) and reopened.value.answered
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_free_port()}")
     with pytest.raises(StoreUnavailable) as never_opened:  # never answered: the endpoint itself may be wrong
         open_store("s3://going-away/sd")
     assert str(never_opened.value).endswith("(check AWS_ENDPOINT_URL and AWS_REGION)")
@@ -633,7 +638,7 @@ class _Outage:
                 self.down = sum(self.image_writes.values()) == self.after
 
 
-def _run_through(outage: _Outage, tmp_path, instance, bucket, s3_endpoint, monkeypatch):
+def _run_through(outage: _Outage | _DownAsTheImagesStepOpens, tmp_path, instance, bucket, s3_endpoint, monkeypatch):
     """generate_images for Banksy (8 images, 2 a batch) on S3 whose client goes through ``outage``."""
     from dagster_aws.s3 import S3Resource
 
@@ -685,6 +690,35 @@ def test_a_step_whose_store_stops_answering_is_tried_again_and_makes_only_what_i
     assert len([item for item in listed if item["Key"].endswith(".png")]) == 8
     catalog = read_catalog(open_store(f"s3://{bucket}/grid"))
     assert len(catalog) == 8 and set(catalog["run_id"]) == {result.run_id}
+
+
+class _DownAsTheImagesStepOpens:
+    """The network between a worker and S3 lost while style_images opens the bucket (botocore's try
+    and its one try again), the first opening after prompt_grid wrote the style's rows: grid_inputs
+    and model_weights opened it before."""
+
+    def __init__(self):
+        self.rows_written, self.failed = False, 0
+
+    def before_send(self, request, event_name: str, **kwargs):
+        operation = event_name.rsplit(".", 1)[-1]
+        if operation == "HeadBucket" and self.rows_written and self.failed < 2:
+            self.failed += 1
+            raise botocore.exceptions.EndpointConnectionError(endpoint_url=request.url)
+        self.rows_written |= operation == "PutObject" and "/grids/" in request.url
+
+
+def test_a_store_gone_between_two_steps_of_a_run_is_an_outage_too(bucket, s3_endpoint, tmp_path, instance,
+                                                                   monkeypatch):  # fmt: skip
+    # Each step opens its own store: the endpoint its first request finds gone answered the steps before.
+    outage = _DownAsTheImagesStepOpens()
+    result = _run_through(outage, tmp_path, instance, bucket, s3_endpoint, monkeypatch)
+
+    assert outage.failed == 2 and result.success and _retries(result) == ["style_images"]
+    [warning] = [e.message for e in instance.all_logs(result.run_id) if "trying again in" in e.message]
+    assert f"cannot open the bucket at s3://{bucket}/grid: the S3 endpoint {s3_endpoint} stopped answering (no " \
+        "connection); trying again in 0.1 s (retry 1 of 3)" in warning
+    assert _metadata(result, "style_images")["generated"] == 8
 
 
 def test_a_store_that_does_not_answer_again_fails_the_step_after_three_more_tries(

@@ -66,6 +66,9 @@ _STOPPED_ANSWERING = {
 _FAILING = {"SlowDown", "RequestTimeout", "Throttling", "ThrottlingException"}
 _FAILING_STATUSES = {500, 502, 503, 504}
 _RUN_AGAIN = "what was written is kept, and a run makes only the images still missing"
+# The endpoints that have answered this process. Each step of a run opens a store of its own: one
+# that finds the endpoint gone since an earlier step opened it meets an outage, not a wrong setting.
+_ANSWERED_ENDPOINTS: set[str] = set()
 # Seconds a client waits to connect. A connection to S3 takes milliseconds; botocore's default of
 # 60 s on each of its tries held every request for minutes on a network that drops packets.
 CONNECT_TIMEOUT_SECONDS = 5
@@ -117,11 +120,10 @@ class S3Store(ArtifactStore):
         makes one (an endpoint that is not a URL) is a StoreError like any other."""
         self.bucket, self.prefix = parse_s3_url(url)
         self.url = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
-        self._answered = False
         with self._errors("open the bucket"):
             self.client = make_client()
             self.client.head_bucket(Bucket=self.bucket)
-        self._answered = True
+        _ANSWERED_ENDPOINTS.add(self.client.meta.endpoint_url)
 
     @contextlib.contextmanager
     def _errors(self, action: str, key: str = "") -> Iterator[None]:
@@ -157,7 +159,7 @@ class S3Store(ArtifactStore):
             raise StoreError(f"cannot {action} at {where}: {code or exc}") from None
         except BotoCoreError as exc:
             stopped = [text for kind, text in _STOPPED_ANSWERING.items() if isinstance(exc, kind)]
-            if stopped and self._answered:  # it answered a moment ago: not the setting, the service
+            if stopped and self._has_answered():  # it answered before: not the setting, the service
                 problem = (
                     f"cannot {action} at {where}: the S3 endpoint {self.client.meta.endpoint_url} stopped "
                     f"answering ({stopped[0]})"
@@ -178,6 +180,11 @@ class S3Store(ArtifactStore):
             raise StoreError(
                 f"cannot {action} at {where}: {setting} is not a URL; write it as http://host[:port] or https://host[:port]"
             ) from None
+
+    def _has_answered(self) -> bool:
+        """Whether this store's endpoint has answered this process, through this store or another."""
+        client = getattr(self, "client", None)  # none yet when boto3 refused to make one
+        return client is not None and client.meta.endpoint_url in _ANSWERED_ENDPOINTS
 
     def _object_key(self, key: str) -> str:
         return self.prefix + _check_key(key)
