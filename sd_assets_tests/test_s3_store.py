@@ -292,7 +292,6 @@ def test_an_endpoint_that_stops_answering_after_the_bucket_opened_says_to_run_ag
     assert not never_opened.value.answered
 
 
-
 def _dropping_endpoint(held: list) -> str:
     """An endpoint whose connections are never answered, as on a network that drops packets: a socket
     whose accept queue is full (Linux drops the next connections' SYNs)."""
@@ -337,6 +336,7 @@ def test_every_s3_client_gives_up_connecting_after_seconds_not_a_minute(monkeypa
     finally:
         for sock in held:
             sock.close()
+
 
 class _FailingS3(http.server.BaseHTTPRequestHandler):
     """An S3 service that is up but failing: the bucket opens, every other request gets 503 SlowDown."""

@@ -7,6 +7,7 @@ s3:// URL: importing it costs a local run about half a second.
 import boto3
 from botocore.handlers import disable_signing
 from dagster_aws.s3 import S3Resource
+from dagster_aws.utils import construct_boto_client_retry_config
 from pydantic import Field
 
 from sd_assets.domain.s3_store import CONNECT_TIMEOUT_SECONDS, client_config
@@ -28,8 +29,8 @@ class S3ClientResource(S3Resource):
             "s3", region_name=self.region_name, endpoint_url=self.endpoint_url, use_ssl=self.use_ssl,
             verify=self.verify, aws_access_key_id=self.aws_access_key_id,
             aws_secret_access_key=self.aws_secret_access_key, aws_session_token=self.aws_session_token,
-            config=client_config(
-                connect_timeout=self.connect_timeout, retries={"max_attempts": self.max_attempts, "mode": "standard"}
+            config=client_config(connect_timeout=self.connect_timeout).merge(
+                construct_boto_client_retry_config(self.max_attempts)
             ),
         )  # fmt: skip
         if self.use_unsigned_session:
