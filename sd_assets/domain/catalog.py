@@ -193,15 +193,15 @@ def write_pending(store: ArtifactStore, style: str, name: str, records: Sequence
 INTENT_SUFFIX = ".making.json"
 
 
-def write_intent(store: ArtifactStore, style: str, run_id: str, keys: Sequence[str]) -> None:
-    """Note the images a run is about to make, before it makes any.
+def write_intent(store: ArtifactStore, style: str, name: str, keys: Sequence[str]) -> None:
+    """Note the images a run is about to make, before it makes any (``name``: the run's, or its try's).
 
     A run that dies before it saves their records leaves PNGs without rows. The next merge
     recovers the rows of the grid's images from their PNGs; these keys let it recover the others
     too, such as the images of a subject taken out of its list before that merge.
     """
     if keys:
-        store.write_text(f"{pending_prefix(style)}{run_id}{INTENT_SUFFIX}", json.dumps(sorted(keys)))
+        store.write_text(f"{pending_prefix(style)}{name}{INTENT_SUFFIX}", json.dumps(sorted(keys)))
 
 
 def _read_intent(store: ArtifactStore, key: str) -> list[str]:

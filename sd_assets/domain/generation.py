@@ -62,13 +62,17 @@ def make_style_images(
     writer_threads: int = 4,
     max_pending: int = 64,
     log: Callable[[str], None] = lambda message: None,
+    attempt: int = 0,
 ) -> StyleRunReport:
     """Render ``rows``, write each PNG under its content key, and leave catalog records behind.
 
     ``log`` receives a progress line (done/total, images/s, time left) every few seconds, and a
-    line when the GPU runs out of memory and the batches are halved.
+    line when the GPU runs out of memory and the batches are halved. ``attempt`` is the step's
+    try within its run (after a store outage): each try's pending files are named apart, so a
+    try does not overwrite the batches and the intent of the one before.
     """
-    catalog.write_intent(store, style, run_id, [row.key for row in rows])
+    files = f"{run_id}-try{attempt + 1}" if attempt else run_id
+    catalog.write_intent(store, style, files, [row.key for row in rows])
     deep_cache = settings.deep_cache.describe() if settings.deep_cache else ""
     software = software_versions()
     threads = cpu_threads(loaded.device)
@@ -111,7 +115,7 @@ def make_style_images(
             del records[: len(batch)]
             flushed += len(batch)
         if batch:
-            catalog.write_pending(store, style, f"{run_id}-{flushed:06d}", batch)
+            catalog.write_pending(store, style, f"{files}-{flushed:06d}", batch)
 
     last_report = 0.0
 

@@ -603,6 +603,7 @@ def _render_style(
             artifact_store, loaded, ref, settings, missing,
             style=style, partition=context.partition_key, run_id=context.run.run_id, batch_size=batch_size,
             writer_threads=generator.writer_threads, max_pending=generator.max_pending_images, log=context.log.info,
+            attempt=context.retry_number,
         )  # fmt: skip
     if report.batch_size < batch_size:  # the GPU ran out of memory: the rest went in smaller batches
         remembered = ", which batch_size auto now remembers" if inference.batch_size == "auto" else ""
