@@ -570,7 +570,6 @@ def test_each_png_records_what_made_it_field_by_field_and_its_catalog_record_say
     assert rows[0].image_index == 1 and rows[1].subject == "ada lovelace", "rows that tell index and subject apart"
 
 
-
 def test_a_second_try_of_a_run_leaves_the_first_tries_pending_records_and_intent_in_place(loaded, tmp_path):
     # A step tried again after a store outage runs under the same run id.
     store = LocalStore(tmp_path)
@@ -585,6 +584,7 @@ def test_a_second_try_of_a_run_leaves_the_first_tries_pending_records_and_intent
     assert {record["run_id"] for record in records} == {"r1"}
     intents = [json.loads(store.read_text(key)) for key in pending if key.endswith(catalog.INTENT_SUFFIX)]
     assert sorted(intents) == sorted([sorted(row.key for row in ROWS[:2]), sorted(row.key for row in ROWS[2:4])])
+
 
 def test_a_png_names_every_library_that_computed_its_pixels_the_text_encoders_too(loaded, tmp_path):
     import diffusers
