@@ -369,7 +369,8 @@ def main(argv: list[str] | None = None) -> int:
         "search",
         help="find images in the catalog across runs",
         description="Find images in the catalog of the store (SD_ASSETS_STORAGE, else the grid's). Each filter "
-        "matches a part of its field, in any case, and --where a whole value; given filters must all match. "
+        "matches a part of its field, in any case and with or without accents, and --where a whole value; given "
+        "filters must all match. "
         "The table adds a column for each setting in which the found images differ; --json prints every field.",
     )
     search.add_argument("--subject", help="part of the subject")

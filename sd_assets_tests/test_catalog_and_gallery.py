@@ -446,6 +446,13 @@ def test_search_is_case_insensitive_substring_and(tmp_path):
     assert len(catalog.search(frame, style="vincent-van-gogh")) == 2
     accents = pd.DataFrame([{"subject": "Émile Zola", "style": "Banksy", "model_id": "m", "run_id": "r"}])
     assert len(catalog.search(accents, subject="E\u0301mile")) == len(catalog.search(accents, subject="ÉMILE")) == 1
+    # A part typed without its accents finds it too, and one typed with accents finds it unaccented.
+    assert len(catalog.search(accents, subject="emile zola")) == len(catalog.search(accents, subject="ZÒLA")) == 1
+    manet = pd.DataFrame([{"subject": "Olympia", "style": "Édouard Manet", "model_id": "m", "run_id": "r"}])
+    assert len(catalog.search(manet, style="edouard")) == len(catalog.search(manet, style="edouard-manet")) == 1
+    # --where gives a whole value: there, accents are part of it.
+    assert catalog.search(accents, where={"subject": "Emile Zola"}).empty
+    assert len(catalog.search(accents, where={"subject": "émile zola"})) == 1
     # A filter is text, not a pattern: "c++" finds C++, and "." is a full stop.
     code = pd.DataFrame(
         [{"subject": s, "style": "Banksy (c)", "model_id": "m", "run_id": "r"} for s in ("c++ coder", "stx paul")]
@@ -467,6 +474,8 @@ def test_search_is_case_insensitive_substring_and(tmp_path):
         ("STRASSE", None, "straße-kunst", True),
         (None, [("style", "Cafe\u0301 Noir")], "caf\u00e9-noir", True),
         ("CAFE\u0301", None, "caf\u00e9-noir", True),
+        ("cafe", None, "caf\u00e9-noir", True),  # a part without its accents, as search finds it
+        (None, [("style", "Cafe Noir")], "caf\u00e9-noir", False),  # a whole value keeps them
     ],
 )
 def test_a_search_reaches_a_catalog_it_cannot_read_unless_its_style_filter_leaves_the_style_out(

@@ -598,14 +598,15 @@ def search(
 ) -> pd.DataFrame:
     """Rows matching every given filter and every ``where`` setting.
 
-    Filters are named by ``SEARCH_FIELDS`` and match a case-insensitive part of their column.
-    Text is compared in Unicode NFC form, so an accent typed as a separate mark matches the
-    composed letter; a style also matches by its slug (``van-gogh``), the name of its gallery
-    folder and catalog file; a key also by the image's file name or path (``images/3f/3f2a….png``).
+    Filters are named by ``SEARCH_FIELDS`` and match a part of their column, in any case and
+    with or without accents (``emile`` finds ``Émile``, as does an accent typed as a separate
+    mark); a style also matches by its slug (``van-gogh``), the name of its gallery folder and
+    catalog file; a key also by the image's file name or path (``images/3f/3f2a….png``).
     ``where`` gives catalog columns whole values, as a mapping (``{"steps": "50", "scheduler":
     "pndmscheduler"}``) or as (column, value) pairs, a column more than once if need be:
-    numbers compare as numbers, true/false as booleans, text in any case; a value may also be
-    given as the Python number or bool (``{"steps": 50, "safety_flagged": True}``).
+    numbers compare as numbers, true/false as booleans, text in any case but with its accents
+    (in either Unicode form); a value may also be given as the Python number or bool
+    (``{"steps": 50, "safety_flagged": True}``).
 
     Raises:
         SdAssetsError: a filter or ``where`` names no catalog column, or gives a value its column cannot hold.
@@ -622,10 +623,10 @@ def search(
                 value = value[: -len(".png")] if value.casefold().endswith(".png") else value
                 if not value:  # would match every image
                     raise SdAssetsError(f"--key {given!r} holds no part of a content key")
-            wanted = _normal(value)
-            hits = _normal(catalog[name]).str.contains(wanted, regex=False)
+            wanted = _unaccented(value)
+            hits = _unaccented(catalog[name]).str.contains(wanted, regex=False)
             if name == "style":
-                hits |= catalog[name].astype(str).map(slugify).str.contains(wanted, regex=False)
+                hits |= _unaccented(catalog[name].astype(str).map(slugify)).str.contains(wanted, regex=False)
             mask &= hits
     for name, value in _where_pairs(where):
         mask &= _equals(catalog, name, value)
@@ -642,20 +643,35 @@ def search_may_reach(slug: str, style: str | None = None, where: Where = None) -
     of the style ``slug``: one it could not read need not be reported to a search that leaves
     its style out. Only the slug is known of such a catalog, so a style named in part is tried
     against it slugged (``Van Gogh`` finds ``vincent-van-gogh``)."""
-    # Compared as search compares (NFC, case folded: "STRASSE" finds "Straße"), on both sides.
+    # Compared as search compares (case folded: "STRASSE" finds "Straße"; a part without its
+    # accents, a whole value with them), on both sides.
+    if style:
+        folded = _unaccented(slug)
+        if _unaccented(style) not in folded and _unaccented(slugify(_normal(style))) not in folded:
+            return False
     slug = _normal(slug)
-    if style and _normal(style) not in slug and slugify(_normal(style)) not in slug:
-        return False
     return all(slugify(_normal(str(value))) == slug for name, value in _where_pairs(where) if name == "style")
 
 
 def _normal(text: pd.Series | str):
-    """Text as search compares it: Unicode NFC, case folded."""
+    """Text as search compares whole values (``where``): Unicode NFC, case folded."""
     import unicodedata
 
     if isinstance(text, str):
         return unicodedata.normalize("NFC", text).casefold()
     return text.astype(str).map(lambda value: unicodedata.normalize("NFC", value).casefold())
+
+
+def _unaccented(text: pd.Series | str):
+    """Text as search's filters compare parts: case folded, without accents or other combining
+    marks, in compatibility form (a ligature 'ﬁ' as 'fi', a full-width 'Ａ' as 'A')."""
+    import unicodedata
+
+    def fold(value: str) -> str:
+        decomposed = unicodedata.normalize("NFKD", value.casefold())  # folded first: 'İ' folds to 'i' and a dot
+        return "".join(char for char in decomposed if not unicodedata.combining(char))
+
+    return fold(text) if isinstance(text, str) else text.astype(str).map(fold)
 
 
 def _equals(catalog: pd.DataFrame, column: str, value: str | int | float | bool) -> pd.Series:
