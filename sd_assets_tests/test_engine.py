@@ -17,7 +17,7 @@ from PIL import Image
 
 from sd_assets.domain import catalog, engine
 from sd_assets.domain.deep_cache import DeepCache, installed, unet_forward
-from sd_assets.domain.errors import SdAssetsError
+from sd_assets.domain.errors import SdAssetsError, StoreError
 from sd_assets.domain.gallery import settings_text
 from sd_assets.domain.generation import make_style_images
 from sd_assets.domain.models import ModelRef
@@ -468,6 +468,26 @@ def test_generation_stops_at_the_first_batch_after_a_failed_write(loaded):
         with engine.BoundedWriter(workers=1, max_pending=1) as writer:
             engine.generate(loaded, ROWS, SETTINGS, 2, fail, writer)
     assert len(calls) < len(ROWS)
+
+
+def test_images_written_before_a_failed_write_keep_their_pending_records(loaded, tmp_path):
+    # The next run finds their rows in the pending batches, not by reading every PNG back.
+    class FullAfterThreeImages(LocalStore):
+        def write_bytes(self, key: str, data: bytes) -> None:
+            if key.startswith("images/") and len(list(self.list_keys("images/"))) >= 3:
+                raise StoreError("disk full")
+            super().write_bytes(key, data)
+
+    store = FullAfterThreeImages(tmp_path)
+    ref = ModelRef("tiny-random", "rev", "PNDMScheduler", 0, 0)
+    with pytest.raises(StoreError, match="disk full"):
+        make_style_images(store, loaded, ref, SETTINGS, ROWS, style="Banksy", partition="Banksy", run_id="r1",
+                          batch_size=1, writer_threads=1, max_pending=1)  # fmt: skip
+    written = sorted(key.rsplit("/", 1)[-1].removesuffix(".png") for key in store.list_keys("images/"))
+    assert len(written) == 3
+    pending = store.list_keys(catalog.pending_prefix("Banksy"))
+    batches = [store.read_text(key) for key in pending if key.endswith(".jsonl")]
+    assert sorted(json.loads(line)["key"] for batch in batches for line in batch.splitlines()) == written
 
 
 def _with_safety_checker(folder, destination, flag_everything: bool):

@@ -131,14 +131,16 @@ def make_style_images(
     writer = BoundedWriter(writer_threads, max_pending)
     start = time.perf_counter()
     try:
-        stats = generate(
-            loaded, rows, settings, batch_size, write_image, writer, progress,
-            on_smaller_batches=lambda old, new: log(
-                f"{style}: out of memory on {loaded.device} at batch size {old}; going on at {new}"
-            ),
-        )  # fmt: skip
-    finally:
-        writer.close()
+        try:
+            stats = generate(
+                loaded, rows, settings, batch_size, write_image, writer, progress,
+                on_smaller_batches=lambda old, new: log(
+                    f"{style}: out of memory on {loaded.device} at batch size {old}; going on at {new}"
+                ),
+            )  # fmt: skip
+        finally:
+            writer.close()  # raises a failed write's error
+    finally:  # the records of the images that were written, whatever failed
         flush(force=True)
     return StyleRunReport(
         generated=stats.generated,
