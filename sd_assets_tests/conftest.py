@@ -28,6 +28,15 @@ def pytest_configure(config):
         torch.set_num_threads(int(threads))
 
 
+@pytest.fixture(autouse=True)
+def s3_endpoints_answered_in_this_test_only(monkeypatch):
+    """Whether an S3 endpoint answered before is remembered per process; a port that an earlier
+    test's server answered on and this test finds closed would read as an outage, not a wrong setting."""
+    from sd_assets.domain import s3_store
+
+    monkeypatch.setattr(s3_store, "_ANSWERED_ENDPOINTS", set())
+
+
 @pytest.fixture(scope="session")
 def tiny_model_store(tmp_path_factory) -> LocalStore:
     """A store holding the tiny model, built once for the whole session."""
