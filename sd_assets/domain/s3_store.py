@@ -167,7 +167,10 @@ class S3Store(ArtifactStore):
                 raise StoreUnavailable(
                     f"{problem}; once it answers again, run again: {_RUN_AGAIN}", answered=True, problem=problem
                 ) from None
-            message = f"cannot {action} at {where}: {exc} (check AWS_ENDPOINT_URL and AWS_REGION)"
+            advice = "check AWS_ENDPOINT_URL and AWS_REGION"
+            if stopped:  # a run the daemon launched during an outage: a process that never saw the service answer
+                advice += "; if they are right, the S3 service is down or out of reach: run again once it answers"
+            message = f"cannot {action} at {where}: {exc} ({advice})"
             raise (StoreUnavailable(message) if stopped else StoreError(message)) from None
         except ValueError as exc:
             # botocore's plain ValueError for an endpoint without a scheme or host: "Invalid endpoint: <url>"
