@@ -683,8 +683,10 @@ def test_a_step_whose_store_stops_answering_is_tried_again_and_makes_only_what_i
     assert result.success
     assert outage.failed >= 1 and _retries(result) == ["style_images"]
     [warning] = [e.message for e in instance.all_logs(result.run_id) if "trying again in" in e.message]
+    # Its gpu slot is free meanwhile: another run's style_images may take it and hold the try back.
     assert f"the S3 endpoint {s3_endpoint} stopped answering (no connection); trying again in 0.1 s (retry 1 of " \
-        "3): what was written is kept, and the next try makes only what is still missing" in warning
+        "3), or later if every slot of the pool gpu is taken by then (it gives its slot up meanwhile): what was " \
+        "written is kept, and the next try makes only what is still missing" in warning
     assert "run again" not in warning
     images = _metadata(result, "style_images")
     assert (images["images"], images["skipped"], images["generated"]) == (8, 3, 5)

@@ -72,9 +72,13 @@ def _retried_through_store_outages(compute):
             if tries >= len(OUTAGE_RETRY_SECONDS) or not (exc.answered or tries > 0):
                 raise
             wait = OUTAGE_RETRY_SECONDS[tries]
+            # Dagster frees a step's pool slot while it waits to be tried again: another run's step may take it,
+            # and the try then waits for a slot, with no word in the log (seen with the daemon on Postgres).
+            pool = context.op_def.pool
+            then = f", or later if every slot of the pool {pool} is taken by then (it gives its slot up meanwhile)"
             context.log.warning(
-                f"{exc.problem}; trying again in {wait} s (retry {tries + 1} of {len(OUTAGE_RETRY_SECONDS)}): what "
-                "was written is kept, and the next try makes only what is still missing"
+                f"{exc.problem}; trying again in {wait} s (retry {tries + 1} of {len(OUTAGE_RETRY_SECONDS)})"
+                f"{then if pool else ''}: what was written is kept, and the next try makes only what is still missing"
             )
             raise dg.RetryRequested(max_retries=len(OUTAGE_RETRY_SECONDS), seconds_to_wait=wait) from exc
 
