@@ -22,6 +22,7 @@ from collections.abc import Iterator
 import boto3
 import botocore.config
 import botocore.exceptions
+import dagster as dg
 import pandas as pd
 import pytest
 from moto.server import ThreadedMotoServer
@@ -642,7 +643,23 @@ class _Outage:
                 self.down = sum(self.image_writes.values()) == self.after
 
 
-def _run_through(outage: _Outage | _DownAsTheImagesStepOpens, tmp_path, instance, bucket, s3_endpoint, monkeypatch):
+class _DownAsTheRunStarts:
+    """S3 out of reach as a run's process starts: its first ``requests`` find no connection (2: the
+    first request, and botocore's one try again)."""
+
+    def __init__(self, requests: int):
+        self.left, self.failed = requests, 0
+        self._lock = threading.Lock()
+
+    def before_send(self, request, event_name: str, **kwargs):
+        with self._lock:
+            if self.left:
+                self.left -= 1
+                self.failed += 1
+                raise botocore.exceptions.EndpointConnectionError(endpoint_url=request.url)
+
+
+def _run_through(outage, tmp_path, instance, bucket, s3_endpoint, monkeypatch):
     """generate_images for Banksy (8 images, 2 a batch) on S3 whose client goes through ``outage``."""
     from dagster_aws.s3 import S3Resource
 
@@ -738,6 +755,31 @@ def test_a_store_that_does_not_answer_again_fails_the_step_after_three_more_trie
     [failure] = [event for event in result.all_events if event.is_step_failure]
     assert failure.step_key == "style_images"
     assert "cannot open the bucket at s3://" in str(failure.step_failure_data.error)
+
+
+def test_a_run_started_during_an_outage_waits_for_a_store_that_served_the_runs_before(
+    bucket, s3_endpoint, tmp_path, instance, monkeypatch
+):
+    # The daemon starts each run in a process of its own, which has not seen the store answer; the
+    # instance holds model_weights materialized in that store by an earlier run.
+    from sd_assets.domain import s3_store
+
+    assert _run_through(_DownAsTheRunStarts(0), tmp_path, instance, bucket, s3_endpoint, monkeypatch).success
+    monkeypatch.setattr(s3_store, "_ANSWERED_ENDPOINTS", set())  # the next run's process
+    outage = _DownAsTheRunStarts(2)
+    result = _run_through(outage, tmp_path, instance, bucket, s3_endpoint, monkeypatch)
+
+    assert result.success and outage.failed == 2
+    [step] = _retries(result)
+    [warning] = [e.message for e in instance.all_logs(result.run_id) if "trying again in" in e.message]
+    assert warning.startswith(f"cannot open the bucket at s3://{bucket}/grid: Could not connect to the endpoint URL")
+    assert "(it served this instance's runs before); trying again in 0.1 s (retry 1 of 3)" in warning
+
+    # On an instance with no run in that store, the endpoint may be mistyped: the step fails at once.
+    monkeypatch.setattr(s3_store, "_ANSWERED_ENDPOINTS", set())
+    with dg.instance_for_test() as new_instance:
+        result = _run_through(_DownAsTheRunStarts(2), tmp_path, new_instance, bucket, s3_endpoint, monkeypatch)
+        assert not result.success and _retries(result) == []
 
 
 def test_a_store_that_never_answered_is_not_waited_for(tmp_path, instance, monkeypatch):

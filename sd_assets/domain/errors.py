@@ -22,12 +22,14 @@ class StoreError(SdAssetsError):
 class StoreUnavailable(StoreError):
     """The store's service did not answer, or answered that it is failing (an outage, not a setting):
     the same request may work a while later. ``answered``: it had answered this process before;
-    ``problem``: the message without its advice to run again, for a caller that tries again itself."""
+    ``problem``: the message without its advice, for a caller that tries again itself; ``store``:
+    the store's URL."""
 
-    def __init__(self, message: str, answered: bool = False, problem: str = ""):
+    def __init__(self, message: str, answered: bool = False, problem: str = "", store: str = ""):
         super().__init__(message)
         self.answered = answered
         self.problem = problem or message
+        self.store = store
 
 
 def shown_name(name: str) -> str:

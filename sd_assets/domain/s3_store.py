@@ -154,7 +154,8 @@ class S3Store(ArtifactStore):
                     f"{code} (overloaded or failing) to every try"
                 )
                 raise StoreUnavailable(
-                    f"{problem}; once it recovers, run again: {_RUN_AGAIN}", answered=True, problem=problem
+                    f"{problem}; once it recovers, run again: {_RUN_AGAIN}", answered=True, problem=problem,
+                    store=self.url,
                 ) from None
             raise StoreError(f"cannot {action} at {where}: {code or exc}") from None
         except BotoCoreError as exc:
@@ -165,13 +166,17 @@ class S3Store(ArtifactStore):
                     f"answering ({stopped[0]})"
                 )
                 raise StoreUnavailable(
-                    f"{problem}; once it answers again, run again: {_RUN_AGAIN}", answered=True, problem=problem
+                    f"{problem}; once it answers again, run again: {_RUN_AGAIN}", answered=True, problem=problem,
+                    store=self.url,
                 ) from None
-            advice = "check AWS_ENDPOINT_URL and AWS_REGION"
-            if stopped:  # a run the daemon launched during an outage: a process that never saw the service answer
-                advice += "; if they are right, the S3 service is down or out of reach: run again once it answers"
-            message = f"cannot {action} at {where}: {exc} ({advice})"
-            raise (StoreUnavailable(message) if stopped else StoreError(message)) from None
+            problem = f"cannot {action} at {where}: {exc}"
+            if not stopped:
+                raise StoreError(f"{problem} (check AWS_ENDPOINT_URL and AWS_REGION)") from None
+            # Never seen answering by this process: a wrong setting, or a run started during an outage.
+            raise StoreUnavailable(
+                f"{problem} (check AWS_ENDPOINT_URL and AWS_REGION; if they are right, the S3 service is down or "
+                "out of reach: run again once it answers)", problem=problem, store=self.url,
+            ) from None
         except ValueError as exc:
             # botocore's plain ValueError for an endpoint without a scheme or host: "Invalid endpoint: <url>"
             endpoint = str(exc).removeprefix("Invalid endpoint: ")

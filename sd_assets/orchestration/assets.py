@@ -59,8 +59,9 @@ OUTAGE_RETRY_SECONDS = (30, 60, 120)
 def _retried_through_store_outages(compute):
     """Run an asset's step again, within its run, when its store stops answering (``StoreUnavailable``).
 
-    A store that never answered is not waited for on the first try (the setting is likely wrong),
-    but on a try after an outage it is the outage going on.
+    A store that never answered this process is not waited for on the first try unless an earlier
+    run of the instance materialized ``model_weights`` in it: else the setting is likely wrong. On
+    a try after an outage it is the outage going on.
     """
 
     @functools.wraps(compute)
@@ -69,20 +70,34 @@ def _retried_through_store_outages(compute):
             return compute(context, *args, **kwargs)
         except StoreUnavailable as exc:
             tries = context.retry_number
-            if tries >= len(OUTAGE_RETRY_SECONDS) or not (exc.answered or tries > 0):
+            if tries >= len(OUTAGE_RETRY_SECONDS):
+                raise
+            served = not exc.answered and tries == 0 and _served_earlier_runs(context.instance, exc.store)
+            if not (exc.answered or tries > 0 or served):
                 raise
             wait = OUTAGE_RETRY_SECONDS[tries]
             # Dagster frees a step's pool slot while it waits to be tried again: another run's step may take it,
             # and the try then waits for a slot, with no word in the log (seen with the daemon on Postgres).
             pool = context.op_def.pool
             then = f", or later if every slot of the pool {pool} is taken by then (it gives its slot up meanwhile)"
+            before = " (it served this instance's runs before)" if served else ""
             context.log.warning(
-                f"{exc.problem}; trying again in {wait} s (retry {tries + 1} of {len(OUTAGE_RETRY_SECONDS)})"
+                f"{exc.problem}{before}; trying again in {wait} s (retry {tries + 1} of {len(OUTAGE_RETRY_SECONDS)})"
                 f"{then if pool else ''}: what was written is kept, and the next try makes only what is still missing"
             )
             raise dg.RetryRequested(max_retries=len(OUTAGE_RETRY_SECONDS), seconds_to_wait=wait) from exc
 
     return retried
+
+
+def _served_earlier_runs(instance: dg.DagsterInstance, store_url: str) -> bool:
+    """Whether the latest ``model_weights`` of the instance was materialized in the store at
+    ``store_url``. The daemon starts each run in a process of its own, which has not seen the
+    store answer: one started during an outage would otherwise take it for a wrong setting."""
+    event = instance.get_latest_materialization_event(dg.AssetKey("model_weights")) if store_url else None
+    materialization = event.asset_materialization if event else None
+    location = materialization.metadata.get("location") if materialization else None
+    return location is not None and str(location.value).startswith(f"{store_url}/")
 
 
 def _style(context: dg.AssetExecutionContext, config: GridConfig) -> str:
@@ -139,7 +154,10 @@ def _grid_inputs_asset():
         warnings.simplefilter("ignore", dg.BetaWarning)
 
         @dg.multi_observable_source_asset(specs=[spec], name="grid_inputs")
-        def grid_inputs(grid: GridResource, store: ArtifactStoreResource) -> dg.ObserveResult:
+        @_retried_through_store_outages
+        def grid_inputs(
+            context: dg.AssetExecutionContext, grid: GridResource, store: ArtifactStoreResource
+        ) -> dg.ObserveResult:
             config = grid.load()
             source = subject_source(config, store.open())
             read = read_subject_lists(source, config.max_subjects_per_list)
