@@ -322,8 +322,8 @@ def test_a_demo_run_failing_outside_its_steps_shows_the_runs_error_and_any_run_h
     assert any(line.strip().startswith("File ") for line in stack), "where it came from, for a bug report"
     assert stack[-1] == (
         "  still holding a pool slot in this instance: killed-run; a run killed while dagster.yaml set pool "
-        "limits keeps its slot, and once they are removed Dagster fails every run on it: `dagster run delete "
-        "<run id>` frees the slot (the run's record goes)"
+        "limits keeps its slot, and once they are removed Dagster fails every run on it: for one no longer "
+        "running, `dagster run delete <run id>` frees the slot (the run's record goes)"
     )
     assert not (grid_path.parent / "data" / "images").exists()
 
