@@ -450,6 +450,14 @@ def test_search_is_case_insensitive_substring_and(tmp_path):
     assert len(catalog.search(accents, subject="emile zola")) == len(catalog.search(accents, subject="ZÒLA")) == 1
     manet = pd.DataFrame([{"subject": "Olympia", "style": "Édouard Manet", "model_id": "m", "run_id": "r"}])
     assert len(catalog.search(manet, style="edouard")) == len(catalog.search(manet, style="edouard-manet")) == 1
+    # Only accents: in other scripts the marks tell letters apart (パン bread is not ハン, 고 is not part of 공 ball).
+    other_scripts = pd.DataFrame(
+        [{"subject": s, "style": "Banksy", "model_id": "m", "run_id": "r"} for s in ("ハンバーガー", "공 놀이", "パン")]
+    )
+    assert list(catalog.search(other_scripts, subject="パン")["subject"]) == ["パン"]
+    assert catalog.search(other_scripts, subject="고").empty
+    assert list(catalog.search(other_scripts, subject="ﾊﾝ")["subject"]) == ["ハンバーガー"]  # half-width kana
+    assert not catalog.search_may_reach("공-놀이", style="고")
     # --where gives a whole value: there, accents are part of it.
     assert catalog.search(accents, where={"subject": "Emile Zola"}).empty
     assert len(catalog.search(accents, where={"subject": "émile zola"})) == 1

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -662,14 +663,20 @@ def _normal(text: pd.Series | str):
     return text.astype(str).map(lambda value: unicodedata.normalize("NFC", value).casefold())
 
 
+# The combining marks that accent letters (Unicode's Combining Diacritical Marks blocks): é, ö, ç, ǘ.
+# Other scripts' marks tell letters apart and are kept: Japanese ハ/バ/パ, and Hangul's final
+# consonants, recomposed (고 is not part of 공).
+_ACCENTS = re.compile("[\u0300-\u036f\u1ab0-\u1aff\u1dc0-\u1dff\u20d0-\u20ff\ufe20-\ufe2f]")
+
+
 def _unaccented(text: pd.Series | str):
-    """Text as search's filters compare parts: case folded, without accents or other combining
-    marks, in compatibility form (a ligature 'ﬁ' as 'fi', a full-width 'Ａ' as 'A')."""
+    """Text as search's filters compare parts: case folded, without accents, in compatibility
+    form (a ligature 'ﬁ' as 'fi', a full-width 'Ａ' as 'A')."""
     import unicodedata
 
     def fold(value: str) -> str:
         decomposed = unicodedata.normalize("NFKD", value.casefold())  # folded first: 'İ' folds to 'i' and a dot
-        return "".join(char for char in decomposed if not unicodedata.combining(char))
+        return unicodedata.normalize("NFC", _ACCENTS.sub("", decomposed))
 
     return fold(text) if isinstance(text, str) else text.astype(str).map(fold)
 
