@@ -782,8 +782,8 @@ def test_a_run_started_during_an_outage_waits_for_a_store_that_served_the_runs_b
         assert not result.success and _retries(result) == []
 
 
-def test_a_store_that_never_answered_is_not_waited_for(tmp_path, instance, monkeypatch):
-    # The endpoint is likely mistyped: the step fails at once, without three waits for it.
+def _never_answering_run(tmp_path, instance, monkeypatch):
+    """generate_images for Banksy on an S3 endpoint that nothing listens on."""
     from sd_assets.definitions import GENERATE_JOB, build_definitions
     from sd_assets.orchestration import assets
 
@@ -796,11 +796,35 @@ def test_a_store_that_never_answered_is_not_waited_for(tmp_path, instance, monke
     grid_path = write_grid(tmp_path)
     defs = build_definitions({"SD_ASSETS_GRID": str(grid_path), "SD_ASSETS_DEVICE": "cpu",
                               "SD_ASSETS_STORAGE": "s3://nowhere/grid"})  # fmt: skip
-    result = defs.resolve_job_def(GENERATE_JOB).execute_in_process(
+    return defs.resolve_job_def(GENERATE_JOB).execute_in_process(
         partition_key="Banksy", instance=instance, raise_on_error=False
     )
+
+
+def test_a_store_that_never_answered_is_not_waited_for(tmp_path, instance, monkeypatch):
+    # The endpoint is likely mistyped: the step fails at once, without three waits for it.
+    result = _never_answering_run(tmp_path, instance, monkeypatch)
 
     assert not result.success and _retries(result) == []
     failures = {e.step_key: str(e.step_failure_data.error) for e in result.all_events if e.is_step_failure}
     assert sorted(failures) == ["grid_inputs", "model_weights"]  # the steps that open the store first
     assert all("cannot open the bucket at s3://nowhere/grid: Could not connect" in error for error in failures.values())
+
+
+def test_a_store_that_never_answered_fails_its_step_with_its_own_error_when_the_instance_cannot_be_asked(
+    tmp_path, instance, monkeypatch
+):
+    # Whether earlier runs used the store is asked of the instance; its database restarting too
+    # must not put its error in place of the store's (the endpoint to check, or to wait for).
+    def database_restarting(*args, **kwargs):
+        raise RuntimeError("could not connect to server: the instance database is restarting")
+
+    monkeypatch.setattr(instance, "get_latest_materialization_event", database_restarting)
+    result = _never_answering_run(tmp_path, instance, monkeypatch)
+
+    assert not result.success and _retries(result) == []
+    failures = {e.step_key: e.step_failure_data.error.cause for e in result.all_events if e.is_step_failure}
+    assert sorted(failures) == ["grid_inputs", "model_weights"]
+    assert {error.cls_name for error in failures.values()} == {"StoreUnavailable"}
+    assert all("cannot open the bucket at s3://nowhere/grid: Could not connect" in error.message
+               for error in failures.values())  # fmt: skip

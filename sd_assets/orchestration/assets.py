@@ -94,7 +94,12 @@ def _served_earlier_runs(instance: dg.DagsterInstance, store_url: str) -> bool:
     """Whether the latest ``model_weights`` of the instance was materialized in the store at
     ``store_url``. The daemon starts each run in a process of its own, which has not seen the
     store answer: one started during an outage would otherwise take it for a wrong setting."""
-    event = instance.get_latest_materialization_event(dg.AssetKey("model_weights")) if store_url else None
+    if not store_url:
+        return False
+    try:
+        event = instance.get_latest_materialization_event(dg.AssetKey("model_weights"))
+    except Exception:  # the instance's storage out of reach too: the store's error is the one to report
+        return False
     materialization = event.asset_materialization if event else None
     location = materialization.metadata.get("location") if materialization else None
     return location is not None and str(location.value).startswith(f"{store_url}/")
