@@ -782,6 +782,25 @@ def test_a_run_started_during_an_outage_waits_for_a_store_that_served_the_runs_b
         assert not result.success and _retries(result) == []
 
 
+def test_a_run_on_another_endpoint_than_the_earlier_runs_is_not_waited_for(
+    bucket, s3_endpoint, tmp_path, instance, monkeypatch
+):
+    # The same store URL on an endpoint that never answered (AWS_ENDPOINT_URL mistyped, or left out
+    # of the daemon's environment): the setting is what changed, not the service.
+    from sd_assets.domain import s3_store
+
+    assert _run_through(_DownAsTheRunStarts(0), tmp_path, instance, bucket, s3_endpoint, monkeypatch).success
+    monkeypatch.setattr(s3_store, "_ANSWERED_ENDPOINTS", set())
+    mistyped = f"http://127.0.0.1:{_free_port()}"
+    result = _run_through(_DownAsTheRunStarts(0), tmp_path, instance, bucket, mistyped, monkeypatch)
+
+    assert not result.success and _retries(result) == []
+    assert not [e.message for e in instance.all_logs(result.run_id) if "it served this instance's runs" in e.message]
+    failures = {e.step_key: str(e.step_failure_data.error) for e in result.all_events if e.is_step_failure}
+    assert sorted(failures) == ["grid_inputs", "model_weights"]
+    assert all(f"Could not connect to the endpoint URL: \"{mistyped}/" in error for error in failures.values())
+
+
 def _never_answering_run(tmp_path, instance, monkeypatch):
     """generate_images for Banksy on an S3 endpoint that nothing listens on."""
     from sd_assets.definitions import GENERATE_JOB, build_definitions

@@ -23,13 +23,14 @@ class StoreUnavailable(StoreError):
     """The store's service did not answer, or answered that it is failing (an outage, not a setting):
     the same request may work a while later. ``answered``: it had answered this process before;
     ``problem``: the message without its advice, for a caller that tries again itself; ``store``:
-    the store's URL."""
+    the store's URL; ``endpoint``: the service's (an S3 endpoint), which the URL does not name."""
 
-    def __init__(self, message: str, answered: bool = False, problem: str = "", store: str = ""):
+    def __init__(self, message: str, answered: bool = False, problem: str = "", store: str = "", endpoint: str = ""):
         super().__init__(message)
         self.answered = answered
         self.problem = problem or message
         self.store = store
+        self.endpoint = endpoint
 
 
 def shown_name(name: str) -> str:

@@ -155,7 +155,7 @@ class S3Store(ArtifactStore):
                 )
                 raise StoreUnavailable(
                     f"{problem}; once it recovers, run again: {_RUN_AGAIN}", answered=True, problem=problem,
-                    store=self.url,
+                    store=self.url, endpoint=self.endpoint(),
                 ) from None
             raise StoreError(f"cannot {action} at {where}: {code or exc}") from None
         except BotoCoreError as exc:
@@ -167,7 +167,7 @@ class S3Store(ArtifactStore):
                 )
                 raise StoreUnavailable(
                     f"{problem}; once it answers again, run again: {_RUN_AGAIN}", answered=True, problem=problem,
-                    store=self.url,
+                    store=self.url, endpoint=self.endpoint(),
                 ) from None
             problem = f"cannot {action} at {where}: {exc}"
             if not stopped:
@@ -176,6 +176,7 @@ class S3Store(ArtifactStore):
             raise StoreUnavailable(
                 f"{problem} (check AWS_ENDPOINT_URL and AWS_REGION; if they are right, the S3 service is down or "
                 "out of reach: run again once it answers)", problem=problem, store=self.url,
+                endpoint=self.endpoint(),
             ) from None
         except ValueError as exc:
             # botocore's plain ValueError for an endpoint without a scheme or host: "Invalid endpoint: <url>"
@@ -189,10 +190,13 @@ class S3Store(ArtifactStore):
                 f"cannot {action} at {where}: {setting} is not a URL; write it as http://host[:port] or https://host[:port]"
             ) from None
 
+    def endpoint(self) -> str:
+        client = getattr(self, "client", None)  # none yet when boto3 refused to make one
+        return client.meta.endpoint_url if client is not None else ""
+
     def _has_answered(self) -> bool:
         """Whether this store's endpoint has answered this process, through this store or another."""
-        client = getattr(self, "client", None)  # none yet when boto3 refused to make one
-        return client is not None and client.meta.endpoint_url in _ANSWERED_ENDPOINTS
+        return self.endpoint() in _ANSWERED_ENDPOINTS
 
     def _object_key(self, key: str) -> str:
         return self.prefix + _check_key(key)

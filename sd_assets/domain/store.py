@@ -113,6 +113,11 @@ class ArtifactStore(ABC):
     def location(self, key: str = "") -> str:
         """Where a person finds ``key``: a file path or an s3:// URL."""
 
+    def endpoint(self) -> str:
+        """The service that holds the store where its location does not name it: an S3 endpoint
+        (``AWS_ENDPOINT_URL``, or AWS's for the region); '' for a folder."""
+        return ""
+
     def read_text(self, key: str) -> str:
         return self.read_bytes(key).decode("utf-8")
 

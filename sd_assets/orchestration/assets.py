@@ -72,7 +72,7 @@ def _retried_through_store_outages(compute):
             tries = context.retry_number
             if tries >= len(OUTAGE_RETRY_SECONDS):
                 raise
-            served = not exc.answered and tries == 0 and _served_earlier_runs(context.instance, exc.store)
+            served = not exc.answered and tries == 0 and _served_earlier_runs(context.instance, exc.store, exc.endpoint)
             if not (exc.answered or tries > 0 or served):
                 raise
             wait = OUTAGE_RETRY_SECONDS[tries]
@@ -90,10 +90,12 @@ def _retried_through_store_outages(compute):
     return retried
 
 
-def _served_earlier_runs(instance: dg.DagsterInstance, store_url: str) -> bool:
+def _served_earlier_runs(instance: dg.DagsterInstance, store_url: str, endpoint: str) -> bool:
     """Whether the latest ``model_weights`` of the instance was materialized in the store at
-    ``store_url``. The daemon starts each run in a process of its own, which has not seen the
-    store answer: one started during an outage would otherwise take it for a wrong setting."""
+    ``store_url`` through ``endpoint``. The daemon starts each run in a process of its own, which
+    has not seen the store answer: one started during an outage would otherwise take it for a
+    wrong setting. The same URL on another endpoint is the setting that changed (a materialization
+    from before the endpoint was recorded is taken at its location's word)."""
     if not store_url:
         return False
     try:
@@ -101,7 +103,10 @@ def _served_earlier_runs(instance: dg.DagsterInstance, store_url: str) -> bool:
     except Exception:  # the instance's storage out of reach too: the store's error is the one to report
         return False
     materialization = event.asset_materialization if event else None
-    location = materialization.metadata.get("location") if materialization else None
+    metadata = materialization.metadata if materialization else {}
+    location, recorded = metadata.get("location"), metadata.get("s3_endpoint")
+    if recorded is not None and str(recorded.value) != endpoint:
+        return False
     return location is not None and str(location.value).startswith(f"{store_url}/")
 
 
@@ -240,6 +245,8 @@ def build_assets(styles: dg.StaticPartitionsDefinition) -> list:
                 "seconds": round(report.seconds, 3),
                 "rebuilt_because": "; ".join(report.problems) or "-",
                 "location": dg.MetadataValue.path(artifact_store.location(ref.prefix)),
+                # A run whose process finds the store down waits for it on this endpoint only (_served_earlier_runs).
+                **({"s3_endpoint": artifact_store.endpoint()} if artifact_store.endpoint() else {}),
             },
             data_version=dg.DataVersion(ref.revision),
         )
