@@ -72,9 +72,11 @@ def _retried_through_store_outages(compute):
             tries = context.retry_number
             if tries >= len(OUTAGE_RETRY_SECONDS):
                 raise
-            served = not exc.answered and tries == 0 and _served_earlier_runs(context.instance, exc.store, exc.endpoint)
-            if not (exc.answered or tries > 0 or served):
-                raise
+            served = False  # a first try on a store this process never saw answer: does the instance know it?
+            if tries == 0 and not exc.answered:
+                served = _served_earlier_runs(context.instance, exc.store, exc.endpoint)
+                if not served:
+                    raise
             wait = OUTAGE_RETRY_SECONDS[tries]
             # Dagster frees a step's pool slot while it waits to be tried again: another run's step may take it,
             # and the try then waits for a slot, with no word in the log (seen with the daemon on Postgres).
