@@ -153,10 +153,7 @@ class S3Store(ArtifactStore):
                     f"cannot {action} at {where}: the S3 service at {self.client.meta.endpoint_url} answered "
                     f"{code} (overloaded or failing) to every try"
                 )
-                raise StoreUnavailable(
-                    f"{problem}; once it recovers, run again: {_RUN_AGAIN}", answered=True, problem=problem,
-                    store=self.url, endpoint=self.endpoint(),
-                ) from None
+                raise self._unavailable(problem, f"once it recovers, run again: {_RUN_AGAIN}") from None
             raise StoreError(f"cannot {action} at {where}: {code or exc}") from None
         except BotoCoreError as exc:
             stopped = [text for kind, text in _STOPPED_ANSWERING.items() if isinstance(exc, kind)]
@@ -165,18 +162,14 @@ class S3Store(ArtifactStore):
                     f"cannot {action} at {where}: the S3 endpoint {self.client.meta.endpoint_url} stopped "
                     f"answering ({stopped[0]})"
                 )
-                raise StoreUnavailable(
-                    f"{problem}; once it answers again, run again: {_RUN_AGAIN}", answered=True, problem=problem,
-                    store=self.url, endpoint=self.endpoint(),
-                ) from None
+                raise self._unavailable(problem, f"once it answers again, run again: {_RUN_AGAIN}") from None
             problem = f"cannot {action} at {where}: {exc}"
             if not stopped:
                 raise StoreError(f"{problem} (check AWS_ENDPOINT_URL and AWS_REGION)") from None
             # Never seen answering by this process: a wrong setting, or a run started during an outage.
             raise StoreUnavailable(
                 f"{problem} (check AWS_ENDPOINT_URL and AWS_REGION; if they are right, the S3 service is down or "
-                "out of reach: run again once it answers)", problem=problem, store=self.url,
-                endpoint=self.endpoint(),
+                "out of reach: run again once it answers)", problem=problem, store=self.url, endpoint=self.endpoint(),
             ) from None
         except ValueError as exc:
             # botocore's plain ValueError for an endpoint without a scheme or host: "Invalid endpoint: <url>"
@@ -189,6 +182,12 @@ class S3Store(ArtifactStore):
             raise StoreError(
                 f"cannot {action} at {where}: {setting} is not a URL; write it as http://host[:port] or https://host[:port]"
             ) from None
+
+    def _unavailable(self, problem: str, advice: str) -> StoreUnavailable:
+        """The outage ``problem`` of this store, whose endpoint has answered before, told with ``advice``."""
+        return StoreUnavailable(
+            f"{problem}; {advice}", answered=True, problem=problem, store=self.url, endpoint=self.endpoint()
+        )
 
     def endpoint(self) -> str:
         client = getattr(self, "client", None)  # none yet when boto3 refused to make one
