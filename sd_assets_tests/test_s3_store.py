@@ -744,6 +744,42 @@ def test_a_store_gone_between_two_steps_of_a_run_is_an_outage_too(bucket, s3_end
     assert _metadata(result, "style_images")["generated"] == 8
 
 
+class _DownDuringTheModelUpload:
+    """The network to S3 lost once model_weights has uploaded two files of the model, until a step
+    opens the bucket again."""
+
+    def __init__(self):
+        self.uploaded: list[str] = []
+        self.down, self.failed = False, 0
+
+    def before_send(self, request, event_name: str, **kwargs):
+        operation = event_name.rsplit(".", 1)[-1]
+        if self.down and operation == "HeadBucket":
+            self.down = False
+        if self.down:
+            self.failed += 1
+            raise botocore.exceptions.EndpointConnectionError(endpoint_url=request.url)
+        if operation == "PutObject" and "/models/" in request.url:
+            self.uploaded.append(request.url.split("?")[0])
+            self.down = len(self.uploaded) == 2 and not self.failed
+
+
+def test_a_model_upload_cut_short_is_uploaded_whole_by_the_next_try(bucket, s3_endpoint, tmp_path, instance,
+                                                                     monkeypatch):  # fmt: skip
+    outage = _DownDuringTheModelUpload()
+    result = _run_through(outage, tmp_path, instance, bucket, s3_endpoint, monkeypatch)
+
+    assert result.success and outage.failed >= 1 and _retries(result) == ["model_weights"]
+    [warning] = [e.message for e in instance.all_logs(result.run_id) if "trying again in" in e.message]
+    assert warning.endswith(": the next try keeps the store's copy of the model if it is whole, else uploads the "
+                            "model again")  # fmt: skip
+    # The try after the outage found no manifest for the two files it had: it uploaded every file again.
+    weights = _metadata(result, "model_weights")
+    assert weights["cache"] != "cached" and "manifest.json missing" in weights["rebuilt_because"]
+    assert len(set(outage.uploaded)) == len(outage.uploaded) - 2
+    assert _metadata(result, "style_images")["generated"] == 8
+
+
 def test_a_store_that_does_not_answer_again_fails_the_step_after_three_more_tries(
     bucket, s3_endpoint, tmp_path, instance, monkeypatch
 ):
@@ -774,6 +810,9 @@ def test_a_run_started_during_an_outage_waits_for_a_store_that_served_the_runs_b
     [warning] = [e.message for e in instance.all_logs(result.run_id) if "trying again in" in e.message]
     assert warning.startswith(f"cannot open the bucket at s3://{bucket}/grid: Could not connect to the endpoint URL")
     assert "(it served this instance's runs before); trying again in 0.1 s (retry 1 of 3)" in warning
+    # The step that met the outage wrote nothing: its warning does not speak of images kept or missing.
+    assert step == "grid_inputs"
+    assert warning.endswith(": it writes nothing: the next try reads the subject lists again")
 
     # On an instance with no run in that store, the endpoint may be mistyped: the step fails at once.
     monkeypatch.setattr(s3_store, "_ANSWERED_ENDPOINTS", set())

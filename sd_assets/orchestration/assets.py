@@ -56,13 +56,19 @@ INDEX_ATTEMPTS = 3
 OUTAGE_RETRY_SECONDS = (30, 60, 120)
 
 
-def _retried_through_store_outages(compute):
+# What a step's next try does after an outage, as its warning tells it.
+MAKES_WHAT_IS_MISSING = "what was written is kept, and the next try makes only what is still missing"
+
+
+def _retried_through_store_outages(compute=None, *, next_try: str = MAKES_WHAT_IS_MISSING):
     """Run an asset's step again, within its run, when its store stops answering (``StoreUnavailable``).
 
     A store that never answered this process is not waited for on the first try unless an earlier
     run of the instance materialized ``model_weights`` in it: else the setting is likely wrong. On
-    a try after an outage it is the outage going on.
+    a try after an outage it is the outage going on. ``next_try`` tells what the next try does.
     """
+    if compute is None:
+        return functools.partial(_retried_through_store_outages, next_try=next_try)
 
     @functools.wraps(compute)
     def retried(context: dg.AssetExecutionContext, *args, **kwargs):
@@ -85,7 +91,7 @@ def _retried_through_store_outages(compute):
             before = " (it served this instance's runs before)" if served else ""
             context.log.warning(
                 f"{exc.problem}{before}; trying again in {wait} s (retry {tries + 1} of {len(OUTAGE_RETRY_SECONDS)})"
-                f"{then if pool else ''}: what was written is kept, and the next try makes only what is still missing"
+                f"{then if pool else ''}: {next_try}"
             )
             raise dg.RetryRequested(max_retries=len(OUTAGE_RETRY_SECONDS), seconds_to_wait=wait) from exc
 
@@ -166,7 +172,7 @@ def _grid_inputs_asset():
         warnings.simplefilter("ignore", dg.BetaWarning)
 
         @dg.multi_observable_source_asset(specs=[spec], name="grid_inputs")
-        @_retried_through_store_outages
+        @_retried_through_store_outages(next_try="it writes nothing: the next try reads the subject lists again")
         def grid_inputs(
             context: dg.AssetExecutionContext, grid: GridResource, store: ArtifactStoreResource
         ) -> dg.ObserveResult:
@@ -216,7 +222,8 @@ def build_assets(styles: dg.StaticPartitionsDefinition) -> list:
         kinds={"pytorch", "diffusers"},
         description="The Stable Diffusion pipeline the workers load, cached and verified in the store.",
     )
-    @_retried_through_store_outages
+    @_retried_through_store_outages(next_try="the next try keeps the store's copy of the model if it is whole, "
+                                    "else uploads the model again")
     def model_weights(
         context: dg.AssetExecutionContext,
         grid: GridResource,
