@@ -660,7 +660,7 @@ def _normal(text: pd.Series | str):
 
     if isinstance(text, str):
         return unicodedata.normalize("NFC", text).casefold()
-    return text.astype(str).map(lambda value: unicodedata.normalize("NFC", value).casefold())
+    return _text(text).map(lambda value: unicodedata.normalize("NFC", value).casefold())
 
 
 # The combining marks that accent letters (Unicode's Combining Diacritical Marks blocks): é, ö, ç, ǘ.
@@ -678,7 +678,12 @@ def _unaccented(text: pd.Series | str):
         decomposed = unicodedata.normalize("NFKD", value.casefold())  # folded first: 'İ' folds to 'i' and a dot
         return unicodedata.normalize("NFC", _ACCENTS.sub("", decomposed))
 
-    return fold(text) if isinstance(text, str) else text.astype(str).map(fold)
+    return fold(text) if isinstance(text, str) else _text(text).map(fold)
+
+
+def _text(column: pd.Series) -> pd.Series:
+    """A column's cells as text; an empty cell (a frame put together in a notebook) as ''."""
+    return column.astype(str).fillna("")
 
 
 def _equals(catalog: pd.DataFrame, column: str, value: str | int | float | bool) -> pd.Series:
