@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import io
 import json
+import logging
 import re
 import shutil
 import threading
@@ -671,6 +673,41 @@ def test_a_prompt_of_exactly_the_tokens_the_text_encoder_reads_is_made_one_more_
 
     overlong = engine.overlong_prompts(loaded, rows)
     assert [overlong.refuses(row) for row in rows] == [False, True]
+    # The message says why the demo's limit is so short: about 75 letters, not 75 words.
+    message = overlong.message("Banksy", rows[1:], made=1)
+    assert message.startswith("Banksy: the text encoder reads 77 tokens of a prompt (this model's tokenizer reads a "
+                              "token a letter, as the demo's tiny-random does: about 75 characters of prompt, where "
+                              "a real model's reads most words as one token), and these are longer: ")  # fmt: skip
+
+
+def test_counting_a_long_prompts_tokens_prints_no_warning_of_the_tokenizer(loaded):
+    # transformers warns a tokenizer once that a text is over its length ("... will result in indexing
+    # errors"): counting is what the check is for, and the prompt is not run. Its logger's handler
+    # holds the stream of whichever test configured it: the test listens on the logger itself.
+    from transformers import CLIPTokenizer
+
+    from sd_assets.domain.tiny_model import tiny_vocabulary
+
+    fresh = copy.copy(loaded.pipeline)
+    fresh.tokenizer = CLIPTokenizer(vocab=tiny_vocabulary(), merges=[], model_max_length=77)
+    rows = [ROWS[0], dataclasses.replace(ROWS[1], prompt="a " * 100)]
+    heard = _Heard()
+    logging.getLogger("transformers").addHandler(heard)
+    try:
+        overlong = engine.overlong_prompts(dataclasses.replace(loaded, pipeline=fresh), rows)
+    finally:
+        logging.getLogger("transformers").removeHandler(heard)
+    assert list(overlong.tokens.values()) == [102]
+    assert not [message for message in heard.messages if "Token indices sequence length" in message]
+
+
+class _Heard(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
 
 
 def test_asking_for_the_safety_checker_of_a_model_without_one_is_a_clear_error(loaded):

@@ -336,6 +336,8 @@ class OverlongPrompts:
 
     limit: int
     tokens: dict[str, int]  # each such text: its length in tokens
+    # The tokenizer reads a token a letter (no word pieces), as the tiny-random demo model's does.
+    by_letter: bool = False
 
     def refuses(self, row: PromptRow) -> bool:
         return row.prompt in self.tokens or row.negative_prompt in self.tokens
@@ -354,8 +356,13 @@ class OverlongPrompts:
             shown = subject if len(subject) <= 60 else subject[:57] + "..."
             named.append(f"the prompt of {shown!r} ({self.tokens[prompt]} tokens)")
         listed = "; ".join(named[:5]) + (f"; and {len(named) - 5} more" if len(named) > 5 else "")
+        letters = (
+            f" (this model's tokenizer reads a token a letter, as the demo's tiny-random does: about {self.limit - 2} "
+            "characters of prompt, where a real model's reads most words as one token)"
+        )
         return (
-            f"{style}: the text encoder reads {self.limit} tokens of a prompt, and these are longer: {listed}. The "
+            f"{style}: the text encoder reads {self.limit} tokens of a prompt{letters if self.by_letter else ''}, "
+            f"and these are longer: {listed}. The "
             "pipeline would cut them, and each picture would show only the start of the prompt it is filed under "
             "(a style at the end is lost: every style, the same picture). Shorten them (the subject lists, or the "
             f"grid's prompt template or negative prompt) and run again. Not made: {count(len(refused), 'image')} of "
@@ -368,8 +375,12 @@ def overlong_prompts(loaded: LoadedPipeline, rows: Sequence[PromptRow]) -> Overl
     tokenizer = loaded.pipeline.tokenizer
     limit = tokenizer.model_max_length
     texts = {text for row in rows for text in (row.prompt, row.negative_prompt)}
-    counts = {text: len(tokenizer(text).input_ids) for text in texts}
-    return OverlongPrompts(limit, {text: tokens for text, tokens in counts.items() if tokens > limit})
+    # verbose=False: counting a long prompt's tokens is the point, not the mistake transformers warns of.
+    counts = {text: len(tokenizer(text, verbose=False).input_ids) for text in texts}
+    overlong = {text: tokens for text, tokens in counts.items() if tokens > limit}
+    word = "portrait"  # one token for CLIP's tokenizer; a token a letter, and start and end tokens, for the tiny one
+    by_letter = bool(overlong) and len(tokenizer(word).input_ids) == len(word) + 2
+    return OverlongPrompts(limit, overlong, by_letter)
 
 
 def render_batch(loaded: LoadedPipeline, rows: Sequence[PromptRow], settings: GenerationSettings):
