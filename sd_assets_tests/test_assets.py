@@ -505,8 +505,7 @@ def test_a_run_of_a_style_the_grid_no_longer_has_fails_saying_to_reload_and_back
     assert (
         f"this run's style 'Andy Warhol' is not in the grid {grid_path}, whose styles are ['Banksy', "
         "'Andy warhol', 'Claude Monet']: the grid's styles were edited after the code location loaded or "
-        "after this run was queued (or, given with dagster job execute --tags, the style is misspelled); "
-        "reload the code location (UI: Deployment > Reload) and backfill the styles that are new (UI: Jobs > "
+        "after this run was queued; reload the code location (UI: Deployment > Reload) and backfill the styles that are new (UI: Jobs > "
         "generate_images > Partitions, select the missing ones, Launch backfill)"
     ) in str(failure.step_failure_data.error)
     assert _pngs(grid_path.parent / "data") == {}
@@ -519,6 +518,25 @@ def test_a_run_of_a_style_the_grid_no_longer_has_fails_saying_to_reload_and_back
     )  # fmt: skip
     [failure] = [event for event in result.all_events if event.is_step_failure]
     assert "(UI: Jobs > generate_images > Partitions, " in str(failure.step_failure_data.error)
+
+
+def test_a_run_of_a_misspelt_style_says_which_style_was_meant_not_to_reload(grid_path, instance):
+    # `dagster job execute --tags` launches a partition key the code never had: a typo, not an edited grid.
+    defs = build_definitions({"SD_ASSETS_GRID": str(grid_path), "SD_ASSETS_DEVICE": "cpu"})
+    for typed in ("Andy Warhal", "andy-warhol", "warhol"):
+        result = defs.resolve_job_def("generate_images").execute_in_process(
+            tags={"dagster/partition": typed}, instance=instance, raise_on_error=False
+        )
+        assert not result.success
+        [failure] = [event for event in result.all_events if event.is_step_failure]
+        assert failure.step_key == "prompt_grid"
+        assert (
+            f"this run's style {typed!r} is not in the grid {grid_path} (did you mean 'Andy Warhol'?); its styles are "
+            "['Banksy', 'Andy Warhol']: give one of them, as it is written there (--tags '{\"dagster/partition\": "
+            "\"Banksy\"}')"
+        ) in str(failure.step_failure_data.error)
+        assert "reload" not in str(failure.step_failure_data.error)
+    assert _pngs(grid_path.parent / "data") == {}
 
 
 def _check(result) -> dg.AssetCheckEvaluation:

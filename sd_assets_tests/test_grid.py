@@ -158,6 +158,22 @@ def test_a_style_with_a_combining_accent_is_the_same_as_its_composed_form(tmp_pa
     assert load_grid(path).styles == ["\u00c9douard Manet", "Banksy"]
 
 
+def test_a_style_not_in_the_grid_names_the_one_it_likely_meant(tmp_path):
+    grid = load_grid(write_grid(tmp_path, styles=("Banksy", "Andy Warhol", "Vincent Van Gogh", "Pablo Picasso")))
+    assert grid.require_style("Andy Warhol") == "Andy Warhol"
+    meant = {"andy-warhol": "Andy Warhol", "warhol": "Andy Warhol", "Andy Warhal": "Andy Warhol",
+             "VAN GOGH": "Vincent Van Gogh", "vincent van gohg": "Vincent Van Gogh", "banksy ": "Banksy"}  # fmt: skip
+    for typed, style in meant.items():
+        with pytest.raises(GridError) as raised:
+            grid.require_style(typed)
+        assert str(raised.value) == f"unknown style {typed!r} (did you mean {style!r}?); the grid {grid.source} has " \
+            "['Banksy', 'Andy Warhol', 'Vincent Van Gogh', 'Pablo Picasso']"
+    # Nothing alike, or a part of more than one style: no guess.
+    for typed in ("Claude Monet", "o", "-"):
+        with pytest.raises(GridError, match=rf"^unknown style '{typed}'; the grid "):
+            grid.require_style(typed)
+
+
 def test_compile_vae_comes_with_compile(tmp_path):
     path = tmp_path / "grid.yaml"
     path.write_text(VALID + "inference: {compile: true, compile_vae: true}\n")

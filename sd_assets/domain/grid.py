@@ -207,8 +207,21 @@ class GridConfig(_Strict):
 
     def require_style(self, style: str) -> str:
         if style not in self.styles:
-            raise GridError(f"unknown style {style!r}; the grid {self.source} has {self.styles}")
+            hint = self.style_hint(style)
+            raise GridError(f"unknown style {style!r}{hint}; the grid {self.source} has {self.styles}")
         return style
+
+    def style_hint(self, typed: str) -> str:
+        """" (did you mean 'X'?)" for a style of the grid that ``typed`` likely meant (its slug, part
+        of its name, or its name misspelt: 'andy-warhol', 'warhol', 'Andy Warhal'), else ''."""
+        slugs = {slugify(style): style for style in self.styles}  # NFC already
+        wanted = slugify(unicodedata.normalize("NFC", typed))
+        if not wanted:
+            return ""
+        close = [slugs[wanted]] if wanted in slugs else [style for slug, style in slugs.items() if wanted in slug]
+        if len(close) != 1:
+            close = [slugs[slug] for slug in difflib.get_close_matches(wanted, list(slugs), n=1, cutoff=0.75)]
+        return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _describe_location(loc: tuple) -> str:

@@ -128,17 +128,23 @@ def _style(context: dg.AssetExecutionContext, config: GridConfig) -> str:
             f"the grid {config.source} has {config.styles}"
         )
     style = context.partition_key
-    if style not in config.styles:
-        # The UI, backfills and the sensor launch only the loaded code's partitions, so the grid changed since
-        # then; `dagster job execute --tags` checks none, so there it may be a typo.
+    if style in config.styles:
+        return style
+    # The UI, backfills and the sensor launch only the loaded code's partitions; `dagster job execute
+    # --tags` checks none: a style the code never had was typed there.
+    loaded = context.assets_def.partitions_def
+    if loaded is not None and style not in loaded.get_partition_keys():
+        example = json.dumps({"dagster/partition": config.styles[0]})
         raise GridError(
-            f"this run's style {style!r} is not in the grid {config.source}, whose styles are {config.styles}: "
-            "the grid's styles were edited after the code location loaded or after this run was queued "
-            "(or, given with dagster job execute --tags, the style is misspelled); "
-            "reload the code location (UI: Deployment > Reload) and backfill the styles that are new "
-            f"(UI: Jobs > {GENERATE_JOB} > Partitions, select the missing ones, Launch backfill)"
+            f"this run's style {style!r} is not in the grid {config.source}{config.style_hint(style)}; its styles "
+            f"are {config.styles}: give one of them, as it is written there (--tags '{example}')"
         )
-    return style
+    raise GridError(
+        f"this run's style {style!r} is not in the grid {config.source}, whose styles are {config.styles}: "
+        "the grid's styles were edited after the code location loaded or after this run was queued; "
+        "reload the code location (UI: Deployment > Reload) and backfill the styles that are new "
+        f"(UI: Jobs > {GENERATE_JOB} > Partitions, select the missing ones, Launch backfill)"
+    )
 
 
 def _settings_now(config: GridConfig, artifact_store):
