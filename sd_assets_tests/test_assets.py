@@ -499,15 +499,12 @@ def test_a_run_of_a_style_the_grid_no_longer_has_fails_saying_to_reload_and_back
     result = defs.resolve_job_def("generate_images").execute_in_process(
         partition_key="Andy Warhol", instance=instance, raise_on_error=False
     )
-    assert not result.success
-    [failure] = [event for event in result.all_events if event.is_step_failure]
-    assert failure.step_key == "prompt_grid"
     assert (
         f"this run's style 'Andy Warhol' is not in the grid {grid_path}, whose styles are ['Banksy', "
         "'Andy warhol', 'Claude Monet']: the grid's styles were edited after the code location loaded or "
-        "after this run was queued; reload the code location (UI: Deployment > Reload) and backfill the styles that are new (UI: Jobs > "
-        "generate_images > Partitions, select the missing ones, Launch backfill)"
-    ) in str(failure.step_failure_data.error)
+        "after this run was queued; reload the code location (UI: Deployment > Reload) and backfill the styles "
+        "that are new (UI: Jobs > generate_images > Partitions, select the missing ones, Launch backfill)"
+    ) in _prompt_grid_failure(result)
     assert _pngs(grid_path.parent / "data") == {}
     # Materialized from the asset graph, the run is the implicit asset job's: the message still
     # sends the user to the job that makes a style.
@@ -527,16 +524,22 @@ def test_a_run_of_a_misspelt_style_says_which_style_was_meant_not_to_reload(grid
         result = defs.resolve_job_def("generate_images").execute_in_process(
             tags={"dagster/partition": typed}, instance=instance, raise_on_error=False
         )
-        assert not result.success
-        [failure] = [event for event in result.all_events if event.is_step_failure]
-        assert failure.step_key == "prompt_grid"
+        error = _prompt_grid_failure(result)
         assert (
             f"this run's style {typed!r} is not in the grid {grid_path} (did you mean 'Andy Warhol'?); its styles are "
             "['Banksy', 'Andy Warhol']: give one of them, as it is written there (--tags '{\"dagster/partition\": "
             "\"Banksy\"}')"
-        ) in str(failure.step_failure_data.error)
-        assert "reload" not in str(failure.step_failure_data.error)
+        ) in error
+        assert "reload" not in error
     assert _pngs(grid_path.parent / "data") == {}
+
+
+def _prompt_grid_failure(result) -> str:
+    """The error of a failed run whose only failed step is prompt_grid."""
+    assert not result.success
+    [failure] = [event for event in result.all_events if event.is_step_failure]
+    assert failure.step_key == "prompt_grid"
+    return str(failure.step_failure_data.error)
 
 
 def _check(result) -> dg.AssetCheckEvaluation:
