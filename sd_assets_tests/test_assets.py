@@ -534,6 +534,24 @@ def test_a_run_of_a_misspelt_style_says_which_style_was_meant_not_to_reload(grid
     assert _pngs(grid_path.parent / "data") == {}
 
 
+def test_a_run_whose_subject_lists_fail_fetches_no_model(tmp_path, instance):
+    # A mistyped subjects_dir: with a hub model, the user would wait for gigabytes to learn of it.
+    grid_path = write_grid(tmp_path)  # its store holds no model yet
+    grid_path.write_text(grid_path.read_text().replace("subjects_dir: subjects", "subjects_dir: lists"))
+    defs = build_definitions({"SD_ASSETS_GRID": str(grid_path), "SD_ASSETS_DEVICE": "cpu"})
+    result = defs.resolve_job_def("generate_images").execute_in_process(
+        partition_key="Banksy", instance=instance, raise_on_error=False
+    )
+    failures = {e.step_key: str(e.step_failure_data.error) for e in result.all_events if e.is_step_failure}
+    assert sorted(failures) == ["grid_inputs", "model_weights"]
+    assert f"subject lists folder {grid_path.parent / 'lists'} does not exist" in failures["grid_inputs"]
+    assert (
+        "not run: grid_inputs failed in this run, and without the subject lists the run makes no image; fix what "
+        "its error names and run again (the model is fetched then)"
+    ) in failures["model_weights"]
+    assert not (grid_path.parent / "data" / "models").exists()
+
+
 def _prompt_grid_failure(result) -> str:
     """The error of a failed run whose only failed step is prompt_grid."""
     assert not result.success

@@ -20,7 +20,7 @@ import dagster as dg
 from sd_assets.domain import catalog as catalog_lib
 from sd_assets.domain import engine, gallery
 from sd_assets.domain import profile as gpu_profile
-from sd_assets.domain.errors import GridError, ModelError, StoreUnavailable
+from sd_assets.domain.errors import GridError, ModelError, SdAssetsError, StoreUnavailable
 from sd_assets.domain.generation import StyleRunReport, make_style_images
 from sd_assets.domain.grid import GridConfig, slugify, unique_subjects
 from sd_assets.domain.models import ModelRef, ensure_model, local_model_folder, read_model_ref
@@ -116,6 +116,21 @@ def _served_earlier_runs(instance: dg.DagsterInstance, store_url: str, endpoint:
     if recorded is not None and str(recorded.value) != endpoint:
         return False
     return location is not None and str(location.value).startswith(f"{store_url}/")
+
+
+def _stop_if_grid_inputs_failed(context: dg.AssetExecutionContext) -> None:
+    """Fail before fetching a model (gigabytes from the hub) for a run whose subject lists failed
+    already: it would make nothing with it, and its user would wait for the download to learn of a
+    typo in the grid. The run's steps go one at a time, grid_inputs first."""
+    try:
+        failures = context.instance.all_logs(context.run_id, of_type=dg.DagsterEventType.STEP_FAILURE)
+    except Exception:  # the instance's storage out of reach: the step goes on, to fail on its own if need be
+        return
+    if any(entry.step_key == "grid_inputs" for entry in failures):
+        raise SdAssetsError(
+            "not run: grid_inputs failed in this run, and without the subject lists the run makes no image; "
+            "fix what its error names and run again (the model is fetched then)"
+        )
 
 
 def _style(context: dg.AssetExecutionContext, config: GridConfig) -> str:
@@ -237,6 +252,7 @@ def build_assets(styles: dg.StaticPartitionsDefinition) -> list:
         hub: HubResource,
         generator: GeneratorResource,
     ) -> dg.MaterializeResult:
+        _stop_if_grid_inputs_failed(context)
         config = grid.load()
         artifact_store = store.open()
         # The runs of a backfill start together: one fills the cache, the others wait and find it filled.
