@@ -16,6 +16,7 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
+import torch
 
 from sd_assets.definitions import build_definitions
 from sd_assets.domain.devices import claim_device
@@ -91,6 +92,17 @@ def test_the_device_variable_is_checked_as_the_definitions_load(grid_path):
         expected = f"SD_ASSETS_DEVICE={bad!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:<index>'"
         with pytest.raises(SdAssetsError, match=re.escape(expected)):
             generator_device(bad)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
+def test_a_run_asking_for_a_gpu_on_a_node_without_one_names_the_setting(tmp_path):
+    with pytest.raises(SdAssetsError) as raised:
+        with GeneratorResource(device="cuda", device_lock_dir=str(tmp_path)).claim_device():
+            pass
+    assert str(raised.value) == (
+        "device 'cuda' asked for, but no CUDA GPU is visible to this process; the generator's device is "
+        "SD_ASSETS_DEVICE (auto: a GPU if one is seen)"
+    )
 
 
 def test_another_process_gets_another_device(tmp_path):

@@ -89,7 +89,11 @@ class GeneratorResource(dg.ConfigurableResource):
     @contextmanager
     def claim_device(self) -> Iterator[tuple[str, int | None]]:
         """(torch device, claimed index or None) for the ``with`` block; see ``domain.devices``."""
-        device = engine.pick_device(self.device)
+        try:
+            device = engine.pick_device(self.device)
+        except SdAssetsError as exc:  # the setting to change, as device_count's error names its own
+            setting = "the generator's device is SD_ASSETS_DEVICE (auto: a GPU if one is seen)"
+            raise SdAssetsError(f"{exc}; {setting}") from None
         count = self.device_count
         if device == "cuda":
             visible = engine.cuda_device_count()
