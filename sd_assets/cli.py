@@ -261,9 +261,8 @@ def _demo(args: argparse.Namespace) -> int:
 
     grid, storage = grid_from_environment()
     job = build_definitions().resolve_job_def(GENERATE_JOB)
-    styles = list(dict.fromkeys(args.style)) if args.style else grid.styles  # one given twice is made once
-    for style in styles:
-        grid.require_style(style)
+    # As the grid writes them (an accent typed as a separate mark too); one given twice is made once.
+    styles = list(dict.fromkeys(grid.require_style(style) for style in args.style)) if args.style else grid.styles
     instance = _instance(os.environ.get("DAGSTER_HOME"))
     not_made = False  # a run's check failed: images it could not make (each said as its run ends)
     for number, style in enumerate(styles):

@@ -2,7 +2,8 @@
 
 A backfill of every style launched through the webserver's GraphQL API, and the
 new_subject_lists sensor turned on with the `dagster` CLI, each run to the last image; a sensor
-run killed half-way through its images, run again by the daemon.
+run killed half-way through its images, run again by the daemon; a queued run whose style was
+renamed before it started.
 """
 
 from __future__ import annotations
@@ -267,3 +268,32 @@ def test_a_run_killed_mid_style_is_run_again_by_the_daemon_and_makes_only_the_re
     assert 0 < len(paths) - made[retry.run_id] < len(paths), "the retry made only what the killed run had not"
     catalog = pq.read_table(data / "catalog" / "banksy.parquet")
     assert catalog.num_rows == len(paths) and set(catalog["run_id"].to_pylist()) == {killed.run_id, retry.run_id}
+
+
+def test_a_queued_run_of_a_style_renamed_before_it_starts_says_to_reload_and_backfill(node, node_instance):
+    # Queued with `dagster job launch` while no daemon runs; the grid's style renamed meanwhile. The run's
+    # own process reads the new grid: the style is in neither it nor that process's partitions.
+    deadline = time.monotonic() + TIMEOUT_SECONDS
+    tags = json.dumps({"dagster/partition": "Andy Warhol"})
+    subprocess.run(
+        [str(BIN / "dagster"), "job", "launch", "-j", GENERATE_JOB, "-w", "workspace.yaml", "--tags", tags],
+        cwd=WORKTREE, env=node.env, check=True, capture_output=True,
+    )  # fmt: skip
+    [queued] = node_instance.get_runs()
+    assert queued.status == dg.DagsterRunStatus.QUEUED
+    node.grid.write_text(node.grid.read_text().replace("[Banksy, Andy Warhol]", "[Banksy, Andy warhol]"))
+    node.start_daemon()
+    while node_instance.get_run_by_id(queued.run_id).status != dg.DagsterRunStatus.FAILURE:
+        assert time.monotonic() < deadline, node.logs()
+        node.check_alive()
+        time.sleep(1)
+    failures = node_instance.all_logs(queued.run_id, of_type=dg.DagsterEventType.STEP_FAILURE)
+    [failure] = [entry.dagster_event for entry in failures]
+    assert failure.step_key == "prompt_grid"
+    assert (
+        f"this run's style 'Andy Warhol' is not in the grid {node.grid} (did you mean 'Andy warhol'?), whose "
+        "styles are ['Banksy', 'Andy warhol']: the grid's styles were edited after the code location loaded or "
+        "after this run was queued (or, given with dagster job launch --tags, the style is misspelled); reload "
+        "the code location (UI: Deployment > Reload) and backfill the styles that are new (UI: Jobs > "
+        "generate_images > Partitions, select the missing ones, Launch backfill)"
+    ) in str(failure.step_failure_data.error)

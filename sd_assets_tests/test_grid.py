@@ -159,15 +159,18 @@ def test_a_style_with_a_combining_accent_is_the_same_as_its_composed_form(tmp_pa
 
 
 def test_a_style_not_in_the_grid_names_the_one_it_likely_meant(tmp_path):
-    grid = load_grid(write_grid(tmp_path, styles=("Banksy", "Andy Warhol", "Vincent Van Gogh", "Pablo Picasso")))
+    styles = ("Banksy", "Andy Warhol", "Vincent Van Gogh", "Pablo Picasso", "Émile Bernard")
+    grid = load_grid(write_grid(tmp_path, styles=styles))
     assert grid.require_style("Andy Warhol") == "Andy Warhol"
+    assert grid.require_style("E\u0301mile Bernard") == "Émile Bernard"  # an accent typed as a separate mark
     meant = {"andy-warhol": "Andy Warhol", "warhol": "Andy Warhol", "Andy Warhal": "Andy Warhol",
-             "VAN GOGH": "Vincent Van Gogh", "vincent van gohg": "Vincent Van Gogh", "banksy ": "Banksy"}  # fmt: skip
+             "VAN GOGH": "Vincent Van Gogh", "vincent van gohg": "Vincent Van Gogh", "banksy ": "Banksy",
+             "emile": "Émile Bernard"}  # fmt: skip
     for typed, style in meant.items():
         with pytest.raises(GridError) as raised:
             grid.require_style(typed)
         assert str(raised.value) == f"unknown style {typed!r} (did you mean {style!r}?); the grid {grid.source} has " \
-            "['Banksy', 'Andy Warhol', 'Vincent Van Gogh', 'Pablo Picasso']"
+            f"{list(styles)}"
     # Nothing alike, or a part of more than one style: no guess.
     for typed in ("Claude Monet", "o", "-"):
         with pytest.raises(GridError, match=rf"^unknown style '{typed}'; the grid "):

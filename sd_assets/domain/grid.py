@@ -206,22 +206,32 @@ class GridConfig(_Strict):
         return self.prompt_template.format(subject=subject, style=style)
 
     def require_style(self, style: str) -> str:
-        if style not in self.styles:
-            hint = self.style_hint(style)
+        """``style`` as the grid writes it (in either Unicode form), else a GridError naming the
+        style it likely meant."""
+        composed = unicodedata.normalize("NFC", style)
+        if composed not in self.styles:
+            meant = self.likely_style(style)
+            hint = f" (did you mean {meant!r}?)" if meant else ""
             raise GridError(f"unknown style {style!r}{hint}; the grid {self.source} has {self.styles}")
-        return style
+        return composed
 
-    def style_hint(self, typed: str) -> str:
-        """" (did you mean 'X'?)" for a style of the grid that ``typed`` likely meant (its slug, part
-        of its name, or its name misspelt: 'andy-warhol', 'warhol', 'Andy Warhal'), else ''."""
-        slugs = {slugify(style): style for style in self.styles}  # NFC already
-        wanted = slugify(unicodedata.normalize("NFC", typed))
+    def likely_style(self, typed: str) -> str | None:
+        """The style of the grid that ``typed`` likely meant, else None: by its slug, a part of its
+        name, or its name misspelt ('andy-warhol', 'warhol', 'Andy Warhal'), accents optional."""
+        slugs = {_unaccented_slug(style): style for style in self.styles}
+        wanted = _unaccented_slug(typed)
         if not wanted:
-            return ""
+            return None
         close = [slugs[wanted]] if wanted in slugs else [style for slug, style in slugs.items() if wanted in slug]
         if len(close) != 1:
             close = [slugs[slug] for slug in difflib.get_close_matches(wanted, list(slugs), n=1, cutoff=0.75)]
-        return f" (did you mean {close[0]!r}?)" if close else ""
+        return close[0] if close else None
+
+
+def _unaccented_slug(name: str) -> str:
+    """A name's slug without its accents, to guess which style was meant ('emile' for 'Émile')."""
+    decomposed = unicodedata.normalize("NFKD", name)
+    return slugify("".join(char for char in decomposed if not unicodedata.combining(char)))
 
 
 def _describe_location(loc: tuple) -> str:

@@ -109,7 +109,7 @@ def build_prompt_rows(
     grid: GridConfig, style: str, subjects: list[str], settings: GenerationSettings
 ) -> list[PromptRow]:
     """The rows of one style: every subject times ``images_per_prompt``, in subject order."""
-    grid.require_style(style)
+    style = grid.require_style(style)
     keyed_settings = _keyed_settings(settings)
     rows = []
     for subject in subjects:

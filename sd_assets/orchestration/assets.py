@@ -9,6 +9,7 @@ import functools
 import io
 import json
 import re
+import shlex
 import time
 import warnings
 from dataclasses import dataclass
@@ -136,30 +137,36 @@ def _stop_if_grid_inputs_failed(context: dg.AssetExecutionContext) -> None:
 def _style(context: dg.AssetExecutionContext, config: GridConfig) -> str:
     """The style a run makes: its partition key, one of the grid's styles."""
     if not context.has_partition_key:
-        example = json.dumps({"dagster/partition": config.styles[0]})
         raise GridError(
             f"a run of {context.asset_key.to_user_string()} makes one style: give it a partition "
-            f"(dagster job execute ... --tags '{example}', or pick a style in the UI); "
+            f"(dagster job execute ... --tags {_partition_tags(config.styles[0])}, or pick a style in the UI); "
             f"the grid {config.source} has {config.styles}"
         )
     style = context.partition_key
     if style in config.styles:
         return style
-    # The UI, backfills and the sensor launch only the loaded code's partitions; `dagster job execute
-    # --tags` checks none: a style the code never had was typed there.
-    loaded = context.assets_def.partitions_def
-    if loaded is not None and style not in loaded.get_partition_keys():
-        example = json.dumps({"dagster/partition": config.styles[0]})
+    meant = config.likely_style(style)
+    hint = f" (did you mean {meant!r}?)" if meant else ""
+    if context.run.remote_job_origin is None:
+        # Made in this process (dagster job execute, sd-assets demo), whose code read the grid just now:
+        # the style was mistyped. `--tags` is not checked against the partitions, as the UI's launches are.
         raise GridError(
-            f"this run's style {style!r} is not in the grid {config.source}{config.style_hint(style)}; its styles "
-            f"are {config.styles}: give one of them, as it is written there (--tags '{example}')"
+            f"this run's style {style!r} is not in the grid {config.source}{hint}; its styles are {config.styles}: "
+            f"give one of them as it is written there (--tags {_partition_tags(meant or config.styles[0])})"
         )
+    # Launched by the UI, a backfill, the sensor or `dagster job launch`, from a code location loaded earlier.
     raise GridError(
-        f"this run's style {style!r} is not in the grid {config.source}, whose styles are {config.styles}: "
-        "the grid's styles were edited after the code location loaded or after this run was queued; "
-        "reload the code location (UI: Deployment > Reload) and backfill the styles that are new "
-        f"(UI: Jobs > {GENERATE_JOB} > Partitions, select the missing ones, Launch backfill)"
+        f"this run's style {style!r} is not in the grid {config.source}{hint}, whose styles are {config.styles}: "
+        "the grid's styles were edited after the code location loaded or after this run was queued (or, given "
+        "with dagster job launch --tags, the style is misspelled); reload the code location (UI: Deployment > "
+        f"Reload) and backfill the styles that are new (UI: Jobs > {GENERATE_JOB} > Partitions, select the "
+        "missing ones, Launch backfill)"
     )
+
+
+def _partition_tags(style: str) -> str:
+    """The ``--tags`` argument of a run of ``style``, quoted for a shell."""
+    return shlex.quote(json.dumps({"dagster/partition": style}, ensure_ascii=False))
 
 
 def _settings_now(config: GridConfig, artifact_store):
