@@ -443,9 +443,12 @@ def test_search_is_case_insensitive_substring_and(tmp_path):
     assert list(catalog.search(frame, model_id="org", run_id="ab")["subject"]) == ["ada lovelace"]
     assert len(catalog.search(frame)) == 3
     # An empty cell (catalogs put together in a notebook) is read as empty text, not an error.
-    gaps = pd.concat([frame, pd.DataFrame([{"style": "Banksy", "run_id": "xyz", "prompt": "alan turing"}])])
+    gaps = pd.concat([frame, pd.DataFrame([{"style": "Banksy", "run_id": "xyz", "prompt": "alan turing"},
+                                           {"subject": "nan", "run_id": "nos", "safety_flagged": True}])])  # fmt: skip
     assert list(catalog.search(gaps, subject="turing", style="banksy")["run_id"]) == ["abc"]
     assert list(catalog.search(gaps, where={"prompt": "alan turing"})["run_id"]) == ["xyz"]
+    assert list(catalog.search(gaps, subject="nan")["run_id"]) == ["nos"]  # an empty cell is not 'nan'
+    assert list(catalog.search(gaps, where={"safety_flagged": True})["run_id"]) == ["nos"]  # nor true
     # The slug of a style (its gallery folder) finds it; so does an accent typed as a separate mark.
     assert len(catalog.search(frame, style="vincent-van-gogh")) == 2
     accents = pd.DataFrame([{"subject": "Émile Zola", "style": "Banksy", "model_id": "m", "run_id": "r"}])

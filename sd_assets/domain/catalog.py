@@ -627,7 +627,7 @@ def search(
             wanted = _unaccented(value)
             hits = _unaccented(catalog[name]).str.contains(wanted, regex=False)
             if name == "style":
-                hits |= _unaccented(catalog[name].astype(str).map(slugify)).str.contains(wanted, regex=False)
+                hits |= _unaccented(_text(catalog[name]).map(slugify)).str.contains(wanted, regex=False)
             mask &= hits
     for name, value in _where_pairs(where):
         mask &= _equals(catalog, name, value)
@@ -683,7 +683,7 @@ def _unaccented(text: pd.Series | str):
 
 def _text(column: pd.Series) -> pd.Series:
     """A column's cells as text; an empty cell (a frame put together in a notebook) as ''."""
-    return column.astype(str).fillna("")
+    return column.astype(str).where(column.notna(), "")
 
 
 def _equals(catalog: pd.DataFrame, column: str, value: str | int | float | bool) -> pd.Series:
@@ -695,7 +695,7 @@ def _equals(catalog: pd.DataFrame, column: str, value: str | int | float | bool)
     if pa.types.is_boolean(kind):
         if value.casefold() not in ("true", "false"):
             raise SdAssetsError(f"{column} is true or false, not {value!r}")
-        return catalog[column].astype(bool) == (value.casefold() == "true")
+        return catalog[column].astype("boolean").fillna(False) == (value.casefold() == "true")  # empty: false
     if pa.types.is_integer(kind) or pa.types.is_floating(kind):
         try:
             if "_" in value:  # Python's digit separator: '4_0' would be 40
