@@ -578,8 +578,8 @@ def test_a_prompt_longer_than_the_text_encoder_reads_is_refused_by_name_and_the_
     shown = " ".join(["alan"] * 11) + " al..."
     assert check.description.startswith(
         "Banksy: the text encoder reads 77 tokens of a prompt (this model's tokenizer reads a token a letter, as the "
-        "demo's tiny-random does: about 75 characters of prompt, where a real model's reads most words as one "
-        f"token), and these are longer: the prompt of {shown!r} ("
+        "demo's tiny-random does: about 75 characters of prompt, spaces not counted, where a real model's reads "
+        f"most words as one token), and these are longer: the prompt of {shown!r} ("
     )
     assert "Shorten them (the subject lists, or the grid's prompt template or negative prompt)" in check.description
     assert check.description.endswith("Not made: 2 images of the prompts above; made: 4 other images of the style")

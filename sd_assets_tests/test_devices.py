@@ -100,8 +100,8 @@ def test_a_run_asking_for_a_gpu_on_a_node_without_one_names_the_setting(tmp_path
         with GeneratorResource(device="cuda", device_lock_dir=str(tmp_path)).claim_device():
             pass
     assert str(raised.value) == (
-        "device 'cuda' asked for, but no CUDA GPU is visible to this process; the generator's device is "
-        "SD_ASSETS_DEVICE (auto: a GPU if one is seen)"
+        "device 'cuda' asked for, but no CUDA GPU is visible to this process; set the generator's device "
+        "(SD_ASSETS_DEVICE) to auto, which takes a GPU if one is seen, or cpu"
     )
 
 

@@ -676,8 +676,8 @@ def test_a_prompt_of_exactly_the_tokens_the_text_encoder_reads_is_made_one_more_
     # The message says why the demo's limit is so short: about 75 letters, not 75 words.
     message = overlong.message("Banksy", rows[1:], made=1)
     assert message.startswith("Banksy: the text encoder reads 77 tokens of a prompt (this model's tokenizer reads a "
-                              "token a letter, as the demo's tiny-random does: about 75 characters of prompt, where "
-                              "a real model's reads most words as one token), and these are longer: ")  # fmt: skip
+                              "token a letter, as the demo's tiny-random does: about 75 characters of prompt, spaces "
+                              "not counted, where a real model's reads most words as one token), and these are longer: ")  # fmt: skip
 
 
 def test_counting_a_long_prompts_tokens_prints_no_warning_of_the_tokenizer(loaded):

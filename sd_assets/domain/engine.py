@@ -358,7 +358,7 @@ class OverlongPrompts:
         listed = "; ".join(named[:5]) + (f"; and {len(named) - 5} more" if len(named) > 5 else "")
         letters = (
             f" (this model's tokenizer reads a token a letter, as the demo's tiny-random does: about {self.limit - 2} "
-            "characters of prompt, where a real model's reads most words as one token)"
+            "characters of prompt, spaces not counted, where a real model's reads most words as one token)"
         )
         return (
             f"{style}: the text encoder reads {self.limit} tokens of a prompt{letters if self.by_letter else ''}, "

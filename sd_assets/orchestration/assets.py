@@ -122,7 +122,9 @@ def _served_earlier_runs(instance: dg.DagsterInstance, store_url: str, endpoint:
 def _stop_if_grid_inputs_failed(context: dg.AssetExecutionContext) -> None:
     """Fail before fetching a model (gigabytes from the hub) for a run whose subject lists failed
     already: it would make nothing with it, and its user would wait for the download to learn of a
-    typo in the grid. The run's steps go one at a time, grid_inputs first."""
+    typo in the grid. generate_images runs its steps one at a time, grid_inputs first; where the two
+    run at once, or grid_inputs waits to be tried again after a store outage, nothing has failed
+    yet and model_weights goes on."""
     try:
         failures = context.instance.all_logs(context.run_id, of_type=dg.DagsterEventType.STEP_FAILURE)
     except Exception:  # the instance's storage out of reach: the step goes on, to fail on its own if need be

@@ -92,7 +92,7 @@ class GeneratorResource(dg.ConfigurableResource):
         try:
             device = engine.pick_device(self.device)
         except SdAssetsError as exc:  # the setting to change, as device_count's error names its own
-            setting = "the generator's device is SD_ASSETS_DEVICE (auto: a GPU if one is seen)"
+            setting = "set the generator's device (SD_ASSETS_DEVICE) to auto, which takes a GPU if one is seen, or cpu"
             raise SdAssetsError(f"{exc}; {setting}") from None
         count = self.device_count
         if device == "cuda":
