@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import io
 import json
-import re
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -29,7 +28,7 @@ import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
 from sd_assets.domain.errors import SdAssetsError, StoreError
-from sd_assets.domain.grid import slugify
+from sd_assets.domain.grid import slugify, unaccented
 from sd_assets.domain.pngmeta import Provenance, image_key_path, read_provenance
 from sd_assets.domain.prompts import PromptRow
 from sd_assets.domain.store import ArtifactStore, ObjectVersion
@@ -663,22 +662,9 @@ def _normal(text: pd.Series | str):
     return _text(text).map(lambda value: unicodedata.normalize("NFC", value).casefold())
 
 
-# The combining marks that accent letters (Unicode's Combining Diacritical Marks blocks): é, ö, ç, ǘ.
-# Other scripts' marks tell letters apart and are kept: Japanese ハ/バ/パ, and Hangul's final
-# consonants, recomposed (고 is not part of 공).
-_ACCENTS = re.compile("[\u0300-\u036f\u1ab0-\u1aff\u1dc0-\u1dff\u20d0-\u20ff\ufe20-\ufe2f]")
-
-
 def _unaccented(text: pd.Series | str):
-    """Text as search's filters compare parts: case folded, without accents, in compatibility
-    form (a ligature 'ﬁ' as 'fi', a full-width 'Ａ' as 'A')."""
-    import unicodedata
-
-    def fold(value: str) -> str:
-        decomposed = unicodedata.normalize("NFKD", value.casefold())  # folded first: 'İ' folds to 'i' and a dot
-        return unicodedata.normalize("NFC", _ACCENTS.sub("", decomposed))
-
-    return fold(text) if isinstance(text, str) else _text(text).map(fold)
+    """Text as search's filters compare parts (``grid.unaccented``)."""
+    return unaccented(text) if isinstance(text, str) else _text(text).map(unaccented)
 
 
 def _text(column: pd.Series) -> pd.Series:

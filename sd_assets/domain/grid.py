@@ -230,8 +230,20 @@ class GridConfig(_Strict):
 
 def _unaccented_slug(name: str) -> str:
     """A name's slug without its accents, to guess which style was meant ('emile' for 'Émile')."""
-    decomposed = unicodedata.normalize("NFKD", name)
-    return slugify("".join(char for char in decomposed if not unicodedata.combining(char)))
+    return slugify(unaccented(name))
+
+
+# The combining marks that accent letters (Unicode's Combining Diacritical Marks blocks): é, ö, ç, ǘ.
+# Other scripts' marks tell letters apart and are kept: Japanese ハ/バ/パ, and Hangul's final
+# consonants, recomposed (고 is not part of 공).
+_ACCENTS = re.compile("[\u0300-\u036f\u1ab0-\u1aff\u1dc0-\u1dff\u20d0-\u20ff\ufe20-\ufe2f]")
+
+
+def unaccented(text: str) -> str:
+    """``text`` case folded, without accents, in compatibility form (a ligature 'ﬁ' as 'fi', a
+    full-width 'Ａ' as 'A'): as search compares parts of names, and a mistyped style is matched."""
+    decomposed = unicodedata.normalize("NFKD", text.casefold())  # folded first: 'İ' folds to 'i' and a dot
+    return unicodedata.normalize("NFC", _ACCENTS.sub("", decomposed))
 
 
 def _describe_location(loc: tuple) -> str:
