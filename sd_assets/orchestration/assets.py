@@ -126,7 +126,7 @@ def _stop_if_grid_inputs_failed(context: dg.AssetExecutionContext) -> None:
     run at once, or grid_inputs waits to be tried again after a store outage, nothing has failed
     yet and model_weights goes on."""
     try:
-        failures = context.instance.all_logs(context.run_id, of_type=dg.DagsterEventType.STEP_FAILURE)
+        failures = context.instance.all_logs(context.run.run_id, of_type=dg.DagsterEventType.STEP_FAILURE)
     except Exception:  # the instance's storage out of reach: the step goes on, to fail on its own if need be
         return
     if any(entry.step_key == "grid_inputs" for entry in failures):
