@@ -49,6 +49,8 @@ def visible(text: str) -> str:
 
 # Free-text columns cut to this many terminal columns in the table (--json has them whole).
 CELL_WIDTH = 40
+# The most images `search --html` puts on its page: their thumbnails are inline, up to ~30 kB each.
+HTML_LIMIT = 500
 
 
 def shorten(text: str, width: int = CELL_WIDTH) -> str:
@@ -154,6 +156,8 @@ def _search(args: argparse.Namespace) -> int:
     if found.empty:
         print("no images match", file=sys.stderr)
         return failed
+    if args.html:
+        return max(failed, _write_found_page(found, store, args))
     varying = [c for c in VARYING_COLUMNS if found[c].nunique() > 1]
     # The prompt whenever one subject in one style has several (the grid's template changed):
     # without it those images' rows read alike but for their run and path.
@@ -359,6 +363,34 @@ def _interrupted(result) -> bool:
     return error is not None and error.cls_name in interrupts
 
 
+def _write_found_page(found, store, args: argparse.Namespace) -> int:
+    """Write the found images' page (``--html``), print its path and say how many it shows; 2
+    where some PNG could not be read."""
+    from sd_assets.domain.found_images import show_images
+    from sd_assets.domain.gallery import count
+
+    query = ["sd-assets", "search"]
+    for option in ("subject", "style", "prompt", "model", "run", "key"):
+        if getattr(args, option):
+            query += [f"--{option}", getattr(args, option)]
+    for column, value in args.where or ():
+        query += ["--where", f"{column}={value}"]
+    shown = show_images(found, store, limit=HTML_LIMIT, query=shlex.join(query))
+    written = shown.save(args.html)
+    print(written)
+    cut = ""
+    if shown.shown < shown.total:
+        cut = f", the first {shown.shown} of {shown.total} (narrow the search to see the others)"
+    print(f"{count(shown.shown, 'image')} on the page{cut}", file=sys.stderr)
+    if shown.unreadable:
+        print(
+            f"sd-assets: {count(shown.unreadable, 'image')} could not be read from the store; the page says why in "
+            "each one's place", file=sys.stderr,
+        )  # fmt: skip
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="sd-assets", description="Run the demo grid, search the image catalog across runs, rebuild the catalog."
@@ -384,7 +416,13 @@ def main(argv: list[str] | None = None) -> int:
         help="a whole value of a catalog column (steps=50, scheduler=PNDMScheduler, safety_flagged=true; "
         "--json shows the columns); repeatable",
     )  # fmt: skip
-    search.add_argument("--json", action="store_true", help="print one JSON array of catalog rows")
+    output = search.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="print one JSON array of catalog rows")
+    output.add_argument(
+        "--html", metavar="FILE",
+        help=f"write the found images (up to {HTML_LIMIT}), thumbnails and captions, to one page that opens "
+        "anywhere; prints its path",
+    )  # fmt: skip
     search.set_defaults(handler=_search)
 
     rebuild = commands.add_parser(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import http.server
 import io
@@ -31,6 +32,7 @@ from PIL import Image
 from sd_assets.cli import main
 from sd_assets.definitions import store_from_environment
 from sd_assets.domain.catalog import read_catalog, rebuild_catalogs
+from sd_assets.domain.found_images import show_images
 from sd_assets.domain.errors import GridError, ModelError, StoreError, StoreUnavailable
 from sd_assets.domain.grid import load_grid
 from sd_assets.domain.models import (
@@ -526,6 +528,11 @@ def test_two_styles_on_s3_then_a_corrupted_model_object(bucket, tmp_path, instan
     # The catalog's paths are the images' objects.
     paths = read_catalog(open_store(url))["path"]
     assert sorted(paths) == [f"s3://{bucket}/{key}" for key in images]
+    # A notebook shows the images a search finds, read from the bucket.
+    shown = show_images(read_catalog(open_store(url)), open_store(url))
+    inline = {base64.b64encode(raw.get_object(Bucket=bucket, Key=key)["Body"].read()).decode() for key in images}
+    assert (shown.shown, shown.unreadable) == (8, 0)
+    assert set(re.findall(r'src="data:image/png;base64,([^"]+)"', shown.html)) == inline
 
     catalog_bytes = raw.get_object(Bucket=bucket, Key="grid/catalog/banksy.parquet")["Body"].read()
     catalog = pd.read_parquet(io.BytesIO(catalog_bytes))

@@ -5,7 +5,8 @@ page, with prompt, seed, run and any DeepCache setting under each and the grid's
 then the style's earlier images (from its catalog, those not in its grid now: other subjects,
 settings or models), each with its own settings. And the index: every style of the grid with its
 counts, the other styles the store holds, and a subject x style contact sheet; and the small
-utilisation-over-time chart a style page shows under "Last generation". Pages that show images made
+utilisation-over-time chart a style page shows under "Last generation". And the images a catalog
+search found (``render_found_images``), for ``sd_assets.domain.found_images``. Pages that show images made
 by the offline ``tiny-random`` model say that its images are noise.
 Every link is relative, so the folder works wherever it is opened or served.
 """
@@ -20,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import jinja2
+import markupsafe
 
 from sd_assets.domain.grid import TINY_MODEL_ID, slugify
 from sd_assets.domain.pngmeta import image_key_path
@@ -314,6 +316,53 @@ def render_index(
             contact_pages[contact_page_key(page)] = html
     _write_changed_pages(store, CONTACT_FOLDER, contact_pages)
     return INDEX_KEY
+
+
+@dataclass(frozen=True)
+class FoundItem:
+    """One found image: its catalog row, and its thumbnail as a data URL, or why there is none."""
+
+    row: Mapping
+    src: str = ""
+    problem: str = ""
+
+
+@dataclass(frozen=True)
+class FoundPage:
+    """The found images as an HTML fragment (what a notebook shows) and as a whole page (a file)."""
+
+    fragment: str
+    page: str
+
+
+def render_found_images(
+    items: Sequence[FoundItem], total: int, *, size: int, query: str = "", location: str = ""
+) -> FoundPage:
+    """Render the images a catalog search found, each with its prompt, style, seed, run, time and
+    settings; ``total`` is how many were found, of which ``items`` are the first. ``query`` (the
+    command that found them) and ``location`` (the store) head the page when given. Where any of
+    them was made by the offline ``tiny-random`` model, the page says its images are noise."""
+    fragment = _ENVIRONMENT.get_template("found_images.html.j2").render(
+        items=[
+            {"row": item.row, "src": item.src, "problem": item.problem,
+             "prompt_parts": _prompt_parts(item.row["prompt"], item.row["subject"]),
+             "settings": settings_text(item.row) if _has_settings(item.row) else None}  # fmt: skip
+            for item in items
+        ],
+        shown=len(items), total=total, size=size, query=query, location=location,
+        unreadable=sum(1 for item in items if not item.src),
+        random_weights=any(item.row.get("model_id") == TINY_MODEL_ID for item in items),
+    )  # fmt: skip
+    page = _ENVIRONMENT.get_template("found_page.html.j2").render(fragment=markupsafe.Markup(fragment), total=total)
+    return FoundPage(fragment, page)
+
+
+_SETTINGS_FIELDS = ("steps", "width", "height", "guidance_scale", "scheduler", "model_id", "model_revision")
+
+
+def _has_settings(row: Mapping) -> bool:
+    # A row put together in a notebook may lack a setting, or hold an empty (NaN) cell.
+    return all(row.get(name) is not None and row.get(name) == row.get(name) for name in _SETTINGS_FIELDS)
 
 
 def _relative(source: str, target: str) -> str:

@@ -1,0 +1,131 @@
+"""The images a catalog search found, shown: thumbnails from the store, on one self-contained page.
+
+Owns reading the found images' PNGs from the store (a folder or S3) and making their thumbnails,
+which the page holds inline: the file opens anywhere, and a notebook shows the same HTML for
+``show_images(search(...), store)``. ``sd-assets search --html FILE`` writes the page.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from sd_assets.domain.errors import StoreError, StoreUnavailable
+from sd_assets.domain.gallery import FoundItem, render_found_images
+from sd_assets.domain.pngmeta import image_key_path
+from sd_assets.domain.store import ArtifactStore, atomic_write
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+THUMBNAIL_SIZE = 256  # pixels, the longer side; a smaller image is shown as it is
+DEFAULT_LIMIT = 100
+# The text columns a caption shows: an empty cell (a row put together in a notebook) reads as ''.
+_TEXT_FIELDS = ("key", "subject", "style", "prompt", "run_id", "created", "path", "model_id")
+
+
+@dataclass(frozen=True)
+class FoundImages:
+    """The found images as HTML: a notebook cell shows them; ``save`` writes them as a page."""
+
+    html: str  # a fragment, its styles scoped to it
+    page: str  # a whole HTML document
+    shown: int
+    total: int
+    unreadable: int  # shown without a thumbnail: the PNG is gone from the store, or is not an image
+
+    def _repr_html_(self) -> str:
+        return self.html
+
+    def save(self, path: str | Path) -> Path:
+        """Write the page to ``path`` (atomically, its folder made if need be) and return its
+        absolute path.
+
+        Raises:
+            StoreError: the file system refused it, with the path.
+        """
+        target = Path(path).expanduser().absolute()
+        atomic_write(target, self.page.encode("utf-8"))
+        return target
+
+
+def show_images(
+    found: pd.DataFrame | Iterable[Mapping],
+    store: ArtifactStore,
+    *,
+    limit: int = DEFAULT_LIMIT,
+    size: int = THUMBNAIL_SIZE,
+    query: str = "",
+    threads: int = 8,
+) -> FoundImages:
+    """The first ``limit`` of the ``found`` catalog rows (a ``catalog.search`` result, or its
+    records), each with a thumbnail of its PNG at most ``size`` pixels on a side, its prompt,
+    style, seed, run, time and settings. ``query`` (the search that found them) heads the page.
+
+    A row whose PNG is gone from the store, or is not an image, is shown with the reason in place
+    of its thumbnail, and counted in ``unreadable``.
+
+    Raises:
+        StoreUnavailable: the store stopped answering (then no thumbnail could be read).
+        ValueError: ``limit`` or ``size`` is not a positive number.
+    """
+    if limit < 1 or size < 1:
+        raise ValueError(f"limit and size must be at least 1, not {limit} and {size}")
+    records = found.to_dict("records") if hasattr(found, "to_dict") else list(found)
+    rows = [_caption_row(record) for record in records[:limit]]
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(rows)))) as pool:
+        thumbnails = list(pool.map(lambda row: _thumbnail(store, row["key"], size), rows))
+    items = [FoundItem(row, src, problem) for row, (src, problem) in zip(rows, thumbnails)]
+    rendered = render_found_images(items, len(records), size=size, query=query, location=store.location())
+    return FoundImages(
+        html=rendered.fragment, page=rendered.page, shown=len(items), total=len(records),
+        unreadable=sum(1 for item in items if not item.src),
+    )  # fmt: skip
+
+
+def _caption_row(record: Mapping) -> dict:
+    row = dict(record)
+    for name in _TEXT_FIELDS:
+        value = row.get(name)
+        row[name] = "" if _empty(value) else str(value)
+    for name in ("seed", "safety_flagged"):
+        row[name] = None if _empty(row.get(name)) else row[name]
+    return row
+
+
+def _empty(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _thumbnail(store: ArtifactStore, key: str, size: int) -> tuple[str, str]:
+    """The image's thumbnail as a data URL, and '', or '' and why there is none."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not key:
+        return "", "no content key in this row"
+    try:
+        data = store.read_bytes(image_key_path(key))
+    except StoreUnavailable:
+        raise
+    except StoreError as exc:
+        return "", f"not in the store: {exc}"
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if image.width <= size and image.height <= size and image.format == "PNG":
+                return _data_url("image/png", data), ""
+            image.thumbnail((size, size))
+            encoded = io.BytesIO()
+            image.convert("RGB").save(encoded, "JPEG", quality=85)
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        return "", f"{store.location(image_key_path(key))} is not an image Pillow can read ({exc})"
+    return _data_url("image/jpeg", encoded.getvalue()), ""
+
+
+def _data_url(media_type: str, data: bytes) -> str:
+    return f"data:{media_type};base64,{base64.b64encode(data).decode('ascii')}"

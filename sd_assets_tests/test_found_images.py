@@ -1,0 +1,196 @@
+"""The page of found images: thumbnails read from the store, captions, what could not be read."""
+
+import base64
+import io
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from sd_assets.cli import main
+from sd_assets.domain import catalog
+from sd_assets.domain.found_images import show_images
+from sd_assets.domain.pngmeta import Provenance, encode_png, image_key_path
+from sd_assets.domain.prompts import PromptRow
+from sd_assets.domain.store import LocalStore
+
+
+class _Page(HTMLParser):
+    """The page's figures: each one's image source (or text in its place) and caption text."""
+
+    def __init__(self):
+        super().__init__()
+        self.figures: list[dict] = []
+        self._in = None
+        self.scripts = 0
+
+    def handle_starttag(self, tag, attrs):
+        attributes = dict(attrs)
+        if tag == "figure":
+            self.figures.append({"src": None, "missing": "", "caption": "", "title": attributes.get("title")})
+        elif tag == "img" and self.figures:
+            self.figures[-1]["src"] = attributes["src"]
+        elif tag == "div" and "missing" in (attributes.get("class") or "").split():
+            self._in = "missing"
+        elif tag == "figcaption":
+            self._in = "caption"
+        elif tag == "script":
+            self.scripts += 1
+
+    def handle_endtag(self, tag):
+        if tag in ("div", "figcaption"):
+            self._in = None
+
+    def handle_data(self, data):
+        if self._in and self.figures:
+            self.figures[-1][self._in] += data
+
+
+def _figures(html: str) -> _Page:
+    page = _Page()
+    page.feed(html)
+    return page
+
+
+def _pixels(data_url: str) -> Image.Image:
+    header, encoded = data_url.split(",", 1)
+    assert header in ("data:image/png;base64", "data:image/jpeg;base64")
+    image = Image.open(io.BytesIO(base64.b64decode(encoded)))
+    image.load()
+    return image
+
+
+def _store_with(data: Path, images: list[tuple[str, tuple[int, int, int], int]], style: str = "Banksy") -> LocalStore:
+    """A store whose ``style`` catalog holds one image per (subject, colour, size): a plain square
+    of that colour, so a thumbnail shows which image it is."""
+    store = LocalStore(data)
+    rows, records = [], []
+    for number, (subject, colour, size) in enumerate(images):
+        key = f"{number + 1:064x}"
+        prompt = f"{subject} by {style}"
+        made = Provenance(
+            key=key, subject=subject, style=style, image_index=0, prompt=prompt, negative_prompt="",
+            seed=1000 + number, model_id="org/real-model", model_revision="ab" * 20, scheduler="PNDMScheduler",
+            steps=50, guidance_scale=7.5, width=size, height=size, run_id=f"{number:08d}-run",
+            partition=style, created="2026-12-07T10:20:30+00:00", device="cpu", dtype="float32",
+        )  # fmt: skip
+        store.write_bytes(image_key_path(key), encode_png(Image.new("RGB", (size, size), colour), made))
+        rows.append(PromptRow(subject, style, 0, prompt, "", 1000 + number, key))
+        records.append(catalog.catalog_record(made, store.location(image_key_path(key))))
+    catalog.write_pending(store, style, "run-1-000001", records)
+    catalog.merge_catalog(store, style, rows)
+    return store
+
+
+def test_found_images_show_each_image_with_its_caption_and_settings(tmp_path):
+    red, blue = (200, 10, 10), (10, 10, 200)
+    store = _store_with(tmp_path / "data", [("alan turing", red, 64), ("ada <b>lovelace</b>", blue, 512)])
+
+    found = catalog.search(catalog.read_catalog(store), style="banksy")
+    shown = show_images(found, store)
+
+    assert (shown.shown, shown.total, shown.unreadable) == (2, 2, 0)
+    figures = {f["caption"].split(" by ")[0]: f for f in _figures(shown.html).figures}
+    assert set(figures) == {"alan turing", "ada <b>lovelace</b>"}, "a subject is text, not markup"
+    small, large = _pixels(figures["alan turing"]["src"]), _pixels(figures["ada <b>lovelace</b>"]["src"])
+    # A small image is shown as it is; a large one as a thumbnail of at most 256 pixels.
+    assert (small.format, small.size, small.getpixel((5, 5))) == ("PNG", (64, 64), red)
+    assert large.format == "JPEG" and large.size == (256, 256)
+    assert all(abs(a - b) <= 3 for a, b in zip(large.getpixel((100, 100)), blue))
+    caption = figures["alan turing"]["caption"]
+    assert "Banksy · seed 1000 · run 00000000 · 2026-12-07 10:20 UTC" in caption
+    assert "50 steps · 64x64 · guidance 7.5 · PNDMScheduler · org/real-model@abababa" in caption
+    assert figures["alan turing"]["title"] == store.location(image_key_path(f"{1:064x}"))
+    assert "2 found images." in shown.html and "noise" not in shown.html
+    # The notebook shows the fragment; its styles do not reach outside it.
+    assert shown._repr_html_() == shown.html and "<html" not in shown.html
+    assert all(line.strip().startswith((".sd-assets-found", "<", "{")) or not line.strip()
+               for line in shown.html.split("<style>")[1].split("</style>")[0].splitlines())  # fmt: skip
+
+    page = shown.save(tmp_path / "out" / "found.html")
+    assert page == (tmp_path / "out" / "found.html").absolute()
+    text = page.read_text()
+    assert text.startswith("<!doctype html>") and shown.html in text and "<title>2 found images · sd-assets" in text
+
+
+def test_found_images_beyond_the_limit_are_counted_and_unreadable_ones_say_why(tmp_path):
+    colours = [(i * 20, 0, 0) for i in range(5)]
+    store = _store_with(tmp_path / "data", [(f"subject {i}", colour, 32) for i, colour in enumerate(colours)])
+    (tmp_path / "data" / image_key_path(f"{1:064x}")).unlink()  # gone from the store
+    (tmp_path / "data" / image_key_path(f"{2:064x}")).write_bytes(b"not a png")
+
+    shown = show_images(catalog.read_catalog(store), store, limit=3)
+
+    assert (shown.shown, shown.total, shown.unreadable) == (3, 5, 2)
+    assert "The first 3 of 5 found images: narrow the search, or give a larger limit." in shown.html
+    assert "2 of them could not be read from the store" in shown.html
+    gone, broken, fine = _figures(shown.html).figures
+    assert gone["src"] is None and gone["missing"].startswith("not in the store: ")
+    assert gone["missing"].endswith(f"{1:064x}.png does not exist")
+    assert broken["src"] is None and "is not an image Pillow can read" in broken["missing"]
+    assert _pixels(fine["src"]).getpixel((0, 0)) == colours[2]
+    with pytest.raises(ValueError, match="limit and size must be at least 1"):
+        show_images(catalog.read_catalog(store), store, limit=0)
+
+
+def test_rows_put_together_in_a_notebook_are_shown_with_what_they_have(tmp_path):
+    """Records with empty cells (NaN, None) or without settings still make a page."""
+    store = _store_with(tmp_path / "data", [("alan turing", (0, 200, 0), 16)])
+    record = catalog.read_catalog(store).to_dict("records")[0]
+    rows = [
+        {**record, "steps": float("nan"), "created": None, "run_id": float("nan")},
+        {"key": None, "subject": "someone", "prompt": "someone by nobody", "style": "nobody", "seed": None},
+    ]
+
+    shown = show_images(rows, store)
+
+    first, second = _figures(shown.html).figures
+    assert _pixels(first["src"]).getpixel((0, 0)) == (0, 200, 0)
+    assert "steps" not in first["caption"] and "UTC" not in first["caption"]
+    assert second["missing"] == "no content key in this row"
+    assert (shown.shown, shown.unreadable) == (2, 1)
+
+
+def test_tiny_random_images_are_said_to_be_noise(grid_path, instance):
+    from sd_assets_tests.helpers import materialize_style
+
+    materialize_style(grid_path, "Andy Warhol", instance)
+    store = LocalStore(grid_path.parent / "data")
+
+    shown = show_images(catalog.search(catalog.read_catalog(store), subject="turing"), store)
+
+    assert shown.shown == 2 and shown.unreadable == 0
+    assert "are noise by design, not pictures" in shown.html
+    made = sorted(grid_path.parent.joinpath("data", "images").rglob("*.png"))
+    sources = {figure["src"] for figure in _figures(shown.html).figures}
+    # The thumbnails are the PNGs themselves (64x64), provenance chunks included.
+    assert sources <= {"data:image/png;base64," + base64.b64encode(png.read_bytes()).decode() for png in made}
+
+
+def test_search_html_writes_the_page_and_prints_its_path(tmp_path, monkeypatch, capsys):
+    store = _store_with(tmp_path / "data", [("alan turing", (1, 2, 3), 8), ("ada lovelace", (4, 5, 6), 8)])
+    monkeypatch.setenv("SD_ASSETS_STORAGE", str(tmp_path / "data"))
+    monkeypatch.chdir(tmp_path)
+
+    assert main(["search", "--subject", "turing", "--where", "steps=50", "--html", "found/turing.html"]) == 0
+
+    out = capsys.readouterr()
+    page = tmp_path / "found" / "turing.html"
+    assert out.out == f"{page}\n" and out.err == "1 image on the page\n"
+    html = page.read_text()
+    assert "Found by <code>sd-assets search --subject turing --where steps=50</code> in " in html
+    (figure,) = _figures(html).figures
+    assert _pixels(figure["src"]).getpixel((0, 0)) == (1, 2, 3)
+
+    store.delete(image_key_path(f"{2:064x}"))
+    assert main(["search", "--subject", "ada", "--html", str(page)]) == 2
+    err = capsys.readouterr().err
+    assert err.endswith("1 image could not be read from the store; the page says why in each one's place\n")
+    assert "not in the store: " in page.read_text()
+
+    assert main(["search", "--subject", "nobody", "--html", "found/none.html"]) == 0
+    assert capsys.readouterr().err == "no images match\n" and not (tmp_path / "found" / "none.html").exists()
+    with pytest.raises(SystemExit):
+        main(["search", "--json", "--html", "x.html"])
+    assert "not allowed with argument" in capsys.readouterr().err
