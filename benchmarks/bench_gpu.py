@@ -342,11 +342,13 @@ def run_engine(loaded: LoadedPipeline, settings: GenerationSettings, batch: int,
     rows = make_rows(settings, count, f"{label}-{batch}")
     reset_peak(loaded.device)
     profiler = GpuProfiler(loaded.device).start()
-    start = time.perf_counter()
-    report = make_style_images(store, loaded, ref, settings, rows, **common)
-    synchronize(loaded.device)
-    seconds = time.perf_counter() - start
-    profile = profiler.stop()
+    try:
+        start = time.perf_counter()
+        report = make_style_images(store, loaded, ref, settings, rows, **common)
+        synchronize(loaded.device)
+        seconds = time.perf_counter() - start
+    finally:  # a failed row must not leave its sampler reading the GPU through the rows after it
+        profile = profiler.stop()
     written = sum(1 for _ in store.list_keys("images/"))
     assert written == count + batch, f"expected {count + batch} PNGs, found {written}"
     denoise = denoise_seconds(loaded, settings, make_rows(settings, batch, f"denoise-{label}-{batch}"))
