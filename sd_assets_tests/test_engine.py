@@ -204,9 +204,12 @@ def test_auto_batch_size_when_the_probe_runs_out_of_gpu_memory(
 
     monkeypatch.setattr(loaded.pipeline.unet, "forward", fits)
     memory_file = tmp_path / "auto-batch-sizes.json"
-    if images_that_fit:  # a GPU shared with other work: one image a batch, remembered
+    if images_that_fit:  # a GPU shared with other work, for now: one image a batch, and the next run asks again
         assert engine.auto_batch_size(on_gpu, SETTINGS, memory_file) == 1
-        assert json.loads(memory_file.read_text()) == {engine.auto_batch_key(on_gpu, SETTINGS): 1}
+        assert not memory_file.exists()
+        monkeypatch.setattr(loaded.pipeline.unet, "forward", forward)  # the other work is done
+        assert engine.auto_batch_size(on_gpu, SETTINGS, memory_file) == 64
+        assert json.loads(memory_file.read_text()) == {engine.auto_batch_key(on_gpu, SETTINGS): 64}
         return
     with pytest.raises(SdAssetsError) as failed:
         engine.auto_batch_size(on_gpu, SETTINGS, memory_file)
@@ -228,6 +231,46 @@ def test_auto_batch_size_is_the_largest_batch_that_fits_in_85_percent_of_free_me
     assert engine.batch_size_for_memory(3 * gib, 4 * gib, int(21.5 * gib)) == 16
     assert engine.batch_size_for_memory(3 * gib, 4 * gib, 2 * gib) == 1  # not even one: 1, and the run finds out
     assert engine.batch_size_for_memory(11 * gib, 12 * gib, 80 * gib) == 32  # 10 GiB fixed: 58 GiB for images
+
+
+def test_auto_batch_size_counts_the_memory_its_probes_left_cached_as_free(loaded, tmp_path, gpu_memory_calls,
+                                                                          monkeypatch):
+    """torch keeps a probe's blocks cached, and the driver does not count them free: a GPU with 24 GiB
+    free whose probes keep 4 GiB cached has room for 16 images (1 GiB each, 2 GiB for any batch)."""
+    gib = 2**30
+    cached = {"bytes": 0}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: cached.update(bytes=0))
+    probe_starts = torch.cuda.reset_peak_memory_stats
+
+    def probe_caches_4_gib(device=None):  # the probe that follows leaves 4 GiB in torch's cache
+        probe_starts(device)
+        cached.update(bytes=4 * gib)
+
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", probe_caches_4_gib)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda _device=None: (24 * gib - cached["bytes"], 80 * gib))
+    on_gpu = engine.LoadedPipeline(loaded.pipeline, loaded.folder, "cuda", "float32", "PNDMScheduler", False)
+
+    assert engine.auto_batch_size(on_gpu, SETTINGS, tmp_path / "auto-batch-sizes.json") == 16
+
+
+def test_auto_batch_size_for_a_compiled_unet_pads_a_few_images_to_a_compiled_shape(loaded, tmp_path):
+    """Five images left at a remembered 32: a compiled UNet renders them padded to a shape it has
+    compiled (seconds), not at a shape of five it would compile first (a minute or more on a GPU)."""
+    memory_file = tmp_path / "auto-batch-sizes.json"
+
+    def on_gpu(compiled: bool, warmed: set) -> engine.LoadedPipeline:
+        return engine.LoadedPipeline(None, loaded.folder, "cuda", "float16", "PNDMScheduler", compiled, warmed)
+
+    memory_file.write_text(json.dumps({engine.auto_batch_key(on_gpu(True, set()), SETTINGS): 32}))
+    assert engine.auto_batch_size(on_gpu(True, {(32, 64, 64)}), SETTINGS, memory_file, pending=5) == 32
+    # The smallest compiled shape that holds them, of the image size asked for.
+    warmed = {(32, 64, 64), (8, 64, 64), (4, 64, 64), (16, 96, 96)}
+    assert engine.auto_batch_size(on_gpu(True, warmed), SETTINGS, memory_file, pending=5) == 8
+    assert engine.auto_batch_size(on_gpu(True, warmed), SETTINGS, memory_file, pending=4) == 4
+    # Nothing compiled yet, or eager: as many as there are images.
+    assert engine.auto_batch_size(on_gpu(True, set()), SETTINGS, memory_file, pending=5) == 5
+    assert engine.auto_batch_size(on_gpu(False, {(32, 64, 64)}), SETTINGS, memory_file, pending=5) == 5
 
 
 def test_auto_batch_size_is_remembered_apart_for_settings_that_change_its_memory(loaded):
@@ -835,3 +878,64 @@ def test_a_gpu_out_of_memory_goes_on_at_half_the_batch_and_makes_every_image(loa
         "of other work (the images made before it are kept)"
     )
     assert len(made) == 3
+
+
+def test_a_short_batch_that_runs_out_of_gpu_memory_is_halved_from_its_own_rows_once(loaded, monkeypatch):
+    """Three images left at batch size 32, room for two: one failed try, then batches of two; not
+    the same three rows tried again at 16, 8 and 4."""
+    on_gpu = engine.LoadedPipeline(loaded.pipeline, loaded.folder, "cuda", "float32", "PNDMScheduler", False)
+    forward = loaded.pipeline.unet.forward
+    failed_tries: list[int] = []
+
+    def fits_two_images(sample, *args, **kwargs):  # with guidance, one image is a UNet batch of 2
+        if sample.shape[0] > 4:
+            failed_tries.append(sample.shape[0] // 2)
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return forward(sample, *args, **kwargs)
+
+    monkeypatch.setattr(loaded.pipeline.unet, "forward", fits_two_images)
+    made: list[str] = []
+    halvings: list[tuple[int, int]] = []
+    with engine.BoundedWriter(workers=1, max_pending=8) as writer:
+        stats = engine.generate(on_gpu, ROWS[:3], SETTINGS, 32, lambda row, _pixels, _flagged: made.append(row.key),
+                                writer, on_smaller_batches=lambda old, new: halvings.append((old, new)))  # fmt: skip
+
+    assert failed_tries == [3] and halvings == [(32, 2)]
+    assert sorted(made) == sorted(row.key for row in ROWS[:3]) and (stats.generated, stats.batch_size) == (3, 2)
+
+
+def test_running_out_of_memory_while_compiling_a_shape_counts_as_running_out_of_memory():
+    """Inductor's autotuning allocates on the GPU as it compiles: torch hands that error on wrapped."""
+
+    def backend(_graph, _inputs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    doubled = torch.compile(lambda x: x * 2, backend=backend, fullgraph=True, dynamic=False)
+    with pytest.raises(Exception) as raised:
+        doubled(torch.ones(3))
+    assert not isinstance(raised.value, torch.OutOfMemoryError) and engine.is_out_of_memory(raised.value)
+    torch._dynamo.reset()
+    # An error of its own raised while an out-of-memory error was being handled is not one.
+    try:
+        try:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        except RuntimeError:
+            raise RuntimeError("Expected all tensors to be on the same device") from None
+    except RuntimeError as other:
+        assert not engine.is_out_of_memory(other)
+
+
+def test_a_compiled_unet_takes_more_batch_shapes_than_dynamo_allows_by_default(monkeypatch):
+    """Halving after running out of memory, short last styles and other sizes each compile a
+    shape: past dynamo's default of 8 a whole-graph compile is a hard error, not a slower call."""
+    compile_graph = torch.compile
+    # The eager backend stands in for Inductor: the guards and the count of recompiles are dynamo's either way.
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: compile_graph(
+        model, backend="eager", **{k: v for k, v in kwargs.items() if k != "mode"}))  # fmt: skip
+    torch._dynamo.reset()
+    layer = engine.compiled_unet(torch.nn.Conv2d(2, 2, 1))
+    try:
+        for batch in range(1, 13):
+            assert layer(torch.ones(batch, 2, 4, 4)).shape == (batch, 2, 4, 4)
+    finally:
+        torch._dynamo.reset()

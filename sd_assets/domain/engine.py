@@ -31,6 +31,7 @@ from sd_assets.domain.deep_cache import DeepCache
 from sd_assets.domain.errors import ModelError, SdAssetsError
 from sd_assets.domain.prompts import GenerationSettings, PromptRow
 from sd_assets.domain.schedulers import USUAL_SCHEDULERS, web_ui_name
+from sd_assets.domain.store import atomic_write
 
 _DTYPES = {"float16": "float16", "bfloat16": "bfloat16", "float32": "float32"}
 
@@ -270,6 +271,7 @@ def configure_pipeline(pipeline: Any, device: str, compile_unet: bool = False, t
         torch.backends.cudnn.benchmark = tuning.cudnn_benchmark
     if compile_unet:
         set_inductor_tuning(tuning.inductor_tuning)
+        allow_recompiles()  # the UNet, DeepCache's paths and the VAE decoder: each batch shape is a recompile
     if deep_cache is not None:
         deep_caching.install(pipeline.unet, deep_cache, tuning.compile_mode if compile_unet else None)
     elif compile_unet:
@@ -312,7 +314,23 @@ def compiled_unet(unet: Any, mode: str = "default") -> Any:
     check_compile_mode(mode)
     import torch
 
+    allow_recompiles()
     return torch.compile(unet, fullgraph=True, mode=mode, dynamic=False)
+
+
+# Batch shapes one process may compile a function for: halving after running out of memory, styles
+# with fewer images than a batch and other image sizes each add one (DeepCache's two paths, two).
+# Past dynamo's default of 8 a compile with fullgraph=True is a hard error, not a slower call.
+RECOMPILE_LIMIT = 64
+
+
+def allow_recompiles() -> None:
+    """Let dynamo compile ``RECOMPILE_LIMIT`` shapes of one function in this process."""
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
+    config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4 * RECOMPILE_LIMIT)
 
 
 @contextlib.contextmanager
@@ -541,7 +559,7 @@ def generate(
     it, go to ``on_image`` on the writer's pool.
 
     ``on_progress(done, total, elapsed_seconds)`` is called after each batch. A GPU that runs
-    out of memory goes on at half the batch size from the batch that did not fit (an image's
+    out of memory goes on at half the rows of the batch that did not fit (an image's
     pixels do not depend on its batch, up to kernel nondeterminism), calling
     ``on_smaller_batches(old, new)``; at batch size 1, or on a CPU (one row a call whatever the
     batch), running out of memory is a SdAssetsError saying what to make smaller.
@@ -555,7 +573,6 @@ def generate(
         batch_size = stats.batch_size
         batch = rows[offset : offset + batch_size]
         rendered = rows_to_render(loaded, batch, batch_size, settings)
-        stats.padded += len(rendered) - len(batch)
         # The shape the UNet sees (on a CPU, one row at a time whatever the batch).
         shape = (len(pipeline_calls(loaded, rendered)[0]), settings.width, settings.height)
         batch_start = time.perf_counter()
@@ -564,15 +581,18 @@ def generate(
         except RuntimeError as exc:  # torch.OutOfMemoryError on a GPU is one too
             if not is_out_of_memory(exc):
                 raise
-            if loaded.device == "cpu" or batch_size == 1:
+            if loaded.device == "cpu" or len(rendered) == 1:
                 raise SdAssetsError(out_of_memory_message(loaded, settings)) from None
-            stats.batch_size = batch_size // 2
+            # Half the rows that did not fit: a short batch (the last, or a style's few images)
+            # halved from the batch size would be tried again whole until that fell below it.
+            stats.batch_size = (len(rendered) + 1) // 2
         if stats.batch_size < batch_size:  # out of the except block: the failed batch's tensors are freed now
             _release_cached_memory(loaded.device)
             if on_smaller_batches is not None:
                 on_smaller_batches(batch_size, stats.batch_size)
             continue
         batch_seconds = time.perf_counter() - batch_start
+        stats.padded += len(rendered) - len(batch)
         if stats.first_batch_seconds is None:
             stats.first_batch_seconds = batch_seconds
         (cold if loaded.compiled and shape not in loaded.warmed_shapes else warm).append((len(rendered), batch_seconds))
@@ -601,7 +621,11 @@ def is_out_of_memory(exc: BaseException) -> bool:
     allocator's RuntimeError, which has no type of its own."""
     import torch
 
-    return isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in str(exc)
+    # torch.compile hands on one raised while it compiled a shape wrapped, as the cause of its own.
+    for error in (exc, getattr(exc, "inner_exception", None), exc.__cause__):
+        if isinstance(error, torch.OutOfMemoryError) or (error is not None and "can't allocate memory" in str(error)):
+            return True
+    return False
 
 
 def out_of_memory_message(loaded: LoadedPipeline, settings: GenerationSettings, mid_run: bool = True) -> str:
@@ -658,8 +682,9 @@ def _probe_peaks(loaded: LoadedPipeline, settings: GenerationSettings) -> list[i
                 raise
             break
         peaks.append(torch.cuda.max_memory_allocated(loaded.device) - base)
-    if len(peaks) < 2:  # out of the except block: the failed probe's tensors are freed now
-        _release_cached_memory(loaded.device)
+    # Out of the except block, where a failed probe's tensors are freed: what the probes left in
+    # torch's cache goes back to the GPU, or the free memory measured next would not count it.
+    _release_cached_memory(loaded.device)
     return peaks
 
 
@@ -708,8 +733,8 @@ def remember_auto_batch_size(
     (measured, or what a run that ran out of memory went on at)."""
     remembered = _remembered_sizes(memory_file)
     remembered[auto_batch_key(loaded, settings)] = size
-    memory_file.parent.mkdir(parents=True, exist_ok=True)
-    memory_file.write_text(json.dumps(remembered, indent=1, sort_keys=True))
+    # Whole or not at all: the runs of the node's other GPUs read it too.
+    atomic_write(memory_file, json.dumps(remembered, indent=1, sort_keys=True).encode("utf-8"))
 
 
 def auto_batch_size(
@@ -719,8 +744,9 @@ def auto_batch_size(
 
     CPU: 1 (batching does not speed up a 2-core CPU; it only delays the first image). GPU: the
     largest candidate whose estimated peak memory fits in 85% of the free memory, estimated
-    from the peak of one batch-1 and one batch-2 step, capped by ``pending`` images when given;
-    1 when two images do not fit.
+    from the peak of one batch-1 and one batch-2 step, capped by ``pending`` images when given
+    (for a compiled UNet, at the smallest shape it has compiled that holds them); 1 when two
+    images do not fit, which is not remembered.
 
     Raises:
         SdAssetsError: one image does not fit in the GPU's memory, with the settings to lower.
@@ -737,13 +763,20 @@ def auto_batch_size(
         peaks = _probe_peaks(loaded, settings)
         if not peaks:
             raise SdAssetsError(out_of_memory_message(loaded, settings, mid_run=False))
-        if len(peaks) == 1:  # one image fits, two do not: the GPU is shared, or nearly full
-            size = 1
+        if len(peaks) == 1:  # one image fits, two do not: the GPU is shared, or nearly full, for now
+            size = 1  # not remembered: the next run asks again
         else:
             free, _total = torch.cuda.mem_get_info(loaded.device)
             size = batch_size_for_memory(peaks[0], peaks[1], free)
-        if memory_file is not None:
-            remember_auto_batch_size(loaded, settings, memory_file, size)
+            if memory_file is not None:
+                remember_auto_batch_size(loaded, settings, memory_file, size)
     if pending:
-        size = min(size, max(1, pending))
+        capped = min(size, max(1, pending))
+        # A compiled UNet renders a few images padded to a shape it has compiled (seconds)
+        # rather than compile one of their own (a minute or more on a GPU).
+        compiled_sizes = [
+            batch for batch, width, height in loaded.warmed_shapes
+            if loaded.compiled and (width, height) == (settings.width, settings.height) and capped <= batch <= size
+        ]  # fmt: skip
+        size = min(compiled_sizes, default=capped)
     return size
