@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import threading
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -125,6 +126,30 @@ def test_the_nvml_source_reads_the_gpu_the_run_computes_on(monkeypatch, visible,
     source = open_sample_source(device)
     assert source.name == "NVML" and source.read() == (measured, 1536.0)
     assert open_sample_source("cpu") is None
+
+
+def test_a_mig_slice_without_utilisation_readings_is_sampled_for_its_memory(monkeypatch):
+    """NVML reads a MIG slice's memory but not its utilisation (NVML_ERROR_NOT_SUPPORTED)."""
+    import pynvml
+
+    from sd_assets.domain.profile import MIB, GpuProfiler, open_sample_source
+
+    def not_supported(handle):
+        raise pynvml.NVMLError_NotSupported(pynvml.NVML_ERROR_NOT_SUPPORTED)
+
+    monkeypatch.setattr(pynvml, "nvmlInit", lambda: None)
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetHandleByUUID", lambda uuid: ("uuid", uuid))
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetUtilizationRates", not_supported)
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetMemoryInfo", lambda handle: SimpleNamespace(used=2048 * MIB))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "MIG-1a2b3c4d-0000-1111-2222-333344445555")
+
+    source = open_sample_source("cuda")
+    assert source.name == "NVML (memory only)" and source.read() == (None, 2048.0)
+    profiler = GpuProfiler("cuda", interval=0.01, source=source).start()
+    time.sleep(0.2)
+    profile = profiler.stop()
+    assert len(profile.samples) > 3 and profile.error is None and profile.memory_peak_mb == 2048.0
+    assert "GPU utilisation not readable (NVML reads none for this device, a MIG slice);" in profile.summary
 
 
 def test_profile_survives_the_store_round_trip():

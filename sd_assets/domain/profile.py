@@ -25,6 +25,8 @@ from sd_assets.domain.store import ArtifactStore
 
 MIB = 1024 * 1024
 DEFAULT_INTERVAL_SECONDS = 1.0
+NVML = "NVML"
+NVML_WITHOUT_UTILISATION = "NVML (memory only)"  # a MIG slice
 
 
 def profile_key(style: str) -> str:
@@ -91,12 +93,17 @@ def _nvml_source(device: str) -> SampleSource | None:
             handle = pynvml.nvmlDeviceGetHandleByIndex(index)
     except (pynvml.NVMLError, IndexError):
         return None
+    try:
+        pynvml.nvmlDeviceGetUtilizationRates(handle)
+        utilisation_readable = True
+    except pynvml.NVMLError:  # a MIG slice: NVML reads its memory, not its utilisation
+        utilisation_readable = False
 
     def read() -> tuple[float | None, float]:
-        utilisation = pynvml.nvmlDeviceGetUtilizationRates(handle).gpu
-        return float(utilisation), pynvml.nvmlDeviceGetMemoryInfo(handle).used / MIB
+        utilisation = float(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu) if utilisation_readable else None
+        return utilisation, pynvml.nvmlDeviceGetMemoryInfo(handle).used / MIB
 
-    return SampleSource("NVML", read)
+    return SampleSource(NVML if utilisation_readable else NVML_WITHOUT_UTILISATION, read)
 
 
 def _torch_cuda_source(device: str) -> SampleSource:
@@ -162,6 +169,8 @@ class GpuProfile:
         parts = [f"{self.device}, {count(len(self.samples), 'sample')} from {self.source} over {self.seconds:.1f} s:"]
         if self.util_mean is not None:
             parts.append(f"GPU utilisation mean {self.util_mean:.0f}%, peak {self.util_peak:.0f}%;")
+        elif self.source == NVML_WITHOUT_UTILISATION:
+            parts.append("GPU utilisation not readable (NVML reads none for this device, a MIG slice);")
         else:
             parts.append("GPU utilisation not readable (install nvidia-ml-py);")
         if self.memory_peak_mb is not None:
