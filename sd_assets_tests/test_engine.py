@@ -443,6 +443,18 @@ def test_asking_for_a_gpu_that_is_not_there_is_a_clear_error():
     assert engine.pick_device("auto") == "cpu"
 
 
+def test_asking_for_a_gpu_index_past_the_visible_ones_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert engine.pick_device("cuda:1") == "cuda:1" and engine.pick_device("cuda") == "cuda"
+    with pytest.raises(SdAssetsError) as failed:
+        engine.pick_device("cuda:2")
+    assert str(failed.value) == (
+        "device 'cuda:2' asked for, but this process sees 2 CUDA GPUs, cuda:0 to cuda:1 (numbered from 0 among "
+        "those CUDA_VISIBLE_DEVICES shows)"
+    )
+
+
 def test_writer_blocks_submit_once_max_pending_tasks_wait():
     gate = threading.Event()
     done: list[int] = []

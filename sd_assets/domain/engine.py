@@ -55,6 +55,13 @@ def pick_device(requested: str = "auto") -> str:
     if requested != "auto":
         if requested.startswith("cuda") and not torch.cuda.is_available():
             raise SdAssetsError(f"device {requested!r} asked for, but no CUDA GPU is visible to this process")
+        visible = torch.cuda.device_count() if requested.startswith("cuda") else 0
+        if visible and int(requested.partition(":")[2] or 0) >= visible:  # else torch fails later, in .to()
+            seen = "1 CUDA GPU, cuda:0" if visible == 1 else f"{visible} CUDA GPUs, cuda:0 to cuda:{visible - 1}"
+            raise SdAssetsError(
+                f"device {requested!r} asked for, but this process sees {seen} (numbered from 0 among those "
+                "CUDA_VISIBLE_DEVICES shows)"
+            )
         return requested
     return "cuda" if torch.cuda.is_available() else "cpu"
 
