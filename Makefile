@@ -6,6 +6,9 @@ BIN := $(VENV)/bin
 # environment: a DAGSTER_HOME exported for another instance would get this dagster.yaml copied
 # over its own, and the demo's runs. `make dev DAGSTER_HOME=/abs/path` still picks another.
 DAGSTER_HOME := $(CURDIR)/.dagster_home
+# The UI's port: `make dev PORT=3001` where 3000 is taken (not taken from the environment, where PORT
+# often means something else).
+PORT := 3000
 
 .PHONY: demo test dev install clean
 
@@ -33,7 +36,7 @@ test: install
 	$(BIN)/python -m pytest sd_assets_tests -q -p no:cacheprovider -n auto --maxprocesses 4
 
 dev: install $(DAGSTER_HOME)/dagster.yaml
-	DAGSTER_HOME=$(DAGSTER_HOME) $(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
+	DAGSTER_HOME=$(DAGSTER_HOME) $(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p $(PORT)
 
 clean:
 	rm -rf data data-sd15 .dagster_home deep-cache-quality

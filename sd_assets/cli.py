@@ -304,8 +304,8 @@ def _demo(args: argparse.Namespace) -> int:
                     print(
                         f"  still holding a pool slot in this instance: {', '.join(held)}; a run killed while "
                         "dagster.yaml set pool limits keeps its slot, and once they are removed Dagster fails every "
-                        "run on it: for one no longer running, `dagster run delete <run id>` frees the slot (the run's "
-                        "record goes)",
+                        "run on it: for one no longer running, `dagster run delete -f <run id>` frees the slot (the "
+                        "run's record goes)",
                         file=sys.stderr,
                     )
             if rest:

@@ -331,7 +331,7 @@ def test_a_demo_run_failing_outside_its_steps_shows_the_runs_error_and_any_run_h
     assert stack[-1] == (
         "  still holding a pool slot in this instance: killed-run; a run killed while dagster.yaml set pool "
         "limits keeps its slot, and once they are removed Dagster fails every run on it: for one no longer "
-        "running, `dagster run delete <run id>` frees the slot (the run's record goes)"
+        "running, `dagster run delete -f <run id>` frees the slot (the run's record goes)"
     )
     assert not (grid_path.parent / "data" / "images").exists()
 

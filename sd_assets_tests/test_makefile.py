@@ -41,3 +41,15 @@ def test_make_demo_uses_the_repositorys_instance_whatever_dagster_home_the_shell
     assert f"DAGSTER_HOME={tmp_path / '.dagster_home'}" in result.stdout.splitlines()
     assert (tmp_path / ".dagster_home" / "dagster.yaml").read_text() == (REPO / "dagster.yaml").read_text()
     assert (theirs / "dagster.yaml").read_text() == "# their own settings\n"
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+def test_make_dev_serves_on_the_port_given_and_on_3000_whatever_port_the_shell_exports():
+    def dev_command(*args: str) -> str:
+        env = {**os.environ, "PORT": "8080"}  # what a platform may export for its own use
+        result = subprocess.run(["make", "-n", "dev", *args], cwd=REPO, env=env, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        return result.stdout.strip().splitlines()[-1]
+
+    assert dev_command().endswith("dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000")
+    assert dev_command("PORT=3001").endswith("dagster dev -w workspace.yaml -h 127.0.0.1 -p 3001")
