@@ -75,6 +75,12 @@ def text_table(rows: list[list[str]]) -> list[str]:
     ]
 
 
+def _page_path(text: str) -> str:
+    if not text.strip():  # "$OUT" unset in a script: not the table in place of the page
+        raise argparse.ArgumentTypeError("is empty: give the path of the page to write")
+    return text
+
+
 def _setting(text: str) -> tuple[str, str]:
     column, equals, value = text.partition("=")
     if not (equals and column.strip()):
@@ -153,11 +159,11 @@ def _search(args: argparse.Namespace) -> int:
         records = json.loads(found[COLUMNS].to_json(orient="records"))
         print(json.dumps(records, indent=1, ensure_ascii=False))
         return failed
+    if args.html is not None:  # a page even of no images: one left from an earlier search would mislead
+        return max(failed, _write_found_page(found, store, args))
     if found.empty:
         print("no images match", file=sys.stderr)
         return failed
-    if args.html:
-        return max(failed, _write_found_page(found, store, args))
     varying = [c for c in VARYING_COLUMNS if found[c].nunique() > 1]
     # The prompt whenever one subject in one style has several (the grid's template changed):
     # without it those images' rows read alike but for their run and path.
@@ -375,13 +381,16 @@ def _write_found_page(found, store, args: argparse.Namespace) -> int:
             query += [f"--{option}", getattr(args, option)]
     for column, value in args.where or ():
         query += ["--where", f"{column}={value}"]
-    shown = show_images(found, store, limit=HTML_LIMIT, query=shlex.join(query))
+    more = "narrow the search to see the others"
+    shown = show_images(found, store, limit=HTML_LIMIT, query=shlex.join(query), more=more)
     written = shown.save(args.html)
     print(written)
-    cut = ""
-    if shown.shown < shown.total:
-        cut = f", the first {shown.shown} of {shown.total} (narrow the search to see the others)"
-    print(f"{count(shown.shown, 'image')} on the page{cut}", file=sys.stderr)
+    if not shown.total:
+        print("no images match", file=sys.stderr)
+    elif shown.shown < shown.total:
+        print(f"the first {shown.shown} of {shown.total} found images are on the page; {more}", file=sys.stderr)
+    else:
+        print(f"{count(shown.shown, 'image')} on the page", file=sys.stderr)
     if shown.unreadable:
         print(
             f"sd-assets: {count(shown.unreadable, 'image')} could not be read from the store; the page says why in "
@@ -403,7 +412,8 @@ def main(argv: list[str] | None = None) -> int:
         description="Find images in the catalog of the store (SD_ASSETS_STORAGE, else the grid's). Each filter "
         "matches a part of its field, in any case and with or without accents, and --where a whole value; given "
         "filters must all match. "
-        "The table adds a column for each setting in which the found images differ; --json prints every field.",
+        "The table adds a column for each setting in which the found images differ; --json prints every field; "
+        "--html writes the images themselves to a page.",
     )
     search.add_argument("--subject", help="part of the subject")
     search.add_argument("--style", help="part of the style's name or of its slug (van-gogh)")
@@ -419,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     output = search.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="print one JSON array of catalog rows")
     output.add_argument(
-        "--html", metavar="FILE",
+        "--html", metavar="FILE", type=_page_path,
         help=f"write the found images (up to {HTML_LIMIT}), thumbnails and captions, to one page that opens "
         "anywhere; prints its path",
     )  # fmt: skip

@@ -2,6 +2,7 @@
 
 import base64
 import io
+import random
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -61,6 +62,12 @@ def _pixels(data_url: str) -> Image.Image:
     return image
 
 
+def _png_bytes(image: Image.Image) -> bytes:
+    encoded = io.BytesIO()
+    image.save(encoded, "PNG")
+    return encoded.getvalue()
+
+
 def _store_with(data: Path, images: list[tuple[str, tuple[int, int, int], int]], style: str = "Banksy") -> LocalStore:
     """A store whose ``style`` catalog holds one image per (subject, colour, size): a plain square
     of that colour, so a thumbnail shows which image it is."""
@@ -91,6 +98,7 @@ def test_found_images_show_each_image_with_its_caption_and_settings(tmp_path):
     shown = show_images(found, store)
 
     assert (shown.shown, shown.total, shown.unreadable) == (2, 2, 0)
+    assert repr(shown) == "FoundImages(shown=2, total=2, unreadable=0)", "a terminal prints no page of base64"
     figures = {f["caption"].split(" by ")[0]: f for f in _figures(shown.html).figures}
     assert set(figures) == {"alan turing", "ada <b>lovelace</b>"}, "a subject is text, not markup"
     small, large = _pixels(figures["alan turing"]["src"]), _pixels(figures["ada <b>lovelace</b>"]["src"])
@@ -115,21 +123,29 @@ def test_found_images_show_each_image_with_its_caption_and_settings(tmp_path):
 
 
 def test_found_images_beyond_the_limit_are_counted_and_unreadable_ones_say_why(tmp_path):
-    colours = [(i * 20, 0, 0) for i in range(5)]
+    colours = [(i * 20, 0, 0) for i in range(7)]
     store = _store_with(tmp_path / "data", [(f"subject {i}", colour, 32) for i, colour in enumerate(colours)])
-    (tmp_path / "data" / image_key_path(f"{1:064x}")).unlink()  # gone from the store
-    (tmp_path / "data" / image_key_path(f"{2:064x}")).write_bytes(b"not a png")
 
-    shown = show_images(catalog.read_catalog(store), store, limit=3)
+    def png(number: int) -> Path:
+        return tmp_path / "data" / image_key_path(f"{number:064x}")
 
-    assert (shown.shown, shown.total, shown.unreadable) == (3, 5, 2)
-    assert "The first 3 of 5 found images: narrow the search, or give a larger limit." in shown.html
-    assert "2 of them could not be read from the store" in shown.html
-    gone, broken, fine = _figures(shown.html).figures
+    png(1).unlink()  # gone from the store
+    png(2).write_bytes(b"not a png")
+    png(3).write_bytes(b"")
+    png(4).write_bytes(png(4).read_bytes()[:-40])  # a copy broken off inside its pixels
+
+    shown = show_images(catalog.read_catalog(store), store, limit=5)
+
+    assert (shown.shown, shown.total, shown.unreadable) == (5, 7, 4)
+    assert "The first 5 of 7 found images: narrow the search, or give show_images a larger limit." in shown.html
+    assert "4 of them could not be read from the store" in shown.html
+    gone, garbage, empty, cut_short, fine = _figures(shown.html).figures
     assert gone["src"] is None and gone["missing"].startswith("not in the store: ")
     assert gone["missing"].endswith(f"{1:064x}.png does not exist")
-    assert broken["src"] is None and "is not an image Pillow can read" in broken["missing"]
-    assert _pixels(fine["src"]).getpixel((0, 0)) == colours[2]
+    assert (garbage["src"], garbage["missing"]) == (None, f"{png(2)} is not an image")
+    assert (empty["src"], empty["missing"]) == (None, f"{png(3)} is empty (0 bytes)")
+    assert cut_short["src"] is None and cut_short["missing"].startswith(f"{png(4)} is damaged: ")
+    assert _pixels(fine["src"]).getpixel((0, 0)) == colours[4]
     with pytest.raises(ValueError, match="limit and size must be at least 1"):
         show_images(catalog.read_catalog(store), store, limit=0)
 
@@ -147,8 +163,9 @@ def test_rows_put_together_in_a_notebook_are_shown_with_what_they_have(tmp_path)
 
     first, second = _figures(shown.html).figures
     assert _pixels(first["src"]).getpixel((0, 0)) == (0, 200, 0)
-    assert "steps" not in first["caption"] and "UTC" not in first["caption"]
+    assert "steps" not in first["caption"] and "UTC" not in first["caption"] and "run" not in first["caption"]
     assert second["missing"] == "no content key in this row"
+    assert second["caption"] == "someone by nobodynobody", "no 'seed None', no empty run"
     assert (shown.shown, shown.unreadable) == (2, 1)
 
 
@@ -189,8 +206,41 @@ def test_search_html_writes_the_page_and_prints_its_path(tmp_path, monkeypatch, 
     assert err.endswith("1 image could not be read from the store; the page says why in each one's place\n")
     assert "not in the store: " in page.read_text()
 
-    assert main(["search", "--subject", "nobody", "--html", "found/none.html"]) == 0
-    assert capsys.readouterr().err == "no images match\n" and not (tmp_path / "found" / "none.html").exists()
+    # No match: the page says so, rather than an earlier search's page staying there.
+    assert main(["search", "--subject", "nobody", "--html", str(page)]) == 0
+    out = capsys.readouterr()
+    assert (out.out, out.err) == (f"{page}\n", "no images match\n")
+    assert "No images match." in page.read_text() and not _figures(page.read_text()).figures
     with pytest.raises(SystemExit):
         main(["search", "--json", "--html", "x.html"])
     assert "not allowed with argument" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # "$OUT" unset in a script
+        main(["search", "--html", ""])
+    assert "argument --html: is empty: give the path of the page to write" in capsys.readouterr().err
+
+
+def test_search_html_says_how_to_see_the_images_past_its_limit(tmp_path, monkeypatch, capsys):
+    from sd_assets import cli
+
+    _store_with(tmp_path / "data", [(f"subject {i}", (i, i, i), 8) for i in range(3)])
+    monkeypatch.setenv("SD_ASSETS_STORAGE", str(tmp_path / "data"))
+    monkeypatch.setattr(cli, "HTML_LIMIT", 2)
+
+    assert main(["search", "--html", str(tmp_path / "found.html")]) == 0
+
+    assert capsys.readouterr().err == "the first 2 of 3 found images are on the page; narrow the search to see the others\n"
+    assert "The first 2 of 3 found images: narrow the search to see the others." in (tmp_path / "found.html").read_text()
+
+
+def test_a_large_png_within_the_thumbnail_size_goes_on_the_page_as_a_jpeg(tmp_path):
+    """A 256x256 PNG of noise is about 200 kB: inlined whole, 500 of them would make a page of 130 MB."""
+    store = _store_with(tmp_path / "data", [("alan turing", (0, 0, 0), 256)])
+    noisy = Image.frombytes("RGB", (256, 256), random.Random(0).randbytes(256 * 256 * 3))
+    key = f"{1:064x}"
+    store.write_bytes(image_key_path(key), _png_bytes(noisy))
+    assert len(store.read_bytes(image_key_path(key))) > 40_000
+
+    (figure,) = _figures(show_images(catalog.read_catalog(store), store).html).figures
+
+    thumbnail = _pixels(figure["src"])
+    assert thumbnail.format == "JPEG" and thumbnail.size == (256, 256) and len(figure["src"]) < 150_000

@@ -12,7 +12,7 @@ import io
 import math
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,7 +24,10 @@ from sd_assets.domain.store import ArtifactStore, atomic_write
 if TYPE_CHECKING:
     import pandas as pd
 
-THUMBNAIL_SIZE = 256  # pixels, the longer side; a smaller image is shown as it is
+THUMBNAIL_SIZE = 256  # pixels, the longer side
+# A PNG within the thumbnail's size and this many bytes goes on the page as it is (its
+# provenance with it); any other image as a JPEG thumbnail, 10 to 30 kB.
+INLINE_PNG_BYTES = 40_000
 DEFAULT_LIMIT = 100
 # The text columns a caption shows: an empty cell (a row put together in a notebook) reads as ''.
 _TEXT_FIELDS = ("key", "subject", "style", "prompt", "run_id", "created", "path", "model_id")
@@ -34,8 +37,8 @@ _TEXT_FIELDS = ("key", "subject", "style", "prompt", "run_id", "created", "path"
 class FoundImages:
     """The found images as HTML: a notebook cell shows them; ``save`` writes them as a page."""
 
-    html: str  # a fragment, its styles scoped to it
-    page: str  # a whole HTML document
+    html: str = field(repr=False)  # a fragment, its styles scoped to it
+    page: str = field(repr=False)  # a whole HTML document
     shown: int
     total: int
     unreadable: int  # shown without a thumbnail: the PNG is gone from the store, or is not an image
@@ -62,11 +65,13 @@ def show_images(
     limit: int = DEFAULT_LIMIT,
     size: int = THUMBNAIL_SIZE,
     query: str = "",
+    more: str = "narrow the search, or give show_images a larger limit",
     threads: int = 8,
 ) -> FoundImages:
     """The first ``limit`` of the ``found`` catalog rows (a ``catalog.search`` result, or its
     records), each with a thumbnail of its PNG at most ``size`` pixels on a side, its prompt,
-    style, seed, run, time and settings. ``query`` (the search that found them) heads the page.
+    style, seed, run, time and settings. ``query`` (the search that found them) heads the page;
+    ``more`` says how to see the rows past ``limit``, where there are some.
 
     A row whose PNG is gone from the store, or is not an image, is shown with the reason in place
     of its thumbnail, and counted in ``unreadable``.
@@ -82,7 +87,7 @@ def show_images(
     with ThreadPoolExecutor(max_workers=max(1, min(threads, len(rows)))) as pool:
         thumbnails = list(pool.map(lambda row: _thumbnail(store, row["key"], size), rows))
     items = [FoundItem(row, src, problem) for row, (src, problem) in zip(rows, thumbnails)]
-    rendered = render_found_images(items, len(records), size=size, query=query, location=store.location())
+    rendered = render_found_images(items, len(records), size=size, query=query, location=store.location(), more=more)
     return FoundImages(
         html=rendered.fragment, page=rendered.page, shown=len(items), total=len(records),
         unreadable=sum(1 for item in items if not item.src),
@@ -115,15 +120,21 @@ def _thumbnail(store: ArtifactStore, key: str, size: int) -> tuple[str, str]:
         raise
     except StoreError as exc:
         return "", f"not in the store: {exc}"
+    where = store.location(image_key_path(key))
+    if not data:
+        return "", f"{where} is empty (0 bytes)"
     try:
         with Image.open(io.BytesIO(data)) as image:
-            if image.width <= size and image.height <= size and image.format == "PNG":
+            image.load()  # the whole file: one cut short (a copy broken off) opens, and fails here
+            if image.format == "PNG" and max(image.size) <= size and len(data) <= INLINE_PNG_BYTES:
                 return _data_url("image/png", data), ""
             image.thumbnail((size, size))
             encoded = io.BytesIO()
             image.convert("RGB").save(encoded, "JPEG", quality=85)
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        return "", f"{store.location(image_key_path(key))} is not an image Pillow can read ({exc})"
+    except UnidentifiedImageError:
+        return "", f"{where} is not an image"
+    except (OSError, ValueError) as exc:  # Pillow's words for a damaged file: "image file is truncated", ...
+        return "", f"{where} is damaged: {exc}"
     return _data_url("image/jpeg", encoded.getvalue()), ""
 
 

@@ -336,12 +336,13 @@ class FoundPage:
 
 
 def render_found_images(
-    items: Sequence[FoundItem], total: int, *, size: int, query: str = "", location: str = ""
+    items: Sequence[FoundItem], total: int, *, size: int, query: str = "", location: str = "", more: str = ""
 ) -> FoundPage:
     """Render the images a catalog search found, each with its prompt, style, seed, run, time and
-    settings; ``total`` is how many were found, of which ``items`` are the first. ``query`` (the
-    command that found them) and ``location`` (the store) head the page when given. Where any of
-    them was made by the offline ``tiny-random`` model, the page says its images are noise."""
+    settings; ``total`` is how many were found, of which ``items`` are the first (``more`` says
+    how to see the others). ``query`` (the command that found them) and ``location`` (the
+    store) head the page when given. Where any of them was made by the offline ``tiny-random``
+    model, the page says its images are noise."""
     fragment = _ENVIRONMENT.get_template("found_images.html.j2").render(
         items=[
             {"row": item.row, "src": item.src, "problem": item.problem,
@@ -349,7 +350,7 @@ def render_found_images(
              "settings": settings_text(item.row) if _has_settings(item.row) else None}  # fmt: skip
             for item in items
         ],
-        shown=len(items), total=total, size=size, query=query, location=location,
+        shown=len(items), total=total, size=size, query=query, location=location, more=more,
         unreadable=sum(1 for item in items if not item.src),
         random_weights=any(item.row.get("model_id") == TINY_MODEL_ID for item in items),
     )  # fmt: skip
