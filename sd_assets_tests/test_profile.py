@@ -151,6 +151,13 @@ def test_a_mig_slice_without_utilisation_readings_is_sampled_for_its_memory(monk
     assert len(profile.samples) > 3 and profile.error is None and profile.memory_peak_mb == 2048.0
     assert "GPU utilisation not readable (NVML reads none for this device, a MIG slice);" in profile.summary
 
+    # Another error of NVML's (no permission, a GPU lost) is not a MIG slice: torch.cuda is asked instead.
+    def no_permission(handle):
+        raise pynvml.NVMLError_NoPermission(pynvml.NVML_ERROR_NO_PERMISSION)
+
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetUtilizationRates", no_permission)
+    assert open_sample_source("cuda").name == "torch.cuda"
+
 
 def test_profile_survives_the_store_round_trip():
     profile = profile_from_fake_gpu()

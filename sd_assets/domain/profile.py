@@ -96,8 +96,10 @@ def _nvml_source(device: str) -> SampleSource | None:
     try:
         pynvml.nvmlDeviceGetUtilizationRates(handle)
         utilisation_readable = True
-    except pynvml.NVMLError:  # a MIG slice: NVML reads its memory, not its utilisation
+    except pynvml.NVMLError_NotSupported:  # a MIG slice: NVML reads its memory, not its utilisation
         utilisation_readable = False
+    except pynvml.NVMLError:  # no permission, a GPU lost: torch.cuda is asked instead
+        return None
 
     def read() -> tuple[float | None, float]:
         utilisation = float(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu) if utilisation_readable else None
