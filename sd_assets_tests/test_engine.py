@@ -912,8 +912,45 @@ def test_a_short_batch_that_runs_out_of_gpu_memory_is_halved_from_its_own_rows_o
         stats = engine.generate(on_gpu, ROWS[:3], SETTINGS, 32, lambda row, _pixels, _flagged: made.append(row.key),
                                 writer, on_smaller_batches=lambda old, new: halvings.append((old, new)))  # fmt: skip
 
-    assert failed_tries == [3] and halvings == [(32, 2)]
+    assert failed_tries == [3] and halvings == [(32, 2)] and stats.out_of_memory_rows == 3
     assert sorted(made) == sorted(row.key for row in ROWS[:3]) and (stats.generated, stats.batch_size) == (3, 2)
+
+
+def test_a_padded_batch_that_runs_out_of_memory_is_not_counted_as_padding(loaded, monkeypatch):
+    """Three rows filled to a compiled batch of four, which does not fit: two, then one filled to
+    two. One image was rendered only as padding, not two."""
+    on_gpu = engine.LoadedPipeline(loaded.pipeline, loaded.folder, "cuda", "float32", "PNDMScheduler", True,
+                                   {(4, 64, 64)})  # fmt: skip
+    forward = loaded.pipeline.unet.forward
+
+    def fits_two_images(sample, *args, **kwargs):
+        if sample.shape[0] > 4:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return forward(sample, *args, **kwargs)
+
+    monkeypatch.setattr(loaded.pipeline.unet, "forward", fits_two_images)
+    with engine.BoundedWriter(workers=1, max_pending=8) as writer:
+        stats = engine.generate(on_gpu, ROWS[:3], SETTINGS, 4, lambda *_: None, writer)
+
+    assert (stats.generated, stats.padded, stats.out_of_memory_rows, stats.batch_size) == (3, 1, 4, 2)
+
+
+def test_auto_remembers_a_smaller_batch_only_when_its_own_answer_did_not_fit(loaded, tmp_path):
+    on_gpu = engine.LoadedPipeline(None, loaded.folder, "cuda", "float16", "PNDMScheduler", False)
+    memory_file = tmp_path / "auto-batch-sizes.json"
+    key = engine.auto_batch_key(on_gpu, SETTINGS)
+    memory_file.write_text(json.dumps({key: 32}))
+
+    # A style's 3 images (or a short last batch) that did not fit: the GPU was short of memory for
+    # the while, and 32 stays for the next run.
+    assert not engine.remember_after_running_out_of_memory(on_gpu, SETTINGS, memory_file, 3, 2)
+    assert json.loads(memory_file.read_text()) == {key: 32}
+    # A batch of 32 that did not fit: 32 was too many.
+    assert engine.remember_after_running_out_of_memory(on_gpu, SETTINGS, memory_file, 32, 16)
+    assert json.loads(memory_file.read_text()) == {key: 16}
+    other = dataclasses.replace(SETTINGS, width=96)  # nothing remembered for it: nothing to correct
+    assert not engine.remember_after_running_out_of_memory(on_gpu, other, memory_file, 8, 4)
+    assert json.loads(memory_file.read_text()) == {key: 16}
 
 
 def test_running_out_of_memory_while_compiling_a_shape_counts_as_running_out_of_memory():
@@ -937,9 +974,10 @@ def test_running_out_of_memory_while_compiling_a_shape_counts_as_running_out_of_
         assert not engine.is_out_of_memory(other)
 
 
-def test_a_compiled_unet_takes_more_batch_shapes_than_dynamo_allows_by_default(monkeypatch):
+def test_a_compiled_unet_takes_more_batch_shapes_than_dynamo_allows_by_default(loaded, monkeypatch):
     """Halving after running out of memory, short last styles and other sizes each compile a
     shape: past dynamo's default of 8 a whole-graph compile is a hard error, not a slower call."""
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)  # torch's default, whatever ran before
     compile_graph = torch.compile
     # The eager backend stands in for Inductor: the guards and the count of recompiles are dynamo's either way.
     monkeypatch.setattr(torch, "compile", lambda model, **kwargs: compile_graph(
@@ -951,3 +989,8 @@ def test_a_compiled_unet_takes_more_batch_shapes_than_dynamo_allows_by_default(m
             assert layer(torch.ones(batch, 2, 4, 4)).shape == (batch, 2, 4, 4)
     finally:
         torch._dynamo.reset()
+    # What a loaded pipeline compiles (the UNet, DeepCache's paths, the VAE decoder) is let recompile as often.
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
+    engine.load_pipeline(loaded.folder, "cpu", "float32", compile_unet=True, deep_cache=DeepCache(interval=2, branch=0),
+                         tuning=engine.Tuning(compile_vae=True))  # fmt: skip
+    assert torch._dynamo.config.recompile_limit == engine.RECOMPILE_LIMIT

@@ -337,7 +337,6 @@ def allow_recompiles() -> None:
 
     config = torch._dynamo.config
     config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
-    config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4 * RECOMPILE_LIMIT)
 
 
 @contextlib.contextmanager
@@ -542,6 +541,8 @@ class GenerationStats:
     padded: int = 0
     # The batch size the last batch ran at: smaller than asked when a GPU ran out of memory.
     batch_size: int = 0
+    # The images of the first batch that ran out of memory (0: none did).
+    out_of_memory_rows: int = 0
 
 
 def compile_seconds(cold: Sequence[tuple[int, float]], warm: Sequence[tuple[int, float]]) -> float:
@@ -568,7 +569,7 @@ def generate(
     ``on_progress(done, total, elapsed_seconds)`` is called after each batch. A GPU that runs
     out of memory goes on at half the rows of the batch that did not fit (an image's
     pixels do not depend on its batch, up to kernel nondeterminism), calling
-    ``on_smaller_batches(old, new)``; at batch size 1, or on a CPU (one row a call whatever the
+    ``on_smaller_batches(old, new)``; with one row, or on a CPU (one row a call whatever the
     batch), running out of memory is a SdAssetsError saying what to make smaller.
     """
     stats = GenerationStats(batch_size=batch_size)
@@ -593,6 +594,7 @@ def generate(
             # Half the rows that did not fit: a short batch (the last, or a style's few images)
             # halved from the batch size would be tried again whole until that fell below it.
             stats.batch_size = (len(rendered) + 1) // 2
+            stats.out_of_memory_rows = stats.out_of_memory_rows or len(rendered)
         if stats.batch_size < batch_size:  # out of the except block: the failed batch's tensors are freed now
             _release_cached_memory(loaded.device)
             if on_smaller_batches is not None:
@@ -742,6 +744,20 @@ def remember_auto_batch_size(
     remembered[auto_batch_key(loaded, settings)] = size
     # Whole or not at all: the runs of the node's other GPUs read it too.
     atomic_write(memory_file, json.dumps(remembered, indent=1, sort_keys=True).encode("utf-8"))
+
+
+def remember_after_running_out_of_memory(
+    loaded: LoadedPipeline, settings: GenerationSettings, memory_file: Path, failed_rows: int, went_on_at: int
+) -> bool:
+    """After a style ran out of memory at a batch of ``failed_rows`` images and went on at
+    ``went_on_at``, keep that as ``auto``'s answer if the batch that did not fit was as large as
+    the answer remembered (which was too large); not if it was smaller (a style's few images, a
+    short last batch: the GPU was short of memory for other work, for the while). Whether it kept it."""
+    remembered = _remembered_sizes(memory_file).get(auto_batch_key(loaded, settings))
+    if remembered is None or failed_rows < int(remembered):
+        return False
+    remember_auto_batch_size(loaded, settings, memory_file, went_on_at)
+    return True
 
 
 def auto_batch_size(

@@ -42,6 +42,8 @@ class StyleRunReport:
     safety_flagged: int = 0
     # The batch size the last batch ran at: smaller than asked when the GPU ran out of memory.
     batch_size: int = 0
+    # The images of the first batch that ran out of memory (0: none did).
+    out_of_memory_rows: int = 0
 
     @property
     def images_per_minute(self) -> float:
@@ -149,6 +151,7 @@ def make_style_images(
         compile_seconds=stats.compile_seconds,
         padded_images=stats.padded,
         batch_size=stats.batch_size,
+        out_of_memory_rows=stats.out_of_memory_rows,
         writer_peak_pending=writer.peak_pending,
         safety_flagged=flagged,
         previews=sorted(previews, key=lambda preview: preview_order[preview[0].key]),

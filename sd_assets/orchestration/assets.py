@@ -680,13 +680,19 @@ def _render_style(
             attempt=context.retry_number,
         )  # fmt: skip
     if report.batch_size < batch_size:  # the GPU ran out of memory: the rest went in smaller batches
-        remembered = ", which batch_size auto now remembers" if inference.batch_size == "auto" else ""
-        context.log.warning(
-            f"{style}: out of memory on {device} at batch size {batch_size}; the images from there on were made "
-            f"at batch size {report.batch_size}{remembered}"
-        )
+        remembered = ""
         if inference.batch_size == "auto":
-            engine.remember_auto_batch_size(loaded, settings, generator.batch_memory_file, report.batch_size)
+            kept = engine.remember_after_running_out_of_memory(
+                loaded, settings, generator.batch_memory_file, report.out_of_memory_rows, report.batch_size
+            )
+            remembered = (
+                ", which batch_size auto now remembers" if kept else "; batch_size auto keeps its answer, larger "
+                "than the batch that did not fit (the GPU was short of memory for other work), for the next run"
+            )
+        context.log.warning(
+            f"{style}: out of memory on {device} at a batch of {gallery.count(report.out_of_memory_rows, 'image')}; "
+            f"the images from there on were made at batch size {report.batch_size}{remembered}"
+        )
     profile = profiler.profile()
     gpu_profile.save_profile(artifact_store, style, profile, context.run.run_id)
     if settings.safety_checker and report.safety_flagged:
