@@ -49,8 +49,8 @@ def visible(text: str) -> str:
 
 # Free-text columns cut to this many terminal columns in the table (--json has them whole).
 CELL_WIDTH = 40
-# The most images `search --html` puts on its page: their thumbnails are inline, up to about 50 kB each
-# (base64 of a PNG of up to 40 kB, or a JPEG), some 25 MB in all.
+# The most images `search --html` puts on its page: their thumbnails are inline, a PNG of up to 40 kB
+# or a JPEG (about 18 kB for a picture, 50 kB for noise), under 35 MB in all as base64.
 HTML_LIMIT = 500
 
 
