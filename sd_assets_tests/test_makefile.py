@@ -49,7 +49,8 @@ def test_make_dev_serves_on_the_port_given_and_on_3000_whatever_port_the_shell_e
         env = {**os.environ, "PORT": "8080"}  # what a platform may export for its own use
         result = subprocess.run(["make", "-n", "dev", *args], cwd=REPO, env=env, capture_output=True, text=True)
         assert result.returncode == 0, result.stderr
-        return result.stdout.strip().splitlines()[-1]
+        # Under `make test` the outer make's variables reach this one, which then names its directory too.
+        return [line for line in result.stdout.splitlines() if "dagster dev -w" in line][-1]
 
     assert dev_command().endswith("dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000")
     assert dev_command("PORT=3001").endswith("dagster dev -w workspace.yaml -h 127.0.0.1 -p 3001")
