@@ -69,3 +69,8 @@ def claim_device(lock_dir: Path, count: int, wait_seconds: float = 600.0) -> Ite
 def device_for_index(device: str, index: int) -> str:
     """The torch device of a claimed index: 'cuda' -> 'cuda:<index>'; 'cpu' stays 'cpu'."""
     return f"cuda:{index}" if device == "cuda" else device
+
+
+def cuda_index(device: str) -> int:
+    """The index of a CUDA device: 'cuda:1' -> 1, 'cuda' -> 0 (torch's current device)."""
+    return int(device.partition(":")[2] or 0)

@@ -28,6 +28,7 @@ from typing import Any
 from sd_assets.domain import deep_cache as deep_caching
 from sd_assets.domain import library_logs
 from sd_assets.domain.deep_cache import DeepCache
+from sd_assets.domain.devices import cuda_index
 from sd_assets.domain.errors import ModelError, SdAssetsError
 from sd_assets.domain.prompts import GenerationSettings, PromptRow
 from sd_assets.domain.schedulers import USUAL_SCHEDULERS, web_ui_name
@@ -56,7 +57,7 @@ def pick_device(requested: str = "auto") -> str:
         if requested.startswith("cuda") and not torch.cuda.is_available():
             raise SdAssetsError(f"device {requested!r} asked for, but no CUDA GPU is visible to this process")
         visible = torch.cuda.device_count() if requested.startswith("cuda") else 0
-        if visible and int(requested.partition(":")[2] or 0) >= visible:  # else torch fails later, in .to()
+        if visible and cuda_index(requested) >= visible:  # else torch fails later, in .to()
             seen = "1 CUDA GPU, cuda:0" if visible == 1 else f"{visible} CUDA GPUs, cuda:0 to cuda:{visible - 1}"
             raise SdAssetsError(
                 f"device {requested!r} asked for, but this process sees {seen} (numbered from 0 among those "
@@ -798,8 +799,8 @@ def auto_batch_size(
         # A compiled UNet renders a few images padded to a shape it has compiled (seconds)
         # rather than compile one of their own (a minute or more on a GPU).
         compiled_sizes = [
-            batch for batch, width, height in loaded.warmed_shapes
-            if loaded.compiled and (width, height) == (settings.width, settings.height) and capped <= batch <= size
+            batch for batch, width, height in (loaded.warmed_shapes if loaded.compiled else ())
+            if (width, height) == (settings.width, settings.height) and capped <= batch <= size
         ]  # fmt: skip
         size = min(compiled_sizes, default=capped)
     return size

@@ -30,7 +30,8 @@ THUMBNAIL_SIZE = 256  # pixels, the longer side
 # 50 kB for noise).
 INLINE_PNG_BYTES = 40_000
 DEFAULT_LIMIT = 100
-# The text columns a caption shows: an empty cell (a row put together in a notebook) reads as ''.
+# The text columns a caption shows: an empty cell (a row put together in a notebook) reads as '';
+# any other empty cell as None.
 _TEXT_FIELDS = ("key", "subject", "style", "prompt", "run_id", "created", "path", "model_id")
 
 
@@ -96,12 +97,11 @@ def show_images(
 
 
 def _caption_row(record: Mapping) -> dict:
-    row = dict(record)
+    row = {name: None if _empty(value) else value for name, value in record.items()}
     for name in _TEXT_FIELDS:
-        value = row.get(name)
-        row[name] = "" if _empty(value) else str(value)
-    for name in ("seed", "safety_flagged"):
-        row[name] = None if _empty(row.get(name)) else row[name]
+        row[name] = "" if row.get(name) is None else str(row[name])
+    for name in ("seed", "safety_flagged"):  # what a caption asks for beyond the text
+        row.setdefault(name, None)
     return row
 
 

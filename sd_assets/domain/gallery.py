@@ -362,8 +362,8 @@ _SETTINGS_FIELDS = ("steps", "width", "height", "guidance_scale", "scheduler", "
 
 
 def _has_settings(row: Mapping) -> bool:
-    # A row put together in a notebook may lack a setting, or hold an empty (NaN) cell.
-    return all(row.get(name) is not None and row.get(name) == row.get(name) for name in _SETTINGS_FIELDS)
+    # A row put together in a notebook may lack a setting (found_images reads an empty cell as None).
+    return all(row.get(name) is not None for name in _SETTINGS_FIELDS)
 
 
 def _relative(source: str, target: str) -> str:

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
+from sd_assets.domain.devices import cuda_index
 from sd_assets.domain.gallery import count, render_utilisation_chart
 from sd_assets.domain.grid import slugify
 from sd_assets.domain.store import ArtifactStore
@@ -69,10 +70,6 @@ class SampleSource:
     read: Callable[[], tuple[float | None, float]]
 
 
-def _cuda_index(device: str) -> int:
-    return int(device.partition(":")[2] or 0)
-
-
 def _nvml_source(device: str) -> SampleSource | None:
     try:
         import pynvml
@@ -80,7 +77,7 @@ def _nvml_source(device: str) -> SampleSource | None:
         return None
     try:
         pynvml.nvmlInit()
-        index = _cuda_index(device)
+        index = cuda_index(device)
         # NVML numbers every GPU on the node; CUDA numbers only the visible ones, in the order given.
         visible = [entry.strip() for entry in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if entry.strip()]
         if visible:
