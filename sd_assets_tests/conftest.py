@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import os
 import shutil
+import uuid
 from pathlib import Path
 
 import dagster as dg
+import psycopg2
 import pytest
 
 from sd_assets.domain.grid import load_grid
 from sd_assets.domain.models import ensure_model
 from sd_assets.domain.store import LocalStore
-from sd_assets_tests.helpers import write_grid
+from sd_assets_tests.helpers import PG, write_grid
 
 
 def pytest_configure(config):
@@ -26,6 +28,29 @@ def pytest_configure(config):
         import torch
 
         torch.set_num_threads(int(threads))
+
+
+def _admin_connection():
+    try:
+        connection = psycopg2.connect(dbname="postgres", connect_timeout=3, **PG)
+    except psycopg2.OperationalError as exc:
+        pytest.skip(f"no PostgreSQL at {PG['host']}:{PG['port']} for user {PG['user']}: {exc}")
+    connection.autocommit = True
+    return connection
+
+
+@pytest.fixture
+def postgres_database():
+    name = f"sd_assets_test_{uuid.uuid4().hex[:10]}"
+    admin = _admin_connection()
+    with admin.cursor() as cursor:
+        cursor.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield name
+    finally:
+        with admin.cursor() as cursor:
+            cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
 
 
 @pytest.fixture(autouse=True)

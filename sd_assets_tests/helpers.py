@@ -14,6 +14,9 @@ from sd_assets.domain.pngmeta import image_key_path
 from sd_assets.domain.prompts import GenerationSettings, build_prompt_rows
 from sd_assets.domain.store import LocalStore
 
+# The machine's PostgreSQL (trust auth), where tests that need a production instance make their databases.
+PG = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}
+
 GRID_TEMPLATE = """\
 styles: {styles}
 subjects_dir: subjects

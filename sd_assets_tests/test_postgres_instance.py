@@ -8,40 +8,14 @@ drops the database.
 from __future__ import annotations
 
 import shutil
-import uuid
 from pathlib import Path
 
 import dagster as dg
 import psycopg2
-import pytest
 
-from sd_assets_tests.helpers import materialize_style
+from sd_assets_tests.helpers import PG, materialize_style
 
 PROD_YAML = Path(__file__).resolve().parents[1] / "deploy" / "dagster-prod.yaml"
-PG = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}
-
-
-def _admin_connection():
-    try:
-        connection = psycopg2.connect(dbname="postgres", connect_timeout=3, **PG)
-    except psycopg2.OperationalError as exc:
-        pytest.skip(f"no PostgreSQL at {PG['host']}:{PG['port']} for user {PG['user']}: {exc}")
-    connection.autocommit = True
-    return connection
-
-
-@pytest.fixture
-def postgres_database():
-    name = f"sd_assets_test_{uuid.uuid4().hex[:10]}"
-    admin = _admin_connection()
-    with admin.cursor() as cursor:
-        cursor.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield name
-    finally:
-        with admin.cursor() as cursor:
-            cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
 
 
 def test_a_style_run_is_recorded_in_postgres(grid_path, tmp_path, monkeypatch, postgres_database):
