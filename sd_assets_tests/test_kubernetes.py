@@ -14,11 +14,13 @@ import copy
 import http.server
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import threading
 import time
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -271,3 +273,35 @@ def test_a_style_launched_on_the_chart_runs_in_a_gpu_pod_and_makes_its_images(
     # The step's output went to the chart's compute log bucket; the model to the node's cache.
     assert any(key.startswith("dagster-compute-logs/") for key in keys)
     assert any((tmp_path / "run-pod" / "volumes" / "model-cache").rglob("*.safetensors"))
+
+
+def test_the_image_installs_the_whole_package_from_what_its_dockerfile_copies(tmp_path):
+    """The image installs the project as a wheel, not in place as make does: a file that the
+    wheel leaves out (a template, say) would be missing only on the cluster."""
+    dockerfile = (WORKTREE / "deploy" / "Dockerfile").read_text().splitlines()
+    install = next(i for i, line in enumerate(dockerfile) if line.startswith("RUN pip install ."))
+    context = tmp_path / "context"
+    context.mkdir()
+    for line in dockerfile[:install]:
+        if line.startswith("COPY "):
+            source, _destination = line.split()[1:]
+            if (WORKTREE / source).is_dir():
+                shutil.copytree(WORKTREE / source, context / source, ignore=shutil.ignore_patterns("__pycache__"))
+            else:
+                shutil.copy(WORKTREE / source, context / source)
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w",
+         str(tmp_path / "wheel"), str(context)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert built.returncode == 0, built.stderr[-3000:]
+    (wheel,) = (tmp_path / "wheel").glob("*.whl")
+    packaged = {name for name in zipfile.ZipFile(wheel).namelist() if name.startswith("sd_assets/")}
+    project = {
+        path.relative_to(WORKTREE).as_posix()
+        for path in (WORKTREE / "sd_assets").rglob("*")
+        if path.is_file() and "__pycache__" not in path.parts
+    }
+    assert project - packaged == set()
+    entry_points = next(name for name in zipfile.ZipFile(wheel).namelist() if name.endswith("entry_points.txt"))
+    assert "sd-assets = sd_assets.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
