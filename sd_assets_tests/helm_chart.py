@@ -24,9 +24,19 @@ RELEASE = "sd-assets"
 NAMESPACE = "sd-assets"
 
 
-def fullname(release: str = RELEASE) -> str:
-    """The chart's ``dagster.fullname``: the release name, with ``-dagster`` unless it has it."""
-    return release if "dagster" in release else f"{release}-dagster"
+USER_DEPLOYMENTS_CHART = "dagster-user-deployments"
+
+
+def fullname(chart: str = "dagster", release: str = RELEASE) -> str:
+    """A chart's ``dagster.fullname``: the release name, with ``-<chart>`` unless it holds it.
+
+    The code servers' objects are the subchart's, named after ``dagster-user-deployments``.
+    """
+    return release if chart in release else f"{release}-{chart}"
+
+
+def _dagster_home(values: Mapping) -> str:
+    return values.get("global", {}).get("dagsterHome", "/opt/dagster/dagster_home")
 
 
 def _postgres_config(values: Mapping) -> dict:
@@ -70,7 +80,7 @@ def _run_launcher(values: Mapping, namespace: str) -> dict:
         "job_namespace": k8s.get("jobNamespace") or namespace,
         "image_pull_policy": k8s["imagePullPolicy"],
         "service_account_name": values.get("serviceAccount", {}).get("name") or fullname(),
-        "dagster_home": values.get("global", {}).get("dagsterHome", "/opt/dagster/dagster_home"),
+        "dagster_home": _dagster_home(values),
         "instance_config_map": f"{fullname()}-instance",
         "postgres_password_secret": values.get("global", {}).get("postgresqlSecretName")
         or f"{fullname()}-postgresql-secret",
@@ -171,12 +181,12 @@ def launched_run_container_context(values: Mapping, deployment: Mapping, namespa
     k8s: dict = {
         "image_pull_policy": deployment["image"].get("pullPolicy", "Always"),
         "env_config_maps": [
-            f"{fullname()}-{deployment['name']}-user-env",
+            f"{fullname(USER_DEPLOYMENTS_CHART)}-{deployment['name']}-user-env",
             *(source["name"] for source in deployment.get("envConfigMaps", [])),
         ],
         "namespace": namespace,
         "service_account_name": values.get("global", {}).get("serviceAccountName")
-        or f"{fullname()}-user-deployments",
+        or f"{fullname(USER_DEPLOYMENTS_CHART)}-user-deployments",
         "run_k8s_config": {"pod_spec_config": {"automount_service_account_token": True}},
     }
     if deployment.get("envSecrets"):
@@ -202,8 +212,8 @@ def code_server_pod_spec(values: Mapping, deployment: Mapping) -> dict:
         *deployment.get("env", []),
     ]  # fmt: skip
     env_from = [
-        {"configMapRef": {"name": f"{fullname()}-user-deployments-shared-env"}},
-        {"configMapRef": {"name": f"{fullname()}-{deployment['name']}-user-env"}},
+        {"configMapRef": {"name": f"{fullname(USER_DEPLOYMENTS_CHART)}-user-deployments-shared-env"}},
+        {"configMapRef": {"name": f"{fullname(USER_DEPLOYMENTS_CHART)}-{deployment['name']}-user-env"}},
         *({"configMapRef": {"name": source["name"]}} for source in deployment.get("envConfigMaps", [])),
         *({"secretRef": {"name": source["name"]}} for source in deployment.get("envSecrets", [])),
     ]
@@ -219,11 +229,17 @@ def code_server_pod_spec(values: Mapping, deployment: Mapping) -> dict:
     return {"containers": [container], "volumes": deployment.get("volumes", [])}
 
 
-def chart_config_maps(deployment: Mapping) -> dict[str, dict[str, str]]:
-    """The ConfigMaps of environment variables that the chart makes for a code server (empty here)."""
+def chart_config_maps(values: Mapping, deployment: Mapping, namespace: str = NAMESPACE) -> dict[str, dict[str, str]]:
+    """The ConfigMaps of environment variables that the chart makes for a code server."""
+    env = deployment.get("env")
     return {
-        f"{fullname()}-user-deployments-shared-env": {},
-        f"{fullname()}-{deployment['name']}-user-env": {},
+        f"{fullname(USER_DEPLOYMENTS_CHART)}-user-deployments-shared-env": {
+            "DAGSTER_HOME": _dagster_home(values),
+            "DAGSTER_K8S_PIPELINE_RUN_NAMESPACE": namespace,
+            "DAGSTER_K8S_PIPELINE_RUN_ENV_CONFIGMAP": f"{fullname(USER_DEPLOYMENTS_CHART)}-pipeline-env",
+        },
+        # A deployment's env written as a mapping goes here; as a list, on the container.
+        f"{fullname(USER_DEPLOYMENTS_CHART)}-{deployment['name']}-user-env": env if isinstance(env, dict) else {},
     }
 
 
@@ -280,21 +296,24 @@ class Pod:
                 return str(local / PurePosixPath(path).relative_to(seen))
         return path
 
+    def _local_value(self, name: str, value: str) -> str:
+        local = self.local_path(value)
+        if value.startswith("/") and local == value:
+            # It would be written inside the container, and lost with the pod.
+            raise AssertionError(f"{name}={value} is on none of the pod's volumes")
+        return local
+
     def environment(self) -> dict[str, str]:
         env: dict[str, str] = {}
         for source in self.container.get("envFrom") or []:
             if "secretRef" in source:
-                env.update(self._lookup("secret", source["secretRef"]["name"]))
+                found = self._lookup("secret", source["secretRef"]["name"])
             else:
-                env.update(self._lookup("configmap", source["configMapRef"]["name"]))
+                found = self._lookup("configmap", source["configMapRef"]["name"])
+            env.update({name: self._local_value(name, value) for name, value in found.items()})
         for variable in self.container.get("env") or []:
             if "value" in variable:
-                value = variable["value"]
-                local = self.local_path(value)
-                if value.startswith("/") and local == value:
-                    # It would be written inside the container, and lost with the pod.
-                    raise AssertionError(f"{variable['name']}={value} is on none of the pod's volumes")
-                env[variable["name"]] = local
+                env[variable["name"]] = self._local_value(variable["name"], variable["value"])
             else:
                 ref = variable["valueFrom"]["secretKeyRef"]
                 env[variable["name"]] = self._lookup("secret", ref["name"])[ref["key"]]

@@ -183,7 +183,7 @@ def test_a_style_launched_on_the_chart_runs_in_a_gpu_pod_and_makes_its_images(
         monkeypatch.setenv(name, value)
     secrets = {"sd-assets-aws": aws, "sd-assets-postgresql": {"postgresql-password": "unused-with-trust-auth"}}
     grid_text = write_grid(tmp_path / "grid-source", styles=["Banksy", STYLE], subjects=SUBJECTS).read_text()
-    config_maps = {**helm_chart.chart_config_maps(deployment), "sd-assets-grid": {"grid.yaml": grid_text}}
+    config_maps = {**helm_chart.chart_config_maps(values, deployment), "sd-assets-grid": {"grid.yaml": grid_text}}
     storage = _env_value(deployment["env"], "SD_ASSETS_STORAGE")
     bucket, prefix = storage.removeprefix("s3://").split("/", 1)
     s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1", aws_access_key_id="testing",
@@ -197,9 +197,11 @@ def test_a_style_launched_on_the_chart_runs_in_a_gpu_pod_and_makes_its_images(
         if name in os.environ:
             image_env[name] = os.environ[name]
 
+    # The image's DAGSTER_HOME (deploy/Dockerfile), a folder of each container's own.
+    dagster_home = helm_chart.instance_config(values)["run_launcher"]["config"]["dagster_home"]
     code_server = Pod(helm_chart.code_server_pod_spec(values, deployment), tmp_path / "code-server", secrets,
-                      config_maps)  # fmt: skip
-    (tmp_path / "code-server").mkdir()
+                      config_maps, image_paths={dagster_home: tmp_path / "code-server" / "dagster_home"})  # fmt: skip
+    (tmp_path / "code-server" / "dagster_home").mkdir(parents=True)
     log = tmp_path / "code-server.log"
     process = code_server.start(image_env, log)
     try:
@@ -251,7 +253,7 @@ def test_a_style_launched_on_the_chart_runs_in_a_gpu_pod_and_makes_its_images(
 
     # The kubelet's side: the pod's container, run to its end.
     run_pod = Pod(body["spec"]["template"]["spec"], tmp_path / "run-pod", secrets, config_maps,
-                  image_paths={"/opt/dagster/dagster_home": tmp_path / "run-pod" / "dagster_home"})  # fmt: skip
+                  image_paths={dagster_home: tmp_path / "run-pod" / "dagster_home"})  # fmt: skip
     (tmp_path / "run-pod" / "dagster_home").mkdir(parents=True)
     finished = run_pod.run(image_env, timeout=600)
     assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
