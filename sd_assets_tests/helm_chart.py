@@ -207,10 +207,13 @@ def code_server_pod_spec(values: Mapping, deployment: Mapping) -> dict:
         {"name": "DAGSTER_CURRENT_IMAGE", "value": code_server_image(deployment)},
         {"name": "DAGSTER_PG_PASSWORD",
          "valueFrom": {"secretKeyRef": {"name": postgres_secret, "key": "postgresql-password"}}},
-        {"name": "DAGSTER_CLI_API_GRPC_CONTAINER_CONTEXT",
-         "value": json.dumps(launched_run_container_context(values, deployment))},
-        *deployment.get("env", []),
     ]  # fmt: skip
+    # Left out, the setting counts as enabled; turned off, runs get none of the code server's settings.
+    if (deployment.get("includeConfigInLaunchedRuns") or {"enabled": True}).get("enabled"):
+        env.append({"name": "DAGSTER_CLI_API_GRPC_CONTAINER_CONTEXT",
+                    "value": json.dumps(launched_run_container_context(values, deployment))})  # fmt: skip
+    if isinstance(deployment.get("env"), list):
+        env.extend(deployment["env"])
     env_from = [
         {"configMapRef": {"name": f"{fullname(USER_DEPLOYMENTS_CHART)}-user-deployments-shared-env"}},
         {"configMapRef": {"name": f"{fullname(USER_DEPLOYMENTS_CHART)}-{deployment['name']}-user-env"}},
@@ -218,7 +221,7 @@ def code_server_pod_spec(values: Mapping, deployment: Mapping) -> dict:
         *({"secretRef": {"name": source["name"]}} for source in deployment.get("envSecrets", [])),
     ]
     container = {
-        "name": deployment["name"],
+        "name": USER_DEPLOYMENTS_CHART,
         "image": code_server_image(deployment),
         "args": ["dagster", "api", "grpc", "-h", "0.0.0.0", "-p", str(deployment["port"]),
                  *deployment["dagsterApiGrpcArgs"]],

@@ -14,6 +14,7 @@ import copy
 import http.server
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -50,40 +51,41 @@ def _free_port() -> int:
 
 
 class _KubernetesApi(http.server.BaseHTTPRequestHandler):
-    """Takes the Jobs posted to it, as the API server would, and keeps them."""
+    """Takes the Jobs posted to it, as the API server would, and answers for their status.
 
-    posted: list[tuple[str, dict]]
+    ``jobs`` holds each Job by name in the order posted; ``status`` is what a Job's status reads
+    (active until the test's stand-in kubelet has run it).
+    """
+
+    jobs: dict[str, dict]
+    status: dict[str, dict]
+
+    def _reply(self, code: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
 
     def do_POST(self):
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        self.posted.append((self.path, json.loads(body)))
-        self.send_response(201)
-        self.send_header("Content-Type", "application/json")
-        self.end_headers()
-        self.wfile.write(body)
+        job = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        assert self.path == f"/apis/batch/v1/namespaces/{NAMESPACE}/jobs", self.path
+        self.jobs[job["metadata"]["name"]] = job
+        self.status[job["metadata"]["name"]] = {"active": 1}
+        self._reply(201, job)
+
+    def do_GET(self):
+        parts = self.path.split("?")[0].strip("/").split("/")
+        # /apis/batch/v1/namespaces/<namespace>/jobs/<name>[/status]
+        if parts[:3] == ["apis", "batch", "v1"] and len(parts) >= 7 and parts[6] in self.jobs:
+            self._reply(200, {**self.jobs[parts[6]], "status": self.status[parts[6]]})
+        else:
+            self._reply(404, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound",
+                              "code": 404})  # fmt: skip
 
     def log_message(self, *args):
         pass
-
-
-@pytest.fixture
-def kubernetes_api(tmp_path) -> Iterator[tuple[Path, list]]:
-    """A kubeconfig for the loopback API server, and the (path, Job) pairs posted to it."""
-    handler = type("Api", (_KubernetesApi,), {"posted": []})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "test",
-        "clusters": [{"name": "test", "cluster": {"server": f"http://127.0.0.1:{server.server_port}"}}],
-        "users": [{"name": "test", "user": {"token": "test"}}],
-        "contexts": [{"name": "test", "context": {"cluster": "test", "user": "test"}}],
-    }))  # fmt: skip
-    try:
-        yield kubeconfig, handler.posted
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 @pytest.fixture(scope="module")
@@ -112,10 +114,30 @@ def _env_value(env: list[dict], name: str) -> str:
     return next(variable["value"] for variable in env if variable["name"] == name)
 
 
+@pytest.fixture
+def kubernetes_api(tmp_path) -> Iterator[tuple[Path, type[_KubernetesApi]]]:
+    """A kubeconfig for the loopback API server, and the server's handler class (its Jobs)."""
+    handler = type("Api", (_KubernetesApi,), {"jobs": {}, "status": {}})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "test",
+        "clusters": [{"name": "test", "cluster": {"server": f"http://127.0.0.1:{server.server_port}"}}],
+        "users": [{"name": "test", "user": {"token": "test"}}],
+        "contexts": [{"name": "test", "context": {"cluster": "test", "user": "test"}}],
+    }))  # fmt: skip
+    try:
+        yield kubeconfig, handler
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_the_chart_makes_an_instance_with_the_kubernetes_launcher_and_one_queued_run_a_style(
     tmp_path, postgres_database, kubernetes_api, monkeypatch
 ):
-    kubeconfig, _posted = kubernetes_api
+    kubeconfig, _api = kubernetes_api
     # What every pod of the chart gets from the Postgres Secret.
     monkeypatch.setenv("DAGSTER_PG_PASSWORD", "unused-with-trust-auth")
     monkeypatch.setenv("AWS_REGION", "us-east-1")
@@ -142,100 +164,182 @@ def test_the_chart_makes_an_instance_with_the_kubernetes_launcher_and_one_queued
         assert type(instance.compute_log_manager).__name__ == "S3ComputeLogManager"
 
 
+# Values the API server accepts for the fields the values file sets (it answers 422 to others).
+HOST_PATH_TYPES = {"", "DirectoryOrCreate", "Directory", "FileOrCreate", "File", "Socket", "CharDevice", "BlockDevice"}
+TOLERATION_OPERATORS = {"Exists", "Equal"}
+TAINT_EFFECTS = {"NoSchedule", "PreferNoSchedule", "NoExecute"}
+PULL_POLICIES = {"Always", "IfNotPresent", "Never"}
+
+
 def _validated_job(body: dict) -> kubernetes.client.V1Job:
-    """The Job as the Kubernetes API's models read it; every field of the body is one they know."""
+    """The Job as the Kubernetes API's models read it, every field of the body one they know,
+    and the values of the fields that the values file sets as the API server would take them."""
     api = kubernetes.client.ApiClient()
     response = type("Response", (), {"data": json.dumps(body)})()
     job = api.deserialize(response, "V1Job")
     assert api.sanitize_for_serialization(job) == body, "the Job has fields the Kubernetes API does not know"
+    pod = job.spec.template.spec
+    for container in pod.containers:
+        assert container.image_pull_policy in PULL_POLICIES, container.image_pull_policy
+        for amounts in (container.resources.requests or {}, container.resources.limits or {}):
+            for amount in amounts.values():
+                kubernetes.utils.parse_quantity(amount)  # raises ValueError on "24GB"
+        assert {mount.name for mount in container.volume_mounts or []} <= {volume.name for volume in pod.volumes}
+    for volume in pod.volumes or []:
+        if volume.host_path:
+            assert volume.host_path.type in HOST_PATH_TYPES, volume.host_path.type
+    for toleration in pod.tolerations or []:
+        assert toleration.operator in TOLERATION_OPERATORS and toleration.effect in TAINT_EFFECTS, toleration
     return job
 
 
-def _wait_until_ready(port: int, process: subprocess.Popen, log: Path, env: dict, deadline: float) -> None:
-    """Waits on the chart's readiness probe of a code server: ``dagster api grpc-health-check``."""
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"the code server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-        probe = subprocess.run([str(BIN / "dagster"), "api", "grpc-health-check", "-p", str(port)], env=env,
-                               capture_output=True, timeout=60)  # fmt: skip
-        if probe.returncode == 0:
-            return
-        time.sleep(1)
-    pytest.fail(f"the code server was not ready in time:\n{log.read_text()[-3000:]}")
+class Cluster:
+    """The chart's release on this machine: its code server and daemon as processes, a loopback
+    Kubernetes API, this machine's Postgres and moto's S3; run pods run when the test says."""
 
-
-def test_a_style_launched_on_the_chart_runs_in_a_gpu_pod_and_makes_its_images(
-    tmp_path, postgres_database, kubernetes_api, s3_endpoint, monkeypatch
-):
-    kubeconfig, posted = kubernetes_api
-    monkeypatch.setenv("DAGSTER_PG_PASSWORD", "unused-with-trust-auth")
-    chart_values = _values()
-    values = _on_this_machine(chart_values, postgres_database, kubeconfig)
-    deployment = helm_chart.user_deployment(values, "sd-assets")
-    deployment["port"] = _free_port()
-
-    # What docs/KUBERNETES.md has the user create: the Secrets and the grid ConfigMap.
-    aws = {
-        "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL": s3_endpoint,
-    }  # fmt: skip
-    for name, value in aws.items():
-        monkeypatch.setenv(name, value)
-    secrets = {"sd-assets-aws": aws, "sd-assets-postgresql": {"postgresql-password": "unused-with-trust-auth"}}
-    grid_text = write_grid(tmp_path / "grid-source", styles=["Banksy", STYLE], subjects=SUBJECTS).read_text()
-    config_maps = {**helm_chart.chart_config_maps(values, deployment), "sd-assets-grid": {"grid.yaml": grid_text}}
-    storage = _env_value(deployment["env"], "SD_ASSETS_STORAGE")
-    bucket, prefix = storage.removeprefix("s3://").split("/", 1)
-    s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1", aws_access_key_id="testing",
-                      aws_secret_access_key="testing")  # fmt: skip
-    s3.create_bucket(Bucket=bucket)
-    s3.put_object(Bucket=bucket, Key=f"{prefix}/subjects/people.txt", Body="\n".join(SUBJECTS).encode())
-
-    # The image's own environment: the project installed, no variables of this test's process.
-    image_env = {"PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "HOME": str(tmp_path)}
-    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        if name in os.environ:
-            image_env[name] = os.environ[name]
-
-    # The image's DAGSTER_HOME (deploy/Dockerfile), a folder of each container's own.
-    dagster_home = helm_chart.instance_config(values)["run_launcher"]["config"]["dagster_home"]
-    code_server = Pod(helm_chart.code_server_pod_spec(values, deployment), tmp_path / "code-server", secrets,
-                      config_maps, image_paths={dagster_home: tmp_path / "code-server" / "dagster_home"})  # fmt: skip
-    (tmp_path / "code-server" / "dagster_home").mkdir(parents=True)
-    log = tmp_path / "code-server.log"
-    process = code_server.start(image_env, log)
-    try:
-        _wait_until_ready(deployment["port"], process, log, image_env, time.monotonic() + 120)
-
-        # The daemon's side: the chart's instance, launching the run as it dequeues one (the
-        # queue itself is the instance test's; here the run goes straight to the launcher).
-        home = tmp_path / "home"
-        home.mkdir()
-        instance_config = helm_chart.instance_config(values)
-        instance_config["run_coordinator"] = {
-            "module": "dagster.core.run_coordinator", "class": "DefaultRunCoordinator",
+    def __init__(self, root: Path, database: str, kubeconfig: Path, api: type[_KubernetesApi], s3_endpoint: str):
+        self.root = root
+        self.api = api
+        self.values = _on_this_machine(_values(), database, kubeconfig)
+        self.deployment = helm_chart.user_deployment(self.values, "sd-assets")
+        self.deployment["port"] = _free_port()
+        # What docs/KUBERNETES.md has the user create: the Secrets, the grid ConfigMap, the lists.
+        self.aws = {
+            "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": s3_endpoint,
         }  # fmt: skip
-        (home / "dagster.yaml").write_text(yaml.safe_dump(instance_config))
-        workspace = tmp_path / "workspace.yaml"
-        workspace.write_text(yaml.safe_dump({"load_from": [{"grpc_server": {
-            "host": "127.0.0.1", "port": deployment["port"], "location_name": deployment["name"]}}]}))  # fmt: skip
-        launcher_env = {**image_env, **aws, "DAGSTER_HOME": str(home), "DAGSTER_PG_PASSWORD": "unused"}
-        launch = subprocess.run(
-            [str(BIN / "dagster"), "job", "launch", "-w", str(workspace), "-j", GENERATE_JOB,
-             "--tags", json.dumps({"dagster/partition": STYLE})],
-            env=launcher_env, capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
-        assert launch.returncode == 0, launch.stderr[-3000:]
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+        self.secrets = {"sd-assets-aws": self.aws,
+                        "sd-assets-postgresql": {"postgresql-password": "unused-with-trust-auth"}}  # fmt: skip
+        grid = write_grid(root / "grid-source", styles=["Banksy", STYLE], subjects=SUBJECTS).read_text()
+        self.config_maps = {**helm_chart.chart_config_maps(self.values, self.deployment),
+                            "sd-assets-grid": {"grid.yaml": grid}}  # fmt: skip
+        self.storage = _env_value(self.deployment["env"], "SD_ASSETS_STORAGE")
+        self.bucket, self.prefix = self.storage.removeprefix("s3://").split("/", 1)
+        self.s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1", aws_access_key_id="testing",
+                               aws_secret_access_key="testing")  # fmt: skip
+        self.s3.create_bucket(Bucket=self.bucket)
+        self.s3.put_object(Bucket=self.bucket, Key=f"{self.prefix}/subjects/people.txt",
+                           Body="\n".join(SUBJECTS).encode())  # fmt: skip
+        # The image's own environment: the project installed, no variables of this test's process.
+        self.image_env = {"PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "HOME": str(root)}
+        for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            if name in os.environ:
+                self.image_env[name] = os.environ[name]
+        self.instance_config = helm_chart.instance_config(self.values)
+        # The image's DAGSTER_HOME (deploy/Dockerfile), a folder of each container's own.
+        self.dagster_home = self.instance_config["run_launcher"]["config"]["dagster_home"]
+        # The daemon's and the webserver's DAGSTER_HOME: the chart mounts its instance ConfigMap there.
+        self.home = root / "instance"
+        self.home.mkdir()
+        (self.home / "dagster.yaml").write_text(yaml.safe_dump(self.instance_config))
+        self.workspace = root / "workspace.yaml"
+        server = {"host": "127.0.0.1", "port": self.deployment["port"], "location_name": self.deployment["name"]}
+        self.workspace.write_text(yaml.safe_dump({"load_from": [{"grpc_server": server}]}))
+        self.dagster_env = {**self.image_env, **self.aws, "DAGSTER_HOME": str(self.home),
+                            "DAGSTER_PG_PASSWORD": "unused-with-trust-auth"}  # fmt: skip
+        self.processes: list[tuple[Path, subprocess.Popen]] = []
 
-    assert [path for path, _ in posted] == [f"/apis/batch/v1/namespaces/{NAMESPACE}/jobs"]
-    body = posted[0][1]
+    def pod(self, spec: dict, name: str) -> Pod:
+        folder = self.root / name
+        (folder / "dagster_home").mkdir(parents=True)
+        image_paths = {self.dagster_home: folder / "dagster_home"}
+        return Pod(spec, folder, self.secrets, self.config_maps, image_paths=image_paths)
+
+    def start_code_server(self) -> None:
+        log = self.root / "code-server.log"
+        spec = helm_chart.code_server_pod_spec(self.values, self.deployment)
+        # The pod's address is its own; on this machine the server listens on loopback only.
+        (container,) = spec["containers"]
+        container["args"] = ["127.0.0.1" if arg == "0.0.0.0" else arg for arg in container["args"]]
+        process = self.pod(spec, "code-server").start(self.image_env, log)
+        self.processes.append((log, process))
+        deadline = time.monotonic() + 120
+        # The chart's readiness probe of a code server.
+        probe = [str(BIN / "dagster"), "api", "grpc-health-check", "-p", str(self.deployment["port"])]
+        while subprocess.run(probe, env=self.image_env, capture_output=True, timeout=60).returncode != 0:
+            if process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"the code server did not get ready:\n{log.read_text()[-3000:]}")
+            time.sleep(1)
+
+    def start_daemon(self) -> None:
+        log = self.root / "daemon.log"
+        with open(log, "wb") as output:
+            process = subprocess.Popen(
+                [str(BIN / "dagster-daemon"), "run", "-w", str(self.workspace)],
+                env=self.dagster_env, stdout=output, stderr=subprocess.STDOUT, cwd=self.root,
+            )  # fmt: skip
+        self.processes.append((log, process))
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {log.name} ---\n{log.read_text()[-3000:]}" for log, _ in self.processes)
+
+    def stop(self) -> None:
+        for _log, process in self.processes:
+            process.terminate()
+        for _log, process in self.processes:
+            try:
+                # A code server may take its time over SIGTERM; Kubernetes would kill it after 30 s.
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+    def launch(self, style: str) -> None:
+        """``dagster job launch`` of a style, as a user would from a shell with the instance."""
+        launched = subprocess.run(
+            [str(BIN / "dagster"), "job", "launch", "-w", str(self.workspace), "-j", GENERATE_JOB,
+             "--tags", json.dumps({"dagster/partition": style})],
+            env=self.dagster_env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert launched.returncode == 0, launched.stderr[-3000:]
+
+    def wait_for_jobs(self, count: int, timeout: float = 120) -> list[dict]:
+        deadline = time.monotonic() + timeout
+        while len(self.api.jobs) < count:
+            if time.monotonic() > deadline:
+                pytest.fail(f"{len(self.api.jobs)} Jobs posted, not {count}\n{self.logs()}")
+            time.sleep(0.5)
+        return list(self.api.jobs.values())
+
+    def run_job(self, job: dict) -> None:
+        """What the kubelet does with the Job's pod: runs it, and the Job's status says how it ended."""
+        name = job["metadata"]["name"]
+        finished = self.pod(job["spec"]["template"]["spec"], name).run(self.image_env, timeout=600)
+        self.api.status[name] = {"succeeded": 1} if finished.returncode == 0 else {"failed": 1}
+        assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+
+    def keys(self) -> list[str]:
+        pages = self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket)
+        return [item["Key"] for page in pages for item in page.get("Contents", [])]
+
+    def images(self) -> list[str]:
+        return [key for key in self.keys() if key.startswith(f"{self.prefix}/images/") and key.endswith(".png")]
+
+
+@pytest.fixture
+def cluster(tmp_path, postgres_database, kubernetes_api, s3_endpoint, monkeypatch) -> Iterator[Cluster]:
+    kubeconfig, api = kubernetes_api
+    started = Cluster(tmp_path, postgres_database, kubeconfig, api, s3_endpoint)
+    # This process reads the instance too.
+    monkeypatch.setenv("DAGSTER_PG_PASSWORD", "unused-with-trust-auth")
+    for name, value in started.aws.items():
+        monkeypatch.setenv(name, value)
+    try:
+        started.start_code_server()
+        started.start_daemon()
+        yield started
+    finally:
+        started.stop()
+
+
+def test_a_style_launched_on_the_chart_runs_in_a_gpu_pod_and_makes_its_images(cluster):
+    cluster.launch(STYLE)
+    # The run waits in the queue; the daemon hands it to the K8sRunLauncher, which posts a Job.
+    (body,) = cluster.wait_for_jobs(1)
     job = _validated_job(body)
     pod = job.spec.template.spec
     (container,) = pod.containers
-    assert container.image == helm_chart.code_server_image(deployment)
+    assert container.image == helm_chart.code_server_image(cluster.deployment)
     assert container.args[:3] == ["dagster", "api", "execute_run"]
     # One GPU, on a GPU node, for the run's pod.
     assert container.resources.limits["nvidia.com/gpu"] == "1"
@@ -244,37 +348,58 @@ def test_a_style_launched_on_the_chart_runs_in_a_gpu_pod_and_makes_its_images(
     # The code server's grid, store and credentials, and the node's model cache.
     env = {variable.name: variable.value for variable in container.env}
     assert env["SD_ASSETS_GRID"] == "/etc/sd-assets/grid.yaml"
-    assert env["SD_ASSETS_STORAGE"] == storage
+    assert env["SD_ASSETS_STORAGE"] == cluster.storage
     assert env["SD_ASSETS_MODEL_CACHE"] == "/var/cache/sd-assets/models"
     assert {source.secret_ref.name for source in container.env_from if source.secret_ref} == {"sd-assets-aws"}
     volumes = {volume.name: volume for volume in pod.volumes}
     assert volumes["grid"].config_map.name == "sd-assets-grid"
     assert volumes["model-cache"].host_path.path == "/var/cache/sd-assets/models"
 
-    # The kubelet's side: the pod's container, run to its end.
-    run_pod = Pod(body["spec"]["template"]["spec"], tmp_path / "run-pod", secrets, config_maps,
-                  image_paths={dagster_home: tmp_path / "run-pod" / "dagster_home"})  # fmt: skip
-    (tmp_path / "run-pod" / "dagster_home").mkdir(parents=True)
-    finished = run_pod.run(image_env, timeout=600)
-    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+    cluster.run_job(body)
 
-    with dg.DagsterInstance.from_config(str(home)) as instance:
+    with dg.DagsterInstance.from_config(str(cluster.home)) as instance:
         (run,) = instance.get_runs()
         assert run.status == dg.DagsterRunStatus.SUCCESS
         assert run.tags["dagster/partition"] == STYLE
-        assert run.tags["dagster/image"] == helm_chart.code_server_image(deployment)
+        assert run.tags["dagster/image"] == helm_chart.code_server_image(cluster.deployment)
         record = instance.get_latest_materialization_event(dg.AssetKey("style_images"))
         assert record.run_id == run.run_id
         assert record.asset_materialization.partition == STYLE
         assert record.asset_materialization.metadata["generated"].value == len(SUBJECTS) * 2
 
-    keys = [item["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket)
-            for item in page.get("Contents", [])]  # fmt: skip
-    assert len([key for key in keys if key.startswith(f"{prefix}/images/") and key.endswith(".png")]) == 4
-    assert f"{prefix}/gallery/index.html" in keys
+    keys = cluster.keys()
+    assert len(cluster.images()) == len(SUBJECTS) * 2
+    assert f"{cluster.prefix}/gallery/index.html" in keys
     # The step's output went to the chart's compute log bucket; the model to the node's cache.
     assert any(key.startswith("dagster-compute-logs/") for key in keys)
-    assert any((tmp_path / "run-pod" / "volumes" / "model-cache").rglob("*.safetensors"))
+    assert any((cluster.root / body["metadata"]["name"] / "volumes" / "model-cache").rglob("*.safetensors"))
+
+
+def test_the_queue_starts_one_pod_a_style_and_the_second_run_of_a_style_makes_nothing_again(cluster):
+    cluster.launch(STYLE)
+    cluster.launch(STYLE)
+    cluster.launch("Banksy")
+    # One Job per style: the second run of the style waits in the queue while the first's pod runs.
+    cluster.wait_for_jobs(2)
+    time.sleep(5)  # a few of the daemon's passes over the queue
+    assert len(cluster.api.jobs) == 2, f"{list(cluster.api.jobs)}\n{cluster.logs()}"
+    first, other = cluster.api.jobs.values()
+    with dg.DagsterInstance.from_config(str(cluster.home)) as instance:
+        queued = instance.get_runs(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.QUEUED]))
+        assert [run.tags["dagster/partition"] for run in queued] == [STYLE]
+        cluster.run_job(first)
+        cluster.run_job(other)
+        assert len(cluster.images()) == 2 * len(SUBJECTS) * 2
+
+        # The style's first run has ended: its second is launched, and finds its images made.
+        (_, _, again) = cluster.wait_for_jobs(3)
+        cluster.run_job(again)
+        runs = instance.get_runs(filters=dg.RunsFilter(tags={"dagster/partition": STYLE}))
+        assert [run.status for run in runs] == [dg.DagsterRunStatus.SUCCESS] * 2
+        latest = instance.get_latest_materialization_event(dg.AssetKey("style_images"))
+        assert latest.run_id == runs[0].run_id
+        assert latest.asset_materialization.metadata["generated"].value == 0
+    assert len(cluster.images()) == 2 * len(SUBJECTS) * 2
 
 
 def test_the_image_installs_the_whole_package_from_what_its_dockerfile_copies(tmp_path):
@@ -305,5 +430,8 @@ def test_the_image_installs_the_whole_package_from_what_its_dockerfile_copies(tm
         if path.is_file() and "__pycache__" not in path.parts
     }
     assert project - packaged == set()
+    # The image's torch layer is the version setup.py pins (else pip would replace it in the next).
+    pinned = re.search(r'"(torch==[^"]+)"', (WORKTREE / "setup.py").read_text()).group(1)
+    assert f"RUN pip install {pinned}" in dockerfile
     entry_points = next(name for name in zipfile.ZipFile(wheel).namelist() if name.endswith("entry_points.txt"))
     assert "sd-assets = sd_assets.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
