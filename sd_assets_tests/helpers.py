@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import textwrap
 from pathlib import Path
 
@@ -68,3 +69,15 @@ def image_paths(grid_path: Path, style: str, subjects: list[str]) -> list[Path]:
     ref = read_model_ref(store, grid.model)
     settings = GenerationSettings.from_grid(grid, ref.revision, grid.inference.scheduler or ref.scheduler)
     return [store.local_path(image_key_path(row.key)) for row in build_prompt_rows(grid, style, subjects, settings)]
+
+
+def stop_processes(processes: list[subprocess.Popen], grace_seconds: float) -> None:
+    """SIGTERM to each, then SIGKILL to those still running ``grace_seconds`` later."""
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        try:
+            process.wait(timeout=grace_seconds)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

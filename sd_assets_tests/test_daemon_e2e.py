@@ -27,7 +27,7 @@ import pytest
 from sd_assets.definitions import GENERATE_JOB
 from sd_assets.domain.node_locks import work_lock_name
 from sd_assets.orchestration.sensors import NEW_SUBJECT_LISTS
-from sd_assets_tests.helpers import image_paths, write_grid
+from sd_assets_tests.helpers import image_paths, stop_processes, write_grid
 
 WORKTREE = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -90,14 +90,7 @@ class DagsterNode:
         self.start("dagster-webserver", "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(self.port))
 
     def stop(self) -> None:
-        for _name, process in self.processes:
-            process.terminate()
-        for _name, process in self.processes:
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_processes([process for _name, process in self.processes], grace_seconds=20)
 
     def logs(self) -> str:
         return "\n".join(

@@ -35,7 +35,7 @@ from moto.server import ThreadedMotoServer
 from sd_assets.definitions import GENERATE_JOB
 from sd_assets_tests import helm_chart
 from sd_assets_tests.helm_chart import NAMESPACE, Pod
-from sd_assets_tests.helpers import PG, write_grid
+from sd_assets_tests.helpers import PG, stop_processes, write_grid
 
 WORKTREE = Path(__file__).resolve().parents[1]
 VALUES = WORKTREE / "helm" / "values.yaml"
@@ -274,15 +274,8 @@ class Cluster:
         return "\n".join(f"--- {log.name} ---\n{log.read_text()[-3000:]}" for log, _ in self.processes)
 
     def stop(self) -> None:
-        for _log, process in self.processes:
-            process.terminate()
-        for _log, process in self.processes:
-            try:
-                # A code server may take its time over SIGTERM; Kubernetes would kill it after 30 s.
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        # A code server may take its time over SIGTERM; Kubernetes would kill it after 30 s.
+        stop_processes([process for _log, process in self.processes], grace_seconds=10)
 
     def launch(self, style: str) -> None:
         """``dagster job launch`` of a style, as a user would from a shell with the instance."""
