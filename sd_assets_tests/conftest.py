@@ -1,4 +1,5 @@
-"""Shared fixtures: small grids on disk, and a tiny model built once per test session."""
+"""Shared fixtures: small grids on disk, a tiny model built once per test session, and a fresh
+database on the machine's Postgres."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pytest
 from sd_assets.domain.grid import load_grid
 from sd_assets.domain.models import ensure_model
 from sd_assets.domain.store import LocalStore
-from sd_assets_tests.helpers import PG, write_grid
+from sd_assets_tests.helpers import LOCAL_POSTGRES, write_grid
 
 
 def pytest_configure(config):
@@ -32,9 +33,10 @@ def pytest_configure(config):
 
 def _admin_connection():
     try:
-        connection = psycopg2.connect(dbname="postgres", connect_timeout=3, **PG)
+        connection = psycopg2.connect(dbname="postgres", connect_timeout=3, **LOCAL_POSTGRES)
     except psycopg2.OperationalError as exc:
-        pytest.skip(f"no PostgreSQL at {PG['host']}:{PG['port']} for user {PG['user']}: {exc}")
+        pg = LOCAL_POSTGRES
+        pytest.skip(f"no PostgreSQL at {pg['host']}:{pg['port']} for user {pg['user']}: {exc}")
     connection.autocommit = True
     return connection
 

@@ -1,7 +1,9 @@
-"""Helpers for tests: writing grid files, materializing a style as the CLI would, finding images."""
+"""Helpers for tests: writing grid files, materializing a style as the CLI would, finding images;
+the machine's Postgres, free loopback ports, and stopping the processes a test started."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import textwrap
 from pathlib import Path
@@ -16,7 +18,7 @@ from sd_assets.domain.prompts import GenerationSettings, build_prompt_rows
 from sd_assets.domain.store import LocalStore
 
 # The machine's PostgreSQL (trust auth), where tests that need a production instance make their databases.
-PG = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}
+LOCAL_POSTGRES = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}
 
 GRID_TEMPLATE = """\
 styles: {styles}
@@ -81,3 +83,10 @@ def stop_processes(processes: list[subprocess.Popen], grace_seconds: float) -> N
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def free_port() -> int:
+    """A loopback port free now, for a server that must be told its port before it starts."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,7 +26,7 @@ import pytest
 from sd_assets.definitions import GENERATE_JOB
 from sd_assets.domain.node_locks import work_lock_name
 from sd_assets.orchestration.sensors import NEW_SUBJECT_LISTS
-from sd_assets_tests.helpers import image_paths, stop_processes, write_grid
+from sd_assets_tests.helpers import free_port, image_paths, stop_processes, write_grid
 
 WORKTREE = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -43,11 +42,6 @@ run_coordinator:
     dequeue_interval_seconds: 1
 """
 
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class DagsterNode:

@@ -13,7 +13,7 @@ from pathlib import Path
 import dagster as dg
 import psycopg2
 
-from sd_assets_tests.helpers import PG, materialize_style
+from sd_assets_tests.helpers import LOCAL_POSTGRES, materialize_style
 
 PROD_YAML = Path(__file__).resolve().parents[1] / "deploy" / "dagster-prod.yaml"
 
@@ -24,7 +24,8 @@ def test_a_style_run_is_recorded_in_postgres(grid_path, tmp_path, monkeypatch, p
     shutil.copy(PROD_YAML, home / "dagster.yaml")
     monkeypatch.setenv("DAGSTER_HOME", str(home))
     for name, value in {
-        "DAGSTER_PG_HOST": PG["host"], "DAGSTER_PG_PORT": str(PG["port"]), "DAGSTER_PG_USER": PG["user"],
+        "DAGSTER_PG_HOST": LOCAL_POSTGRES["host"], "DAGSTER_PG_PORT": str(LOCAL_POSTGRES["port"]),
+        "DAGSTER_PG_USER": LOCAL_POSTGRES["user"],
         "DAGSTER_PG_PASSWORD": "", "DAGSTER_PG_DB": postgres_database,
     }.items():  # fmt: skip
         monkeypatch.setenv(name, value)
@@ -45,7 +46,7 @@ def test_a_style_run_is_recorded_in_postgres(grid_path, tmp_path, monkeypatch, p
     finally:
         instance.dispose()
 
-    with psycopg2.connect(dbname=postgres_database, **PG) as connection, connection.cursor() as cursor:
+    with psycopg2.connect(dbname=postgres_database, **LOCAL_POSTGRES) as connection, connection.cursor() as cursor:
         cursor.execute("SELECT run_id, status FROM runs")
         assert cursor.fetchall() == [(result.run_id, "SUCCESS")]
         cursor.execute(

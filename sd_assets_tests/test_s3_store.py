@@ -49,18 +49,12 @@ from sd_assets.domain.subject_lists import (
     read_subject_lists,
     scan_subject_lists,
 )
-from sd_assets_tests.helpers import materialize_style, write_grid
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+from sd_assets_tests.helpers import free_port, materialize_style, write_grid
 
 
 @pytest.fixture(scope="module")
 def s3_endpoint():
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=_free_port(), verbose=False)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
     server.start()
     host, port = server.get_host_and_port()
     yield f"http://{host}:{port}"
@@ -252,7 +246,7 @@ def test_search_and_rebuild_catalog_sign_for_aws_region_as_the_runs_do(monkeypat
 def test_an_endpoint_that_stops_answering_after_the_bucket_opened_says_to_run_again(monkeypatch):
     # The S3 service going away mid-run (restarted, its network lost): the endpoint was right a moment
     # ago, so the message says to run again once it answers, not to check AWS_ENDPOINT_URL.
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-c", "import time; from moto.server import ThreadedMotoServer; "
          f"ThreadedMotoServer(ip_address='127.0.0.1', port={port}, verbose=False).start(); time.sleep(600)"],
@@ -288,7 +282,7 @@ def test_an_endpoint_that_stops_answering_after_the_bucket_opened_says_to_run_ag
     with pytest.raises(StoreUnavailable) as reopened:
         open_store("s3://going-away/sd")
     assert "stopped answering (no connection)" in str(reopened.value) and reopened.value.answered
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_free_port()}")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
     with pytest.raises(StoreUnavailable) as never_opened:  # never answered: the endpoint itself may be wrong
         open_store("s3://going-away/sd")
     # It may be right and down, as for a run the daemon launches during an outage (a process of its own).
@@ -837,7 +831,7 @@ def test_a_run_on_another_endpoint_than_the_earlier_runs_is_not_waited_for(
 
     assert _run_through(_DownAsTheRunStarts(0), tmp_path, instance, bucket, s3_endpoint, monkeypatch).success
     monkeypatch.setattr(s3_store, "_ANSWERED_ENDPOINTS", set())
-    mistyped = f"http://127.0.0.1:{_free_port()}"
+    mistyped = f"http://127.0.0.1:{free_port()}"
     result = _run_through(_DownAsTheRunStarts(0), tmp_path, instance, bucket, mistyped, monkeypatch)
 
     assert not result.success and _retries(result) == []
@@ -854,7 +848,7 @@ def _never_answering_run(tmp_path, instance, monkeypatch):
     from sd_assets.orchestration import assets
 
     monkeypatch.setattr(assets, "OUTAGE_RETRY_SECONDS", (0.1, 0.1, 0.1))
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_free_port()}")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
     for name, value in [("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
                         ("AWS_REGION", "us-east-1")]:  # fmt: skip
