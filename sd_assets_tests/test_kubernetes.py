@@ -16,7 +16,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -34,8 +33,9 @@ from moto.server import ThreadedMotoServer
 
 from sd_assets.definitions import GENERATE_JOB
 from sd_assets_tests import helm_chart
-from sd_assets_tests.helm_chart import NAMESPACE, Pod
-from sd_assets_tests.helpers import PG, stop_processes, write_grid
+from sd_assets_tests.helm_chart import NAMESPACE
+from sd_assets_tests.kubelet import Pod
+from sd_assets_tests.helpers import LOCAL_POSTGRES, free_port, stop_processes, write_grid
 
 WORKTREE = Path(__file__).resolve().parents[1]
 VALUES = WORKTREE / "helm" / "values.yaml"
@@ -44,21 +44,16 @@ STYLE = "Andy Warhol"
 SUBJECTS = ["alan turing", "ada lovelace"]
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 class _KubernetesApi(http.server.BaseHTTPRequestHandler):
     """Takes the Jobs posted to it, as the API server would, and answers for their status.
 
     ``jobs`` holds each Job by name in the order posted; ``status`` is what a Job's status reads
-    (active until the test's stand-in kubelet has run it).
+    (active until the test's stand-in kubelet has run it), and ``posted_at`` when it came.
     """
 
     jobs: dict[str, dict]
     status: dict[str, dict]
+    posted_at: dict[str, float]
 
     def _reply(self, code: int, body: dict) -> None:
         data = json.dumps(body).encode()
@@ -73,6 +68,7 @@ class _KubernetesApi(http.server.BaseHTTPRequestHandler):
         assert self.path == f"/apis/batch/v1/namespaces/{NAMESPACE}/jobs", self.path
         self.jobs[job["metadata"]["name"]] = job
         self.status[job["metadata"]["name"]] = {"active": 1}
+        self.posted_at[job["metadata"]["name"]] = time.monotonic()
         self._reply(201, job)
 
     def do_GET(self):
@@ -88,9 +84,10 @@ class _KubernetesApi(http.server.BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def s3_endpoint() -> Iterator[str]:
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=_free_port(), verbose=False)
+    """An S3 of the test's own: the values name one bucket, and each test starts it empty."""
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
     yield f"http://{host}:{port}"
@@ -104,7 +101,9 @@ def _values() -> dict:
 def _on_this_machine(values: dict, database: str, kubeconfig: Path) -> dict:
     """The chart's values with this machine's Postgres and the loopback API server."""
     values = copy.deepcopy(values)
-    values["postgresql"].update(postgresqlHost=PG["host"], postgresqlUsername=PG["user"], postgresqlDatabase=database)
+    values["postgresql"].update(
+        postgresqlHost=LOCAL_POSTGRES["host"], postgresqlUsername=LOCAL_POSTGRES["user"], postgresqlDatabase=database
+    )
     launcher = values["runLauncher"]["config"]["k8sRunLauncher"]
     launcher.update(loadInclusterConfig=False, kubeconfigFile=str(kubeconfig))
     return values
@@ -117,7 +116,7 @@ def _env_value(env: list[dict], name: str) -> str:
 @pytest.fixture
 def kubernetes_api(tmp_path) -> Iterator[tuple[Path, type[_KubernetesApi]]]:
     """A kubeconfig for the loopback API server, and the server's handler class (its Jobs)."""
-    handler = type("Api", (_KubernetesApi,), {"jobs": {}, "status": {}})
+    handler = type("Api", (_KubernetesApi,), {"jobs": {}, "status": {}, "posted_at": {}})
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     kubeconfig = tmp_path / "kubeconfig"
@@ -137,10 +136,10 @@ def kubernetes_api(tmp_path) -> Iterator[tuple[Path, type[_KubernetesApi]]]:
 def test_the_chart_makes_an_instance_with_the_kubernetes_launcher_and_one_queued_run_a_style(
     tmp_path, postgres_database, kubernetes_api, monkeypatch
 ):
+    # Only the kubeconfig: the launcher loads it as it starts, and this test launches nothing.
     kubeconfig, _api = kubernetes_api
     # What every pod of the chart gets from the Postgres Secret.
     monkeypatch.setenv("DAGSTER_PG_PASSWORD", "unused-with-trust-auth")
-    monkeypatch.setenv("AWS_REGION", "us-east-1")
     config = helm_chart.instance_config(_on_this_machine(_values(), postgres_database, kubeconfig))
     home = tmp_path / "home"
     home.mkdir()
@@ -172,12 +171,11 @@ PULL_POLICIES = {"Always", "IfNotPresent", "Never"}
 
 
 def _validated_job(body: dict) -> kubernetes.client.V1Job:
-    """The Job as the Kubernetes API's models read it, every field of the body one they know,
-    and the values of the fields that the values file sets as the API server would take them."""
-    api = kubernetes.client.ApiClient()
+    """The Job as the Kubernetes API's models read it, with the values of the fields the values
+    file sets checked as the API server would take them. (dagster-k8s builds the Job from those
+    models, so a field they do not know already fails the launch.)"""
     response = type("Response", (), {"data": json.dumps(body)})()
-    job = api.deserialize(response, "V1Job")
-    assert api.sanitize_for_serialization(job) == body, "the Job has fields the Kubernetes API does not know"
+    job = kubernetes.client.ApiClient().deserialize(response, "V1Job")
     pod = job.spec.template.spec
     for container in pod.containers:
         assert container.image_pull_policy in PULL_POLICIES, container.image_pull_policy
@@ -202,7 +200,7 @@ class Cluster:
         self.api = api
         self.values = _on_this_machine(_values(), database, kubeconfig)
         self.deployment = helm_chart.user_deployment(self.values, "sd-assets")
-        self.deployment["port"] = _free_port()
+        self.deployment["port"] = free_port()
         # What docs/KUBERNETES.md has the user create: the Secrets, the grid ConfigMap, the lists.
         self.aws = {
             "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1",
@@ -294,12 +292,14 @@ class Cluster:
             time.sleep(0.5)
         return list(self.api.jobs.values())
 
-    def run_job(self, job: dict) -> None:
-        """What the kubelet does with the Job's pod: runs it, and the Job's status says how it ended."""
+    def run_job(self, job: dict) -> float:
+        """What the kubelet does with the Job's pod: runs it, and the Job's status says how it
+        ended. Returns when it ended (``time.monotonic``)."""
         name = job["metadata"]["name"]
         finished = self.pod(job["spec"]["template"]["spec"], name).run(self.image_env, timeout=600)
         self.api.status[name] = {"succeeded": 1} if finished.returncode == 0 else {"failed": 1}
         assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+        return time.monotonic()
 
     def keys(self) -> list[str]:
         pages = self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket)
@@ -372,20 +372,20 @@ def test_the_queue_starts_one_pod_a_style_and_the_second_run_of_a_style_makes_no
     cluster.launch(STYLE)
     cluster.launch(STYLE)
     cluster.launch("Banksy")
-    # One Job per style: the second run of the style waits in the queue while the first's pod runs.
+    # One Job per style: the style's second run waits in the queue while its first one's pod runs.
     cluster.wait_for_jobs(2)
-    time.sleep(5)  # a few of the daemon's passes over the queue
-    assert len(cluster.api.jobs) == 2, f"{list(cluster.api.jobs)}\n{cluster.logs()}"
-    first, other = cluster.api.jobs.values()
     with dg.DagsterInstance.from_config(str(cluster.home)) as instance:
         queued = instance.get_runs(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.QUEUED]))
-        assert [run.tags["dagster/partition"] for run in queued] == [STYLE]
-        cluster.run_job(first)
-        cluster.run_job(other)
+        assert [run.tags["dagster/partition"] for run in queued] == [STYLE], cluster.logs()
+        ended = {}
+        for job in cluster.wait_for_jobs(2)[:2]:
+            run = instance.get_run_by_id(job["metadata"]["labels"]["dagster/run-id"])
+            ended[run.tags["dagster/partition"]] = cluster.run_job(job)
         assert len(cluster.images()) == 2 * len(SUBJECTS) * 2
 
-        # The style's first run has ended: its second is launched, and finds its images made.
-        (_, _, again) = cluster.wait_for_jobs(3)
+        # Launched only once the first pod of the style has ended, it finds its images made.
+        again = cluster.wait_for_jobs(3)[2]
+        assert cluster.api.posted_at[again["metadata"]["name"]] > ended[STYLE]
         cluster.run_job(again)
         runs = instance.get_runs(filters=dg.RunsFilter(tags={"dagster/partition": STYLE}))
         assert [run.status for run in runs] == [dg.DagsterRunStatus.SUCCESS] * 2
