@@ -164,10 +164,20 @@ def replacing(path: Path, of: str = "") -> Iterator[Path]:
         os.replace(tmp, path)
     except OSError as exc:
         copy_of = f" (a copy of {of})" if of else ""
-        raise StoreError(f"cannot write {path}{copy_of}: {exc}") from None
+        raise StoreError(f"cannot write {path}{copy_of}: {_why_not_written(path, exc)}") from None
     finally:
         if tmp is not None:
             tmp.unlink(missing_ok=True)
+
+
+def _why_not_written(path: Path, exc: OSError) -> str:
+    """The reason in the user's terms where it is a path's kind (the OS names a temporary file)."""
+    if path.is_dir():
+        return "it is a folder; give the name of a file in it"
+    for folder in path.parents:
+        if folder.exists():
+            return str(exc) if folder.is_dir() else f"{folder} is a file, not a folder"
+    return str(exc)
 
 
 def atomic_write(path: Path, data: bytes) -> None:
