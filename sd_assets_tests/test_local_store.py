@@ -11,7 +11,7 @@ import pytest
 
 from sd_assets.domain.errors import StoreError
 from sd_assets.domain.prompts import read_prompt_rows
-from sd_assets.domain.store import LocalStore, new_temporary_file
+from sd_assets.domain.store import LocalStore, atomic_write, new_temporary_file
 
 
 def test_writes_replace_whole_files_and_leave_no_temporary_files(tmp_path, monkeypatch):
@@ -62,6 +62,15 @@ def test_a_store_path_that_is_a_file_is_a_store_error_naming_the_path(tmp_path):
     with pytest.raises(StoreError, match=rf"^cannot write {tmp_path}/data/catalog/banksy.parquet: it is a folder; "
                        "give the name of a file in it$"):  # fmt: skip
         store.write_bytes("catalog/banksy.parquet", b"rows")
+
+
+def test_a_write_the_file_system_refuses_gives_its_reason_without_the_temporary_file(tmp_path):
+    # A name the file system takes, whose temporary twin (".<name>.<hex>.tmp") is too long.
+    name = "n" * 245 + ".json"
+    with pytest.raises(StoreError) as refused:
+        atomic_write(tmp_path / name, b"{}")
+    assert str(refused.value) == f"cannot write {tmp_path / name}: File name too long"
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_failed_copy_leaves_neither_a_half_file_nor_a_temporary_one(tmp_path):

@@ -171,13 +171,18 @@ def replacing(path: Path, of: str = "") -> Iterator[Path]:
 
 
 def _why_not_written(path: Path, exc: OSError) -> str:
-    """The reason in the user's terms where it is a path's kind (the OS names a temporary file)."""
+    """The reason in the user's terms: the OS's own words name the temporary file beside ``path``."""
     if path.is_dir():
         return "it is a folder; give the name of a file in it"
     for folder in path.parents:
         if folder.exists():
-            return str(exc) if folder.is_dir() else f"{folder} is a file, not a folder"
-    return str(exc)
+            if not folder.is_dir():
+                return f"{folder} is a file, not a folder"
+            break
+    named = Path(exc.filename).name if isinstance(exc.filename, str) else ""
+    if exc.strerror and named.startswith(f".{path.name}.") and named.endswith(".tmp"):
+        return exc.strerror  # a full disk, a read-only or refused folder: the path is in the message
+    return str(exc)  # another file's trouble (the source of a copy), which it names
 
 
 def atomic_write(path: Path, data: bytes) -> None:
