@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 
@@ -79,6 +80,10 @@ def text_table(rows: list[list[str]]) -> list[str]:
 def _page_path(text: str) -> str:
     if not text.strip():  # "$OUT" unset in a script: not the table in place of the page
         raise argparse.ArgumentTypeError("is empty: give the path of the page to write")
+    if os.path.isdir(os.path.expanduser(text)):
+        raise argparse.ArgumentTypeError(
+            f"{text} is a folder: give the page a file name in it, such as {os.path.join(text, 'found.html')}"
+        )
     return text
 
 

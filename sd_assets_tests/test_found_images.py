@@ -218,9 +218,10 @@ def test_search_html_writes_the_page_and_prints_its_path(tmp_path, monkeypatch, 
         main(["search", "--html", ""])
     assert "argument --html: is empty: give the path of the page to write" in capsys.readouterr().err
     # A folder given for the page, or a file where its folder should be: said in those words.
-    assert main(["search", "--subject", "turing", "--html", str(tmp_path)]) == 2
-    folder_given = f"sd-assets: cannot write {tmp_path}: it is a folder; give the name of a file in it\n"
-    assert capsys.readouterr().err == folder_given
+    with pytest.raises(SystemExit):
+        main(["search", "--subject", "turing", "--html", str(tmp_path)])
+    folder_given = f"{tmp_path} is a folder: give the page a file name in it, such as {tmp_path}/found.html"
+    assert folder_given in capsys.readouterr().err
     assert main(["search", "--subject", "turing", "--html", str(page / "turing.html")]) == 2
     file_in_the_way = f"sd-assets: cannot write {page}/turing.html: {page} is a file, not a folder\n"
     assert capsys.readouterr().err == file_in_the_way

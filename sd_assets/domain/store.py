@@ -7,6 +7,7 @@ reader never sees half a file.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import secrets
@@ -171,17 +172,20 @@ def replacing(path: Path, of: str = "") -> Iterator[Path]:
 
 
 def _why_not_written(path: Path, exc: OSError) -> str:
-    """The reason in the user's terms: the OS's own words name the temporary file beside ``path``."""
-    if path.is_dir():
-        return "it is a folder; give the name of a file in it"
-    for folder in path.parents:
-        if folder.exists():
-            if not folder.is_dir():
-                return f"{folder} is a file, not a folder"
-            break
-    named = Path(exc.filename).name if isinstance(exc.filename, str) else ""
-    if exc.strerror and named.startswith(f".{path.name}.") and named.endswith(".tmp"):
-        return exc.strerror  # a full disk, a read-only or refused folder: the path is in the message
+    """The reason in the user's terms: what is in the way, or the OS's words without the
+    temporary file beside ``path`` that they would name."""
+    if exc.errno == errno.EISDIR and os.path.isdir(path):
+        return "a folder is there"
+    if exc.errno in (errno.EEXIST, errno.ENOTDIR):
+        for folder in path.parents:
+            if os.path.lexists(folder):
+                if not os.path.isdir(folder):
+                    return f"{folder} is a file, not a folder"
+                break
+    named = exc.filename if isinstance(exc.filename, str) else ""
+    twin = os.path.basename(named).startswith(f".{path.name}.") and named.endswith(".tmp")
+    if exc.strerror and (twin or named in {str(path), *map(str, path.parents)}):
+        return exc.strerror  # a full disk, a read-only or refused folder, a name too long: on the path named
     return str(exc)  # another file's trouble (the source of a copy), which it names
 
 
