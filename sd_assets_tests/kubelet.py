@@ -16,12 +16,14 @@ class Pod:
 
     Secrets and ConfigMaps are looked up by name in ``secrets`` and ``config_maps`` (a name not
     there fails, as the pod would stay in CreateContainerConfigError); each volume is a folder
-    under ``root`` (a ConfigMap volume holds its keys as files), and a path the container would
-    see under a mount or in ``image_paths`` is rewritten to the local folder in its env.
+    under ``root`` (a ConfigMap volume holds its keys as files), but a hostPath is under
+    ``node``, shared by the pods of that node; a path the container would see under a mount or
+    in ``image_paths`` is rewritten to the local folder in its env.
     """
 
     spec: Mapping
     root: Path
+    node: Path
     secrets: Mapping[str, Mapping[str, str]]
     config_maps: Mapping[str, Mapping[str, str]]
     image_paths: Mapping[str, Path] = field(default_factory=dict)
@@ -40,13 +42,16 @@ class Pod:
     def volume_folders(self) -> dict[str, Path]:
         folders = {}
         for volume in self.spec.get("volumes") or []:
-            folder = self.root / "volumes" / volume["name"]
+            if volume.get("hostPath"):
+                folder = self.node / volume["hostPath"]["path"].lstrip("/")
+            elif volume.get("configMap") or "emptyDir" in volume:
+                folder = self.root / "volumes" / volume["name"]
+            else:
+                raise AssertionError(f"volume {volume['name']!r}: a kind this stand-in does not have")
             folder.mkdir(parents=True, exist_ok=True)
             if volume.get("configMap"):
                 for key, text in self._lookup("configmap", volume["configMap"]["name"]).items():
                     (folder / key).write_text(text)
-            elif not volume.get("hostPath") and "emptyDir" not in volume:
-                raise AssertionError(f"volume {volume['name']!r}: a kind this stand-in does not have")
             folders[volume["name"]] = folder
         return folders
 

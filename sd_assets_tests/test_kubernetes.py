@@ -48,7 +48,8 @@ class _KubernetesApi(http.server.BaseHTTPRequestHandler):
     """Takes the Jobs posted to it, as the API server would, and answers for their status.
 
     ``jobs`` holds each Job by name in the order posted; ``status`` is what a Job's status reads
-    (active until the test's stand-in kubelet has run it), and ``posted_at`` when it came.
+    (active until the test's stand-in kubelet has run it), and ``posted_at`` when it came (epoch
+    seconds, as the instance's run records).
     """
 
     jobs: dict[str, dict]
@@ -68,7 +69,7 @@ class _KubernetesApi(http.server.BaseHTTPRequestHandler):
         assert self.path == f"/apis/batch/v1/namespaces/{NAMESPACE}/jobs", self.path
         self.jobs[job["metadata"]["name"]] = job
         self.status[job["metadata"]["name"]] = {"active": 1}
-        self.posted_at[job["metadata"]["name"]] = time.monotonic()
+        self.posted_at[job["metadata"]["name"]] = time.time()
         self._reply(201, job)
 
     def do_GET(self):
@@ -233,7 +234,8 @@ class Cluster:
         self.workspace = root / "workspace.yaml"
         server = {"host": "127.0.0.1", "port": self.deployment["port"], "location_name": self.deployment["name"]}
         self.workspace.write_text(yaml.safe_dump({"load_from": [{"grpc_server": server}]}))
-        self.dagster_env = {**self.image_env, **self.aws, "DAGSTER_HOME": str(self.home),
+        # The daemon pod's environment: the chart gives it the Postgres password, not the AWS Secret.
+        self.dagster_env = {**self.image_env, "DAGSTER_HOME": str(self.home),
                             "DAGSTER_PG_PASSWORD": "unused-with-trust-auth"}  # fmt: skip
         self.processes: list[tuple[Path, subprocess.Popen]] = []
 
@@ -241,7 +243,7 @@ class Cluster:
         folder = self.root / name
         (folder / "dagster_home").mkdir(parents=True)
         image_paths = {self.dagster_home: folder / "dagster_home"}
-        return Pod(spec, folder, self.secrets, self.config_maps, image_paths=image_paths)
+        return Pod(spec, folder, self.root / "node", self.secrets, self.config_maps, image_paths=image_paths)
 
     def start_code_server(self) -> None:
         log = self.root / "code-server.log"
@@ -275,14 +277,19 @@ class Cluster:
         # A code server may take its time over SIGTERM; Kubernetes would kill it after 30 s.
         stop_processes([process for _log, process in self.processes], grace_seconds=10)
 
+    def dagster(self, *args: str) -> None:
+        """A ``dagster`` command in the daemon's pod (``kubectl exec``), against the workspace there."""
+        done = subprocess.run([str(BIN / "dagster"), *args], env=self.dagster_env, capture_output=True, text=True,
+                              timeout=120)  # fmt: skip
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
     def launch(self, style: str) -> None:
-        """``dagster job launch`` of a style, as a user would from a shell with the instance."""
-        launched = subprocess.run(
-            [str(BIN / "dagster"), "job", "launch", "-w", str(self.workspace), "-j", GENERATE_JOB,
-             "--tags", json.dumps({"dagster/partition": style})],
-            env=self.dagster_env, capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
-        assert launched.returncode == 0, launched.stderr[-3000:]
+        self.dagster("job", "launch", "-w", str(self.workspace), "-j", GENERATE_JOB,
+                     "--tags", json.dumps({"dagster/partition": style}))  # fmt: skip
+
+    def backfill(self, *styles: str) -> None:
+        self.dagster("job", "backfill", "-w", str(self.workspace), "-j", GENERATE_JOB,
+                     "--partitions", ",".join(styles), "--noprompt")  # fmt: skip
 
     def wait_for_jobs(self, count: int, timeout: float = 120) -> list[dict]:
         deadline = time.monotonic() + timeout
@@ -292,14 +299,12 @@ class Cluster:
             time.sleep(0.5)
         return list(self.api.jobs.values())
 
-    def run_job(self, job: dict) -> float:
-        """What the kubelet does with the Job's pod: runs it, and the Job's status says how it
-        ended. Returns when it ended (``time.monotonic``)."""
+    def run_job(self, job: dict) -> None:
+        """What the kubelet does with the Job's pod: runs it, and the Job's status says how it ended."""
         name = job["metadata"]["name"]
         finished = self.pod(job["spec"]["template"]["spec"], name).run(self.image_env, timeout=600)
         self.api.status[name] = {"succeeded": 1} if finished.returncode == 0 else {"failed": 1}
         assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
-        return time.monotonic()
 
     def keys(self) -> list[str]:
         pages = self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket)
@@ -318,6 +323,10 @@ def cluster(tmp_path, postgres_database, kubernetes_api, s3_endpoint, monkeypatc
     for name, value in started.aws.items():
         monkeypatch.setenv(name, value)
     try:
+        # The instance's tables first: the daemon and a first command making them at once on an
+        # empty database collide ("type runs already exists").
+        with dg.DagsterInstance.from_config(str(started.home)):
+            pass
         started.start_code_server()
         started.start_daemon()
         yield started
@@ -365,13 +374,13 @@ def test_a_style_launched_on_the_chart_runs_in_a_gpu_pod_and_makes_its_images(cl
     assert f"{cluster.prefix}/gallery/index.html" in keys
     # The step's output went to the chart's compute log bucket; the model to the node's cache.
     assert any(key.startswith("dagster-compute-logs/") for key in keys)
-    assert any((cluster.root / body["metadata"]["name"] / "volumes" / "model-cache").rglob("*.safetensors"))
+    assert any((cluster.root / "node" / "var/cache/sd-assets/models").rglob("*.safetensors"))
 
 
-def test_the_queue_starts_one_pod_a_style_and_the_second_run_of_a_style_makes_nothing_again(cluster):
+def test_a_backfill_starts_one_pod_a_style_and_a_second_run_of_a_style_waits_and_makes_nothing_again(cluster):
+    # As the docs have it, from the daemon's pod: a backfill of two styles, then one more run of one.
+    cluster.backfill(STYLE, "Banksy")
     cluster.launch(STYLE)
-    cluster.launch(STYLE)
-    cluster.launch("Banksy")
     # One Job per style: the style's second run waits in the queue while its first one's pod runs.
     cluster.wait_for_jobs(2)
     with dg.DagsterInstance.from_config(str(cluster.home)) as instance:
@@ -379,13 +388,18 @@ def test_the_queue_starts_one_pod_a_style_and_the_second_run_of_a_style_makes_no
         assert [run.tags["dagster/partition"] for run in queued] == [STYLE], cluster.logs()
         ended = {}
         for job in cluster.wait_for_jobs(2)[:2]:
-            run = instance.get_run_by_id(job["metadata"]["labels"]["dagster/run-id"])
-            ended[run.tags["dagster/partition"]] = cluster.run_job(job)
+            cluster.run_job(job)
+            record = instance.get_run_record_by_id(job["metadata"]["labels"]["dagster/run-id"])
+            ended[record.dagster_run.tags["dagster/partition"]] = record.end_time
         assert len(cluster.images()) == 2 * len(SUBJECTS) * 2
+        # The two pods ran one after the other on one node: the second found the model in its cache.
+        made = instance.fetch_materializations(dg.AssetKey("style_images"), limit=10).records
+        copied = sorted(record.asset_materialization.metadata["model_bytes_copied"].value for record in made)
+        assert copied[0] == 0 and copied[1] > 0, copied
 
-        # Launched only once the first pod of the style has ended, it finds its images made.
+        # Launched only once the style's first run has ended, it finds its images made.
         again = cluster.wait_for_jobs(3)[2]
-        assert cluster.api.posted_at[again["metadata"]["name"]] > ended[STYLE]
+        assert cluster.api.posted_at[again["metadata"]["name"]] >= ended[STYLE]
         cluster.run_job(again)
         runs = instance.get_runs(filters=dg.RunsFilter(tags={"dagster/partition": STYLE}))
         assert [run.status for run in runs] == [dg.DagsterRunStatus.SUCCESS] * 2
@@ -396,19 +410,23 @@ def test_the_queue_starts_one_pod_a_style_and_the_second_run_of_a_style_makes_no
 
 
 def test_the_image_installs_the_whole_package_from_what_its_dockerfile_copies(tmp_path):
-    """The image installs the project as a wheel, not in place as make does: a file that the
-    wheel leaves out (a template, say) would be missing only on the cluster."""
+    """The image installs the project as a wheel and removes its sources, not in place as make
+    does: a file that the wheel leaves out (a template, say) would be missing only on the cluster."""
     dockerfile = (WORKTREE / "deploy" / "Dockerfile").read_text().splitlines()
-    install = next(i for i, line in enumerate(dockerfile) if line.startswith("RUN pip install ."))
+    build = "/tmp/sd-assets"
+    assert f"RUN pip install {build} && rm -rf {build} && mkdir -p \"$DAGSTER_HOME\"" in dockerfile
+    install = next(i for i, line in enumerate(dockerfile) if line.startswith(f"RUN pip install {build}"))
     context = tmp_path / "context"
-    context.mkdir()
     for line in dockerfile[:install]:
         if line.startswith("COPY "):
-            source, _destination = line.split()[1:]
+            source, destination = line.split()[1:]
+            assert destination.startswith(build + "/"), line
+            target = context / (destination.removeprefix(build + "/") or ".")
             if (WORKTREE / source).is_dir():
-                shutil.copytree(WORKTREE / source, context / source, ignore=shutil.ignore_patterns("__pycache__"))
+                shutil.copytree(WORKTREE / source, target, ignore=shutil.ignore_patterns("__pycache__"))
             else:
-                shutil.copy(WORKTREE / source, context / source)
+                target.mkdir(parents=True, exist_ok=True)
+                shutil.copy(WORKTREE / source, target)
     built = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w",
          str(tmp_path / "wheel"), str(context)],
