@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -87,11 +88,14 @@ class _KubernetesApi(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def s3_endpoint() -> Iterator[str]:
-    """An S3 of the test's own: the values name one bucket, and each test starts it empty."""
+    """An empty S3 for each test: the values name one bucket, and moto keeps its buckets per
+    process, whatever server serves them, so an earlier test's images would still be there."""
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
+    endpoint = f"http://{host}:{port}"
+    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST"), timeout=30).close()
+    yield endpoint
     server.stop()
 
 
