@@ -282,5 +282,5 @@ def test_a_queued_run_of_a_style_renamed_before_it_starts_says_to_reload_and_bac
         "styles are ['Banksy', 'Andy warhol']: the grid's styles were edited after the code location loaded or "
         "after this run was queued (or, given with dagster job launch --tags, the style is misspelled); reload "
         "the code location (UI: Deployment > Reload) and backfill the styles that are new (UI: Jobs > "
-        "generate_images > Partitions, select the missing ones, Launch backfill)"
+        "generate_images > Partitions > Materialize, Missing, Launch backfill)"
     ) in str(failure.step_failure_data.error)

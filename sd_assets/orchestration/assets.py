@@ -161,8 +161,8 @@ def _style(context: dg.AssetExecutionContext, config: GridConfig) -> str:
         f"this run's style {style!r} is not in the grid {config.source}{hint}, whose styles are {config.styles}: "
         "the grid's styles were edited after the code location loaded or after this run was queued (or, given "
         "with dagster job launch --tags, the style is misspelled); reload the code location (UI: Deployment > "
-        f"Reload) and backfill the styles that are new (UI: Jobs > {GENERATE_JOB} > Partitions, select the "
-        "missing ones, Launch backfill)"
+        f"Reload) and backfill the styles that are new (UI: Jobs > {GENERATE_JOB} > Partitions > Materialize, "
+        "Missing, Launch backfill)"
     )
 
 
