@@ -33,6 +33,11 @@ def _dagster_home(values: Mapping) -> str:
     return values.get("global", {}).get("dagsterHome", "/opt/dagster/dagster_home")
 
 
+def _postgres_secret(values: Mapping) -> str:
+    """The Secret with the Postgres password, that every pod of the chart reads."""
+    return values.get("global", {}).get("postgresqlSecretName") or f"{fullname()}-postgresql-secret"
+
+
 def _postgres_config(values: Mapping) -> dict:
     postgresql = values["postgresql"]
     config = {
@@ -76,8 +81,7 @@ def _run_launcher(values: Mapping, namespace: str) -> dict:
         "service_account_name": values.get("serviceAccount", {}).get("name") or fullname(),
         "dagster_home": _dagster_home(values),
         "instance_config_map": f"{fullname()}-instance",
-        "postgres_password_secret": values.get("global", {}).get("postgresqlSecretName")
-        or f"{fullname()}-postgresql-secret",
+        "postgres_password_secret": _postgres_secret(values),
     }
     if "image" in k8s:
         config["job_image"] = f"{k8s['image']['repository']}:{k8s['image']['tag']}"
@@ -196,11 +200,10 @@ def launched_run_container_context(values: Mapping, deployment: Mapping, namespa
 
 def code_server_pod_spec(values: Mapping, deployment: Mapping) -> dict:
     """The pod spec of a code server's Deployment (``deployment-user.yaml``), for the parts it runs with."""
-    postgres_secret = values.get("global", {}).get("postgresqlSecretName") or f"{fullname()}-postgresql-secret"
     env = [
         {"name": "DAGSTER_CURRENT_IMAGE", "value": code_server_image(deployment)},
         {"name": "DAGSTER_PG_PASSWORD",
-         "valueFrom": {"secretKeyRef": {"name": postgres_secret, "key": "postgresql-password"}}},
+         "valueFrom": {"secretKeyRef": {"name": _postgres_secret(values), "key": "postgresql-password"}}},
     ]  # fmt: skip
     # Left out, the setting counts as enabled; turned off, runs get none of the code server's settings.
     if (deployment.get("includeConfigInLaunchedRuns") or {"enabled": True}).get("enabled"):

@@ -176,17 +176,20 @@ def _why_not_written(path: Path, exc: OSError) -> str:
     temporary file beside ``path`` that they would name."""
     if exc.errno == errno.EISDIR and os.path.isdir(path):
         return "a folder is there"
-    if exc.errno in (errno.EEXIST, errno.ENOTDIR):
-        for folder in path.parents:
-            if os.path.lexists(folder):
-                if not os.path.isdir(folder):
-                    return f"{folder} is a file, not a folder"
-                break
+    if exc.errno in (errno.EEXIST, errno.ENOTDIR) and (in_the_way := _file_in_the_way(path.parent)):
+        return f"{in_the_way} is a file, not a folder"
     named = exc.filename if isinstance(exc.filename, str) else ""
     twin = os.path.basename(named).startswith(f".{path.name}.") and named.endswith(".tmp")
     if exc.strerror and (twin or named in {str(path), *map(str, path.parents)}):
         return exc.strerror  # a full disk, a read-only or refused folder, a name too long: on the path named
     return str(exc)  # another file's trouble (the source of a copy), which it names
+
+
+def _file_in_the_way(folder: Path) -> Path | None:
+    """The file where ``folder``, or a folder above it, should be: the first of them that exists,
+    if it is not a folder (None where it is one, or where none can be looked at)."""
+    existing = next((candidate for candidate in (folder, *folder.parents) if os.path.exists(candidate)), None)
+    return existing if existing is not None and not os.path.isdir(existing) else None
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -216,13 +219,11 @@ class LocalStore(ArtifactStore):
                 "SD_ASSETS_STORAGE)"
             ) from None
         # A file where the store's folder, or one above it, should be: say so now, by name,
-        # rather than as whichever OS error the first read or write meets.
-        try:
-            existing = next(folder for folder in (self.root, *self.root.parents) if folder.exists())
-        except OSError:  # a folder on the way we may not look into: the first write says so
-            return
-        if not existing.is_dir():
-            raise StoreError(f"storage {self.root}: {existing} is a file, not a folder")
+        # rather than as whichever OS error the first read or write meets. (A folder on the way
+        # that may not be looked into counts as absent: the first write says what is wrong.)
+        in_the_way = _file_in_the_way(self.root)
+        if in_the_way is not None:
+            raise StoreError(f"storage {self.root}: {in_the_way} is a file, not a folder")
 
     def _path(self, key: str) -> Path:
         return self.root / _check_key(key)
