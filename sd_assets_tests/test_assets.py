@@ -225,6 +225,59 @@ def test_the_ui_marks_a_style_stale_when_its_inputs_change_and_fresh_once_regene
     assert status("style_images") == StaleStatus.STALE
 
 
+def test_a_run_launched_from_the_uis_materialize_dialog_observes_the_grid_inputs_it_built_from(grid_path, instance):
+    from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleStatus
+    from dagster._core.definitions.observe import observe
+    from dagster._core.loader import LoadingContextForTest
+
+    defs = build_definitions({"SD_ASSETS_GRID": str(grid_path), "SD_ASSETS_DEVICE": "cpu"})
+    graph = defs.resolve_asset_graph()
+    job = defs.resolve_job_def("generate_images")
+    # What the UI's Materialize dialog launches: the job with its assets selected, not its source.
+    assets = [key for key in job.asset_layer.executable_asset_keys if key != dg.AssetKey("grid_inputs")]
+    assert len(assets) == 6
+
+    def ui_run() -> dg.ExecuteInProcessResult:
+        result = job.execute_in_process(partition_key="Banksy", asset_selection=assets, instance=instance)
+        assert result.success
+        return result
+
+    def banksy(asset: str) -> StaleStatus:
+        resolver = CachingStaleStatusResolver(instance, graph, LoadingContextForTest(instance))
+        return resolver.get_status(dg.AssetKey(asset), "Banksy")
+
+    def observations() -> list:
+        return instance.fetch_observations(dg.AssetKey("grid_inputs"), limit=100).records
+
+    # The first run on a new instance: nothing had observed the grid, and a later observation of
+    # the same files finds the style fresh.
+    result = ui_run()
+    [record] = observations()
+    assert record.run_id == result.run_id
+    metadata = record.asset_observation.metadata
+    assert metadata["observed_by"].value == "model_weights (this run has no grid_inputs step)"
+    assert metadata["subject_lists"].value == "people.txt" and metadata["subjects"].value == 2
+    assert observe([graph.get(dg.AssetKey("grid_inputs")).assets_def], instance=instance).success
+    assert banksy("prompt_grid") == banksy("style_images") == StaleStatus.FRESH
+
+    # A list added after that observation: the run reads it, makes its images and records the
+    # version it read, so observing again changes nothing.
+    (grid_path.parent / "subjects" / "more.txt").write_text("grace hopper\n")
+    meta = _metadata(ui_run(), "style_images")
+    assert meta["generated"] == 2 and meta["skipped"] == 4
+    assert observe([graph.get(dg.AssetKey("grid_inputs")).assets_def], instance=instance).success
+    assert banksy("prompt_grid") == banksy("style_images") == StaleStatus.FRESH
+
+    # model_weights alone (the model fetched ahead) reads no list; a whole run observes in its own step.
+    before = len(observations())
+    assert job.execute_in_process(asset_selection=[dg.AssetKey("model_weights")], instance=instance).success
+    assert len(observations()) == before
+    result = materialize_style(grid_path, "Banksy", instance)
+    [latest] = instance.fetch_observations(dg.AssetKey("grid_inputs"), limit=1).records
+    assert latest.run_id == result.run_id and "observed_by" not in latest.asset_observation.metadata
+    assert len(observations()) == before + 1
+
+
 def test_a_comment_a_new_style_or_a_subject_moved_to_another_list_leaves_every_style_fresh(
     grid_path, instance
 ):
@@ -545,6 +598,17 @@ def test_a_run_whose_subject_lists_fail_fetches_no_model(tmp_path, instance):
         "not run: grid_inputs failed in this run, and without the subject lists the run makes no image; fix what "
         "its error names and run again (the model is fetched then)"
     ) in failures["model_weights"]
+    assert not (grid_path.parent / "data" / "models").exists()
+
+    # Launched from the UI's Materialize dialog, without the grid_inputs step: model_weights reads
+    # the lists before it fetches the model.
+    job = defs.resolve_job_def("generate_images")
+    assets = [key for key in job.asset_layer.executable_asset_keys if key != dg.AssetKey("grid_inputs")]
+    result = job.execute_in_process(partition_key="Banksy", asset_selection=assets, instance=instance,
+                                    raise_on_error=False)
+    [failure] = [e for e in result.all_events if e.is_step_failure]
+    assert failure.step_key == "model_weights"
+    assert f"subject lists folder {grid_path.parent / 'lists'} does not exist" in str(failure.step_failure_data.error)
     assert not (grid_path.parent / "data" / "models").exists()
 
 

@@ -17,6 +17,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import dagster as dg
+# Internal to Dagster (no public name): the tag an observation carries its data version in.
+from dagster._core.definitions.data_version import DATA_VERSION_TAG
 
 from sd_assets.domain import catalog as catalog_lib
 from sd_assets.domain import engine, gallery
@@ -185,6 +187,53 @@ def _grid_rows(config: GridConfig, artifact_store, styles: list[str]):
     return {style: build_prompt_rows(config, style, subjects, settings) for style in styles}, read, settings
 
 
+def _grid_inputs_now(config: GridConfig, artifact_store: ArtifactStore) -> tuple[dg.DataVersion, dict]:
+    """grid_inputs' data version as the grid file and its subject lists stand now, and what it was taken from."""
+    source = subject_source(config, artifact_store)
+    read = read_subject_lists(source, config.max_subjects_per_list)
+    subjects = unique_subjects(read.lists)
+    # What the version was taken from: "Observe sources" otherwise shows a hash and nothing
+    # that says which file and lists it read.
+    return dg.DataVersion(grid_inputs_version(config, subjects)), {
+        "grid_file": dg.MetadataValue.path(str(config.source)),
+        "styles": ", ".join(config.styles),
+        "subjects_location": source.location,
+        "subject_lists": ", ".join(sl.name for sl in read.lists),
+        "subjects": len(subjects),
+        "skipped_subject_lists": "\n".join(read.problems) or "-",
+    }
+
+
+def _runs_step(context: dg.AssetExecutionContext, step_key: str) -> bool:
+    """Whether this run executes the step ``step_key`` (an asset's step is named by its key)."""
+    steps = context.run.step_keys_to_execute
+    return context.job_def.has_node_named(step_key) and (steps is None or step_key in steps)
+
+
+def _observe_grid_inputs_unless_the_run_does(
+    context: dg.AssetExecutionContext, config: GridConfig, artifact_store: ArtifactStore
+) -> None:
+    """Observe grid_inputs from model_weights in a run that has no grid_inputs step of its own.
+
+    The UI's Materialize dialogs launch generate_images with the job's assets and not its source
+    (a re-execution from failure that runs both skips the observation that succeeded). prompt_grid records the
+    version of grid_inputs that was latest when its step started: without this observation that
+    would be whatever the files were at the last one, and the next "Observe sources" would mark a
+    grid built from the files as they are now stale (or the grid of a changed file fresh).
+    model_weights comes before prompt_grid in every run that holds both; a run of model_weights alone
+    (the model fetched ahead) reads no subject list."""
+    if _runs_step(context, "grid_inputs") or not _runs_step(context, "prompt_grid"):
+        return
+    version, metadata = _grid_inputs_now(config, artifact_store)
+    context.log_event(
+        dg.AssetObservation(
+            "grid_inputs",
+            tags={DATA_VERSION_TAG: version.value},
+            metadata={**metadata, "observed_by": "model_weights (this run has no grid_inputs step)"},
+        )
+    )
+
+
 def _grid_inputs_asset():
     """The observable source asset of the grid file and its subject lists."""
     # An AssetSpec, unlike observable_source_asset, carries owners and kinds, so that the source shows
@@ -206,23 +255,8 @@ def _grid_inputs_asset():
         def grid_inputs(
             context: dg.AssetExecutionContext, grid: GridResource, store: ArtifactStoreResource
         ) -> dg.ObserveResult:
-            config = grid.load()
-            source = subject_source(config, store.open())
-            read = read_subject_lists(source, config.max_subjects_per_list)
-            subjects = unique_subjects(read.lists)
-            # What the version was taken from: "Observe sources" otherwise shows a hash and nothing
-            # that says which file and lists it read.
-            return dg.ObserveResult(
-                data_version=dg.DataVersion(grid_inputs_version(config, subjects)),
-                metadata={
-                    "grid_file": dg.MetadataValue.path(str(config.source)),
-                    "styles": ", ".join(config.styles),
-                    "subjects_location": source.location,
-                    "subject_lists": ", ".join(sl.name for sl in read.lists),
-                    "subjects": len(subjects),
-                    "skipped_subject_lists": "\n".join(read.problems) or "-",
-                },
-            )
+            version, metadata = _grid_inputs_now(grid.load(), store.open())
+            return dg.ObserveResult(data_version=version, metadata=metadata)
 
     return grid_inputs
 
@@ -264,6 +298,7 @@ def build_assets(styles: dg.StaticPartitionsDefinition) -> list:
         _stop_if_grid_inputs_failed(context)
         config = grid.load()
         artifact_store = store.open()
+        _observe_grid_inputs_unless_the_run_does(context, config, artifact_store)
         # The runs of a backfill start together: one fills the cache, the others wait and find it filled.
         model = config.model
         where = artifact_store.location()
