@@ -283,8 +283,11 @@ def test_auto_batch_size_is_remembered_apart_for_settings_that_change_its_memory
         engine.auto_batch_key(loaded, dataclasses.replace(SETTINGS, safety_checker=True)),
         engine.auto_batch_key(loaded, dataclasses.replace(SETTINGS, deep_cache=DeepCache(3, 0))),
         engine.auto_batch_key(loaded, dataclasses.replace(SETTINGS, deep_cache=DeepCache(3, 1))),
+        # Without classifier-free guidance the UNet takes one pass an image, not two.
+        engine.auto_batch_key(loaded, dataclasses.replace(SETTINGS, guidance_scale=1.0)),
     }
-    assert len(keys) == 5
+    assert len(keys) == 6
+    assert engine.auto_batch_key(loaded, dataclasses.replace(SETTINGS, guidance_scale=0.5)) in keys
     # The interval keeps the same features; it does not change the memory.
     assert engine.auto_batch_key(loaded, dataclasses.replace(SETTINGS, deep_cache=DeepCache(2, 1))) in keys
     assert engine.auto_batch_key(loaded, dataclasses.replace(SETTINGS, steps=9, guidance_scale=3.0)) == plain

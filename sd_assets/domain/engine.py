@@ -715,10 +715,14 @@ def auto_batch_key(loaded: LoadedPipeline, settings: GenerationSettings) -> str:
     """What an ``auto`` batch size is remembered under: whatever changes a batch's peak memory.
 
     The model revision (its folder), device, dtype and image size; and, only when on, the safety
-    checker (a CLIP vision pass over every batch) and DeepCache's branch (the features it keeps), so the
-    keys remembered before those joined stay as they were.
+    checker (a CLIP vision pass over every batch) and DeepCache's branch (the features it keeps), and
+    only when off, classifier-free guidance (a guidance scale of 1 or less: one UNet pass an image
+    rather than two, about half the memory), so the keys remembered before those joined stay as they were.
+    Not compile: the probe runs the UNet uncompiled either way.
     """
     key = f"{loaded.folder.name}|{loaded.device}|{loaded.dtype}|{settings.width}x{settings.height}"
+    if settings.guidance_scale <= 1:
+        key += "|no-guidance"
     if settings.safety_checker:
         key += "|safety-checker"
     if settings.deep_cache:
