@@ -994,6 +994,8 @@ def test_a_compiled_unet_takes_more_batch_shapes_than_dynamo_allows_by_default(l
         torch._dynamo.reset()
     # What a loaded pipeline compiles (the UNet, DeepCache's paths, the VAE decoder) is let recompile as often.
     monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
+    # Loaded anew: an earlier test of this process may have loaded the same pipeline, kept per process.
+    monkeypatch.setattr(engine, "_PIPELINES", {})
     engine.load_pipeline(loaded.folder, "cpu", "float32", compile_unet=True, deep_cache=DeepCache(interval=2, branch=0),
                          tuning=engine.Tuning(compile_vae=True))  # fmt: skip
     assert torch._dynamo.config.recompile_limit == engine.RECOMPILE_LIMIT
