@@ -377,13 +377,13 @@ def test_turning_deep_cache_on_makes_new_images_that_say_so_and_keeps_the_old_on
     plain_images = _pngs(data)
     assert plain["generated"] == 4 and "deep_cache" not in plain
     revision = plain["model_revision"][:7]
-    assert plain["settings"] == f"2 steps · 64x64 · guidance 7.5 · PNDMScheduler · tiny-random@{revision}"
+    assert plain["settings"] == f"2 steps · 64x64 · guidance 7.5 · PNDMScheduler · tiny-random@{revision} · float32 on cpu"
     assert "DeepCache" not in (data / "gallery" / "banksy" / "page-1.html").read_text()
 
     grid_path.write_text(grid_path.read_text().replace("batch_size: 4}", "batch_size: 4, deep_cache: {interval: 2}}"))
     cached = _metadata(materialize_style(grid_path, "Banksy", instance), "style_images")
     assert cached["generated"] == 4 and cached["deep_cache"] == "interval 2, branch 0"
-    assert cached["settings"] == plain["settings"] + " · DeepCache interval 2, branch 0"
+    assert cached["settings"] == plain["settings"].replace(" · float32", " · DeepCache interval 2, branch 0 · float32")
     images = _pngs(data)
     assert len(images) == 8 and {k: images[k] for k in plain_images} == plain_images, "the first images are untouched"
 

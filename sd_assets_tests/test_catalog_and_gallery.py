@@ -549,7 +549,7 @@ def test_style_pages_paginate_escape_and_link_relatively(tmp_path):
     first = store.read_text(written.pages[0])
     assert first.count("<img ") == 4 and "4 of 6 images made" in first
     # The settings the grid's images were made with (as the catalog has them), above them.
-    assert "Grid settings: 2 steps · 64x64 · guidance 7.5 · PNDMScheduler · tiny-random@0000000<" in first
+    assert "Grid settings: 2 steps · 64x64 · guidance 7.5 · PNDMScheduler · tiny-random@0000000 · float32 on cpu<" in first
     assert f'src="../../images/{rows[0].key[:2]}/{rows[0].key}.png"' in first
     # The run's first 8 characters, and its whole id on hover (to find it in Dagster).
     assert f'seed {rows[0].seed} · image_index 0 · <span title="run 3f2a1b2c-run">run 3f2a1b2c</span>' in first
@@ -711,10 +711,10 @@ def test_images_of_earlier_grids_get_pages_of_their_own_newest_first(tmp_path):
     # Newest first, each with what made it.
     runs = re.findall(r">run (run-\d)<", earlier + store.read_text(written.earlier_pages[1]))
     assert runs == ["run-2", "run-1", "run-0"]
-    assert earlier.count("4 steps · 64x64 · guidance 7.5 · PNDMScheduler · tiny-random@0000000 · 2026-11-2") == 1
+    assert earlier.count("4 steps · 64x64 · guidance 7.5 · PNDMScheduler · tiny-random@0000000 · float32 on cpu · 2026-11-2") == 1
     assert "· 2026-11-20 00:00 UTC" in store.read_text(written.earlier_pages[1])
     assert "4 steps · 64x64 · guidance 7.5 · PNDMScheduler · tiny-random@0000000 · negative prompt: blurry" in earlier
-    assert "tiny-random@0000000 · DeepCache interval 3, branch 0 · 2026-11-20 00:00 UTC" in store.read_text(
+    assert "tiny-random@0000000 · DeepCache interval 3, branch 0 · float32 on cpu · 2026-11-20 00:00 UTC" in store.read_text(
         written.earlier_pages[1]
     )
     assert f'src="../../images/{before[2].key[:2]}/{before[2].key}.png"' in earlier

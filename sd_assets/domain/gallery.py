@@ -60,7 +60,8 @@ def earlier_page_key(style: str, page: int) -> str:
 
 def settings_text(row: Mapping) -> str:
     """What besides prompt and seed made a catalog row's image, in one line: steps, size, guidance,
-    scheduler, model, and the negative prompt, DeepCache setting and safety checker when it has them."""
+    scheduler, model, and the negative prompt, DeepCache setting, safety checker and the dtype and
+    device it was made in (float16 on a GPU draws other pixels than float32 on a CPU) when it has them."""
     parts = [
         count(row["steps"], "step"), f"{row['width']}x{row['height']}", f"guidance {row['guidance_scale']:g}",
         row["scheduler"], f"{row['model_id']}@{row['model_revision'][:7]}",
@@ -71,6 +72,8 @@ def settings_text(row: Mapping) -> str:
         parts.append(f"DeepCache {row['deep_cache']}")
     if row.get("safety_checker"):
         parts.append("safety checker on")
+    if row.get("dtype"):
+        parts.append(f"{row['dtype']} on {row['device']}" if row.get("device") else row["dtype"])
     return " · ".join(parts)
 
 

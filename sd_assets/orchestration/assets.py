@@ -742,7 +742,8 @@ def _made_metadata(report: StyleRunReport, profile: gpu_profile.GpuProfile, sett
                    loaded: engine.LoadedPipeline) -> dict:  # fmt: skip
     """The materialization metadata of the images one run made: how many, how fast, on what."""
     metadata = {
-        "settings": gallery.settings_text(settings.as_record()),
+        # As the gallery shows them: with the dtype and device, which draw other pixels too.
+        "settings": gallery.settings_text({**settings.as_record(), "dtype": loaded.dtype, "device": loaded.device}),
         "generated": report.generated,
         "images_per_minute": round(report.images_per_minute, 1),
         "batch_size": report.batch_size,
