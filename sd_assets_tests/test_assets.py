@@ -377,7 +377,9 @@ def test_turning_deep_cache_on_makes_new_images_that_say_so_and_keeps_the_old_on
     plain_images = _pngs(data)
     assert plain["generated"] == 4 and "deep_cache" not in plain
     revision = plain["model_revision"][:7]
-    assert plain["settings"] == f"2 steps · 64x64 · guidance 7.5 · PNDMScheduler · tiny-random@{revision} · float32 on cpu"
+    assert plain["settings"] == (
+        f"2 steps · 64x64 · guidance 7.5 · PNDMScheduler · tiny-random@{revision} · float32 on cpu"
+    )
     assert "DeepCache" not in (data / "gallery" / "banksy" / "page-1.html").read_text()
 
     grid_path.write_text(grid_path.read_text().replace("batch_size: 4}", "batch_size: 4, deep_cache: {interval: 2}}"))
@@ -661,6 +663,14 @@ def test_a_prompt_longer_than_the_text_encoder_reads_is_refused_by_name_and_the_
         '<div class="missing">not made: its prompt is 370 tokens, over the 77 the text encoder reads; shorten it</div>'
     ) == 2 and "not made yet" not in page
     assert sum(f"{key.removesuffix('.png')}" in page for key in made) == 4
+    # The index's contact sheet (image 0 of each subject) says so in the long subject's cell, and
+    # waits for the style not yet run.
+    index = (data / "gallery" / "index.html").read_text()
+    long_row = index[index.index(f"<tr><th>{long_subject}</th>"):].split("</tr>")[0]
+    assert long_row.count(
+        '<span class="missing-cell">not made: its prompt is 370 tokens, over the 77 the text encoder reads; '
+        "shorten it</span>"
+    ) == 1 and long_row.count('<span class="missing-cell">not made yet</span>') == 1
 
     # Run again unchanged: refused again, nothing made twice.
     again = materialize_style(grid_path, "Banksy", instance)
@@ -676,6 +686,7 @@ def test_a_prompt_longer_than_the_text_encoder_reads_is_refused_by_name_and_the_
     assert {k: v for k, v in _pngs(data).items() if k in made} == made
     assert _metadata(shortened, "image_catalog")["rows"] == 6
     assert "not made" not in (data / "gallery" / "banksy" / "page-1.html").read_text()
+    assert "shorten it" not in (data / "gallery" / "index.html").read_text()
     assert not (data / "grids" / "banksy.refused.json").exists()
     # Nothing left to make: nothing loaded, nothing refused, and the metadata still says so.
     done = materialize_style(grid_path, "Banksy", instance)

@@ -271,10 +271,13 @@ def render_index(
     present: set[str],
     other_styles: Sequence[StyleSummary] = (),
     model_id: str = "",
+    refused: Mapping[str, str] | None = None,
 ) -> str:
     """Write ``gallery/index.html``: counts per style of the grid, the other styles whose images
     the store holds (``other_styles``: made by earlier grids), and the subject x style contact sheet.
     With the grid's ``model_id`` the offline ``tiny-random``, every page says its images are noise.
+    ``refused`` (content key -> why, as the styles' last runs left it) says in a cell not made why
+    it was not, where a later run would not fill it either.
 
     The contact sheet shows image 0 of every subject in every style: one row of it compares the
     styles under the same starting noise. The index holds its first ``CONTACT_PAGE_SUBJECTS``
@@ -294,6 +297,7 @@ def render_index(
                 "src": "../" + image_key_path(row.key),
                 "present": row.key in present,
                 "unknown": style in unknown,
+                "refused": (refused or {}).get(row.key),
                 "row": row,
             }
     template = _ENVIRONMENT.get_template("index.html.j2")

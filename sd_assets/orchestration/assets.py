@@ -562,8 +562,11 @@ def _write_index(
     in_grid = {slugify(style) for style in config.styles}
     others = [summary(style, len(keys), len(keys)) for style, keys in made.items() if slugify(style) not in in_grid]
     others += [summary(slug, 0, 0) for slug in sorted(broken - in_grid)]
+    # Why a style's last run left an image of the grid unmade (a prompt too long): a later run would not make it.
+    refused = {key: why for style in rows_by_style for key, why in read_refused(artifact_store, style).items()}
     key = gallery.render_index(
-        artifact_store, summaries, rows_by_style, present, other_styles=others, model_id=config.model.id
+        artifact_store, summaries, rows_by_style, present, other_styles=others, model_id=config.model.id,
+        refused=refused,
     )
     return _WrittenIndex(summaries, unreadable, key)
 
