@@ -84,6 +84,11 @@ def _page_path(text: str) -> str:
         raise argparse.ArgumentTypeError(
             f"{text} is a folder: give the page a file name in it, such as {os.path.join(text, 'found.html')}"
         )
+    from sd_assets.domain.found_images import page_path_problem
+
+    problem = page_path_problem(text)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
     return text
 
 

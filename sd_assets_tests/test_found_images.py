@@ -3,6 +3,7 @@
 import base64
 import io
 import random
+import re
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from PIL import Image
 
 from sd_assets.cli import main
 from sd_assets.domain import catalog
+from sd_assets.domain.errors import StoreError
 from sd_assets.domain.found_images import show_images
 from sd_assets.domain.pngmeta import Provenance, encode_png, image_key_path
 from sd_assets.domain.prompts import PromptRow
@@ -225,6 +227,41 @@ def test_search_html_writes_the_page_and_prints_its_path(tmp_path, monkeypatch, 
     assert main(["search", "--subject", "turing", "--html", str(page / "turing.html")]) == 2
     file_in_the_way = f"sd-assets: cannot write {page}/turing.html: {page} is a file, not a folder\n"
     assert capsys.readouterr().err == file_in_the_way
+
+
+def test_search_html_replaces_only_a_page_it_wrote(tmp_path, monkeypatch, capsys):
+    store = _store_with(tmp_path / "data", [("alan turing", (1, 2, 3), 8)])
+    monkeypatch.setenv("SD_ASSETS_STORAGE", str(tmp_path / "data"))
+    [png] = (tmp_path / "data" / "images").rglob("*.png")
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("styles: [Banksy]\n")
+    gallery_page = tmp_path / "data" / "gallery" / "index.html"
+    gallery_page.parent.mkdir(parents=True)
+    gallery_page.write_text("<!doctype html><title>Gallery · sd-assets</title>")
+    kept = {path: path.read_bytes() for path in (png, grid, gallery_page)}
+
+    # A slip of the hand (an image's path pasted, the grid's name, a gallery page) writes nothing.
+    for path, why in [
+        (png, f"{png} does not end in .html: give the page a name that does, such as found.html"),
+        (grid, f"{grid} does not end in .html: give the page a name that does, such as found.html"),
+        (gallery_page, f"{gallery_page} is there and is not a page sd-assets search wrote: give another name, "
+                       "or remove it first"),
+    ]:  # fmt: skip
+        with pytest.raises(SystemExit):
+            main(["search", "--subject", "turing", "--html", str(path)])
+        assert f"argument --html: {why}" in capsys.readouterr().err
+    assert {path: path.read_bytes() for path in kept} == kept
+
+    # Its own page, written before, it replaces; in a notebook too, where the same slips are refused.
+    page = tmp_path / "found.HTML"
+    assert main(["search", "--subject", "turing", "--html", str(page)]) == 0
+    assert main(["search", "--subject", "nobody", "--html", str(page)]) == 0
+    assert "No images match." in page.read_text()
+    found = show_images(catalog.search(catalog.read_catalog(store), subject="turing"), store)
+    assert found.save(page) == page and found.shown == 1
+    with pytest.raises(StoreError, match=f"not written: {re.escape(str(png))} does not end in .html"):
+        found.save(png)
+    assert {path: path.read_bytes() for path in kept} == kept
 
 
 def test_search_html_says_how_to_see_the_images_past_its_limit(tmp_path, monkeypatch, capsys):

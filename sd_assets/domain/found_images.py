@@ -53,11 +53,38 @@ class FoundImages:
         absolute path.
 
         Raises:
-            StoreError: the file system refused it, with the path.
+            StoreError: the path is not one to write the page to (``page_path_problem``), or the
+                file system refused it, with the path.
         """
+        problem = page_path_problem(str(path))
+        if problem:
+            raise StoreError(f"not written: {problem}")
         target = Path(path).expanduser().absolute()
         atomic_write(target, self.page.encode("utf-8"))
         return target
+
+
+# How the page says it is one: another file at its path is not replaced.
+PAGE_MARK = b'<meta name="generator" content="sd-assets search">'
+
+
+def page_path_problem(path: str) -> str | None:
+    """Why ``path`` is not a place to write a found-images page, or None: a page is an .html file,
+    and replaces only a page written before (an image of the store, a grid file or a gallery page
+    given by a slip of the hand stays as it was)."""
+    target = Path(path).expanduser()
+    if target.suffix.lower() not in (".html", ".htm"):
+        return f"{path} does not end in .html: give the page a name that does, such as found.html"
+    try:
+        with target.open("rb") as existing:
+            head = existing.read(1024)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError:  # a folder, or unreadable: said by the write, in the file system's words
+        return None
+    if PAGE_MARK not in head:
+        return f"{path} is there and is not a page sd-assets search wrote: give another name, or remove it first"
+    return None
 
 
 def show_images(
