@@ -65,6 +65,8 @@ model: {id: tiny-random}
         (VALID.replace("[Banksy]", "[Andy Warhol, andy-warhol]"), "duplicates 'Andy Warhol'"),
         (VALID.replace("[Banksy]", '["a/b"]'), "style 'a/b' may hold only"),
         (VALID.replace("[Banksy]", '["bad...dots, ok"]'), "may hold only"),
+        (VALID.replace("[Banksy]", '["Dots..."]'),
+         "field 'styles' = ['Dots...']: style 'Dots...' holds '...', which a partition key may not; write it otherwise"),
         (VALID.replace("[Banksy]", '[" padded"]'), "may hold only"),
         (VALID + "inference: {steps: 0}\n", "field 'inference.steps' = 0"),
         (VALID + "inference: {width: 100}\n", "field 'inference.width' = 100"),

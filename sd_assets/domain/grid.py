@@ -165,6 +165,8 @@ class GridConfig(_Strict):
                     "(it becomes a partition key and a file name), and must start and end "
                     "with a letter, digit or punctuation mark other than a space"
                 )
+            if "..." in style:  # Dagster refuses it in a partition key, with a traceback that names no file
+                raise ValueError(f"style {style!r} holds '...', which a partition key may not; write it otherwise")
             slug = slugify(style)
             if seen.get(slug) == style:
                 raise ValueError(f"style {style!r} is given twice; keep one")
