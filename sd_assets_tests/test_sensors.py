@@ -329,6 +329,30 @@ class VanishingListSource(FolderSource):
         return [*super().listing(), ListedFile("gone.txt", 12, time.time_ns() - 10**10)]
 
 
+def test_a_linked_list_whose_file_is_not_there_is_skipped_by_name_and_read_once_it_is(tmp_path):
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    (lists / "people.txt").write_text("alan turing\n")
+    share = tmp_path / "share"  # a share not mounted yet
+    (lists / "shared.txt").symlink_to(share / "scientists.txt")
+    (lists / "drafts.txt").mkdir()  # a folder, and a link to one, are no lists
+    (lists / "linked-folder.txt").symlink_to(lists / "drafts.txt")
+    settle(lists / "people.txt")
+    read = read_subject_lists(FolderSource(lists), max_subjects=100)
+    assert [sl.name for sl in read.lists] == ["people.txt"]
+    assert read.problems == [
+        f"skipped subject list shared.txt: cannot read it: it links to {share / 'scientists.txt'}, which is not there"
+    ]
+    first = scan_subject_lists(FolderSource(lists), {}, max_subjects=100)
+    assert first.problems == read.problems and "shared.txt" not in first.state
+
+    share.mkdir()
+    (share / "scientists.txt").write_text("ada lovelace\n")
+    again = scan_subject_lists(FolderSource(lists), first.state, max_subjects=100)
+    assert [(sl.name, sl.subjects) for sl in again.changed] == [("shared.txt", ("ada lovelace",))]
+    assert again.problems == []
+
+
 def test_a_list_that_cannot_be_read_is_skipped_and_tried_again_next_look(tmp_path):
     (tmp_path / "good.txt").write_text("alan turing\n")
     settle(tmp_path / "good.txt")

@@ -95,16 +95,27 @@ class FolderSource(SubjectSource):
             raise GridError(f"cannot list the subject lists folder {self.folder} ({self.named_by}): {exc}") from None
         listed = []
         for entry in entries:
-            if _is_list_name(entry.name) and entry.is_file():
+            if not _is_list_name(entry.name):
+                continue
+            # A link whose list is not there (a share not mounted) is listed, to be skipped by name
+            # when read, rather than lose its subjects without a word.
+            broken_link = entry.is_symlink() and not os.path.exists(entry.path)
+            if entry.is_file() or broken_link:
                 try:
-                    stat = entry.stat()
+                    stat = entry.stat(follow_symlinks=not broken_link)
                 except FileNotFoundError:  # deleted since the folder was listed: not a list any more
                     continue
                 listed.append(ListedFile(entry.name, stat.st_size, stat.st_mtime_ns))
         return sorted(listed, key=lambda f: f.name)
 
     def read(self, name: str) -> bytes:
-        return (self.folder / name).read_bytes()
+        path = self.folder / name
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            if path.is_symlink():
+                raise GridError(f"it links to {os.readlink(path)}, which is not there") from None
+            raise
 
 
 class StoreSource(SubjectSource):
