@@ -74,6 +74,26 @@ model: {id: tiny-random}
         (VALID + "inference: {batch_size: lots}\n", "field 'inference.batch_size' = 'lots': must be 'auto' or an integer"),
         (VALID + "inference: {batch_size: true}\n", "field 'inference.batch_size' = True: must be 'auto' or an integer"),
         (VALID + "inference: {steps: true}\n", "field 'inference.steps' = True: Input should be a valid integer"),
+        # Left empty, YAML reads null: what to write, and whether the line may go.
+        (VALID + "inference:\n",
+         "field 'inference' is empty (YAML reads nothing as null): give its fields (steps, guidance_scale, "),
+        (VALID + "inference:\n  negative_prompt:\n",
+         "field 'inference.negative_prompt' is empty (YAML reads nothing as null): give it a value, or remove the "
+         "line for its default"),
+        (VALID.replace("subjects_dir: subjects", "subjects_dir:"),
+         "field 'subjects_dir' is empty (YAML reads nothing as null): give it a value"),
+        (VALID.replace("model: {id: tiny-random}", "model:"),
+         "field 'model' is empty (YAML reads nothing as null): give its fields (id, revision, variant)"),
+        (VALID + "inference: {deep_cache: true}\n",
+         "field 'inference.deep_cache' = True: a section, not a value: give its fields (interval, branch), as "
+         "{interval: ...}"),
+        # Words and numbers YAML reads as other than text.
+        (VALID.replace("[Banksy]", "[Banksy, No]"),
+         "field 'styles.1' = False: Input should be a valid string; YAML reads it unquoted as true or false (yes, "
+         "no, on and off too): put it in quotes"),
+        (VALID.replace("[Banksy]", "[1984]"),
+         "field 'styles.0' = 1984: Input should be a valid string; YAML reads it unquoted as a number: put it in "
+         "quotes"),  # fmt: skip
         (VALID + 'inference: {width: "64"}\n',
          "field 'inference.width' = '64': Input should be a valid integer; in quotes it is text: write 64 "
          "without them"),  # fmt: skip
@@ -115,6 +135,10 @@ model: {id: tiny-random}
         (VALID + "inference: {deep_cache: {interval: 3, layer: 0}}\n",
          "unknown field 'inference.deep_cache.layer'; 'inference.deep_cache' takes interval, branch"),  # fmt: skip
         (VALID + 'prompt_template: "{style} only"\n', "must contain {subject}"),
+        (VALID + "prompt_template: {subject} by {style}\n",
+         "line 4, column 28: not valid YAML: expected <block end>, but found '<scalar>' (while parsing a block "
+         "mapping that starts at line 1); a value starting with '{' is a mapping to YAML: put it in quotes "
+         '(prompt_template: "{subject} by {style}")'),  # fmt: skip
         (
             VALID + 'prompt_template: "{subject}, oil painting"\n',
             "field 'prompt_template' = '{subject}, oil painting': '{subject}, oil painting' must contain {style}",

@@ -281,6 +281,42 @@ def _unknown_field_hint(loc: tuple) -> str:
     return f"; {where} takes {', '.join(known)}"
 
 
+def _field_default(loc: tuple) -> tuple[bool, type[_Strict] | None]:
+    """Whether the field at ``loc`` has a default, and the section it is (None for a plain value)."""
+    *section, name = loc
+    fields = _SECTIONS.get(tuple(section))
+    info = fields.model_fields.get(name) if fields is not None and isinstance(name, str) else None
+    return (info is not None and not info.is_required()), _SECTIONS.get(tuple(loc))
+
+
+def _empty_hint(loc: tuple) -> str:
+    """What to write in a field left empty: a value (a section: its fields), or no line, where it has a default."""
+    has_default, section = _field_default(loc)
+    give = f": give its fields ({', '.join(section.model_fields)})" if section else ": give it a value"
+    if not has_default:
+        return give
+    return f"{give}, or remove the line for {'the defaults' if section else 'its default'}"
+
+
+def _value_hint(error) -> str:
+    """A hint for a value YAML read as other than the user meant: a word or number meant as text
+    (a style 'No' is false to YAML 1.1)."""
+    value = error.get("input")
+    if error["type"] == "string_type" and isinstance(value, (bool, int, float)):
+        read_as = "true or false (yes, no, on and off too)" if isinstance(value, bool) else "a number"
+        return f"; YAML reads it unquoted as {read_as}: put it in quotes"
+    return ""
+
+
+def _section_given_a_value(error) -> str:
+    """What a section given a plain value (``deep_cache: true``) takes instead, or ''."""
+    _has_default, section = _field_default(error["loc"])
+    if section is None or error["type"] not in ("model_type", "dict_type"):
+        return ""
+    fields = list(section.model_fields)
+    return f"a section, not a value: give its fields ({', '.join(fields)}), as {{{fields[0]}: ...}}"
+
+
 def _utf8_text(data: bytes, what: str, encoding: str = "utf-8") -> str:
     """``data`` decoded, or a GridError naming ``what``, the line and the byte where it is not UTF-8."""
     try:
@@ -315,6 +351,20 @@ def _number_as_text(error) -> str:
     if isinstance(yaml.safe_load(value), (int, float)):  # YAML would read it bare as a number: it was quoted
         return f"; in quotes it is text: write {written} without them"
     return f"; YAML reads {value} as text, not a number: write {written}"
+
+
+def _quote_hint(exc: yaml.YAMLError, text: str) -> str:
+    """A hint for the line a YAML error is on where its value holds {subject} or {style} and
+    starts with '{': ``prompt_template: {subject} by {style}`` unquoted is a mapping to YAML."""
+    mark = getattr(exc, "problem_mark", None)
+    lines = text.splitlines()
+    if mark is None or mark.line >= len(lines):
+        return ""
+    key, colon, value = lines[mark.line].partition(":")
+    if not (colon and value.strip().startswith("{") and re.search(r"\{(subject|style)\}", value)):
+        return ""
+    quoted = f'{key.strip()}: "{value.strip()}"'
+    return f"; a value starting with '{{' is a mapping to YAML: put it in quotes ({quoted})"
 
 
 def _yaml_problem(exc: yaml.YAMLError, text: str) -> str:
@@ -387,7 +437,7 @@ def load_grid(path: str | Path) -> GridConfig:
     try:
         raw = yaml.load(text, Loader=_GridLoader)
     except yaml.YAMLError as exc:
-        raise GridError(f"{path}{_yaml_problem(exc, text)}") from None
+        raise GridError(f"{path}{_yaml_problem(exc, text)}{_quote_hint(exc, text)}") from None
     if not isinstance(raw, dict):
         raise GridError(f"{path}: expected a mapping of fields at the top level, got {type(raw).__name__}")
     try:
@@ -400,8 +450,13 @@ def load_grid(path: str | Path) -> GridConfig:
                 problems.append(f"{path}: unknown field '{field}'{_unknown_field_hint(error['loc'])}")
             elif error["type"] == "missing":
                 problems.append(f"{path}: missing field '{field}'")
+            elif error.get("input", ...) is None:
+                empty = "is empty (YAML reads nothing as null)"
+                problems.append(f"{path}: field '{field}' {empty}{_empty_hint(error['loc'])}")
             else:
-                message = error["msg"].removeprefix("Value error, ") + _number_as_text(error)
+                message = _section_given_a_value(error) or (
+                    error["msg"].removeprefix("Value error, ") + _number_as_text(error) + _value_hint(error)
+                )
                 problems.append(f"{path}: field '{field}' = {error.get('input')!r}: {message}")
         raise GridError("\n".join(problems)) from None
     # '~/...' as the shell and SD_ASSETS_STORAGE read it: joined to the grid's folder, it would
