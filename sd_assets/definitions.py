@@ -16,7 +16,13 @@ import click
 import dagster as dg
 
 from sd_assets.domain.errors import SdAssetsError
-from sd_assets.environment import generator_settings, grid_from_environment, s3_client_settings, sensor_interval
+from sd_assets.environment import (
+    generator_settings,
+    grid_from_environment,
+    path_setting,
+    s3_client_settings,
+    sensor_interval,
+)
 from sd_assets.orchestration.assets import GENERATE_JOB, build_assets
 from sd_assets.orchestration.loggers import BRIEF_CONSOLE, brief_console_logger
 from sd_assets.orchestration.resources import ArtifactStoreResource, GeneratorResource, GridResource, HubResource
@@ -41,9 +47,8 @@ def hub_from_environment(environ: Mapping[str, str]) -> HubResource:
     The token stays a ``dg.EnvVar``: Dagster reads it from the process environment when the
     resource starts, and it never shows in the run's config.
     """
-    cache_dir = environ.get("HF_HUB_CACHE") or (
-        str(Path(environ["HF_HOME"]).expanduser() / "hub") if environ.get("HF_HOME") else None
-    )
+    hf_home = path_setting(environ, "HF_HOME")
+    cache_dir = path_setting(environ, "HF_HUB_CACHE") or (str(Path(hf_home).expanduser() / "hub") if hf_home else None)
     return HubResource(
         token=dg.EnvVar("HF_TOKEN") if environ.get("HF_TOKEN") else None,
         offline=environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE"),

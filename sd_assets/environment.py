@@ -46,6 +46,26 @@ def _positive_int(environ: Mapping[str, str], name: str) -> int | None:
     return int(value)
 
 
+def path_setting(environ: Mapping[str, str], name: str) -> str | None:
+    """The path in ``environ[name]`` (None when unset), checked for a '~user' this machine does not
+    know: pathlib's bare "Could not determine home directory." would come from wherever it is used."""
+    value = environ.get(name) or None
+    if value is not None and value.startswith("~"):
+        try:
+            Path(value).expanduser()
+        except RuntimeError:
+            raise SdAssetsError(
+                f"environment variable {name}={value!r}: no home folder for {Path(value).parts[0]!r} on this machine"
+            ) from None
+    return value
+
+
+def _storage(environ: Mapping[str, str]) -> str | None:
+    """``SD_ASSETS_STORAGE``, a folder's path checked as ``path_setting`` checks it."""
+    value = environ.get("SD_ASSETS_STORAGE") or None
+    return value if value is None or "://" in value else path_setting(environ, "SD_ASSETS_STORAGE")
+
+
 def _device(environ: Mapping[str, str]) -> str:
     """The device in ``SD_ASSETS_DEVICE`` (default 'auto'), checked now rather than when a run's
     ``style_images`` step looks for it, after the steps before it."""
@@ -58,15 +78,16 @@ def _device(environ: Mapping[str, str]) -> str:
 def grid_from_environment(environ: Mapping[str, str] | None = None) -> tuple[GridConfig, str]:
     """The grid named by ``SD_ASSETS_GRID`` and the storage URL in force (``SD_ASSETS_STORAGE`` first)."""
     environ = os.environ if environ is None else environ
-    grid = load_grid(Path(environ.get("SD_ASSETS_GRID") or "grid.yaml"))
-    return grid, environ.get("SD_ASSETS_STORAGE") or grid.storage
+    grid = load_grid(Path(path_setting(environ, "SD_ASSETS_GRID") or "grid.yaml"))
+    return grid, _storage(environ) or grid.storage
 
 
 def storage_from_environment(environ: Mapping[str, str] | None = None) -> str:
     """The storage URL in force: ``SD_ASSETS_STORAGE`` (no grid file needed), else the grid's."""
     environ = os.environ if environ is None else environ
-    if environ.get("SD_ASSETS_STORAGE"):
-        return environ["SD_ASSETS_STORAGE"]
+    storage = _storage(environ)
+    if storage:
+        return storage
     try:
         return grid_from_environment(environ)[1]
     except GridError as exc:
@@ -76,9 +97,9 @@ def storage_from_environment(environ: Mapping[str, str] | None = None) -> str:
 def generator_settings(environ: Mapping[str, str]) -> dict:
     """The ``generator`` resource's fields that the environment sets (the others keep their defaults)."""
     settings: dict = {"device": _device(environ), "device_count": _positive_int(environ, "SD_ASSETS_DEVICE_COUNT")}
-    if environ.get("SD_ASSETS_MODEL_CACHE"):
+    if path_setting(environ, "SD_ASSETS_MODEL_CACHE"):
         settings["model_cache_dir"] = environ["SD_ASSETS_MODEL_CACHE"]
-    if environ.get("SD_ASSETS_DEVICE_LOCKS"):
+    if path_setting(environ, "SD_ASSETS_DEVICE_LOCKS"):
         settings["device_lock_dir"] = environ["SD_ASSETS_DEVICE_LOCKS"]
     return settings
 

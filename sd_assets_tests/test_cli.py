@@ -15,6 +15,7 @@ import pytest
 
 from sd_assets.cli import display_width, main, shorten, text_table, visible
 from sd_assets.definitions import build_definitions
+from sd_assets.domain.errors import SdAssetsError
 from sd_assets_tests.helpers import materialize_style, write_grid
 
 REPO = Path(__file__).resolve().parent.parent
@@ -244,6 +245,28 @@ def test_a_misspelt_device_stops_the_run_before_its_first_step_in_one_line(cli_e
     assert not (grid_path.parent / "data" / "images").exists()
     # A GPU by index is a device name: checking it looks for no GPU.
     build_definitions({"SD_ASSETS_GRID": str(grid_path), "SD_ASSETS_DEVICE": "cuda:1"})
+
+
+@pytest.mark.parametrize(
+    "name", ["SD_ASSETS_GRID", "SD_ASSETS_STORAGE", "SD_ASSETS_MODEL_CACHE", "SD_ASSETS_DEVICE_LOCKS", "HF_HOME"]
+)
+def test_a_path_setting_of_a_user_this_machine_does_not_know_is_one_line(grid_path, monkeypatch, capsys, name):
+    monkeypatch.setenv("SD_ASSETS_GRID", str(grid_path))
+    monkeypatch.setenv(name, "~nosuchuser/sd-assets")
+    why = f"environment variable {name}='~nosuchuser/sd-assets': no home folder for '~nosuchuser' on this machine"
+    assert main(["demo", "--style", "Banksy"]) == 2
+    assert capsys.readouterr().err == f"sd-assets: {why}\n"
+    with pytest.raises(SdAssetsError, match=re.escape(why)):
+        build_definitions()
+    if name in ("SD_ASSETS_GRID", "SD_ASSETS_STORAGE"):  # what search reads
+        assert main(["search"]) == 2
+        assert capsys.readouterr().err == f"sd-assets: {why}\n"
+    assert not (grid_path.parent / "data" / "images").exists()
+    with pytest.raises(SystemExit):
+        main(["search", "--html", "~nosuchuser/found.html"])
+    assert "argument --html: ~nosuchuser/found.html: no home folder for '~nosuchuser' on this machine" in (
+        capsys.readouterr().err
+    )
 
 
 def test_search_reports_a_bad_grid_without_a_traceback(tmp_path):

@@ -72,7 +72,10 @@ def page_path_problem(path: str) -> str | None:
     """Why ``path`` is not a place to write a found-images page, or None: a page is an .html file,
     and replaces only a page written before (an image of the store, a grid file or a gallery page
     given by a slip of the hand stays as it was)."""
-    target = Path(path).expanduser()
+    try:
+        target = Path(path).expanduser()
+    except RuntimeError:  # '~user' of a user this machine does not know
+        return f"{path}: no home folder for {Path(path).parts[0]!r} on this machine"
     if target.suffix.lower() not in (".html", ".htm"):
         return f"{path} does not end in .html: give the page a name that does, such as found.html"
     try:
