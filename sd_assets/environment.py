@@ -62,8 +62,8 @@ def path_setting(environ: Mapping[str, str], name: str) -> str | None:
 
 def _storage(environ: Mapping[str, str]) -> str | None:
     """``SD_ASSETS_STORAGE``, a folder's path checked as ``path_setting`` checks it."""
-    value = environ.get("SD_ASSETS_STORAGE") or None
-    return value if value is None or "://" in value else path_setting(environ, "SD_ASSETS_STORAGE")
+    value = (environ.get("SD_ASSETS_STORAGE") or "").strip() or None  # as the grid's field is read
+    return value if value is None or "://" in value else path_setting({"SD_ASSETS_STORAGE": value}, "SD_ASSETS_STORAGE")
 
 
 def _device(environ: Mapping[str, str]) -> str:

@@ -269,6 +269,14 @@ def test_a_path_setting_of_a_user_this_machine_does_not_know_is_one_line(grid_pa
     )
 
 
+def test_a_storage_setting_is_read_without_the_spaces_around_it_as_the_grids_field_is(grid_path):
+    from sd_assets.environment import storage_from_environment
+
+    grid_storage = str(grid_path.parent / "data")
+    assert storage_from_environment({"SD_ASSETS_GRID": str(grid_path), "SD_ASSETS_STORAGE": " "}) == grid_storage
+    assert storage_from_environment({"SD_ASSETS_STORAGE": f" {grid_storage}\n"}) == grid_storage
+
+
 def test_search_reports_a_bad_grid_without_a_traceback(tmp_path):
     result = _run([BIN / "sd-assets", "search"], {"SD_ASSETS_GRID": str(tmp_path / "missing.yaml")}, check=False)
     assert result.returncode == 2

@@ -136,11 +136,18 @@ def test_round_trip_listing_and_content_types(bucket, tmp_path):
         ("gs://bucket/x", "unsupported scheme"),
         ("s3:/bucket/x", "an S3 store is written s3://bucket/prefix"),  # not a folder named "s3:"
         ("S3://bucket/x", "an S3 store is written s3://bucket/prefix"),
+        ("s3://bucket/a//b", "the prefix 'a//b' has an empty, '.' or '..' part; write s3://bucket/some/prefix"),
+        ("s3://bucket/./p", "the prefix './p' has an empty, '.' or '..' part"),
     ],
 )
-def test_bad_urls_say_what_to_write(url, message):
-    with pytest.raises(StoreError, match=message):
+def test_bad_urls_say_what_to_write(url, message, tmp_path):
+    with pytest.raises(StoreError, match=re.escape(message)):
         open_store(url)
+    # In a grid file it is refused as the file is read, naming the file and the field.
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(f"styles: [Banksy]\nsubjects_dir: subjects\nmodel: {{id: tiny-random}}\nstorage: {url}\n")
+    with pytest.raises(GridError, match=re.escape(f"{grid}: field 'storage' = {url!r}: ") + ".*" + re.escape(message)):
+        load_grid(grid)
 
 
 def test_listings_of_more_than_one_page_find_every_key(bucket):

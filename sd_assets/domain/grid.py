@@ -19,8 +19,9 @@ from typing import Annotated, Literal
 import pydantic
 import yaml
 
-from sd_assets.domain.errors import GridError
+from sd_assets.domain.errors import GridError, StoreError
 from sd_assets.domain.schedulers import class_spelt_otherwise, web_ui_name
+from sd_assets.domain.store import check_storage_url
 
 # Style names become Dagster partition keys, URL segments and file names (through their slug);
 # letters, digits, spaces and a little punctuation are safe in all three.
@@ -463,6 +464,11 @@ def load_grid(path: str | Path) -> GridConfig:
     # name a folder called '~' there, and fill it.
     subjects_dir = path.parent / _home_expanded(path, "subjects_dir", grid.subjects_dir)
     storage = grid.storage
+    try:
+        check_storage_url(storage)
+    except StoreError as exc:  # now, not in the run's first step
+        reason = str(exc).removeprefix(f"storage {storage!r}: ")
+        raise GridError(f"{path}: field 'storage' = {storage!r}: {reason}") from None
     if "://" not in storage:
         storage = str(path.parent / _home_expanded(path, "storage", Path(storage)))
     grid = grid.model_copy(update={"subjects_dir": subjects_dir.resolve(), "storage": storage})

@@ -103,8 +103,10 @@ def parse_s3_url(url: str) -> tuple[str, str]:
             "(3-63 characters: lower-case letters, digits, '.' and '-')"
         )
     prefix = prefix.strip("/")
-    if prefix:
-        _check_key(prefix)
+    if prefix and any(part in ("", ".", "..") for part in prefix.split("/")):
+        raise StoreError(
+            f"storage {url!r}: the prefix {prefix!r} has an empty, '.' or '..' part; write s3://bucket/some/prefix"
+        )
     return bucket, f"{prefix}/" if prefix else ""
 
 

@@ -286,6 +286,23 @@ class LocalStore(ArtifactStore):
         return str(self._path(key)) if key else str(self.root)
 
 
+def check_storage_url(url: str) -> None:
+    """Refuse, as ``open_store`` would, a storage URL whose form is wrong, without opening the store.
+
+    Raises:
+        StoreError: an S3 URL without a bucket, with a bucket name S3 refuses or a prefix with an
+            empty, '.' or '..' part; a scheme other than s3://.
+    """
+    if url.startswith("s3://"):
+        from sd_assets.domain.s3_store import parse_s3_url
+
+        parse_s3_url(url)
+    elif url.lower().startswith("s3:"):  # s3:/bucket, S3://bucket: not a folder named "s3:"
+        raise StoreError(f"storage {url!r}: an S3 store is written s3://bucket/prefix")
+    elif "://" in url:
+        raise StoreError(f"storage {url!r}: unsupported scheme; use a local folder path or s3://bucket/prefix")
+
+
 def open_store(url: str, s3_client: Callable[[], Any] | None = None) -> ArtifactStore:
     """The store named by ``url``: a local folder path, or ``s3://bucket/prefix``.
 
@@ -300,8 +317,5 @@ def open_store(url: str, s3_client: Callable[[], Any] | None = None) -> Artifact
 
             return S3Store(url, lambda: boto3.session.Session().client("s3", config=client_config()))
         return S3Store(url, s3_client)
-    if url.lower().startswith("s3:"):  # s3:/bucket, S3://bucket: not a folder named "s3:"
-        raise StoreError(f"storage {url!r}: an S3 store is written s3://bucket/prefix")
-    if "://" in url:
-        raise StoreError(f"storage {url!r}: unsupported scheme; use a local folder path or s3://bucket/prefix")
+    check_storage_url(url)
     return LocalStore(url)
