@@ -1,4 +1,5 @@
-"""The ``sd-assets`` command: run the demo grid, search the image catalog across runs, rebuild it."""
+"""The ``sd-assets`` command: run the demo grid, file a backfill for the daemon, search the image catalog across runs,
+rebuild it."""
 
 from __future__ import annotations
 
@@ -272,6 +273,24 @@ def _instance_error(exc: Exception) -> str:
     )
 
 
+def _backfill(args: argparse.Namespace) -> int:
+    import os
+
+    from sd_assets.domain.gallery import count
+    from sd_assets.orchestration.backfills import request_backfill
+
+    instance = _instance(os.environ.get("DAGSTER_HOME"))
+    backfill_id, styles = request_backfill(instance, args.workspace, args.style)
+    print(
+        f"backfill {backfill_id} of {count(len(styles), 'style')} ({', '.join(styles)}) filed in DAGSTER_HOME; the "
+        "daemon launches one run a style and launches a run that dies again (dagster-daemon run, or make dev, "
+        "must be running)",
+        file=sys.stderr,
+    )
+    print(backfill_id)
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     import os
 
@@ -452,6 +471,15 @@ def main(argv: list[str] | None = None) -> int:
         "an unreadable catalog is set aside and replaced (run it while no run is writing)",
     )
     rebuild.set_defaults(handler=_rebuild_catalog)
+
+    backfill = commands.add_parser(
+        "backfill",
+        help="file a backfill of generate_images for the daemon, one run a style (every style, or each --style): "
+        "unlike dagster job backfill, a run of it that dies is launched again; prints the backfill's id",
+    )
+    backfill.add_argument("--style", action="append", help="only this style (repeatable)")
+    backfill.add_argument("-w", "--workspace", default="workspace.yaml", help="the workspace file (workspace.yaml)")
+    backfill.set_defaults(handler=_backfill)
 
     demo = commands.add_parser("demo", help="materialize the grid's styles and print the gallery index path")
     demo.add_argument("--style", action="append", help="only this style (repeatable)")

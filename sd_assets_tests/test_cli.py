@@ -277,6 +277,36 @@ def test_a_storage_setting_is_read_without_the_spaces_around_it_as_the_grids_fie
     assert storage_from_environment({"SD_ASSETS_STORAGE": f" {grid_storage}\n"}) == grid_storage
 
 
+def test_backfill_files_the_styles_for_the_daemon_and_refuses_what_it_could_not_run(cli_env, grid_path):
+    import dagster as dg
+    from dagster._core.execution.backfill import BulkActionStatus
+
+    filed = _run([BIN / "sd-assets", "backfill", "--style", "Banksy"], cli_env)
+    backfill_id = filed.stdout.strip()
+    assert filed.stdout == f"{backfill_id}\n", "the id alone, for a script"
+    with dg.DagsterInstance.from_config(cli_env["DAGSTER_HOME"]) as instance:
+        [backfill] = instance.get_backfills()
+        assert (backfill.backfill_id, backfill.status, list(backfill.partition_names)) == (
+            backfill_id, BulkActionStatus.REQUESTED, ["Banksy"]
+        )  # fmt: skip
+        assert instance.get_runs() == [], "the daemon launches the runs, not the command"
+    every = _run([BIN / "sd-assets", "backfill"], cli_env)
+    assert "of 2 styles (Banksy, Andy Warhol) filed in DAGSTER_HOME" in every.stderr
+
+    typo = _run([BIN / "sd-assets", "backfill", "--style", "Banksie"], cli_env, check=False)
+    assert (typo.returncode, typo.stdout) == (2, "")
+    assert typo.stderr.endswith(
+        "sd-assets: no style 'Banksie' in the loaded grid, whose styles are Banksy, Andy Warhol\n"
+    )
+    unkept = _run([BIN / "sd-assets", "backfill"], {**cli_env, "DAGSTER_HOME": ""}, check=False)
+    assert unkept.returncode == 2 and unkept.stderr == (
+        "sd-assets: a backfill is the daemon's to run, and it reads the instance in DAGSTER_HOME: set DAGSTER_HOME "
+        "to the folder its dagster.yaml is in\n"
+    )
+    with dg.DagsterInstance.from_config(cli_env["DAGSTER_HOME"]) as instance:
+        assert len(instance.get_backfills()) == 2
+
+
 def test_search_reports_a_bad_grid_without_a_traceback(tmp_path):
     result = _run([BIN / "sd-assets", "search"], {"SD_ASSETS_GRID": str(tmp_path / "missing.yaml")}, check=False)
     assert result.returncode == 2

@@ -220,6 +220,17 @@ def test_the_sensor_turned_on_runs_every_style_for_a_dropped_list(node, node_ins
         assert all(path.is_file() for path in image_paths(node.grid, style, ["grace hopper", *SUBJECTS])), style
 
 
+def _kill_the_run_making(node: DagsterNode, data: Path, style: str, deadline: float) -> None:
+    """SIGKILL the run making ``style``'s images once its first image is written."""
+    # The run making the images holds the style's lock, which names its process.
+    lock = Path(node.env["SD_ASSETS_DEVICE_LOCKS"]) / work_lock_name("style", str(data), style)
+    while not (list((data / "images").rglob("*.png")) if (data / "images").is_dir() else []):
+        assert time.monotonic() < deadline, node.logs()
+        node.check_alive()
+        time.sleep(0.1)
+    os.kill(int(lock.read_text()), signal.SIGKILL)
+
+
 def test_a_run_killed_mid_style_is_run_again_by_the_daemon_and_makes_only_the_rest(node, node_instance):
     deadline = time.monotonic() + TIMEOUT_SECONDS
     subjects = [f"subject {i}" for i in range(40)]
@@ -231,13 +242,7 @@ def test_a_run_killed_mid_style_is_run_again_by_the_daemon_and_makes_only_the_re
         [str(BIN / "dagster"), "sensor", "start", NEW_SUBJECT_LISTS, "-w", "workspace.yaml"],
         cwd=WORKTREE, env=node.env, check=True, capture_output=True,
     )  # fmt: skip
-    # The run making the images holds the style's lock, which names its process.
-    lock = Path(node.env["SD_ASSETS_DEVICE_LOCKS"]) / work_lock_name("style", str(data), "Banksy")
-    while not (list((data / "images").rglob("*.png")) if (data / "images").is_dir() else []):
-        assert time.monotonic() < deadline, node.logs()
-        node.check_alive()
-        time.sleep(0.1)
-    os.kill(int(lock.read_text()), signal.SIGKILL)
+    _kill_the_run_making(node, data, "Banksy", deadline)
 
     while time.monotonic() < deadline:
         runs = node_instance.get_runs()
@@ -255,6 +260,48 @@ def test_a_run_killed_mid_style_is_run_again_by_the_daemon_and_makes_only_the_re
     assert 0 < len(paths) - made[retry.run_id] < len(paths), "the retry made only what the killed run had not"
     catalog = pq.read_table(data / "catalog" / "banksy.parquet")
     assert catalog.num_rows == len(paths) and set(catalog["run_id"].to_pylist()) == {killed.run_id, retry.run_id}
+
+
+def test_a_run_of_a_backfill_filed_with_sd_assets_backfill_killed_mid_style_is_run_again(node, node_instance):
+    # dagster job backfill marks its backfill complete once the runs are queued, and Dagster
+    # retries no run of a complete backfill; this one stays open until its runs have ended.
+    from dagster._core.execution.backfill import BulkActionStatus
+
+    deadline = time.monotonic() + TIMEOUT_SECONDS
+    subjects = [f"subject {i}" for i in range(40)]
+    (node.grid.parent / "subjects" / "people.txt").write_text("\n".join(subjects) + "\n")
+    data = node.grid.parent / "data"
+    node.start_daemon()
+    filed = subprocess.run(
+        [str(BIN / "sd-assets"), "backfill", "--style", "Banksy"], cwd=WORKTREE, env=node.env, capture_output=True,
+        text=True,
+    )  # fmt: skip
+    assert filed.returncode == 0, filed.stderr
+    backfill_id = filed.stdout.strip()
+    assert f"backfill {backfill_id} of 1 style (Banksy) filed in DAGSTER_HOME" in filed.stderr
+    _kill_the_run_making(node, data, "Banksy", deadline)
+
+    while time.monotonic() < deadline:
+        backfill = node_instance.get_backfill(backfill_id)
+        if backfill.status != BulkActionStatus.REQUESTED:
+            break
+        time.sleep(1)
+    # Ended as failed, counting the dead run, after its retry made the rest.
+    assert backfill.status == BulkActionStatus.COMPLETED_FAILED, node.logs()
+    runs = node_instance.get_runs(filters=dg.RunsFilter(tags={"dagster/backfill": backfill_id}))[::-1]
+    assert [run.status for run in runs] == [dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.SUCCESS], node.logs()
+    killed, retry = runs
+    assert retry.tags.get("dagster/retry_number") == "1" and retry.parent_run_id == killed.run_id
+    assert {run.tags["dagster/partition"] for run in runs} == {"Banksy"}
+    paths = image_paths(node.grid, "Banksy", subjects)
+    assert all(path.is_file() for path in paths) and len(list((data / "images").rglob("*.png"))) == len(paths)
+    records = node_instance.fetch_materializations(dg.AssetKey("style_images"), limit=10).records
+    made = {record.run_id: record.asset_materialization.metadata["generated"].value for record in records}
+    assert 0 < len(paths) - made[retry.run_id] < len(paths), "the retry made only what the killed run had not"
+    # The daemon's runs are the whole job: they observe grid_inputs first.
+    [observation] = node_instance.fetch_observations(dg.AssetKey("grid_inputs"), limit=1).records
+    assert observation.run_id in {killed.run_id, retry.run_id}
+    assert "observed_by" not in observation.asset_observation.metadata
 
 
 def test_a_queued_run_of_a_style_renamed_before_it_starts_says_to_reload_and_backfill(node, node_instance):
