@@ -279,8 +279,13 @@ def _backfill(args: argparse.Namespace) -> int:
     from sd_assets.domain.gallery import count
     from sd_assets.orchestration.backfills import request_backfill
 
+    from sd_assets.environment import grid_from_environment
+
     instance = _instance(os.environ.get("DAGSTER_HOME"))
-    backfill_id, styles = request_backfill(instance, args.workspace, args.style)
+    # As the grid writes them, with a hint for one misspelt, as the demo takes them.
+    grid, _storage = grid_from_environment()
+    asked = list(dict.fromkeys(grid.require_style(style) for style in args.style)) if args.style else None
+    backfill_id, styles = request_backfill(instance, args.workspace, asked)
     print(
         f"backfill {backfill_id} of {count(len(styles), 'style')} ({', '.join(styles)}) filed in DAGSTER_HOME; the "
         "daemon launches one run a style and launches a run that dies again (dagster-daemon run, or make dev, "

@@ -295,8 +295,9 @@ def test_backfill_files_the_styles_for_the_daemon_and_refuses_what_it_could_not_
 
     typo = _run([BIN / "sd-assets", "backfill", "--style", "Banksie"], cli_env, check=False)
     assert (typo.returncode, typo.stdout) == (2, "")
-    assert typo.stderr.endswith(
-        "sd-assets: no style 'Banksie' in the loaded grid, whose styles are Banksy, Andy Warhol\n"
+    assert typo.stderr == (
+        f"sd-assets: unknown style 'Banksie' (did you mean 'Banksy'?); the grid {grid_path} has "
+        "['Banksy', 'Andy Warhol']\n"
     )
     unkept = _run([BIN / "sd-assets", "backfill"], {**cli_env, "DAGSTER_HOME": ""}, check=False)
     assert unkept.returncode == 2 and unkept.stderr == (
