@@ -250,7 +250,11 @@ def test_a_misspelt_device_stops_the_run_before_its_first_step_in_one_line(cli_e
 @pytest.mark.parametrize(
     "name", ["SD_ASSETS_GRID", "SD_ASSETS_STORAGE", "SD_ASSETS_MODEL_CACHE", "SD_ASSETS_DEVICE_LOCKS", "HF_HOME"]
 )
-def test_a_path_setting_of_a_user_this_machine_does_not_know_is_one_line(grid_path, monkeypatch, capsys, name):
+def test_a_path_setting_of_a_user_this_machine_does_not_know_is_one_line(
+    grid_path, tmp_path, monkeypatch, capsys, name
+):
+    # Run elsewhere than the checkout: a path taken as it is written is a folder named '~nosuchuser' here.
+    monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("SD_ASSETS_GRID", str(grid_path))
     monkeypatch.setenv(name, "~nosuchuser/sd-assets")
     why = f"environment variable {name}='~nosuchuser/sd-assets': no home folder for '~nosuchuser' on this machine"
@@ -261,7 +265,7 @@ def test_a_path_setting_of_a_user_this_machine_does_not_know_is_one_line(grid_pa
     if name in ("SD_ASSETS_GRID", "SD_ASSETS_STORAGE"):  # what search reads
         assert main(["search"]) == 2
         assert capsys.readouterr().err == f"sd-assets: {why}\n"
-    assert not (grid_path.parent / "data" / "images").exists()
+    assert not (grid_path.parent / "data" / "images").exists() and not (tmp_path / "~nosuchuser").exists()
     with pytest.raises(SystemExit):
         main(["search", "--html", "~nosuchuser/found.html"])
     assert "argument --html: ~nosuchuser/found.html: no home folder for '~nosuchuser' on this machine" in (
