@@ -277,14 +277,13 @@ def _backfill(args: argparse.Namespace) -> int:
     import os
 
     from sd_assets.domain.gallery import count
+    from sd_assets.environment import grid_from_environment
     from sd_assets.orchestration.backfills import request_backfill
 
-    from sd_assets.environment import grid_from_environment
-
     instance = _instance(os.environ.get("DAGSTER_HOME"))
-    # As the grid writes them, with a hint for one misspelt, as the demo takes them.
+    # As the grid writes them, with a hint for one misspelt, as the demo takes them (request_backfill drops repeats).
     grid, _storage = grid_from_environment()
-    asked = list(dict.fromkeys(grid.require_style(style) for style in args.style)) if args.style else None
+    asked = [grid.require_style(style) for style in args.style] if args.style else None
     backfill_id, styles = request_backfill(instance, args.workspace, asked)
     print(
         f"backfill {backfill_id} of {count(len(styles), 'style')} ({', '.join(styles)}) filed in DAGSTER_HOME; the "

@@ -29,7 +29,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from sd_assets.domain import engine
-from sd_assets.domain.errors import GridError, SdAssetsError
+from sd_assets.domain.errors import GridError, SdAssetsError, unknown_home
 from sd_assets.domain.grid import GridConfig, load_grid
 from sd_assets.domain.store import ArtifactStore, open_store
 
@@ -49,21 +49,20 @@ def _positive_int(environ: Mapping[str, str], name: str) -> int | None:
 def path_setting(environ: Mapping[str, str], name: str) -> str | None:
     """The path in ``environ[name]`` (None when unset), checked for a '~user' this machine does not
     know: pathlib's bare "Could not determine home directory." would come from wherever it is used."""
-    value = environ.get(name) or None
-    if value is not None and value.startswith("~"):
-        try:
-            Path(value).expanduser()
-        except RuntimeError:
-            raise SdAssetsError(
-                f"environment variable {name}={value!r}: no home folder for {Path(value).parts[0]!r} on this machine"
-            ) from None
+    return _checked_path(name, environ.get(name) or None)
+
+
+def _checked_path(name: str, value: str | None) -> str | None:
+    problem = unknown_home(value) if value else None
+    if problem:
+        raise SdAssetsError(f"environment variable {name}={value!r}: {problem}")
     return value
 
 
 def _storage(environ: Mapping[str, str]) -> str | None:
     """``SD_ASSETS_STORAGE``, a folder's path checked as ``path_setting`` checks it."""
     value = (environ.get("SD_ASSETS_STORAGE") or "").strip() or None  # as the grid's field is read
-    return value if value is None or "://" in value else path_setting({"SD_ASSETS_STORAGE": value}, "SD_ASSETS_STORAGE")
+    return value if value is None or "://" in value else _checked_path("SD_ASSETS_STORAGE", value)
 
 
 def _device(environ: Mapping[str, str]) -> str:

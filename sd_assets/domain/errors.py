@@ -1,6 +1,8 @@
 """The exceptions users see for mistakes they can fix: ``SdAssetsError`` and one subclass per kind
 (bad grid or subject list, missing or damaged model, store problems), and how their messages show
-a file name."""
+a file name and a home folder that is not there."""
+
+from pathlib import Path
 
 
 class SdAssetsError(Exception):
@@ -37,3 +39,13 @@ def shown_name(name: str) -> str:
     """A file name as a message can show it: bytes of it that are not UTF-8 (a name from an archive
     made on an older system, which the OS hands over as stand-ins no message can encode) as \\xNN."""
     return name.encode(errors="surrogateescape").decode(errors="backslashreplace")
+
+
+def unknown_home(path: str | Path) -> str | None:
+    """Why ``path`` cannot be read as the shell reads it, or None: a leading '~user' names a user
+    this machine does not know (pathlib's bare "Could not determine home directory." otherwise)."""
+    try:
+        Path(path).expanduser()
+    except RuntimeError:
+        return f"no home folder for {Path(path).parts[0]!r} on this machine"
+    return None

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sd_assets.domain.errors import StoreError, StoreUnavailable
+from sd_assets.domain.errors import StoreError, StoreUnavailable, unknown_home
 from sd_assets.domain.gallery import FoundItem, render_found_images
 from sd_assets.domain.pngmeta import image_key_path
 from sd_assets.domain.store import ArtifactStore, atomic_write
@@ -72,18 +72,16 @@ def page_path_problem(path: str) -> str | None:
     """Why ``path`` is not a place to write a found-images page, or None: a page is an .html file,
     and replaces only a page written before (an image of the store, a grid file or a gallery page
     given by a slip of the hand stays as it was)."""
-    try:
-        target = Path(path).expanduser()
-    except RuntimeError:  # '~user' of a user this machine does not know
-        return f"{path}: no home folder for {Path(path).parts[0]!r} on this machine"
+    home = unknown_home(path)
+    if home:
+        return f"{path}: {home}"
+    target = Path(path).expanduser()
     if target.suffix.lower() not in (".html", ".htm"):
         return f"{path} does not end in .html: give the page a name that does, such as found.html"
     try:
         with target.open("rb") as existing:
             head = existing.read(1024)
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    except OSError:  # a folder, or unreadable: said by the write, in the file system's words
+    except OSError:  # none there yet; a folder, or unreadable: said by the write, in the file system's words
         return None
     if PAGE_MARK not in head:
         return f"{path} is there and is not a page sd-assets search wrote: give another name, or remove it first"

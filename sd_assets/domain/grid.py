@@ -19,7 +19,7 @@ from typing import Annotated, Literal
 import pydantic
 import yaml
 
-from sd_assets.domain.errors import GridError, StoreError
+from sd_assets.domain.errors import GridError, StoreError, unknown_home
 from sd_assets.domain.schedulers import class_spelt_otherwise, web_ui_name
 from sd_assets.domain.store import check_storage_url
 
@@ -411,12 +411,10 @@ class _GridLoader(yaml.SafeLoader):
 def _home_expanded(grid_file: Path, field: str, value: Path) -> Path:
     """``value`` with a leading '~' or '~user' as the shell reads it; a GridError for a user this
     machine does not know."""
-    try:
-        return value.expanduser()
-    except RuntimeError:  # pathlib's "Could not determine home directory."
-        raise GridError(
-            f"{grid_file}: field '{field}' = {str(value)!r}: no home folder for {value.parts[0]!r} on this machine"
-        ) from None
+    problem = unknown_home(value)
+    if problem:
+        raise GridError(f"{grid_file}: field '{field}' = {str(value)!r}: {problem}")
+    return value.expanduser()
 
 
 def load_grid(path: str | Path) -> GridConfig:
