@@ -178,6 +178,29 @@ def test_a_grid_that_is_not_utf8_names_the_line(tmp_path):
     assert str(caught.value) == f"{path}: not UTF-8 text (line 2, byte 23): invalid start byte; save it as UTF-8"
 
 
+def test_a_grid_saved_as_utf16_as_windows_powershell_writes_it_reads_as_its_utf8_twin(tmp_path):
+    text = VALID.replace("styles: [Banksy]", 'styles: ["Katsushika Hokusai \u845b\u98fe", "Frida Kahlo"]')
+    (tmp_path / "utf8").mkdir()
+    (tmp_path / "utf8" / "grid.yaml").write_bytes(text.encode())
+    expected = load_grid(tmp_path / "utf8" / "grid.yaml")
+    for encoding in ("utf-16", "utf-16-be", "utf-8-sig"):
+        path = tmp_path / encoding / "grid.yaml"
+        path.parent.mkdir()
+        mark = b"\xfe\xff" if encoding == "utf-16-be" else b""  # "utf-16" writes its own, little-endian
+        path.write_bytes(mark + text.replace("\n", "\r\n").encode(encoding))
+        grid = load_grid(path)
+        assert grid.styles == expected.styles == ["Katsushika Hokusai \u845b\u98fe", "Frida Kahlo"]
+        assert grid.model == expected.model and grid.subjects_dir == path.parent / "subjects"
+
+
+def test_a_grid_that_starts_as_utf16_and_is_not_names_the_file(tmp_path):
+    path = tmp_path / "grid.yaml"
+    path.write_bytes(VALID.encode("utf-16") + b"x")
+    with pytest.raises(GridError) as caught:
+        load_grid(path)
+    assert str(caught.value) == f"{path}: starts as UTF-16 text but is not (byte 132): truncated data; save it as UTF-8"
+
+
 def test_a_style_with_a_combining_accent_is_the_same_as_its_composed_form(tmp_path):
     path = tmp_path / "grid.yaml"
     path.write_text(VALID.replace("styles: [Banksy]", 'styles: ["E\u0301douard Manet", Banksy]'))

@@ -318,10 +318,34 @@ def _section_given_a_value(error) -> str:
     return f"a section, not a value: give its fields ({', '.join(fields)}), as {{{fields[0]}: ...}}"
 
 
-def _utf8_text(data: bytes, what: str, encoding: str = "utf-8") -> str:
-    """``data`` decoded, or a GridError naming ``what``, the line and the byte where it is not UTF-8."""
+# The byte-order marks UTF-32 and UTF-16 text start with (little- and big-endian), UTF-32's
+# first: its little-endian mark begins as UTF-16's does.
+_WIDE_TEXT_BOMS = {b"\xff\xfe\x00\x00": "utf-32", b"\x00\x00\xfe\xff": "utf-32",
+                   b"\xff\xfe": "utf-16", b"\xfe\xff": "utf-16"}  # fmt: skip
+
+
+def _decoded_text(data: bytes, what: str) -> str:
+    """A text file's content: UTF-8 (with or without a byte-order mark), or UTF-16 or UTF-32 that
+    starts with its mark (Windows Notepad's "Unicode", and what Windows PowerShell's ``>`` writes).
+
+    Raises:
+        GridError: naming ``what``: binary content (a NUL), or text in another encoding.
+    """
+    wide = next((encoding for bom, encoding in _WIDE_TEXT_BOMS.items() if data.startswith(bom)), None)
+    if wide:
+        try:
+            text = data.decode(wide)
+        except UnicodeDecodeError as exc:
+            raise GridError(
+                f"{what}: starts as {wide.upper()} text but is not (byte {exc.start}): {exc.reason}; save it as UTF-8"
+            ) from None
+        if "\0" in text:
+            raise GridError(f"{what}: binary content (a NUL character); expected text")
+        return text
+    if b"\0" in data:
+        raise GridError(f"{what}: binary content (a NUL byte); expected UTF-8 text")
     try:
-        return data.decode(encoding)
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
         raise GridError(
@@ -432,7 +456,7 @@ def load_grid(path: str | Path) -> GridConfig:
         data = path.read_bytes()
     except OSError as exc:  # no permission to read it, a disk or network file system failing
         raise GridError(f"cannot read grid file {path}: {exc.strerror or exc}") from None
-    text = _utf8_text(data, str(path))
+    text = _decoded_text(data, str(path))
     try:
         raw = yaml.load(text, Loader=_GridLoader)
     except yaml.YAMLError as exc:
@@ -492,12 +516,6 @@ class SubjectList:
     skipped_lines: tuple[str, ...] = ()  # "line <n>: <why>" for the lines it could not take (the first 5)
 
 
-# The byte-order marks UTF-32 and UTF-16 text start with (little- and big-endian), UTF-32's
-# first: its little-endian mark begins as UTF-16's does.
-_WIDE_TEXT_BOMS = {b"\xff\xfe\x00\x00": "utf-32", b"\x00\x00\xfe\xff": "utf-32",
-                   b"\xff\xfe": "utf-16", b"\xfe\xff": "utf-16"}  # fmt: skip
-
-
 def parse_subject_list(name: str, data: bytes, max_subjects: int = 10_000) -> SubjectList:
     """Parse one list: one subject per line, blank lines and '#' comments ignored. The text is
     UTF-8 (with or without a byte-order mark), or UTF-16 or UTF-32 that starts with its mark.
@@ -508,21 +526,7 @@ def parse_subject_list(name: str, data: bytes, max_subjects: int = 10_000) -> Su
     Raises:
         GridError: binary content, text in another encoding, no subjects, or more than ``max_subjects``.
     """
-    wide = next((encoding for bom, encoding in _WIDE_TEXT_BOMS.items() if data.startswith(bom)), None)
-    if wide:  # Windows Notepad's "Unicode" is UTF-16, its byte-order mark first
-        try:
-            text = data.decode(wide)
-        except UnicodeDecodeError as exc:
-            raise GridError(
-                f"subject list {name}: starts as {wide.upper()} text but is not (byte {exc.start}): {exc.reason}; "
-                "save it as UTF-8"
-            ) from None
-        if "\0" in text:
-            raise GridError(f"subject list {name}: binary content (a NUL character); expected text")
-    elif b"\0" in data:
-        raise GridError(f"subject list {name}: binary content (a NUL byte); expected UTF-8 text")
-    else:
-        text = _utf8_text(data, f"subject list {name}", encoding="utf-8-sig")
+    text = _decoded_text(data, f"subject list {name}")
     subjects: list[str] = []
     skipped: list[str] = []
     # Lines as an editor shows them: str.splitlines would also end one at a form feed, U+2028 and
