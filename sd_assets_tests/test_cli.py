@@ -22,9 +22,9 @@ REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
 
-def _run(args, env_extra, cwd=REPO, check=True):
+def _run(args, env_extra, cwd=REPO, check=True, timeout=300):
     env = {**os.environ, **env_extra}
-    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if check:
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
@@ -438,6 +438,17 @@ def test_search_in_a_store_whose_catalog_is_lost_points_to_rebuild_catalog(tmp_p
     assert capsys.readouterr().out == f"{data / 'catalog' / 'banksy.parquet'}: 1 row (0 kept, 1 from PNGs)\n"
     assert main(["search", "--subject", "turing"]) == 0
     assert capsys.readouterr().out.count("alan turing") == 1
+
+
+def test_rebuild_catalog_reads_the_images_and_passes_over_a_named_pipe_or_broken_link_named_like_one(tmp_path):
+    data = tmp_path / "data"
+    _catalog_of(data, [("alan turing", "")])
+    shutil.rmtree(data / "catalog")
+    os.mkfifo(data / "images" / f"{'ff' * 32}.png")  # reading it would wait for a writer, forever
+    (data / "images" / f"{'ee' * 32}.png").symlink_to(tmp_path / "not-mounted.png")
+    # A subprocess, so that a rebuild stuck on the pipe fails the test after a minute, not CI after 90.
+    rebuilt = _run([BIN / "sd-assets", "rebuild-catalog"], {"SD_ASSETS_STORAGE": str(data)}, cwd=tmp_path, timeout=60)
+    assert rebuilt.stdout == f"{data / 'catalog' / 'banksy.parquet'}: 1 row (0 kept, 1 from PNGs)\n"
 
 
 def test_a_pending_record_without_a_column_is_named_and_left_out_of_the_search(tmp_path, monkeypatch, capsys):

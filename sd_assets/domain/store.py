@@ -246,11 +246,19 @@ class LocalStore(ArtifactStore):
         base = self.root / prefix if prefix else self.root
         if not base.is_dir():
             return
-        for dirpath, _dirnames, filenames in os.walk(base):
-            for name in filenames:
-                if name.startswith(".") and name.endswith(".tmp"):
-                    continue
-                yield Path(dirpath, name).relative_to(self.root).as_posix()
+        folders = [base]
+        while folders:
+            try:
+                entries = list(os.scandir(folders.pop()))
+            except OSError:  # removed since it was listed, or not ours to look into: it holds no key we can read
+                continue
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    folders.append(Path(entry.path))
+                # Files only, as ``exists`` sees them (a link to one counts): a named pipe called
+                # x.png, or a socket, is no object, and reading one would wait forever.
+                elif entry.is_file() and not (entry.name.startswith(".") and entry.name.endswith(".tmp")):
+                    yield Path(entry.path).relative_to(self.root).as_posix()
 
     def versions(self, prefix: str) -> dict[str, ObjectVersion]:
         found = {}
