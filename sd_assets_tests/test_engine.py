@@ -789,7 +789,9 @@ def test_the_overlong_prompt_message_counts_one_image_as_one():
     overlong = engine.OverlongPrompts(limit=77, tokens={long_prompt: 83})
     message = overlong.message("Banksy", refused, made=1)
     assert message.startswith("Banksy: the text encoder reads 77 tokens of a prompt, and these are longer: the prompt "
-                              "of 'long subject' (83 tokens).")  # fmt: skip
+                              "of 'long subject' (83 tokens). The pipeline would cut them: each picture would show "
+                              "only the start of the prompt it is filed under (a style at the end is lost: every "
+                              "style, the same picture). Shorten them")  # fmt: skip
     assert message.endswith("Not made: 1 image of the prompts above; made: 1 other image of the style")
 
 
@@ -802,7 +804,9 @@ def test_a_negative_prompt_longer_than_the_text_encoder_reads_refuses_its_rows_a
     assert [overlong.refuses(row) for row in (*rows, ROWS[1])] == [True, True, False]
     assert overlong.reason(rows[0]) == f"its negative prompt is {tokens} tokens, over the 77 the text encoder reads"
     message = overlong.message("Banksy", rows, made=1)
-    assert f"and these are longer: the grid's negative prompt ({tokens} tokens). The pipeline would cut" in message
+    assert f"and these are longer: the grid's negative prompt ({tokens} tokens). The pipeline would cut them: the " \
+        "end of the negative prompt would steer no picture, though each would record it. Shorten them" in message
+    assert "style at the end" not in message  # the prompts themselves are whole
     assert message.endswith("Not made: 2 images of the prompts above; made: 1 other image of the style")
 
 

@@ -385,13 +385,19 @@ class OverlongPrompts:
             f" (this model's tokenizer reads a token a letter, as the demo's tiny-random does: about {self.limit - 2} "
             "characters of prompt, spaces not counted, where a real model's reads most words as one token)"
         )
+        cut = []
+        if len(named) > len(negatives):
+            cut.append(
+                "each picture would show only the start of the prompt it is filed under (a style at the end is "
+                "lost: every style, the same picture)"
+            )
+        if negatives:
+            cut.append("the end of the negative prompt would steer no picture, though each would record it")
         return (
             f"{style}: the text encoder reads {self.limit} tokens of a prompt{letters if self.by_letter else ''}, "
-            f"and these are longer: {listed}. The "
-            "pipeline would cut them, and each picture would show only the start of the prompt it is filed under "
-            "(a style at the end is lost: every style, the same picture). Shorten them (the subject lists, or the "
-            f"grid's prompt template or negative prompt) and run again. Not made: {count(len(refused), 'image')} of "
-            f"the prompts above; made: {count(made, 'other image')} of the style"
+            f"and these are longer: {listed}. The pipeline would cut them: {'; and '.join(cut)}. Shorten them (the "
+            f"subject lists, or the grid's prompt template or negative prompt) and run again. Not made: "
+            f"{count(len(refused), 'image')} of the prompts above; made: {count(made, 'other image')} of the style"
         )
 
 
