@@ -110,6 +110,12 @@ def test_the_gallery_follows_the_grid_and_keeps_earlier_images_in_reach(grid_pat
     assert '<a href="banksy/page-1.html">Banksy</a>: 4 of 4 images' in index
     assert '<a href="andy-warhol/page-1.html">Andy Warhol</a>: 0 of 4 images' in index
     assert "4 of 8 images of the grid made, across 2 styles" in index
+    # The settings of the grid now, which made Banksy's new images: not those Andy Warhol's older ones had.
+    settings = (
+        r'<p class="settings">Grid settings: 3 steps · 64x64 · guidance 7.5 · PNDMScheduler · tiny-random@[0-9a-f]{7} '
+        r"· float32 on cpu</p>"
+    )
+    assert re.search(settings, index), index
     page = (data / "gallery" / "banksy" / "page-1.html").read_text()
     assert "Grid settings: 3 steps · 64x64" in page and page.count("<img ") == 4
     # The page says which run wrote it, and when: a style not run since keeps its older pages.

@@ -225,6 +225,14 @@ def read_style_catalog(store: ArtifactStore, style: str, columns: Sequence[str] 
     return _schema(columns or COLUMNS).empty_table()
 
 
+def catalog_row(store: ArtifactStore, style: str, key: str) -> dict | None:
+    """The catalog row of the image ``key`` in ``style``'s catalog, as a dict of its columns; None
+    where the catalog has none (not made, or not merged yet)."""
+    table = read_style_catalog(store, style)
+    found = table.filter(pc.equal(table["key"], key)).to_pylist()
+    return found[0] if found else None
+
+
 def _catalog_slug(key: str) -> str | None:
     """The style slug of a key ``catalog_key`` names; None for any other key (a pending batch, a file set aside)."""
     name = key.removeprefix("catalog/")

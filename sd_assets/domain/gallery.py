@@ -272,9 +272,11 @@ def render_index(
     other_styles: Sequence[StyleSummary] = (),
     model_id: str = "",
     refused: Mapping[str, str] | None = None,
+    grid_settings: str | None = None,
 ) -> str:
-    """Write ``gallery/index.html``: counts per style of the grid, the other styles whose images
-    the store holds (``other_styles``: made by earlier grids), and the subject x style contact sheet.
+    """Write ``gallery/index.html``: counts per style of the grid, the settings that made its images
+    (``grid_settings``, a ``settings_text``), the other styles whose images the store holds
+    (``other_styles``: made by earlier grids), and the subject x style contact sheet.
     With the grid's ``model_id`` the offline ``tiny-random``, every page says its images are noise.
     ``refused`` (content key -> why, as the styles' last runs left it) says in a cell not made why
     it was not, where a later run would not fill it either.
@@ -309,7 +311,7 @@ def render_index(
             summaries=summaries, other_styles=other_styles, styles=styles, cells=cells,
             subjects=subject_list[(page - 1) * CONTACT_PAGE_SUBJECTS : page * CONTACT_PAGE_SUBJECTS],
             total=sum(s.total for s in summaries), present=sum(s.present for s in summaries),
-            unreadable=[s for s in [*summaries, *other_styles] if s.unreadable],
+            unreadable=[s for s in [*summaries, *other_styles] if s.unreadable], grid_settings=grid_settings,
             random_weights=model_id == TINY_MODEL_ID,
             page=page, pages=pages, pager_links=pager_numbers(page, pages), subjects_per_page=CONTACT_PAGE_SUBJECTS,
             # Page 1 is gallery/index.html, the others are one folder down.

@@ -564,9 +564,13 @@ def _write_index(
     others += [summary(slug, 0, 0) for slug in sorted(broken - in_grid)]
     # Why a style's last run left an image of the grid unmade (a prompt too long): a later run would not make it.
     refused = {key: why for style in rows_by_style for key, why in read_refused(artifact_store, style).items()}
+    # The settings of the grid's first made image: those of every image it made (its content key
+    # hashes them), but for the dtype and device, the pages of its style say which made each.
+    first_made = next(((style, r.key) for style, rows in rows_by_style.items() for r in rows if r.key in present), None)
+    made_with = catalog_lib.catalog_row(artifact_store, *first_made) if first_made else None
     key = gallery.render_index(
         artifact_store, summaries, rows_by_style, present, other_styles=others, model_id=config.model.id,
-        refused=refused,
+        refused=refused, grid_settings=gallery.settings_text(made_with) if made_with else None,
     )
     return _WrittenIndex(summaries, unreadable, key)
 
