@@ -67,6 +67,22 @@ def test_a_png_whose_record_was_lost_gets_its_row_in_a_catalog_that_already_exis
     assert found["run_id"].tolist() == ["run-2"], "the row is in the catalog file, where search reads it"
 
 
+def test_a_png_from_a_newer_version_whose_record_was_lost_gets_its_row_and_stays_in_the_store(tmp_path):
+    # Two versions sharing one store (a rolling upgrade): the newer records a field this one lacks.
+    store = LocalStore(tmp_path)
+    row = _row("alan turing", "Banksy")
+    made = _provenance(row, "run-newer")
+    info = PngImagePlugin.PngInfo()
+    info.add_text(PROVENANCE_CHUNK, json.dumps({**asdict(made), "field_of_a_newer_version": "x"}))
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(buffer, format="PNG", pnginfo=info)
+    store.write_bytes(image_key_path(row.key), buffer.getvalue())
+    merged, report = catalog.merge_catalog(store, "Banksy", [row])
+    assert (report.recovered_from_png, report.set_aside) == (1, ())
+    assert merged["run_id"].to_pylist() == ["run-newer"] and "field_of_a_newer_version" not in merged.column_names
+    assert store.read_bytes(image_key_path(row.key)) == buffer.getvalue(), "not set aside to be made again"
+
+
 def test_a_catalog_written_before_the_later_columns_reads_with_their_old_values(tmp_path):
     store = LocalStore(tmp_path)
     row = _row("alan turing", "Banksy")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields as dataclass_fields
 
 from PIL import Image, PngImagePlugin
 
@@ -67,6 +67,9 @@ class Provenance:
         return json.dumps(asdict(self), sort_keys=True, ensure_ascii=False)
 
 
+_PROVENANCE_FIELDS = frozenset(field.name for field in dataclass_fields(Provenance))
+
+
 def a1111_parameters(p: Provenance) -> str:
     """The ``parameters`` text, as the AUTOMATIC1111 web UI writes it."""
     sampler = SAMPLER_NAMES.get(p.scheduler, p.scheduler)
@@ -98,7 +101,9 @@ def read_provenance(data: bytes) -> Provenance:
         fields = json.loads(image.text[PROVENANCE_CHUNK])
     # Written before the checker was recorded: one it flagged was looked at by it.
     fields.setdefault("safety_checker", fields.get("safety_flagged", False))
-    return Provenance(**fields)
+    # A field this version does not know was written by a newer one, sharing the store (a rolling
+    # upgrade): the image is sound, and its catalog row has the columns this version knows.
+    return Provenance(**{name: value for name, value in fields.items() if name in _PROVENANCE_FIELDS})
 
 
 def image_key_path(key: str) -> str:
