@@ -5,6 +5,7 @@ A CPU machine stands in for a GPU node with a simulated device count.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import signal
@@ -188,6 +189,27 @@ def test_a_lock_file_names_only_its_holder_whatever_a_longer_pid_left_there(tmp_
     (tmp_path / "style-x.lock").write_text("99999999\n")
     with hold_lock(tmp_path, "style-x.lock") as path:
         assert path.read_text() == f"{os.getpid()}\n"
+
+
+def test_a_lock_taken_on_a_disk_too_full_for_its_pid_is_held_and_freed_as_any_other(tmp_path, monkeypatch):
+    from sd_assets.domain import node_locks
+
+    def full_disk(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    taker = "import fcntl, os, sys; fcntl.flock(os.open(sys.argv[1], os.O_RDWR), fcntl.LOCK_EX | fcntl.LOCK_NB)"
+    with monkeypatch.context() as patched:
+        patched.setattr(node_locks.os, "write", full_disk)
+        fd = node_locks.try_lock(tmp_path / "style-x.lock")
+    assert fd is not None and (tmp_path / "style-x.lock").read_text() == ""
+    other = subprocess.run(
+        [sys.executable, "-c", taker, str(tmp_path / "style-x.lock")], capture_output=True, text=True, check=False
+    )
+    assert "BlockingIOError" in other.stderr, "held: another process cannot take it"
+    os.close(fd)
+    again = node_locks.try_lock(tmp_path / "style-x.lock")
+    assert again is not None, "freed when its holder lets go"
+    os.close(again)
 
 
 def test_a_lock_folder_that_is_a_file_is_named_as_one(tmp_path):

@@ -44,8 +44,13 @@ def try_lock(path: Path) -> int | None:
     except OSError as exc:
         os.close(fd)
         raise SdAssetsError(f"cannot lock {path}: {exc}") from None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+    except OSError:
+        # The pid is for people; the flock is the lock. A full disk that refuses a few bytes
+        # leaves the file empty ("process unknown" to a waiter), and the lock held all the same.
+        pass
     return fd
 
 
