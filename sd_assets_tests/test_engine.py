@@ -190,6 +190,20 @@ def test_auto_batch_size_on_a_gpu_probes_one_and_two_images(loaded, tmp_path, gp
     assert json.loads(memory_file.read_text()) == {engine.auto_batch_key(on_gpu, SETTINGS): 64}
 
 
+@pytest.mark.parametrize(
+    "damaged", ["[16]", '{"KEY": "auto"}', '{"KEY": 0}', '{"KEY": true}', '{"KEY": 16.5}', "not json", "\udcff"]
+)
+def test_a_damaged_auto_batch_size_file_is_measured_again_and_rewritten(loaded, tmp_path, gpu_memory_calls, damaged):
+    on_gpu = engine.LoadedPipeline(loaded.pipeline, loaded.folder, "cuda", "float32", "PNDMScheduler", False)
+    key = engine.auto_batch_key(on_gpu, SETTINGS)
+    memory_file = tmp_path / "auto-batch-sizes.json"
+    memory_file.write_bytes(damaged.replace("KEY", key).encode("utf-8", "surrogateescape"))
+    # A run that ran out of memory finds no answer to correct: nothing to remember, nothing raised.
+    assert engine.remember_after_running_out_of_memory(on_gpu, SETTINGS, memory_file, 16, 8) is False
+    assert engine.auto_batch_size(on_gpu, SETTINGS, memory_file) == 64
+    assert json.loads(memory_file.read_text()) == {key: 64}
+
+
 @pytest.mark.parametrize("images_that_fit", [1, 0])
 def test_auto_batch_size_when_the_probe_runs_out_of_gpu_memory(
     loaded, tmp_path, gpu_memory_calls, monkeypatch, images_that_fit

@@ -736,14 +736,17 @@ def auto_batch_key(loaded: LoadedPipeline, settings: GenerationSettings) -> str:
     return key
 
 
-def _remembered_sizes(memory_file: Path) -> dict:
-    """``auto``'s answers kept in ``memory_file``; none when it is missing or damaged."""
-    if not memory_file.is_file():
-        return {}
+def _remembered_sizes(memory_file: Path) -> dict[str, int]:
+    """``auto``'s answers kept in ``memory_file``: each a batch size of 1 or more. None when the
+    file is missing, unreadable or not a JSON object, and none of an entry that is not such a
+    size (a hand edit, a file of something else): that answer is measured again."""
     try:
-        return json.loads(memory_file.read_text())
-    except ValueError:
+        remembered = json.loads(memory_file.read_bytes())
+    except (OSError, ValueError):  # missing, not ours to read, not JSON (UnicodeDecodeError is one)
         return {}
+    if not isinstance(remembered, dict):
+        return {}
+    return {key: size for key, size in remembered.items() if type(size) is int and size >= 1}
 
 
 def remember_auto_batch_size(
@@ -765,7 +768,7 @@ def remember_after_running_out_of_memory(
     the answer remembered (which was too large); not if it was smaller (a style's few images, a
     short last batch: the GPU was short of memory for other work, for the while). Whether it kept it."""
     remembered = _remembered_sizes(memory_file).get(auto_batch_key(loaded, settings))
-    if remembered is None or failed_rows < int(remembered):
+    if remembered is None or failed_rows < remembered:
         return False
     remember_auto_batch_size(loaded, settings, memory_file, went_on_at)
     return True
@@ -792,7 +795,7 @@ def auto_batch_size(
     remembered_key = auto_batch_key(loaded, settings)
     remembered = _remembered_sizes(memory_file) if memory_file is not None else {}
     if remembered_key in remembered:
-        size = int(remembered[remembered_key])
+        size = remembered[remembered_key]
     else:
         peaks = _probe_peaks(loaded, settings)
         if not peaks:
