@@ -126,7 +126,9 @@ def test_a_key_that_would_leave_the_store_or_name_no_file_is_refused_before_any_
     store = LocalStore(tmp_path / "data")
     (tmp_path / "outside.png").write_bytes(b"not the store's")
     for touch in (lambda: store.write_bytes(key, b"png"), lambda: store.read_bytes(key), lambda: store.exists(key),
-                  lambda: store.delete(key)):  # fmt: skip
+                  lambda: store.delete(key),
+                  # A listing's prefix too (but "", the whole store's).
+                  *([lambda: list(store.list_keys(key)), lambda: store.versions(key)] if key else [])):  # fmt: skip
         with pytest.raises(StoreError, match=r"^invalid store key .*: use a relative path without '\.' or '\.\.' parts$"):
             touch()
     assert (tmp_path / "outside.png").read_bytes() == b"not the store's"

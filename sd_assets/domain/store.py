@@ -243,7 +243,7 @@ class LocalStore(ArtifactStore):
         atomic_write(self._path(key), data)
 
     def list_keys(self, prefix: str) -> Iterator[str]:
-        base = self.root / prefix if prefix else self.root
+        base = self._path(prefix) if prefix else self.root
         if not base.is_dir():
             return
         folders = [base]
