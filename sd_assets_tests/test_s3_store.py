@@ -161,6 +161,19 @@ def test_listings_of_more_than_one_page_find_every_key(bucket):
     assert store.existing([keys[-1], "images/ab/none.png"]) == {keys[-1]}
 
 
+def test_which_images_exist_is_one_listing_a_folder_not_a_request_an_image(bucket):
+    # A style of 300 images over 3 of the 256 folders, 200 of them made: an unchanged run asks this.
+    store = open_store(f"s3://{bucket}/many")
+    keys = [f"images/{folder}/{folder}{n:062x}.png" for folder in ("0a", "7f", "e3") for n in range(100)]
+    for key in keys[:200]:
+        store.write_bytes(key, b"png")
+    store.write_bytes("images/7f/other.png", b"not asked for")
+    calls: list[str] = []
+    store.client.meta.events.register("before-call.s3.*", lambda model, **_: calls.append(model.name))
+    assert store.existing(keys) == set(keys[:200])
+    assert sorted(calls) == ["ListObjectsV2"] * 3
+
+
 def test_missing_bucket_is_named_with_the_endpoint_asked(bucket, s3_endpoint):
     # The endpoint is named: a bucket missing from the wrong service is not to be created there.
     with pytest.raises(StoreError) as missing:
