@@ -143,6 +143,25 @@ def test_a_remembered_auto_batch_size_is_used_without_a_probe_and_capped_by_the_
     assert engine.auto_batch_size(on_gpu, other, memory_file) == 4
 
 
+def test_answers_remembered_together_by_the_runs_of_several_gpus_are_all_kept(loaded, tmp_path, monkeypatch):
+    on_gpu = engine.LoadedPipeline(None, loaded.folder, "cuda", "float16", "PNDMScheduler", False)
+    memory_file = tmp_path / "cache" / "auto-batch-sizes.json"
+    write = engine.atomic_write
+
+    def slow_write(path, data):  # each run between its read and its write while the others read
+        time.sleep(0.2)
+        write(path, data)
+
+    monkeypatch.setattr(engine, "atomic_write", slow_write)
+    sizes = [dataclasses.replace(SETTINGS, width=64 * (n + 1)) for n in range(4)]
+    runs = [threading.Thread(target=engine.remember_auto_batch_size, args=(on_gpu, s, memory_file, 8)) for s in sizes]
+    for run in runs:
+        run.start()
+    for run in runs:
+        run.join()
+    assert json.loads(memory_file.read_text()) == {engine.auto_batch_key(on_gpu, s): 8 for s in sizes}
+
+
 def test_a_short_last_batch_is_filled_to_the_compiled_shape_only_on_a_gpu(loaded):
     def on(device: str, compiled: bool, warmed: set) -> engine.LoadedPipeline:
         return engine.LoadedPipeline(None, loaded.folder, device, "float16", "PNDMScheduler", compiled, warmed)

@@ -30,6 +30,7 @@ from sd_assets.domain import library_logs
 from sd_assets.domain.deep_cache import DeepCache
 from sd_assets.domain.devices import cuda_index
 from sd_assets.domain.errors import ModelError, SdAssetsError
+from sd_assets.domain.node_locks import hold_lock
 from sd_assets.domain.prompts import GenerationSettings, PromptRow
 from sd_assets.domain.schedulers import USUAL_SCHEDULERS, web_ui_name
 from sd_assets.domain.store import atomic_write
@@ -754,10 +755,13 @@ def remember_auto_batch_size(
 ) -> None:
     """Keep ``size`` as ``auto``'s answer for this model, device and settings in ``memory_file``
     (measured, or what a run that ran out of memory went on at)."""
-    remembered = _remembered_sizes(memory_file)
-    remembered[auto_batch_key(loaded, settings)] = size
-    # Whole or not at all: the runs of the node's other GPUs read it too.
-    atomic_write(memory_file, json.dumps(remembered, indent=1, sort_keys=True).encode("utf-8"))
+    # The runs of the node's other GPUs read and write it too: one at a time, or two finishing
+    # together would each write what it read, and one answer would be lost (measured again).
+    with hold_lock(memory_file.parent, f".{memory_file.name}.lock"):
+        remembered = _remembered_sizes(memory_file)
+        remembered[auto_batch_key(loaded, settings)] = size
+        # Whole or not at all: a reader sees the old answers or the new ones.
+        atomic_write(memory_file, json.dumps(remembered, indent=1, sort_keys=True).encode("utf-8"))
 
 
 def remember_after_running_out_of_memory(
