@@ -541,13 +541,10 @@ def test_a_catalog_merge_and_a_gallery_wait_while_another_process_holds_the_styl
 def test_a_run_without_a_style_fails_saying_how_to_give_one(grid_path, instance):
     defs = build_definitions({"SD_ASSETS_GRID": str(grid_path), "SD_ASSETS_DEVICE": "cpu"})
     result = defs.resolve_job_def("generate_images").execute_in_process(instance=instance, raise_on_error=False)
-    assert not result.success
-    [failure] = [event for event in result.all_events if event.is_step_failure]
-    assert failure.step_key == "prompt_grid"
     assert (
         "a run of prompt_grid makes one style: give it a partition (dagster job execute ... "
         """--tags '{"dagster/partition": "Banksy"}', or pick a style in the UI)"""
-    ) in str(failure.step_failure_data.error)
+    ) in _style_failure(result)
     assert _pngs(grid_path.parent / "data") == {}
 
 
@@ -565,18 +562,20 @@ def test_a_run_made_here_of_a_style_the_grid_no_longer_has_names_the_one_it_has_
         f"this run's style 'Andy Warhol' is not in the grid {grid_path} (did you mean 'Andy warhol'?); its styles "
         "are ['Banksy', 'Andy warhol', 'Claude Monet']: give one of them as it is written there (--tags "
         "'{\"dagster/partition\": \"Andy warhol\"}')"
-    ) in _prompt_grid_failure(result)
+    ) in _style_failure(result)
     assert _pngs(grid_path.parent / "data") == {}
 
 
 def test_a_run_of_a_misspelt_style_says_which_style_was_meant_not_to_reload(grid_path, instance):
     # `dagster job execute --tags` launches a partition key the code never had: a typo, not an edited grid.
+    # Said before the model is fetched: with a hub model, the user would wait for gigabytes to learn of it.
+    shutil.rmtree(grid_path.parent / "data" / "models")
     defs = build_definitions({"SD_ASSETS_GRID": str(grid_path), "SD_ASSETS_DEVICE": "cpu"})
     for typed in ("Andy Warhal", "andy-warhol", "warhol"):
         result = defs.resolve_job_def("generate_images").execute_in_process(
             tags={"dagster/partition": typed}, instance=instance, raise_on_error=False
         )
-        error = _prompt_grid_failure(result)
+        error = _style_failure(result)
         assert (
             f"this run's style {typed!r} is not in the grid {grid_path} (did you mean 'Andy Warhol'?); its styles are "
             "['Banksy', 'Andy Warhol']: give one of them as it is written there (--tags '{\"dagster/partition\": "
@@ -584,11 +583,12 @@ def test_a_run_of_a_misspelt_style_says_which_style_was_meant_not_to_reload(grid
         ) in error
         assert "reload" not in error
     # Nothing like any style: the example is the grid's first.
-    error = _prompt_grid_failure(defs.resolve_job_def("generate_images").execute_in_process(
+    error = _style_failure(defs.resolve_job_def("generate_images").execute_in_process(
         tags={"dagster/partition": "Claude Monet"}, instance=instance, raise_on_error=False))  # fmt: skip
     assert "'Claude Monet' is not in the grid" in error and "(did you mean" not in error
     assert """(--tags '{"dagster/partition": "Banksy"}')""" in error
     assert _pngs(grid_path.parent / "data") == {}
+    assert not (grid_path.parent / "data" / "models").exists()
 
 
 def test_a_run_whose_subject_lists_fail_fetches_no_model(tmp_path, instance):
@@ -620,11 +620,13 @@ def test_a_run_whose_subject_lists_fail_fetches_no_model(tmp_path, instance):
     assert not (grid_path.parent / "data" / "models").exists()
 
 
-def _prompt_grid_failure(result) -> str:
-    """The error of a failed run whose only failed step is prompt_grid."""
+def _style_failure(result) -> str:
+    """The error of a failed run refused for its style: model_weights fails, before any model is
+    fetched, and no other step runs."""
     assert not result.success
     [failure] = [event for event in result.all_events if event.is_step_failure]
-    assert failure.step_key == "prompt_grid"
+    assert failure.step_key == "model_weights"
+    assert result.get_asset_materialization_events() == []
     return str(failure.step_failure_data.error)
 
 

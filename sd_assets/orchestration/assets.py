@@ -138,15 +138,39 @@ def _stop_if_grid_inputs_failed(context: dg.AssetExecutionContext) -> None:
         )
 
 
+# The partitioned steps, in the order generate_images runs them.
+_STYLE_STEPS = ("prompt_grid", "style_images", "image_catalog", "style_gallery")
+
+
 def _style(context: dg.AssetExecutionContext, config: GridConfig) -> str:
     """The style a run makes: its partition key, one of the grid's styles."""
-    if not context.has_partition_key:
+    partition = context.partition_key if context.has_partition_key else None
+    return _checked_style(context, config, partition, context.asset_key.to_user_string())
+
+
+def _check_the_runs_style_before_the_model(context: dg.AssetExecutionContext, config: GridConfig) -> None:
+    """Refuse, from model_weights, a run whose style its partitioned steps would refuse (none, one
+    mistyped, one the grid no longer has), before the model is fetched: gigabytes from the hub, for
+    a run that makes nothing, and a user who would wait for them to learn of a typo."""
+    step = next((step for step in _STYLE_STEPS if _runs_step(context, step)), None)
+    tags = context.run.tags
+    if step is None or "dagster/asset_partition_range_start" in tags:  # a range: its steps say what they make of it
+        return
+    _checked_style(context, config, tags.get("dagster/partition"), step)
+
+
+def _checked_style(context: dg.AssetExecutionContext, config: GridConfig, style: str | None, step: str) -> str:
+    """``style``, the partition of the run's step ``step``, when it is one of the grid's styles.
+
+    Raises:
+        GridError: no style, or one not in the grid, saying what to give instead.
+    """
+    if style is None:
         raise GridError(
-            f"a run of {context.asset_key.to_user_string()} makes one style: give it a partition "
+            f"a run of {step} makes one style: give it a partition "
             f"(dagster job execute ... --tags {_partition_tags(config.styles[0])}, or pick a style in the UI); "
             f"the grid {config.source} has {config.styles}"
         )
-    style = context.partition_key
     if style in config.styles:
         return style
     meant = config.likely_style(style)
@@ -297,6 +321,7 @@ def build_assets(styles: dg.StaticPartitionsDefinition) -> list:
     ) -> dg.MaterializeResult:
         _stop_if_grid_inputs_failed(context)
         config = grid.load()
+        _check_the_runs_style_before_the_model(context, config)
         artifact_store = store.open()
         _observe_grid_inputs_unless_the_run_does(context, config, artifact_store)
         # The runs of a backfill start together: one fills the cache, the others wait and find it filled.
