@@ -3,12 +3,15 @@
 import hashlib
 import json
 import os
+import threading
+import time
 
 import pytest
 
 from sd_assets.domain.errors import ModelError
 from sd_assets.domain.grid import ModelConfig
 from sd_assets.domain.models import (
+    COPY_LOCK,
     MANIFEST,
     VERIFIED,
     ModelRef,
@@ -17,6 +20,7 @@ from sd_assets.domain.models import (
     model_prefix,
     verify_in_store,
 )
+from sd_assets.domain.node_locks import hold_lock
 from sd_assets.domain.store import LocalStore
 
 FILES = {"model_index.json": b'{"scheduler": ["diffusers", "PNDMScheduler"]}', "unet/weights.bin": b"w" * 1000}
@@ -106,6 +110,52 @@ def test_a_node_copy_is_fetched_once_and_an_altered_file_fetched_again(tmp_path)
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
     again = local_model_folder(remote, ref, node)
     assert again.bytes_copied == 1000 and weights.read_bytes() == FILES["unet/weights.bin"]
+
+
+def _remote_model(tmp_path) -> tuple[_RemoteStore, ModelRef]:
+    store, prefix, manifest = _cache(tmp_path / "store")
+    store.write_text(prefix + "manifest.json", json.dumps(manifest))
+    return _RemoteStore(tmp_path / "store"), ModelRef("org/model", "a" * 40, "PNDMScheduler", 1045, 2)
+
+
+def test_temporary_files_of_copies_killed_half_way_are_removed_by_the_next_copy(tmp_path):
+    remote, ref = _remote_model(tmp_path)
+    folder = tmp_path / "node" / "org--model" / ("a" * 40)
+    (folder / "unet").mkdir(parents=True)
+    left = [folder / "unet" / ".weights.bin.3f2a9c41d0e7.tmp", folder / ".model_index.json.b47a33a2b55d.tmp"]
+    for path in left:  # what store.replacing leaves when its process is killed: a weights file's worth each
+        path.write_bytes(b"w" * 600)
+    copy = local_model_folder(remote, ref, tmp_path / "node")
+    assert copy.bytes_copied == sum(len(d) for d in FILES.values())
+    assert not any(path.exists() for path in left)
+    assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()) == [
+        COPY_LOCK, MANIFEST, "model_index.json", "unet/weights.bin", VERIFIED,
+    ]  # fmt: skip
+
+
+def test_a_second_copier_on_the_node_waits_for_the_first_and_leaves_its_file_in_flight_alone(tmp_path):
+    remote, ref = _remote_model(tmp_path)
+    folder = tmp_path / "node" / "org--model" / ("a" * 40)
+    (folder / "unet").mkdir(parents=True)
+    in_flight = folder / "unet" / ".weights.bin.0123456789ab.tmp"
+    holding = threading.Event()
+
+    def first_copier():  # another run's process on the node, half-way through the weights
+        with hold_lock(folder, COPY_LOCK):
+            in_flight.write_bytes(FILES["unet/weights.bin"])
+            holding.set()
+            time.sleep(1.0)
+            os.replace(in_flight, folder / "unet" / "weights.bin")
+
+    first = threading.Thread(target=first_copier)
+    first.start()
+    holding.wait()
+    waited: list[str] = []
+    copy = local_model_folder(remote, ref, tmp_path / "node", on_wait=waited.append)
+    first.join()
+    assert waited == [f"waiting for process {os.getpid()}, which holds {folder / COPY_LOCK}"]
+    assert (folder / "unet" / "weights.bin").read_bytes() == FILES["unet/weights.bin"]
+    assert copy.bytes_copied == len(FILES["model_index.json"]), "the weights the first one copied are not fetched"
 
 
 def test_a_node_copy_of_a_store_file_that_does_not_match_the_manifest_is_refused_and_not_kept(tmp_path):

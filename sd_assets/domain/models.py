@@ -12,17 +12,21 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from sd_assets.domain.errors import ModelError, StoreError
 from sd_assets.domain.grid import ModelConfig
 from sd_assets.domain.hub_settings import HubSettings
+from sd_assets.domain.node_locks import hold_lock
 from sd_assets.domain.store import ArtifactStore, atomic_write, sha256_file
 
 MANIFEST = "manifest.json"
 # Version tags of the files when they were last hashed and found sound.
 VERIFIED = "verified.json"
+# The lock a node's copy of a model is checked and filled under, in its folder.
+COPY_LOCK = ".copying.lock"
 
 
 def model_dir_name(model_id: str) -> str:
@@ -302,7 +306,9 @@ def _read_json(path: Path):
         return None
 
 
-def local_model_folder(store: ArtifactStore, ref: ModelRef, cache_dir: Path) -> LocalCopy:
+def local_model_folder(
+    store: ArtifactStore, ref: ModelRef, cache_dir: Path, on_wait: Callable[[str], None] | None = None
+) -> LocalCopy:
     """A verified folder on this node holding the model, copied from the store at most once.
 
     A local-folder store is used in place. Otherwise files go to ``cache_dir/<id>/<revision>/``,
@@ -310,6 +316,11 @@ def local_model_folder(store: ArtifactStore, ref: ModelRef, cache_dir: Path) -> 
     mtime) are written. A later call trusts a file only while its tag is unchanged, and hashes
     (or fetches again) any other, so a copy interrupted half-way or altered since is never
     loaded as it is.
+
+    One process at a time checks and copies a folder, under a lock file in it (the cache is the
+    node's, shared by the pods or processes that run there, whose own lock folders may differ):
+    a second waits (``on_wait`` says for whom) and finds the copy made. The holder first removes
+    the temporary files that copies killed half-way left (a weights file's worth each).
     """
     manifest_key = ref.prefix + MANIFEST
     in_place = store.local_path(manifest_key)
@@ -324,6 +335,20 @@ def local_model_folder(store: ArtifactStore, ref: ModelRef, cache_dir: Path) -> 
             f"cannot use {folder} for this node's copy of model {ref.model_id}: {exc.strerror or exc}; set "
             "SD_ASSETS_MODEL_CACHE (the generator's model_cache_dir) to a folder this process can write"
         ) from None
+    with hold_lock(folder, COPY_LOCK, on_wait):
+        _remove_temporary_files(folder)
+        return LocalCopy(folder, _copy_missing_files(store, ref, manifest, folder))
+
+
+def _remove_temporary_files(folder: Path) -> None:
+    """The files ``store.replacing`` left in ``folder`` for a process killed before it renamed them.
+    Only under the folder's lock: a live copier's temporary file is renamed before it lets go."""
+    for path in folder.rglob(".*.tmp"):
+        path.unlink(missing_ok=True)
+
+
+def _copy_missing_files(store: ArtifactStore, ref: ModelRef, manifest: dict, folder: Path) -> int:
+    """Fetch the files of ``manifest`` that ``folder`` lacks or holds otherwise; the bytes fetched."""
     local_manifest, local_stamps = folder / MANIFEST, folder / VERIFIED
     stamps = _read_json(local_stamps) if _read_json(local_manifest) == manifest else None
     stamps = stamps if isinstance(stamps, dict) else {}
@@ -348,4 +373,4 @@ def local_model_folder(store: ArtifactStore, ref: ModelRef, cache_dir: Path) -> 
     tags = {entry["path"]: _local_tag(folder / entry["path"]) for entry in manifest["files"]}
     atomic_write(local_stamps, json.dumps(tags).encode())
     atomic_write(local_manifest, json.dumps(manifest, indent=1).encode())
-    return LocalCopy(folder, copied)
+    return copied

@@ -680,7 +680,7 @@ def _generate(
     check_rows_match_settings(artifact_store, style, missing, settings, config.source)
     if inference.scheduler:
         engine.scheduler_class(inference.scheduler)  # a misspelt one fails before the model is copied here
-    copy = local_model_folder(artifact_store, ref, generator.model_cache_dir)
+    copy = local_model_folder(artifact_store, ref, generator.model_cache_dir, on_wait=context.log.info)
     dtype = engine.pick_dtype(device, inference.dtype)
     loading = time.perf_counter()
     loaded = engine.load_pipeline(
