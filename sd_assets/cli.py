@@ -311,6 +311,7 @@ def _demo(args: argparse.Namespace) -> int:
     not_made = False  # a run's check failed: images it could not make (each said as its run ends)
     for number, style in enumerate(styles):
         print(f"materializing {style} ...", flush=True)
+        _wait_for_a_gpu_pool_slot(instance)
         result = job.execute_in_process(
             partition_key=style, instance=instance, raise_on_error=False,
             # The steps' own messages, a line each; Dagster's DEBUG events (step starts, outputs) and
@@ -383,6 +384,35 @@ def _run_error(result):
         (e.job_failure_data.error for e in result.all_events if e.event_type == dg.DagsterEventType.RUN_FAILURE),
         None,
     )
+
+
+def _wait_for_a_gpu_pool_slot(instance, poll_seconds: float = 2.0) -> None:
+    """Wait, here, until the instance's ``gpu`` pool (style_images') has a slot free; at once where
+    it sets no limit. Dagster's own wait for one, inside the run, takes no Ctrl-C nor SIGTERM (its
+    loop looks for them only between steps), and a slot a killed run kept is never freed: this one
+    says which runs hold the slots, and stops at Ctrl-C."""
+    import time
+
+    from sd_assets.orchestration.assets import GPU_POOL
+
+    said = False
+    while True:
+        try:
+            info = instance.event_log_storage.get_concurrency_info(GPU_POOL)
+        except Exception:  # a storage that cannot say: the run waits as Dagster has it wait
+            return
+        if info.limit is None or len(info.claimed_slots) < info.limit:
+            return
+        if not said:
+            holders = ", ".join(sorted(info.active_run_ids)) or "none"
+            print(
+                f"sd-assets: waiting for a slot of the {GPU_POOL} pool (its limit: {info.limit}), held by the runs "
+                f"{holders}; a run killed while it held one keeps it until it is ended (the UI: Terminate, then "
+                "force; or `dagster run delete -f <run id>`). Ctrl-C stops waiting",
+                file=sys.stderr, flush=True,
+            )  # fmt: skip
+            said = True
+        time.sleep(poll_seconds)
 
 
 def _pool_slot_holders(instance, run_id: str) -> list[str]:

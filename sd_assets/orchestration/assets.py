@@ -50,6 +50,8 @@ OWNERS = ["team:sd-assets"]
 COMMON = {"group_name": GROUP, "owners": OWNERS}
 # The job that makes a style (the definitions build it); named here for the messages that send users to it.
 GENERATE_JOB = "generate_images"
+# The pool of the steps that hold a GPU (style_images), which an instance may limit.
+GPU_POOL = "gpu"
 # style_images' check: a prompt longer than the text encoder reads is not made, and the check fails naming it.
 PROMPTS_FIT = "prompts_fit_text_encoder"
 # Draws of the gallery index before it is left to the next run: each redraw means another run merged meanwhile.
@@ -390,7 +392,7 @@ def build_assets(styles: dg.StaticPartitionsDefinition) -> list:
         **COMMON,
         code_version="1",
         kinds={"pytorch", "diffusers", "png"},
-        pool="gpu",
+        pool=GPU_POOL,
         description="The PNGs of a style, named by content key; images that exist are never made again.",
         check_specs=[_prompts_fit_spec(styles)],
     )
