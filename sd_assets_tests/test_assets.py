@@ -231,6 +231,45 @@ def test_the_ui_marks_a_style_stale_when_its_inputs_change_and_fresh_once_regene
     assert status("style_images") == StaleStatus.STALE
 
 
+def test_a_prompt_grid_built_without_model_weights_in_its_run_records_the_files_it_was_built_from(grid_path, instance):
+    # prompt_grid materialized alone from the UI, and the runs an asset backfill splits a style into
+    # (its grid, images, catalog and pages): neither holds grid_inputs or model_weights.
+    from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleStatus
+    from dagster._core.definitions.observe import observe
+    from dagster._core.loader import LoadingContextForTest
+
+    defs = build_definitions({"SD_ASSETS_GRID": str(grid_path), "SD_ASSETS_DEVICE": "cpu"})
+    graph = defs.resolve_asset_graph()
+    job = defs.resolve_job_def("generate_images")
+    for style in STYLES:
+        materialize_style(grid_path, style, instance)
+    (grid_path.parent / "subjects" / "more.txt").write_text("grace hopper\n")
+
+    def status(asset: str, style: str) -> StaleStatus:
+        return CachingStaleStatusResolver(instance, graph, LoadingContextForTest(instance)).get_status(
+            dg.AssetKey(asset), style
+        )
+
+    alone = job.execute_in_process(
+        partition_key="Banksy", asset_selection=[dg.AssetKey("prompt_grid")], instance=instance
+    )
+    assert _metadata(alone, "prompt_grid")["rows"] == 6, "it read the new list"
+    [observation] = instance.fetch_observations(dg.AssetKey("grid_inputs"), limit=1).records
+    assert observation.run_id == alone.run_id
+    assert observation.asset_observation.metadata["observed_by"].value == (
+        "prompt_grid (this run has no grid_inputs step)"
+    )
+    split = [dg.AssetKey(name) for name in ("prompt_grid", "style_images", "image_catalog", "style_gallery")]
+    backfill_run = job.execute_in_process(partition_key="Andy Warhol", asset_selection=split, instance=instance)
+    assert _metadata(backfill_run, "style_images")["generated"] == 2
+
+    assert observe([graph.get(dg.AssetKey("grid_inputs")).assets_def], instance=instance).success
+    assert status("prompt_grid", "Banksy") == status("prompt_grid", "Andy Warhol") == StaleStatus.FRESH
+    assert status("style_images", "Andy Warhol") == StaleStatus.FRESH
+    # Banksy's images were not made again: its grid is newer than they are, as the UI shows.
+    assert status("style_images", "Banksy") == StaleStatus.STALE
+
+
 def test_a_run_launched_from_the_uis_materialize_dialog_observes_the_grid_inputs_it_built_from(grid_path, instance):
     from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleStatus
     from dagster._core.definitions.observe import observe

@@ -246,16 +246,36 @@ def _observe_grid_inputs_unless_the_run_does(
     version of grid_inputs that was latest when its step started: without this observation that
     would be whatever the files were at the last one, and the next "Observe sources" would mark a
     grid built from the files as they are now stale (or the grid of a changed file fresh).
-    model_weights comes before prompt_grid in every run that holds both; a run of model_weights alone
-    (the model fetched ahead) reads no subject list."""
+    model_weights comes before prompt_grid in every run that holds both, and reads the lists before
+    it fetches the model (a mistyped folder fails first); a run of model_weights alone (the model
+    fetched ahead) reads no subject list. prompt_grid observes in a run without either step."""
     if _runs_step(context, "grid_inputs") or not _runs_step(context, "prompt_grid"):
         return
+    _observe_grid_inputs(context, config, artifact_store, "model_weights (this run has no grid_inputs step)")
+
+
+def _observe_grid_inputs_from_prompt_grid(
+    context: dg.AssetExecutionContext, config: GridConfig, artifact_store: ArtifactStore
+) -> None:
+    """Observe grid_inputs from prompt_grid in a run with neither a grid_inputs nor a model_weights
+    step (prompt_grid materialized alone in the UI; the runs an asset backfill splits the style
+    partitions into), so that the grid records the version of the files it was built from."""
+    if _runs_step(context, "grid_inputs") or _runs_step(context, "model_weights"):
+        return
+    _observe_grid_inputs(context, config, artifact_store, "prompt_grid (this run has no grid_inputs step)")
+    # Dagster read grid_inputs' version as this step started, to record it with the grid; it reads
+    # it again, now with the observation above (logged before the grid's output is handled), once
+    # its cached copy is gone. Dagster-internal: a test sees it work with the pinned version.
+    context._step_execution_context.wipe_input_asset_version_info(dg.AssetKey("grid_inputs"))
+
+
+def _observe_grid_inputs(
+    context: dg.AssetExecutionContext, config: GridConfig, artifact_store: ArtifactStore, observed_by: str
+) -> None:
     version, metadata = _grid_inputs_now(config, artifact_store)
     context.log_event(
         dg.AssetObservation(
-            "grid_inputs",
-            tags={DATA_VERSION_TAG: version.value},
-            metadata={**metadata, "observed_by": "model_weights (this run has no grid_inputs step)"},
+            "grid_inputs", tags={DATA_VERSION_TAG: version.value}, metadata={**metadata, "observed_by": observed_by}
         )
     )
 
@@ -368,6 +388,7 @@ def build_assets(styles: dg.StaticPartitionsDefinition) -> list:
         config = grid.load()
         style = _style(context, config)
         artifact_store = store.open()
+        _observe_grid_inputs_from_prompt_grid(context, config, artifact_store)
         rows_by_style, read, settings = _grid_rows(config, artifact_store, [style])
         for problem in read.problems:
             context.log.warning(problem)
