@@ -196,6 +196,23 @@ def _validated_job(body: dict) -> kubernetes.client.V1Job:
     return job
 
 
+# A sitecustomize for the daemon pod's processes: the editable install's import hook comes before
+# PYTHONPATH, so a hook of its own, first in line, refuses the project.
+_NO_PROJECT = """
+import sys
+
+
+class _NotInThisImage:
+    def find_spec(self, name, path=None, target=None):
+        if name == "sd_assets" or name.startswith("sd_assets."):
+            raise ImportError(f"{name}: the daemon's image has no sd_assets")
+        return None
+
+
+sys.meta_path.insert(0, _NotInThisImage())
+"""
+
+
 class Cluster:
     """The chart's release on this machine: its code server and daemon as processes, a loopback
     Kubernetes API, this machine's Postgres and moto's S3; run pods run when the test says."""
@@ -238,9 +255,16 @@ class Cluster:
         self.workspace = root / "workspace.yaml"
         server = {"host": "127.0.0.1", "port": self.deployment["port"], "location_name": self.deployment["name"]}
         self.workspace.write_text(yaml.safe_dump({"load_from": [{"grpc_server": server}]}))
-        # The daemon pod's environment: the chart gives it the Postgres password, not the AWS Secret.
-        self.dagster_env = {**self.image_env, "DAGSTER_HOME": str(self.home),
+        # The daemon pod's environment: the chart gives it the Postgres password, not the AWS Secret,
+        # and it runs Dagster's own image, without sd_assets (here made unimportable: the daemon and
+        # the commands run in its pod must not need it).
+        without_project = root / "daemon-image"
+        without_project.mkdir()
+        (without_project / "sitecustomize.py").write_text(_NO_PROJECT)
+        self.dagster_env = {**self.image_env, "DAGSTER_HOME": str(self.home), "PYTHONPATH": str(without_project),
                             "DAGSTER_PG_PASSWORD": "unused-with-trust-auth"}  # fmt: skip
+        blocked = subprocess.run([sys.executable, "-c", "import sd_assets"], env=self.dagster_env, capture_output=True)
+        assert b"the daemon's image has no sd_assets" in blocked.stderr, blocked.stderr
         self.processes: list[tuple[Path, subprocess.Popen]] = []
 
     def pod(self, spec: dict, name: str) -> Pod:
