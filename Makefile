@@ -31,9 +31,10 @@ $(DAGSTER_HOME)/dagster.yaml: dagster.yaml
 demo: install $(DAGSTER_HOME)/dagster.yaml
 	DAGSTER_HOME=$(DAGSTER_HOME) $(BIN)/sd-assets demo
 
-# One worker a core, at most four: each starts webservers, daemons and runs of its own.
+# One worker a core, at most four: each starts webservers, daemons and runs of its own. A test
+# that hangs (a process or a lock waited on forever) fails after 10 minutes, with its stack, not CI.
 test: install
-	$(BIN)/python -m pytest sd_assets_tests -q -p no:cacheprovider -n auto --maxprocesses 4
+	$(BIN)/python -m pytest sd_assets_tests -q -p no:cacheprovider -n auto --maxprocesses 4 --timeout 600
 
 dev: install $(DAGSTER_HOME)/dagster.yaml
 	DAGSTER_HOME=$(DAGSTER_HOME) $(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p $(PORT)

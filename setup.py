@@ -40,6 +40,7 @@ setup(
         "test": [
             "pytest>=8",
             "pytest-xdist>=3.5",
+            "pytest-timeout>=2.3",
             "moto[server]>=5",
             "psycopg2-binary>=2.9",
         ],

@@ -401,12 +401,16 @@ def _wait_for_a_gpu_pool_slot(instance, poll_seconds: float = 2.0) -> None:
             info = instance.event_log_storage.get_concurrency_info(GPU_POOL)
         except Exception:  # a storage that cannot say: the run waits as Dagster has it wait
             return
-        if info.limit is None or len(info.claimed_slots) < info.limit:
+        # A limit recorded from the instance's default (pools: default_limit) holds only while that
+        # default is set: once it is gone, Dagster does not wait for the pool (it fails the run, and
+        # the demo then names the runs holding a slot).
+        limit = instance.global_op_concurrency_default_limit if info.using_default_limit else info.limit
+        if limit is None or len(info.claimed_slots) < limit:
             return
         if not said:
             holders = ", ".join(sorted(info.active_run_ids)) or "none"
             print(
-                f"sd-assets: waiting for a slot of the {GPU_POOL} pool (its limit: {info.limit}), held by the runs "
+                f"sd-assets: waiting for a slot of the {GPU_POOL} pool (its limit: {limit}), held by the runs "
                 f"{holders}; a run killed while it held one keeps it until it is ended (the UI: Terminate, then "
                 "force; or `dagster run delete -f <run id>`). Ctrl-C stops waiting",
                 file=sys.stderr, flush=True,
