@@ -583,6 +583,34 @@ def test_images_written_before_a_failed_write_keep_their_pending_records(loaded,
     assert sorted(json.loads(line)["key"] for batch in batches for line in batch.splitlines()) == written
 
 
+def test_an_error_that_stops_generation_is_raised_over_a_write_that_failed_meanwhile(loaded, tmp_path, monkeypatch):
+    # The write of the first image fails after the second batch has stopped generation with an
+    # error of its own: that error says what to do; the write's is said beside it.
+    class SlowFullDisk(LocalStore):
+        def write_bytes(self, key: str, data: bytes) -> None:
+            if key.startswith("images/"):
+                time.sleep(0.5)
+                raise StoreError("disk full")
+            super().write_bytes(key, data)
+
+    render = engine.render_checked
+    batches: list[int] = []
+
+    def second_batch_fails(*args, **kwargs):
+        batches.append(1)
+        if len(batches) == 2:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return render(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "render_checked", second_batch_fails)
+    said: list[str] = []
+    ref = ModelRef("tiny-random", "rev", "PNDMScheduler", 0, 0)
+    with pytest.raises(RuntimeError, match="an illegal memory access"):
+        make_style_images(SlowFullDisk(tmp_path), loaded, ref, SETTINGS, ROWS[:2], style="Banksy", partition="Banksy",
+                          run_id="r1", batch_size=1, writer_threads=1, max_pending=2, log=said.append)  # fmt: skip
+    assert "Banksy: a PNG could not be written either: disk full" in said
+
+
 def _with_safety_checker(folder, destination, flag_everything: bool):
     """A copy of the tiny model with a tiny random safety checker that flags every image, or none."""
     import shutil

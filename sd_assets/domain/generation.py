@@ -140,8 +140,16 @@ def make_style_images(
                     f"{style}: out of memory on {loaded.device} at batch size {old}; going on at {new}"
                 ),
             )  # fmt: skip
-        finally:
-            writer.close()  # raises a failed write's error
+        except BaseException as failed:
+            # The error generation stopped at is the one to act on (what to make smaller, say): a
+            # write that failed meanwhile is said, not raised over it.
+            try:
+                writer.close()
+            except Exception as write_failed:
+                if write_failed is not failed:  # generation stops at a failed write with its very error
+                    log(f"{style}: a PNG could not be written either: {write_failed}")
+            raise
+        writer.close()  # raises a failed write's error
     finally:  # the records of the images that were written, whatever failed
         flush(force=True)
     return StyleRunReport(
