@@ -229,8 +229,10 @@ def catalog_row(store: ArtifactStore, style: str, key: str) -> dict | None:
     """The catalog row of the image ``key`` in ``style``'s catalog, as a dict of its columns; None
     where the catalog has none (not made, or not merged yet)."""
     table = read_style_catalog(store, style)
-    found = table.filter(pc.equal(table["key"], key)).to_pylist()
-    return found[0] if found else None
+    # Not pc.equal(table["key"], key): a Python value made a pyarrow scalar imports pandas (half a
+    # second of every run's gallery index step; see the module docstring).
+    keys = table["key"].to_pylist()
+    return table.slice(keys.index(key), 1).to_pylist()[0] if key in keys else None
 
 
 def _catalog_slug(key: str) -> str | None:
