@@ -92,12 +92,18 @@ def test_a_killed_run_leaves_nothing_locked_and_the_next_run_makes_only_the_rest
     assert 2 <= len(made) < len(paths) and paths[0] in made
     # Before the next run, the first subject (made, but with no catalog row yet) leaves its list.
     (grid.parent / "subjects" / "people.txt").write_text("\n".join(SUBJECTS[1:]) + "\n")
+    # What a write killed half-way leaves beside an image not made (when the kill lands in one).
+    missing = next(path for path in paths if path not in made)
+    half_written = missing.parent / f".{missing.name}.0123456789ab.tmp"
+    half_written.parent.mkdir(parents=True, exist_ok=True)
+    half_written.write_bytes(b"half a png")
 
     second = start_run(node, grid, "Banksy", tmp_path / "second.log")
     finish(second, tmp_path / "second.log")
 
     assert all(path.is_file() for path in paths)
     assert {path: (path.stat().st_ino, path.stat().st_mtime_ns) for path in made} == made, "an image was made again"
+    assert not half_written.exists(), "the next run of the style discards what the killed one left"
     assert materializations(node, "style_images")[-1]["generated"] == len(paths) - len(made)
     catalog = read_catalog(LocalStore(grid.parent / "data"))
     assert len(catalog) == catalog["key"].nunique() == len(paths), "every image has its row, in the grid or not"

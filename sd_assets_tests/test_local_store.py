@@ -149,3 +149,18 @@ def test_versions_leave_out_a_file_deleted_between_the_listing_and_its_stat(tmp_
     store.write_bytes("catalog/pending/banksy/run-1.jsonl", b"{}\n")
     versions = store.versions("catalog/")
     assert list(versions) == ["catalog/banksy.parquet"] and versions["catalog/banksy.parquet"].size == 4
+
+
+def test_the_half_written_files_of_some_keys_are_discarded_and_no_other_file(tmp_path):
+    store = LocalStore(tmp_path)
+    store.write_bytes("images/ab/abcd.png", b"made")
+    folder = tmp_path / "images" / "ab"
+    killed = [folder / ".abcd.png.0123456789ab.tmp", folder / ".abef.png.ba9876543210.tmp"]
+    in_flight = folder / ".ab99.png.aaaaaaaaaaaa.tmp"  # another key's write: not this caller's to remove
+    for path in (*killed, in_flight):
+        path.write_bytes(b"half a png")
+    keys = ["images/ab/abcd.png", "images/ab/abef.png", "images/cd/cdef.png"]  # cd/: no folder yet
+    assert store.discard_partial_writes(keys) == 2
+    assert sorted(p.name for p in folder.iterdir()) == [in_flight.name, "abcd.png"]
+    assert store.read_bytes("images/ab/abcd.png") == b"made"
+    assert store.discard_partial_writes(keys) == 0

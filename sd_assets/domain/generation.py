@@ -75,6 +75,9 @@ def make_style_images(
     """
     files = f"{run_id}-try{attempt + 1}" if attempt else run_id
     catalog.write_intent(store, style, files, [row.key for row in rows])
+    # A run of the style killed while writing some of these left half-written files beside them:
+    # this run, holding the style, makes them whole.
+    store.discard_partial_writes([image_key_path(row.key) for row in rows])
     deep_cache = settings.deep_cache.describe() if settings.deep_cache else ""
     software = software_versions()
     threads = cpu_threads(loaded.device)

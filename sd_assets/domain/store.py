@@ -110,6 +110,12 @@ class ArtifactStore(ABC):
         """The object's path on this machine's disk, when the store is a local folder."""
         return None
 
+    def discard_partial_writes(self, keys: list[str]) -> int:
+        """Remove what writes of ``keys`` killed half-way left beside them; how many. Only for keys
+        no live process writes (the caller holds their lock). An S3 object is written whole, or
+        not at all: nothing is left."""
+        return 0
+
     @abstractmethod
     def location(self, key: str = "") -> str:
         """Where a person finds ``key``: a file path or an s3:// URL."""
@@ -289,6 +295,27 @@ class LocalStore(ArtifactStore):
 
     def local_path(self, key: str) -> Path | None:
         return self._path(key)
+
+    def discard_partial_writes(self, keys: list[str]) -> int:
+        """The temporary files (``.<name>.<hex>.tmp``, see ``replacing``) of ``keys``' writes
+        whose processes were killed before they renamed them: a PNG's worth each, otherwise kept
+        for good. One listing a folder."""
+        names_by_folder: dict[Path, set[str]] = {}
+        for key in keys:
+            path = self._path(key)
+            names_by_folder.setdefault(path.parent, set()).add(path.name)
+        removed = 0
+        for folder, names in names_by_folder.items():
+            try:
+                entries = list(os.scandir(folder))
+            except OSError:  # no such folder yet: nothing was written there
+                continue
+            for entry in entries:
+                name = entry.name
+                if name.startswith(".") and name.endswith(".tmp") and name[1:-4].rpartition(".")[0] in names:
+                    Path(entry.path).unlink(missing_ok=True)
+                    removed += 1
+        return removed
 
     def location(self, key: str = "") -> str:
         return str(self._path(key)) if key else str(self.root)
