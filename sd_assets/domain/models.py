@@ -20,7 +20,7 @@ from sd_assets.domain.errors import ModelError, StoreError
 from sd_assets.domain.grid import ModelConfig
 from sd_assets.domain.hub_settings import HubSettings
 from sd_assets.domain.node_locks import hold_lock
-from sd_assets.domain.store import ArtifactStore, atomic_write, sha256_file
+from sd_assets.domain.store import ArtifactStore, atomic_write, is_temporary_file, sha256_file
 
 MANIFEST = "manifest.json"
 # Version tags of the files when they were last hashed and found sound.
@@ -343,8 +343,9 @@ def local_model_folder(
 def _remove_temporary_files(folder: Path) -> None:
     """The files ``store.replacing`` left in ``folder`` for a process killed before it renamed them.
     Only under the folder's lock: a live copier's temporary file is renamed before it lets go."""
-    for path in folder.rglob(".*.tmp"):
-        path.unlink(missing_ok=True)
+    for path in folder.rglob("*"):
+        if is_temporary_file(path.name) and path.is_file():
+            path.unlink(missing_ok=True)
 
 
 def _copy_missing_files(store: ArtifactStore, ref: ModelRef, manifest: dict, folder: Path) -> int:

@@ -36,6 +36,12 @@ def new_temporary_file(folder: Path, name: str) -> tuple[int, Path]:
             continue
 
 
+def is_temporary_file(name: str) -> bool:
+    """Whether a file named ``name`` is one ``new_temporary_file`` makes: a write in flight, or one
+    whose process was killed before it renamed it into place. Never an object of the store."""
+    return name.startswith(".") and name.endswith(".tmp")
+
+
 class ObjectVersion(NamedTuple):
     """An object's size and a tag that changes with every write (mtime on disk, ETag in S3)."""
 
@@ -263,7 +269,7 @@ class LocalStore(ArtifactStore):
                     folders.append(Path(entry.path))
                 # Files only, as ``exists`` sees them (a link to one counts): a named pipe called
                 # x.png, or a socket, is no object, and reading one would wait forever.
-                elif entry.is_file() and not (entry.name.startswith(".") and entry.name.endswith(".tmp")):
+                elif entry.is_file() and not is_temporary_file(entry.name):
                     yield Path(entry.path).relative_to(self.root).as_posix()
 
     def versions(self, prefix: str) -> dict[str, ObjectVersion]:
@@ -312,7 +318,7 @@ class LocalStore(ArtifactStore):
                 continue
             for entry in entries:
                 name = entry.name
-                if name.startswith(".") and name.endswith(".tmp") and name[1:-4].rpartition(".")[0] in names:
+                if is_temporary_file(name) and name[1:-4].rpartition(".")[0] in names:  # .<name>.<hex>.tmp
                     Path(entry.path).unlink(missing_ok=True)
                     removed += 1
         return removed
