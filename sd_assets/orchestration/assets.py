@@ -213,10 +213,11 @@ def _grid_rows(config: GridConfig, artifact_store, styles: list[str]):
     return {style: build_prompt_rows(config, style, subjects, settings) for style in styles}, read, settings
 
 
-def _grid_inputs_now(config: GridConfig, artifact_store: ArtifactStore) -> tuple[dg.DataVersion, dict]:
-    """grid_inputs' data version as the grid file and its subject lists stand now, and what it was taken from."""
+def _grid_inputs_now(config: GridConfig, artifact_store: ArtifactStore, read=None) -> tuple[dg.DataVersion, dict]:
+    """grid_inputs' data version as the grid file and its subject lists stand now (or as ``read``,
+    a ``read_subject_lists`` just made, found them), and what it was taken from."""
     source = subject_source(config, artifact_store)
-    read = read_subject_lists(source, config.max_subjects_per_list)
+    read = read if read is not None else read_subject_lists(source, config.max_subjects_per_list)
     subjects = unique_subjects(read.lists)
     # What the version was taken from: "Observe sources" otherwise shows a hash and nothing
     # that says which file and lists it read.
@@ -255,14 +256,15 @@ def _observe_grid_inputs_unless_the_run_does(
 
 
 def _observe_grid_inputs_from_prompt_grid(
-    context: dg.AssetExecutionContext, config: GridConfig, artifact_store: ArtifactStore
+    context: dg.AssetExecutionContext, config: GridConfig, artifact_store: ArtifactStore, read
 ) -> None:
     """Observe grid_inputs from prompt_grid in a run with neither a grid_inputs nor a model_weights
     step (prompt_grid materialized alone in the UI; the runs an asset backfill splits the style
-    partitions into), so that the grid records the version of the files it was built from."""
+    partitions into), so that the grid records the version of the files it was built from: those of
+    ``read``, the lists' reading its rows came from."""
     if _runs_step(context, "grid_inputs") or _runs_step(context, "model_weights"):
         return
-    _observe_grid_inputs(context, config, artifact_store, "prompt_grid (this run has no grid_inputs step)")
+    _observe_grid_inputs(context, config, artifact_store, "prompt_grid (this run has no grid_inputs step)", read)
     # Dagster read grid_inputs' version as this step started, to record it with the grid; it reads
     # it again, now with the observation above (logged before the grid's output is handled), once
     # its cached copy is gone. Dagster-internal: a test sees it work with the pinned version.
@@ -270,9 +272,9 @@ def _observe_grid_inputs_from_prompt_grid(
 
 
 def _observe_grid_inputs(
-    context: dg.AssetExecutionContext, config: GridConfig, artifact_store: ArtifactStore, observed_by: str
+    context: dg.AssetExecutionContext, config: GridConfig, artifact_store: ArtifactStore, observed_by: str, read=None
 ) -> None:
-    version, metadata = _grid_inputs_now(config, artifact_store)
+    version, metadata = _grid_inputs_now(config, artifact_store, read)
     context.log_event(
         dg.AssetObservation(
             "grid_inputs", tags={DATA_VERSION_TAG: version.value}, metadata={**metadata, "observed_by": observed_by}
@@ -388,8 +390,8 @@ def build_assets(styles: dg.StaticPartitionsDefinition) -> list:
         config = grid.load()
         style = _style(context, config)
         artifact_store = store.open()
-        _observe_grid_inputs_from_prompt_grid(context, config, artifact_store)
         rows_by_style, read, settings = _grid_rows(config, artifact_store, [style])
+        _observe_grid_inputs_from_prompt_grid(context, config, artifact_store, read)
         for problem in read.problems:
             context.log.warning(problem)
         lists = read.lists
