@@ -1045,22 +1045,26 @@ def test_running_out_of_memory_while_compiling_a_shape_counts_as_running_out_of_
 def test_a_compiled_unet_takes_more_batch_shapes_than_dynamo_allows_by_default(loaded, monkeypatch):
     """Halving after running out of memory, short last styles and other sizes each compile a
     shape: past dynamo's default of 8 a whole-graph compile is a hard error, not a slower call."""
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)  # torch's default, whatever ran before
+    # torch's own patch, not monkeypatch: pytest undoes a torch config value by deleting it, which
+    # hides it from every later compile of this process ("recompile_limit does not exist").
     compile_graph = torch.compile
     # The eager backend stands in for Inductor: the guards and the count of recompiles are dynamo's either way.
     monkeypatch.setattr(torch, "compile", lambda model, **kwargs: compile_graph(
         model, backend="eager", **{k: v for k, v in kwargs.items() if k != "mode"}))  # fmt: skip
     torch._dynamo.reset()
-    layer = engine.compiled_unet(torch.nn.Conv2d(2, 2, 1))
     try:
-        for batch in range(1, 13):
-            assert layer(torch.ones(batch, 2, 4, 4)).shape == (batch, 2, 4, 4)
+        with torch._dynamo.config.patch(recompile_limit=8):  # torch's default, whatever ran before
+            layer = engine.compiled_unet(torch.nn.Conv2d(2, 2, 1))
+            for batch in range(1, 13):
+                assert layer(torch.ones(batch, 2, 4, 4)).shape == (batch, 2, 4, 4)
     finally:
         torch._dynamo.reset()
     # What a loaded pipeline compiles (the UNet, DeepCache's paths, the VAE decoder) is let recompile as often.
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
     # Loaded anew: an earlier test of this process may have loaded the same pipeline, kept per process.
     monkeypatch.setattr(engine, "_PIPELINES", {})
-    engine.load_pipeline(loaded.folder, "cpu", "float32", compile_unet=True, deep_cache=DeepCache(interval=2, branch=0),
-                         tuning=engine.Tuning(compile_vae=True))  # fmt: skip
-    assert torch._dynamo.config.recompile_limit == engine.RECOMPILE_LIMIT
+    with torch._dynamo.config.patch(recompile_limit=8):
+        engine.load_pipeline(loaded.folder, "cpu", "float32", compile_unet=True,
+                             deep_cache=DeepCache(interval=2, branch=0), tuning=engine.Tuning(compile_vae=True))
+        assert torch._dynamo.config.recompile_limit == engine.RECOMPILE_LIMIT
+    assert torch._dynamo.config.recompile_limit  # still there for the compiles of later tests
+
