@@ -11,6 +11,7 @@ import re
 import shutil
 import threading
 import time
+import weakref
 
 import numpy as np
 import pytest
@@ -1068,3 +1069,21 @@ def test_a_compiled_unet_takes_more_batch_shapes_than_dynamo_allows_by_default(l
         assert torch._dynamo.config.recompile_limit == engine.RECOMPILE_LIMIT
     assert torch._dynamo.config.recompile_limit  # still there for the compiles of later tests
 
+
+def test_loading_another_setting_on_a_device_lets_go_of_the_pipeline_loaded_there_before(loaded, monkeypatch):
+    """A long-lived process (the demo, a benchmark comparing settings) keeps one pipeline a device,
+    not one for every scheduler, dtype or DeepCache setting it ever ran."""
+    monkeypatch.setattr(engine, "_PIPELINES", {})
+    first = engine.load_pipeline(loaded.folder, "cpu", "float32")
+    assert engine.load_pipeline(loaded.folder, "cpu", "float32") is first  # the same setting: loaded once
+    first_unet = weakref.ref(first.pipeline.unet)
+    del first
+    second = engine.load_pipeline(loaded.folder, "cpu", "float32", scheduler="EulerDiscreteScheduler")
+    assert first_unet() is None, "the first pipeline's UNet is still held"
+    assert list(engine._PIPELINES.values()) == [second]
+    # Another device's pipeline is not this device's to let go (a plain object stands in for a GPU's).
+    on_gpu = engine.LoadedPipeline(object(), loaded.folder, "cuda:1", "float16", "PNDMScheduler", False)
+    engine._PIPELINES[("elsewhere",)] = on_gpu
+    third = engine.load_pipeline(loaded.folder, "cpu", "float32")
+    assert list(engine._PIPELINES.values()) == [on_gpu, third]
+    assert third.scheduler != second.scheduler

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import gc
 import json
 import re
 import threading
@@ -134,6 +135,9 @@ class LoadedPipeline:
     tuning: Tuning = field(default_factory=Tuning)
 
 
+# One pipeline a device: loading another (a new scheduler, dtype, compile or DeepCache setting) on the
+# same device lets the one before go, or a long-lived process (the demo, a benchmark) kept a copy on
+# the GPU for each setting it ever ran.
 _PIPELINES: dict[tuple, LoadedPipeline] = {}
 _PIPELINES_LOCK = threading.Lock()
 
@@ -167,6 +171,7 @@ def load_pipeline(
     with _PIPELINES_LOCK:
         if cache_key in _PIPELINES:
             return _PIPELINES[cache_key]
+        _let_go_of_pipelines_on(device)
         library_logs.quiet()
         import diffusers
         import torch
@@ -205,6 +210,18 @@ def load_pipeline(
         )
         _PIPELINES[cache_key] = loaded
         return loaded
+
+
+def _let_go_of_pipelines_on(device: str) -> None:
+    """Drop the cached pipelines on ``device`` (the caller holds ``_PIPELINES_LOCK``). One still
+    rendering in another thread lives on until that thread lets it go."""
+    stale = [key for key, loaded in _PIPELINES.items() if loaded.device == device]
+    if not stale:
+        return
+    for key in stale:
+        del _PIPELINES[key]
+    gc.collect()  # a pipeline's modules refer to each other: without it the memory waits for a later collection
+    _release_cached_memory(device)
 
 
 def software_versions() -> str:
