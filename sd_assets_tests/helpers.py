@@ -1,11 +1,14 @@
 """Helpers for tests: writing grid files, materializing a style as the CLI would, finding images;
-the machine's Postgres, free loopback ports, and stopping the processes a test started."""
+the machine's Postgres, free loopback ports, stopping the processes a test started, and PNGs that
+claim another size."""
 
 from __future__ import annotations
 
 import socket
+import struct
 import subprocess
 import textwrap
+import zlib
 from pathlib import Path
 
 import dagster as dg
@@ -90,3 +93,11 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def claiming_size(png: bytes, width: int, height: int) -> bytes:
+    """``png`` with a header that says it is ``width`` x ``height`` pixels (its chunks as they were):
+    a PNG that would take gigabytes to decode, in a few hundred bytes."""
+    assert png[12:16] == b"IHDR"
+    header = struct.pack(">II", width, height) + png[24:29]
+    return png[:16] + header + struct.pack(">I", zlib.crc32(b"IHDR" + header)) + png[33:]

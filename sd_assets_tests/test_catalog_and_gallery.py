@@ -19,6 +19,7 @@ from sd_assets.domain.errors import SdAssetsError, StoreError
 from sd_assets.domain.pngmeta import PROVENANCE_CHUNK, Provenance, encode_png, image_key_path, read_provenance
 from sd_assets.domain.prompts import PromptRow
 from sd_assets.domain.store import LocalStore
+from sd_assets_tests.helpers import claiming_size
 
 
 def _row(subject: str, style: str, index: int = 0) -> PromptRow:
@@ -279,6 +280,24 @@ def test_rebuild_names_each_png_whose_provenance_does_not_fit_and_gives_the_othe
     rows = catalog.read_catalog(store)
     assert sorted(rows["key"]) == sorted(row.key for row in good)
     assert rows.set_index("key").loc[good[0].key, "path"] == store.location(image_key_path(good[0].key))
+
+
+def test_rebuild_names_a_png_claiming_more_pixels_than_pillow_opens_and_reads_one_just_under_without_decoding(
+        tmp_path):  # fmt: skip
+    store = LocalStore(tmp_path)
+    rows = [_row(f"subject {n}", "Banksy") for n in range(3)]
+    for row in rows:
+        _store_image(store, row, "r1")
+    bomb, huge = (image_key_path(row.key) for row in rows[:2])
+    store.write_bytes(bomb, claiming_size(store.read_bytes(bomb), 20000, 20000))
+    store.write_bytes(huge, claiming_size(store.read_bytes(huge), 13000, 13000))
+
+    with pytest.warns(Image.DecompressionBombWarning):
+        rebuild = catalog.rebuild_catalogs(store)
+
+    [error] = rebuild.errors
+    assert error.startswith(f"{store.location(bomb)} is not a readable image of this project (ValueError('Image size")
+    assert sorted(catalog.read_catalog(store)["key"]) == sorted(row.key for row in rows[1:])
 
 
 def test_rows_of_an_old_grid_stay_in_the_catalog(tmp_path):

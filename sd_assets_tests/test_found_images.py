@@ -17,6 +17,7 @@ from sd_assets.domain.found_images import show_images
 from sd_assets.domain.pngmeta import Provenance, encode_png, image_key_path
 from sd_assets.domain.prompts import PromptRow
 from sd_assets.domain.store import LocalStore
+from sd_assets_tests.helpers import claiming_size
 
 
 class _Page(HTMLParser):
@@ -150,6 +151,26 @@ def test_found_images_beyond_the_limit_are_counted_and_unreadable_ones_say_why(t
     assert _pixels(fine["src"]).getpixel((0, 0)) == colours[4]
     with pytest.raises(ValueError, match="limit and size must be at least 1"):
         show_images(catalog.read_catalog(store), store, limit=0)
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_a_file_claiming_more_pixels_than_a_grid_makes_is_not_decoded_for_its_thumbnail(tmp_path):
+    store = _store_with(tmp_path / "data", [(f"subject {i}", (i, 0, 0), 32) for i in range(1, 4)])
+
+    def png(number: int) -> Path:
+        return tmp_path / "data" / image_key_path(f"{number:064x}")
+
+    # A few hundred bytes each: decoded, 676 MB and 1.6 GB.
+    png(1).write_bytes(claiming_size(png(1).read_bytes(), 13000, 13000))
+    png(2).write_bytes(claiming_size(png(2).read_bytes(), 20000, 20000))  # past what Pillow opens
+
+    shown = show_images(catalog.read_catalog(store), store)
+
+    assert (shown.shown, shown.unreadable) == (3, 2)
+    huge, bomb, fine = _figures(shown.html).figures
+    assert (huge["src"], huge["missing"]) == (None, f"{png(1)} is 13000x13000, larger than any image of a grid")
+    assert bomb["src"] is None and bomb["missing"].startswith(f"{png(2)} is damaged: Image size (400000000 pixels)")
+    assert _pixels(fine["src"]).getpixel((0, 0)) == (3, 0, 0)
 
 
 def test_rows_put_together_in_a_notebook_are_shown_with_what_they_have(tmp_path):

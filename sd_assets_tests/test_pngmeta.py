@@ -9,6 +9,7 @@ from PIL import Image, PngImagePlugin
 from dataclasses import asdict, replace
 
 from sd_assets.domain.pngmeta import Provenance, a1111_parameters, encode_png, read_provenance
+from sd_assets_tests.helpers import claiming_size
 
 PROVENANCE = Provenance(
     key="k" * 64, subject="alan turing", style="Banksy", image_index=0, prompt="alan turing by Banksy",
@@ -94,3 +95,19 @@ def test_a_png_from_before_the_safety_checker_was_recorded_says_it_checked_the_i
     flagged = read_provenance(old_png(replace(PROVENANCE, safety_flagged=True)))
     assert (flagged.safety_flagged, flagged.safety_checker) == (True, True)
     assert read_provenance(old_png(PROVENANCE)).safety_checker is False, "unflagged: it cannot tell"
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_provenance_is_read_without_decoding_the_pixels_and_a_decompression_bomb_is_refused(monkeypatch):
+    png = encode_png(Image.new("RGB", (8, 8)), PROVENANCE)
+    # A catalog rebuild reads 16 images at once: each of 13000x13000 pixels took 780 MB to decode.
+    huge = claiming_size(png, 13000, 13000)
+
+    def decode(image):
+        raise AssertionError("the pixels were decoded")
+
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", decode)
+    assert read_provenance(huge) == read_provenance(png) == PROVENANCE
+    # Past what Pillow opens: a ValueError, as other files that are not the project's PNGs, not Pillow's own error.
+    with pytest.raises(ValueError, match=r"Image size \(400000000 pixels\) exceeds limit"):
+        read_provenance(claiming_size(png, 20000, 20000))

@@ -30,6 +30,9 @@ THUMBNAIL_SIZE = 256  # pixels, the longer side
 # 50 kB for noise).
 INLINE_PNG_BYTES = 40_000
 DEFAULT_LIMIT = 100
+# The largest image a grid makes (4096 a side): a file in the store that says it is larger is not
+# decoded for its thumbnail.
+MAX_PIXELS_SHOWN = 4096 * 4096
 # The text columns a caption shows: an empty cell (a row put together in a notebook) reads as '';
 # any other empty cell as None.
 _TEXT_FIELDS = ("key", "subject", "style", "prompt", "run_id", "created", "path", "model_id")
@@ -154,6 +157,8 @@ def _thumbnail(store: ArtifactStore, key: str, size: int) -> tuple[str, str]:
         return "", f"{where} is empty (0 bytes)"
     try:
         with Image.open(io.BytesIO(data)) as image:
+            if image.width * image.height > MAX_PIXELS_SHOWN:  # decoded, it would take gigabytes
+                return "", f"{where} is {image.width}x{image.height}, larger than any image of a grid"
             image.load()  # the whole file: one cut short (a copy broken off) opens, and fails here
             if image.format == "PNG" and max(image.size) <= size and len(data) <= INLINE_PNG_BYTES:
                 return _data_url("image/png", data), ""
@@ -162,7 +167,7 @@ def _thumbnail(store: ArtifactStore, key: str, size: int) -> tuple[str, str]:
             image.convert("RGB").save(encoded, "JPEG", quality=85)
     except UnidentifiedImageError:
         return "", f"{where} is not an image"
-    except (OSError, ValueError) as exc:  # Pillow's words for a damaged file: "image file is truncated", ...
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:  # "image file is truncated", ...
         return "", f"{where} is damaged: {exc}"
     return _data_url("image/jpeg", encoded.getvalue()), ""
 
