@@ -191,6 +191,19 @@ def test_a_lock_file_names_only_its_holder_whatever_a_longer_pid_left_there(tmp_
         assert path.read_text() == f"{os.getpid()}\n"
 
 
+def test_a_link_planted_under_a_lock_files_name_is_refused_and_what_it_points_to_kept(tmp_path):
+    # The default folder is in /tmp, where anyone on the node can plant one.
+    kept = tmp_path / "kept.txt"
+    kept.write_text("precious\n")
+    (tmp_path / "locks").mkdir()
+    (tmp_path / "locks" / "style-x.lock").symlink_to(kept)
+    with pytest.raises(SdAssetsError, match=rf"^the lock file {tmp_path}/locks/style-x.lock is a symbolic link "
+                       rf"\(to {kept}\), which no lock file is; remove it"):  # fmt: skip
+        with hold_lock(tmp_path / "locks", "style-x.lock"):
+            pass
+    assert kept.read_text() == "precious\n"
+
+
 def test_a_lock_taken_on_a_disk_too_full_for_its_pid_is_held_and_freed_as_any_other(tmp_path, monkeypatch):
     from sd_assets.domain import node_locks
 

@@ -12,6 +12,7 @@ from doing the same work at once: making a style's images, filling the model cac
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import os
@@ -33,8 +34,15 @@ def try_lock(path: Path) -> int | None:
         SdAssetsError: the file cannot be opened or locked.
     """
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        # Never through a link: the folder may be shared (/tmp by default), and a link planted
+        # there under a lock's name would have this process empty the file it points to.
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
     except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise SdAssetsError(
+                f"the lock file {path} is a symbolic link (to {os.readlink(path)}), which no lock file is; "
+                "remove it, and see who else writes to that folder"
+            ) from None
         raise SdAssetsError(f"cannot open the lock file {path}: {exc}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
