@@ -68,6 +68,11 @@ model: {id: tiny-random}
         (VALID.replace("[Banksy]", '["Dots..."]'),
          "field 'styles' = ['Dots...']: style 'Dots...' holds '...', which a partition key may not; write it otherwise"),
         (VALID.replace("[Banksy]", '[" padded"]'), "may hold only"),
+        (VALID.replace("[Banksy]", '["Banksy\\n"]'), "field 'styles' = ['Banksy\\n']: style 'Banksy\\n' may hold only"),
+        # One folder, catalog and grid file on a file system that ignores case (macOS's, Windows').
+        (VALID.replace("[Banksy]", "[Jesus, Jeſus]"),
+         "style 'Jeſus' duplicates 'Jesus' (they file as 'jesus' and 'jeſus', one name where case is ignored)"),
+        (VALID.replace("[Banksy]", "[Σας, Σασ]"), "style 'Σασ' duplicates 'Σας' (they file as 'σας' and 'σασ', "),
         (VALID + "inference: {steps: 0}\n", "field 'inference.steps' = 0"),
         (VALID + "inference: {width: 100}\n", "field 'inference.width' = 100"),
         (VALID + "inference: {height: 100}\n", "field 'inference.height' = 100"),
@@ -162,6 +167,17 @@ def test_bad_grid_files_name_the_field_and_value(tmp_path, text, expected):
     message = _error_for(tmp_path, text)
     assert expected in message
     assert "\n" not in message and "<unicode string>" not in message, "one line, naming the file"
+
+
+def test_a_grid_of_nested_yaml_anchors_is_refused_in_a_message_of_a_few_lines(tmp_path):
+    # 8 levels of 10: 450 bytes standing for a list of 10^8 items, which the message once spelt out.
+    levels = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    levels += [f"a{n}: &a{n} [{', '.join([f'*a{n - 1}'] * 10)}]" for n in range(1, 8)]
+    grid = "\n".join(levels) + "\n" + VALID.replace("[Banksy]", "[*a7]")
+    message = _error_for(tmp_path, grid)
+    [line] = [line for line in message.splitlines() if "field 'styles.0'" in line]
+    assert f"{tmp_path / 'grid.yaml'}: field 'styles.0' = [[[...], [...], [...], [...], [...], [...], ...], " in line
+    assert line.endswith(", ...]: Input should be a valid string") and len(line) < 1000
 
 
 def test_no_number_is_hinted_where_it_is_not_one_to_write(tmp_path):

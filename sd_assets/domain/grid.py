@@ -10,6 +10,7 @@ import difflib
 import hashlib
 import math
 import re
+import reprlib
 import string
 import unicodedata
 from dataclasses import dataclass
@@ -25,10 +26,14 @@ from sd_assets.domain.store import check_storage_url
 
 # Style names become Dagster partition keys, URL segments and file names (through their slug);
 # letters, digits, spaces and a little punctuation are safe in all three.
-_STYLE_PATTERN = re.compile(r"^[^\W_](?:[\w .'&+-]*[\w.'&+-])?$")
+_STYLE_PATTERN = re.compile(r"[^\W_](?:[\w .'&+-]*[\w.'&+-])?")  # the whole name (fullmatch)
 MAX_STYLE_LENGTH = 64
 MAX_SUBJECT_LENGTH = 500
 TINY_MODEL_ID = "tiny-random"
+# A value as an error shows it, at most a line or two: YAML's anchors let a few hundred bytes of
+# grid stand for a list of a hundred million items.
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxstring, _SHORT.maxother = 2, 6, 6, 200, 200
 _REPO_ID_PATTERN = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
 
@@ -160,7 +165,7 @@ class GridConfig(_Strict):
         for style in styles:
             if len(style) > MAX_STYLE_LENGTH:
                 raise ValueError(f"style {style!r} is longer than {MAX_STYLE_LENGTH} characters")
-            if not _STYLE_PATTERN.match(style):
+            if not _STYLE_PATTERN.fullmatch(style):  # not match's '$', which a line end passes
                 raise ValueError(
                     f"style {style!r} may hold only letters, digits, spaces and . ' & + - "
                     "(it becomes a partition key and a file name), and must start and end "
@@ -169,11 +174,17 @@ class GridConfig(_Strict):
             if "..." in style:  # Dagster refuses it in a partition key, with a traceback that names no file
                 raise ValueError(f"style {style!r} holds '...', which a partition key may not; write it otherwise")
             slug = slugify(style)
-            if seen.get(slug) == style:
+            # Compared as a file system that ignores case compares them (macOS's, Windows'):
+            # 'Jeſus' and 'Jesus' would share one gallery folder, catalog and grid file there.
+            folded = unicodedata.normalize("NFC", slug.casefold())
+            if folded in seen and seen[folded] == style:
                 raise ValueError(f"style {style!r} is given twice; keep one")
-            if slug in seen:
-                raise ValueError(f"style {style!r} duplicates {seen[slug]!r} (both file as {slug!r})")
-            seen[slug] = style
+            if folded in seen:
+                other = seen[folded]
+                files = (f"both file as {slug!r}" if slugify(other) == slug else
+                         f"they file as {slugify(other)!r} and {slug!r}, one name where case is ignored")  # fmt: skip
+                raise ValueError(f"style {style!r} duplicates {other!r} ({files})")
+            seen[folded] = style
         return styles
 
     @pydantic.field_validator("prompt_template")
@@ -480,7 +491,7 @@ def load_grid(path: str | Path) -> GridConfig:
                 message = _section_given_a_value(error) or (
                     error["msg"].removeprefix("Value error, ") + _number_as_text(error) + _value_hint(error)
                 )
-                problems.append(f"{path}: field '{field}' = {error.get('input')!r}: {message}")
+                problems.append(f"{path}: field '{field}' = {_SHORT.repr(error.get('input'))}: {message}")
         raise GridError("\n".join(problems)) from None
     # '~/...' as the shell and SD_ASSETS_STORAGE read it: joined to the grid's folder, it would
     # name a folder called '~' there, and fill it.
