@@ -1,5 +1,6 @@
 """The grid file: what loads, and the errors a user gets for what does not."""
 
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -322,6 +323,20 @@ def test_a_line_over_the_length_a_subject_has_is_skipped_and_the_rest_of_the_lis
 def test_subject_cap_is_enforced():
     with pytest.raises(GridError, match="3 subjects, more than max_subjects_per_list=2"):
         parse_subject_list("many.txt", b"a\nb\nc\n", max_subjects=2)
+
+
+def test_a_list_far_over_the_subject_cap_is_refused_in_little_more_memory_than_its_text():
+    # A sensor reads every list that changes: one of 48 MB took 600 MB to refuse.
+    data = b"".join(b"subject %d\n" % n for n in range(300_000)) + (b"x" * 501 + b"\n") * 10_000
+    tracemalloc.start()
+    try:
+        with pytest.raises(GridError) as refused:
+            parse_subject_list("huge.txt", data, max_subjects=10)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert str(refused.value) == "subject list huge.txt: 300000 subjects, more than max_subjects_per_list=10"
+    assert peak < 1.5 * len(data), f"{peak / 1e6:.0f} MB to read {len(data) / 1e6:.0f} MB"
 
 
 def test_a_subject_in_two_lists_is_made_once():

@@ -13,6 +13,7 @@ import re
 import reprlib
 import string
 import unicodedata
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
@@ -538,11 +539,13 @@ def parse_subject_list(name: str, data: bytes, max_subjects: int = 10_000) -> Su
         GridError: binary content, text in another encoding, no subjects, or more than ``max_subjects``.
     """
     text = _decoded_text(data, f"subject list {name}")
+    # Past the limit subjects and skipped lines are counted, not kept: a list of millions of lines,
+    # refused all the same, took twelve times its size in memory to read.
     subjects: list[str] = []
+    count = 0
     skipped: list[str] = []
-    # Lines as an editor shows them: str.splitlines would also end one at a form feed, U+2028 and
-    # the like, splitting one subject in two and numbering lines unlike the editor.
-    for number, line in enumerate(_LINE_END.split(text), start=1):
+    skipped_count = 0
+    for number, line in enumerate(_lines(text), start=1):
         # One spelling of what CLIP's tokenizer reads alike: "é" typed as one character or as "e"
         # and a combining accent, and any run of spaces, tabs or other separators (one space to
         # it). Two spellings would be two subjects: two sets of images of one prompt, their seeds
@@ -551,11 +554,15 @@ def parse_subject_list(name: str, data: bytes, max_subjects: int = 10_000) -> Su
         if not subject or subject.startswith("#"):
             continue
         if len(subject) > MAX_SUBJECT_LENGTH:
-            skipped.append(f"line {number}: {len(subject)} characters, over the {MAX_SUBJECT_LENGTH} a subject has")
+            skipped_count += 1
+            if len(skipped) < 5:  # the first few name the problem; a message a screen long would bury it
+                skipped.append(f"line {number}: {len(subject)} characters, over the {MAX_SUBJECT_LENGTH} a subject has")
             continue
-        subjects.append(subject)
-    if len(skipped) > 5:  # the first few name the problem; a message a screen long would bury it
-        skipped[5:] = [f"{len(skipped) - 5} more lines like these"]
+        count += 1
+        if count <= max_subjects:
+            subjects.append(subject)
+    if skipped_count > 5:
+        skipped.append(f"{skipped_count - 5} more lines like these")
     if not subjects:
         if skipped:
             detail = f" ({'; '.join(skipped)})"
@@ -564,13 +571,22 @@ def parse_subject_list(name: str, data: bytes, max_subjects: int = 10_000) -> Su
         else:
             detail = " (only blank lines or '#' comments)"
         raise GridError(f"subject list {name}: no subjects{detail}")
-    if len(subjects) > max_subjects:
-        raise GridError(
-            f"subject list {name}: {len(subjects)} subjects, more than max_subjects_per_list={max_subjects}"
-        )
+    if count > max_subjects:
+        raise GridError(f"subject list {name}: {count} subjects, more than max_subjects_per_list={max_subjects}")
     return SubjectList(
         name=name, sha256=hashlib.sha256(data).hexdigest(), subjects=tuple(subjects), skipped_lines=tuple(skipped)
     )
+
+
+def _lines(text: str) -> Iterator[str]:
+    """The lines of ``text`` as an editor shows them, one at a time. str.splitlines would also end
+    one at a form feed, U+2028 and the like, splitting one subject in two and numbering lines
+    unlike the editor."""
+    start = 0
+    for end in _LINE_END.finditer(text):
+        yield text[start : end.start()]
+        start = end.end()
+    yield text[start:]
 
 
 def unique_subjects(lists: list[SubjectList]) -> list[str]:
