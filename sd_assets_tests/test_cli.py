@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from sd_assets import cli
 from sd_assets.cli import display_width, main, shorten, text_table, visible
 from sd_assets.definitions import build_definitions
 from sd_assets.domain.errors import SdAssetsError
@@ -816,3 +817,18 @@ def test_plain_ascii_cells_are_shown_as_they_are_and_control_characters_are_name
     assert visible("a\tb\x7f\x1b[2J") == "a<U+0009>b<U+007F><U+001B>[2J"
     assert visible("\u202eturing") == "<U+202E>turing"
     assert [display_width(text) for text in ("alan turing", "a\x1bb", "", "漢字", "e\u0301")] == [11, 3, 0, 4, 1]
+
+
+def test_search_json_printed_in_chunks_is_the_list_printed_at_once(tmp_path, monkeypatch, capsys):
+    _catalog_of(tmp_path / "data", [(f"subject {n}", "") for n in range(5)])
+    monkeypatch.setenv("SD_ASSETS_STORAGE", str(tmp_path / "data"))
+    assert main(["search", "--json"]) == 0
+    whole = capsys.readouterr().out
+    rows = json.loads(whole)
+    assert len(rows) == 5 and whole == json.dumps(rows, indent=1, ensure_ascii=False) + "\n"
+    for chunk in (1, 2, 5):  # a million rows at once took 8.6 GB
+        monkeypatch.setattr(cli, "JSON_CHUNK_ROWS", chunk)
+        assert main(["search", "--json"]) == 0
+        assert capsys.readouterr().out == whole
+    assert main(["search", "--subject", "nobody", "--json"]) == 0
+    assert capsys.readouterr().out == "[]\n"

@@ -115,14 +115,19 @@ def show_images(
     """
     if limit < 1 or size < 1:
         raise ValueError(f"limit and size must be at least 1, not {limit} and {size}")
-    records = found.to_dict("records") if hasattr(found, "to_dict") else list(found)
-    rows = [_caption_row(record) for record in records[:limit]]
+    # Only the rows shown become dicts: a search of a million rows shows 500 (all of them took 3 GB).
+    if hasattr(found, "to_dict"):
+        records, total = found.head(limit).to_dict("records"), len(found)
+    else:
+        found = list(found)
+        records, total = found[:limit], len(found)
+    rows = [_caption_row(record) for record in records]
     with ThreadPoolExecutor(max_workers=max(1, min(threads, len(rows)))) as pool:
         thumbnails = list(pool.map(lambda row: _thumbnail(store, row["key"], size), rows))
     items = [FoundItem(row, src, problem) for row, (src, problem) in zip(rows, thumbnails)]
-    rendered = render_found_images(items, len(records), size=size, query=query, location=store.location(), more=more)
+    rendered = render_found_images(items, total, size=size, query=query, location=store.location(), more=more)
     return FoundImages(
-        html=rendered.fragment, page=rendered.page, shown=len(items), total=len(records),
+        html=rendered.fragment, page=rendered.page, shown=len(items), total=total,
         unreadable=sum(1 for item in items if not item.src),
     )  # fmt: skip
 
