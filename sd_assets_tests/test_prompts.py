@@ -35,6 +35,20 @@ def test_seed_is_fixed_for_a_given_base_seed():
     assert image_seed(42, "alan turing", 0) != image_seed(42, "alan turing", 1)
 
 
+def test_content_keys_are_fixed_numbers_whichever_way_they_are_worked_out(tmp_path):
+    # An image's file name: a key that moved would have every image of every store made again.
+    assert content_key(SETTINGS, "alan turing by Banksy", 1678326594) == (
+        "fb3adeca60b475a15ada5135d7cf5cbf3ecdf3d5b984920f81f6648e05d575e9"
+    )
+    every_option = replace(SETTINGS, negative_prompt="blurry", deep_cache=DeepCache(interval=3), safety_checker=True)
+    assert content_key(every_option, "Émile Zola by 葛飾 北斎", 3983704924) == (
+        "54532d844ee65f48fb05558bdd17d195aa807bbc86a36c9c1b4478ec07210bf9"
+    )
+    [first, _] = build_prompt_rows(load_grid(write_grid(tmp_path, styles=("Banksy",))), "Banksy", ["alan turing"],
+                                   SETTINGS)  # fmt: skip
+    assert (first.seed, first.key) == (1678326594, "fb3adeca60b475a15ada5135d7cf5cbf3ecdf3d5b984920f81f6648e05d575e9")
+
+
 def test_content_key_changes_with_every_pixel_determining_setting():
     base = content_key(SETTINGS, "alan turing by Banksy", 7)
     assert base == content_key(SETTINGS, "alan turing by Banksy", 7)
@@ -126,6 +140,23 @@ def test_a_grids_rows_carry_the_content_key_of_their_prompt_and_seed_under_any_s
         text = rows_to_json(rows)
         assert text == json.dumps([asdict(row) for row in rows], ensure_ascii=False, indent=0)
         assert rows_from_json(text) == rows
+
+
+def test_a_grids_keys_spelt_into_its_settings_once_are_content_keys_for_any_text():
+    # build_prompt_rows spells the settings' part of the canonical JSON once: any prompt, seed or
+    # setting must come out as content_key hashes it, or every image of a grid would be made again.
+    from sd_assets.domain.prompts import _key_maker, _keyed_settings
+
+    prompts = ['alan "the" turing', "back\\slash", "tab\tnew\nline\x00nul\x1f", "Émile Zola by 葛飾 北斎", "🎨 ✓",
+               "</script><b>", "\u2028\u2029", '"<sd-assets prompt>"', "<sd-assets seed>", ""]  # fmt: skip
+    for settings in (SETTINGS, replace(SETTINGS, deep_cache=DeepCache(interval=3)),
+                     replace(SETTINGS, safety_checker=True, negative_prompt='blurry, "ugly" \\ é'),
+                     replace(SETTINGS, negative_prompt="<sd-assets prompt>"),  # spells a mark: spelt whole
+                     replace(SETTINGS, guidance_scale=7.0, model_id="org/name")):  # fmt: skip
+        key = _key_maker(_keyed_settings(settings))
+        for prompt in prompts:
+            for seed in (0, 1, 2**32 - 1):
+                assert key(prompt, seed) == content_key(settings, prompt, seed), (settings, prompt, seed)
 
 
 def test_the_grid_inputs_version_changes_with_what_changes_a_styles_rows_and_with_nothing_else(tmp_path):
