@@ -111,3 +111,15 @@ def test_provenance_is_read_without_decoding_the_pixels_and_a_decompression_bomb
     # Past what Pillow opens: a ValueError, as other files that are not the project's PNGs, not Pillow's own error.
     with pytest.raises(ValueError, match=r"Image size \(400000000 pixels\) exceeds limit"):
         read_provenance(claiming_size(png, 20000, 20000))
+
+
+def test_a_png_cut_short_or_damaged_in_its_pixels_has_no_provenance_to_read():
+    # Its text chunks come first and are whole: the image is not, and is made again, not catalogued.
+    png = encode_png(Image.frombytes("RGB", (32, 32), bytes(range(256)) * 12), PROVENANCE)
+    with pytest.raises(OSError, match="runcated"):
+        read_provenance(png[:-40])
+    damaged = bytearray(png)
+    damaged[-30] ^= 0xFF  # a byte of the pixels' chunk
+    with pytest.raises(ValueError, match="broken PNG file"):
+        read_provenance(bytes(damaged))
+    assert read_provenance(png) == PROVENANCE

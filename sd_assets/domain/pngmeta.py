@@ -96,13 +96,14 @@ def encode_png(image: Image.Image, provenance: Provenance) -> bytes:
 
 
 def read_provenance(data: bytes) -> Provenance:
-    """The provenance stored in a PNG made by ``encode_png``, read without decoding its pixels.
+    """The provenance stored in a PNG made by ``encode_png``, read without decoding its pixels,
+    from a whole and sound file: each chunk's checksum is checked, to the file's end.
 
     Raises:
-        ValueError: not such a PNG: its header claims more pixels than Pillow opens (a
-            decompression bomb), or its provenance is not JSON.
+        ValueError: not such a PNG: a chunk's checksum is wrong, its header claims more pixels
+            than Pillow opens (a decompression bomb), or its provenance is not JSON.
         KeyError: it has no provenance chunk.
-        OSError: it is not an image Pillow can open.
+        OSError: it is not an image Pillow can open, or it is cut short.
     """
     try:
         with Image.open(io.BytesIO(data)) as image:
@@ -110,7 +111,10 @@ def read_provenance(data: bytes) -> Provenance:
             # ``text`` decodes every pixel to look for more after them (a 650 KB file of 13000x13000
             # pixels took 780 MB to read), where a catalog rebuild reads 16 images at once.
             fields = json.loads(image.info[PROVENANCE_CHUNK])
-    except Image.DecompressionBombError as exc:  # an Exception, no OSError: the callers' own words for it
+            # A file cut short in its pixels (a copy broken off) has its provenance whole: its
+            # image is not, and must be made again, not given a catalog row.
+            image.verify()
+    except (Image.DecompressionBombError, SyntaxError) as exc:  # no OSError: in the callers' own words
         raise ValueError(str(exc)) from None
     # Written before the checker was recorded: one it flagged was looked at by it.
     fields.setdefault("safety_checker", fields.get("safety_flagged", False))
