@@ -868,3 +868,24 @@ def test_a_png_cut_short_without_its_row_is_set_aside_and_the_next_run_makes_it_
     with Image.open(cut) as remade, Image.open(io.BytesIO(whole)) as original:
         assert np.array_equal(np.asarray(remade), np.asarray(original)), "the same picture, from its own seed"
     assert len(pd.read_parquet(data / "catalog" / "banksy.parquet")) == 4
+
+
+def test_pages_of_a_grid_made_in_two_dtypes_say_how_many_images_each_made_and_which(grid_path, instance):
+    # Made in float32, then two images lost and made again in bfloat16: same keys, other pixels.
+    from sd_assets_tests.helpers import image_paths
+
+    data = grid_path.parent / "data"
+    materialize_style(grid_path, "Banksy", instance)
+    for path in image_paths(grid_path, "Banksy", ["alan turing"]):
+        path.unlink()
+    grid_path.write_text(grid_path.read_text().replace("batch_size: 4}", "batch_size: 4, dtype: bfloat16}"))
+    materialize_style(grid_path, "Banksy", instance)
+
+    made_in = "made in bfloat16 on cpu (2 images), float32 on cpu (2 images)</p>"
+    page = (data / "gallery" / "banksy" / "page-1.html").read_text()
+    assert re.search(r"Grid settings: 2 steps · 64x64 · guidance 7.5 · PNDMScheduler · tiny-random@[0-9a-f]{7} · "
+                     + re.escape(made_in), page), page  # fmt: skip
+    # Each image says which, beside its run.
+    assert page.count("</span> · bfloat16 on cpu") == 2 and page.count("</span> · float32 on cpu") == 2
+    index = (data / "gallery" / "index.html").read_text()
+    assert made_in in index and "· float32 on cpu</p>" not in index

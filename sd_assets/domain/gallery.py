@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 import posixpath
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -73,8 +74,27 @@ def settings_text(row: Mapping) -> str:
     if row.get("safety_checker"):
         parts.append("safety checker on")
     if row.get("dtype"):
-        parts.append(f"{row['dtype']} on {row['device']}" if row.get("device") else row["dtype"])
+        parts.append(made_in(row))
     return " · ".join(parts)
+
+
+def made_in(row: Mapping) -> str:
+    """The dtype and device a catalog row's image was made in ('float16 on cuda'), as ``settings_text`` says it."""
+    if not row.get("dtype"):
+        return ""
+    return f"{row['dtype']} on {row['device']}" if row.get("device") else row["dtype"]
+
+
+def grid_settings_text(first_made: Mapping, made_ins: Mapping[str, int]) -> str:
+    """The grid's settings line: ``settings_text`` of its first made image, which every made image
+    shares (its content key hashes them) but for the dtype and device. ``made_ins`` counts the
+    made images by those (``made_in``): where they differ (a style run on a GPU after a CPU), the
+    line says how many were made in each, not the first image's alone."""
+    if len(made_ins) <= 1:
+        return settings_text(first_made)
+    ways = ", ".join(f"{way or 'unrecorded'} ({count(n, 'image')})" for way, n in
+                     sorted(made_ins.items(), key=lambda item: (-item[1], item[0])))  # fmt: skip
+    return f"{settings_text({**first_made, 'dtype': ''})} · made in {ways}"
 
 
 def _prompt_parts(prompt: str, subject: str) -> tuple[str, str, str]:
@@ -226,9 +246,10 @@ def render_style_pages(
     grid_keys = {row.key for row in rows}
     earlier = _newest_runs_first([r for r in catalog_rows if r["key"] not in grid_keys])
     first_made = next((made[row.key] for row in rows if row.key in made), None)
+    made_ins = Counter(made_in(made[row.key]) for row in rows if row.key in made)
     common = {
         "style": style, "profile": profile, "earlier_images": len(earlier), "as_of": as_of,
-        "grid_settings": settings_text(first_made) if first_made else None,
+        "grid_settings": grid_settings_text(first_made, made_ins) if first_made else None,
         "total": len(rows), "present": sum(1 for row in rows if row.key in made),
     }  # fmt: skip
 
@@ -236,7 +257,9 @@ def render_style_pages(
         return [
             {"row": row, "src": "../../" + image_key_path(row["key"]), "made": made.get(row["key"]),
              "prompt_parts": _prompt_parts(row["prompt"], row["subject"]), "refused": (refused or {}).get(row["key"]),
-             "settings": settings_text(row) if "steps" in row else None}  # fmt: skip
+             "settings": settings_text(row) if "steps" in row else None,
+             # Where the grid's images were made in several ways, each says which.
+             "made_in": made_in(made[row["key"]]) if len(made_ins) > 1 and row["key"] in made else None}  # fmt: skip
             for row in chunk
         ]
 
