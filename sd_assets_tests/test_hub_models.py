@@ -118,7 +118,7 @@ def test_offline_hub_model_is_cached_verified_and_recorded(hf_home, tmp_path, in
     for path in catalog["path"]:
         with Image.open(io.BytesIO(Path(path).read_bytes())) as image:
             assert json.loads(image.text[PROVENANCE_CHUNK])["model_revision"] == SHA
-            assert f"Model hash: {SHA[:10]}, Model: {REPO}" in image.text[PARAMETERS_CHUNK]
+            assert f"Model: {REPO}, Model revision: {SHA}" in image.text[PARAMETERS_CHUNK]
 
     # A sound cache is used as it is, without reading it again; a corrupted file makes model_weights
     # rebuild it.

@@ -24,7 +24,8 @@ def test_parameters_chunk_is_in_the_web_ui_format():
     assert text.splitlines() == [
         "alan turing by Banksy",
         "Negative prompt: blurry",
-        "Steps: 4, Sampler: PLMS, CFG scale: 7.5, Seed: 1234, Size: 64x64, Model hash: 0123456789, Model: tiny-random",
+        "Steps: 4, Sampler: PLMS, CFG scale: 7.5, Seed: 1234, Size: 64x64, Model: tiny-random, "
+        f"Model revision: {PROVENANCE.model_revision}",
     ]
 
 
@@ -41,7 +42,8 @@ def test_parameters_chunk_names_the_sampler_as_the_web_ui_does(scheduler, sample
 def test_parameters_chunk_has_no_negative_prompt_line_without_one():
     assert a1111_parameters(replace(PROVENANCE, negative_prompt="")).splitlines() == [
         "alan turing by Banksy",
-        "Steps: 4, Sampler: PLMS, CFG scale: 7.5, Seed: 1234, Size: 64x64, Model hash: 0123456789, Model: tiny-random",
+        "Steps: 4, Sampler: PLMS, CFG scale: 7.5, Seed: 1234, Size: 64x64, Model: tiny-random, "
+        f"Model revision: {PROVENANCE.model_revision}",
     ]
 
 
@@ -49,7 +51,9 @@ def test_parameters_chunk_writes_a_whole_guidance_scale_as_the_web_ui_does_and_s
     # The web UI writes "CFG scale: 7" for 7.0, and tools that read the line compare it as text.
     assert ", CFG scale: 7, Seed: 1234, " in a1111_parameters(replace(PROVENANCE, guidance_scale=7.0))
     checked = a1111_parameters(replace(PROVENANCE, safety_checker=True, deep_cache="interval 3, branch 0"))
-    assert checked.splitlines()[-1].endswith(", Model: tiny-random, DeepCache: interval 3; branch 0, Safety checker: on")
+    assert checked.splitlines()[-1].endswith(
+        f", Model revision: {PROVENANCE.model_revision}, DeepCache: interval 3; branch 0, Safety checker: on"
+    )
     assert "Safety checker" not in a1111_parameters(PROVENANCE)
 
 
@@ -65,7 +69,8 @@ def test_png_carries_both_chunks_and_round_trips():
 
 def test_deep_cache_is_in_both_chunks_and_pngs_from_before_it_still_read():
     cached = replace(PROVENANCE, deep_cache="interval 3, branch 0")
-    assert a1111_parameters(cached).endswith(", Model: tiny-random, DeepCache: interval 3; branch 0")
+    revision = PROVENANCE.model_revision
+    assert a1111_parameters(cached).endswith(f", Model revision: {revision}, DeepCache: interval 3; branch 0")
     assert read_provenance(encode_png(Image.new("RGB", (8, 8)), cached)).deep_cache == "interval 3, branch 0"
     # A PNG written before the field existed has no deep_cache in its JSON.
     old_json = {k: v for k, v in asdict(PROVENANCE).items() if k != "deep_cache"}

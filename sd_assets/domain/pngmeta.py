@@ -75,7 +75,9 @@ def a1111_parameters(p: Provenance) -> str:
     sampler = SAMPLER_NAMES.get(p.scheduler, p.scheduler)
     settings = (
         f"Steps: {p.steps}, Sampler: {sampler}, CFG scale: {p.guidance_scale:g}, Seed: {p.seed}, "
-        f"Size: {p.width}x{p.height}, Model hash: {p.model_revision[:10]}, Model: {p.model_id}"
+        # Not as "Model hash", which the web UI's readers take for a checkpoint file's sha256 (and
+        # look the model up by): a hub commit is no such hash.
+        f"Size: {p.width}x{p.height}, Model: {p.model_id}, Model revision: {p.model_revision}"
     )
     if p.deep_cache:
         settings += f", DeepCache: {p.deep_cache.replace(',', ';')}"
