@@ -15,6 +15,8 @@ import pytest
 
 from sd_assets.definitions import build_definitions
 from sd_assets.domain.errors import GridError, SdAssetsError
+from sd_assets.domain.grid import load_grid
+from sd_assets.domain.prompts import grid_inputs_version
 from sd_assets.domain.store import LocalStore
 from sd_assets.domain.subject_lists import (
     FolderSource,
@@ -84,16 +86,18 @@ def test_sensor_is_stopped_until_turned_on_and_targets_the_partitioned_job(ticks
     assert ticks.sensor.minimum_interval_seconds == 30
 
 
-def in_store(folder: Path) -> str:
-    """The run key's last part: the store the run makes its images in."""
-    return "@" + hashlib.sha256(str(folder).encode()).hexdigest()[:8]
+def in_store(folder: Path, grid: Path) -> str:
+    """The run key's last part: the store the run makes its images in, and the grid's settings
+    (``grid_inputs_version`` without the subjects)."""
+    settings = grid_inputs_version(load_grid(grid), [])[:8]
+    return "@" + hashlib.sha256(str(folder).encode()).hexdigest()[:8] + "~" + settings
 
 
 def test_a_list_asks_for_one_run_per_style_with_keys_from_its_hash(ticks, grid, capsys):
     people = (grid.parent / "subjects" / "people.txt").read_bytes()
     first = ticks.tick()
     assert "1 new or changed subject list (people.txt): one run for each of 2 styles" in capsys.readouterr().err
-    key, store = f"people.txt:{short_hash(people)}", in_store(grid.parent / "data")
+    key, store = f"people.txt:{short_hash(people)}", in_store(grid.parent / "data", grid)
     assert requests(first) == [("Banksy", f"{key}:Banksy{store}"), ("Andy Warhol", f"{key}:Andy Warhol{store}")]
     again = ticks.tick()
     assert requests(again) == []
@@ -106,10 +110,55 @@ def test_a_changed_list_asks_again_with_new_keys_and_a_touched_one_does_not(tick
     people.write_text("alan turing\nada lovelace\ngrace hopper\n")
     settle(people)
     changed = ticks.tick()
-    key, store = f"people.txt:{short_hash(people.read_bytes())}", in_store(grid.parent / "data")
+    key, store = f"people.txt:{short_hash(people.read_bytes())}", in_store(grid.parent / "data", grid)
     assert requests(changed) == [("Banksy", f"{key}:Banksy{store}"), ("Andy Warhol", f"{key}:Andy Warhol{store}")]
     os.utime(people)  # touched: new mtime, same bytes
     assert requests(ticks.tick()) == []
+
+
+def test_a_removed_list_asks_for_a_run_of_every_style_and_a_malformed_one_removed_does_not(ticks, grid, capsys):
+    # Its subjects leave the grid: the runs draw the pages without them (editing its lines out did already).
+    subjects = grid.parent / "subjects"
+    for name, text in (("painters.txt", "frida kahlo\n"), ("broken.txt", "\n")):
+        (subjects / name).write_text(text)
+        settle(subjects / name)
+    assert len(requests(ticks.tick())) == 2
+    capsys.readouterr()
+    (subjects / "painters.txt").unlink()
+    removed = ticks.tick()
+    key = f"-painters.txt:{short_hash(b'frida kahlo' + bytes([10]))}"
+    store = in_store(grid.parent / "data", grid)
+    assert requests(removed) == [(style, f"{key}:{style}{store}") for style in STYLES]
+    assert "1 subject list removed (painters.txt): one run for each of 2 styles" in capsys.readouterr().err
+    assert requests(ticks.tick()) == []
+    (subjects / "broken.txt").unlink()  # it never had subjects in the grid
+    assert requests(ticks.tick()) == []
+
+
+def test_a_list_put_back_after_the_grids_settings_changed_asks_for_new_runs(ticks, grid):
+    # Dagster drops a run key it has seen: the keys of a list put back must not be those its first
+    # runs had when the grid's images are now others (a new seed), or they would never be made.
+    people = grid.parent / "subjects" / "people.txt"
+    (grid.parent / "subjects" / "painters.txt").write_text("frida kahlo\n")
+    settle(grid.parent / "subjects" / "painters.txt")
+    first = requests(ticks.tick())
+    text = people.read_bytes()
+    people.unlink()
+    assert len(requests(ticks.tick())) == 2
+    people.write_bytes(text)
+    settle(people)
+    put_back = requests(ticks.tick())
+    key = f"people.txt:{short_hash(text)}"
+    assert put_back == [(style, f"{key}:{style}{in_store(grid.parent / 'data', grid)}") for style in STYLES]
+    # The same again, with another seed: new keys.
+    people.unlink()
+    ticks.tick()
+    grid.write_text(grid.read_text().replace("seed: 42", "seed: 7"))
+    people.write_bytes(text)
+    settle(people)
+    reseeded = requests(ticks.tick())
+    assert len(reseeded) == 2 and not {k for _, k in reseeded} & {k for _, k in put_back + first}
+    assert all(k.startswith(f"{key}:") for _, k in reseeded)
 
 
 def test_a_lost_cursor_yields_the_same_run_keys_again(ticks, grid):
@@ -128,7 +177,7 @@ def test_lists_run_again_into_a_new_store_and_an_older_cursor_counts_as_this_sto
     moved.cursor = first.cursor
     again = requests(moved.tick())
     key = f"people.txt:{short_hash((grid.parent / 'subjects' / 'people.txt').read_bytes())}"
-    assert again == [(style, f"{key}:{style}{in_store(tmp_path / 'other-store')}") for style in STYLES]
+    assert again == [(style, f"{key}:{style}{in_store(tmp_path / 'other-store', grid)}") for style in STYLES]
     assert f"images now go to {tmp_path / 'other-store'} (were {grid.parent / 'data'})" in capfd.readouterr().err
     assert requests(moved.tick()) == []
     # A cursor from before the store was kept (format z2) stands for the store in use: nothing fires.
@@ -162,7 +211,7 @@ def test_lists_wait_while_the_grids_styles_differ_from_the_loaded_ones_and_run_i
     reloaded = SensorTicks(grid, instance)
     reloaded.cursor = ticks.cursor
     key = f"painters.txt:{short_hash((grid.parent / 'subjects' / 'painters.txt').read_bytes())}"
-    store = in_store(grid.parent / "data")
+    store = in_store(grid.parent / "data", grid)
     assert requests(reloaded.tick()) == [
         (style, f"{key}:{style}{store}") for style in ("Banksy", "Andy warhol", "Claude Monet")
     ]

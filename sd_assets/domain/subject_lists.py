@@ -22,7 +22,7 @@ import time
 import zlib
 from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from sd_assets.domain.errors import GridError, SdAssetsError, shown_name
@@ -261,6 +261,8 @@ class ScanResult:
     state: dict[str, ListState]
     listed: int
     read: int
+    # (name, content hash) of each valid list remembered and no longer there: its subjects leave the grid.
+    removed: list[tuple[str, str]] = field(default_factory=list)
 
 
 def scan_subject_lists(
@@ -301,7 +303,9 @@ def scan_subject_lists(
             changed.append(parsed)
         if problem is not None:
             problems.append(problem)
-    return ScanResult(changed, problems, state, listed=len(listing), read=read)
+    names = {listed.name for listed in listing}
+    removed = [(name, old.sha) for name, old in sorted(previous.items()) if name not in names and old.valid]
+    return ScanResult(changed, problems, state, listed=len(listing), read=read, removed=removed)
 
 
 @dataclass(frozen=True)
@@ -351,6 +355,16 @@ def decode_cursor(cursor: str | None) -> Cursor:
 def store_tag(store: str) -> str:
     """Eight hex digits naming a store in run keys: the same lists run again into another store."""
     return hashlib.sha256(store.encode()).hexdigest()[:8]
+
+
+def removal_key(removed: list[tuple[str, str]]) -> str:
+    """A stable name for a set of removed lists ((name, content hash) each), for run keys:
+    ``-<list>:<hash>``, or ``-<first list>+<n>more:<hash of all>``."""
+    if len(removed) == 1:
+        return f"-{removed[0][0]}:{removed[0][1][:SHORT_HASH]}"
+    ordered = sorted(removed)
+    digest = hashlib.sha256("".join(f"{name}\0{sha}\n" for name, sha in ordered).encode()).hexdigest()
+    return f"-{ordered[0][0]}+{len(ordered) - 1}more:{digest[:SHORT_HASH]}"
 
 
 def change_key(changed: list[SubjectList]) -> str:

@@ -8,10 +8,12 @@ import dagster as dg
 
 from sd_assets.domain.errors import SdAssetsError
 from sd_assets.domain.gallery import count
+from sd_assets.domain.prompts import grid_inputs_version
 from sd_assets.domain.subject_lists import (
     change_key,
     decode_cursor,
     encode_cursor,
+    removal_key,
     scan_subject_lists,
     store_tag,
     subject_source,
@@ -33,9 +35,9 @@ def build_new_subject_lists_sensor(
         default_status=dg.DefaultSensorStatus.STOPPED,
         description=(
             "Watches the subject lists (the grid's subjects folder, or subjects/ in an S3 store) and runs "
-            "every style when a list is new or its content changed. Malformed lists are skipped and named "
-            "in the tick's log. While the grid's styles differ from those the code location loaded, it "
-            "asks for nothing until the code location is reloaded."
+            "every style when a list is new, its content changed or it was removed. Malformed lists are "
+            "skipped and named in the tick's log. While the grid's styles differ from those the code "
+            "location loaded, it asks for nothing until the code location is reloaded."
         ),
     )
     def new_subject_lists(
@@ -66,26 +68,40 @@ def build_new_subject_lists_sensor(
             context.log.warning(problem)
         unchanged = (scan.state, where) == (remembered.state, remembered.store)
         cursor = None if unchanged else encode_cursor(scan.state, where)
-        if not scan.changed:
+        if not scan.changed and not scan.removed:
             skipped = f"; {' | '.join(scan.problems)}" if scan.problems else ""  # each says "skipped ..."
             return dg.SensorResult(
                 skip_reason=f"no new or changed subject lists among {scan.listed} in {source.location}{skipped}",
                 cursor=cursor,
             )
-        key = change_key(scan.changed)
-        context.log.info(
-            f"{count(len(scan.changed), 'new or changed subject list')} "
-            f"({', '.join(sl.name for sl in scan.changed[:10])}{' ...' if len(scan.changed) > 10 else ''}): "
-            f"one run for each of {count(len(styles), 'style')}"
+        found = []
+        if scan.changed:
+            found.append(f"{count(len(scan.changed), 'new or changed subject list')} ({_names(scan.changed)})")
+        if scan.removed:
+            # Its subjects leave the grid: the runs draw the pages without them (and make nothing).
+            found.append(f"{count(len(scan.removed), 'subject list')} removed ({_names(scan.removed)})")
+        context.log.info(f"{' and '.join(found)}: one run for each of {count(len(styles), 'style')}")
+        key = ",".join(
+            ([change_key(scan.changed)] if scan.changed else []) + ([removal_key(scan.removed)] if scan.removed else [])
         )
+        # Dagster drops a run key it has seen: the same lists again after the grid's settings
+        # changed (a list put back, or back to an earlier store) are new runs, new images.
+        settings = grid_inputs_version(config, [])[:8]
         return dg.SensorResult(
             run_requests=[
-                dg.RunRequest(partition_key=style, run_key=f"{key}:{style}@{store_tag(where)}") for style in styles
+                dg.RunRequest(partition_key=style, run_key=f"{key}:{style}@{store_tag(where)}~{settings}")
+                for style in styles
             ],
             cursor=cursor,
         )
 
     return new_subject_lists
+
+
+def _names(lists: list) -> str:
+    """The first ten names of subject lists (or of (name, hash) pairs), '...' for the rest."""
+    names = [item.name if hasattr(item, "name") else item[0] for item in lists]
+    return ", ".join(names[:10]) + (" ..." if len(names) > 10 else "")
 
 
 def _styles_edited(grid_file: Path | None, loaded: list[str], now: list[str]) -> str:
