@@ -231,14 +231,16 @@ def test_a_style_not_in_the_grid_names_the_one_it_likely_meant(tmp_path):
     assert grid.require_style("E\u0301mile Bernard") == "Émile Bernard"  # an accent typed as a separate mark
     meant = {"andy-warhol": "Andy Warhol", "warhol": "Andy Warhol", "Andy Warhal": "Andy Warhol",
              "VAN GOGH": "Vincent Van Gogh", "vincent van gohg": "Vincent Van Gogh", "banksy ": "Banksy",
-             "emile": "Émile Bernard"}  # fmt: skip
+             "emile": "Émile Bernard",
+             # A style renamed shorter: its old name has words more ('Banksy' was 'Banksy the Elder').
+             "Banksy the Elder": "Banksy", "Pablo Ruiz Picasso": "Pablo Picasso"}  # fmt: skip
     for typed, style in meant.items():
         with pytest.raises(GridError) as raised:
             grid.require_style(typed)
         assert str(raised.value) == f"unknown style {typed!r} (did you mean {style!r}?); the grid {grid.source} has " \
             f"{list(styles)}"
     # Nothing alike, or a part of more than one style: no guess.
-    for typed in ("Claude Monet", "o", "-"):
+    for typed in ("Claude Monet", "o", "-", "Andy Warhol and Banksy"):
         with pytest.raises(GridError, match=rf"^unknown style '{typed}'; the grid "):
             grid.require_style(typed)
 

@@ -232,12 +232,15 @@ class GridConfig(_Strict):
 
     def likely_style(self, typed: str) -> str | None:
         """The style of the grid that ``typed`` likely meant, else None: by its slug, a part of its
-        name, or its name misspelt ('andy-warhol', 'warhol', 'Andy Warhal'), accents optional."""
+        name, its name with words more, or its name misspelt ('andy-warhol', 'warhol', 'Frida Kahlo'
+        for 'Frida', 'Andy Warhal'), accents optional."""
         slugs = {_unaccented_slug(style): style for style in self.styles}
         wanted = _unaccented_slug(typed)
         if not wanted:
             return None
         close = [slugs[wanted]] if wanted in slugs else [style for slug, style in slugs.items() if wanted in slug]
+        if len(close) != 1:  # the other way: a style renamed shorter ('Frida Kahlo' -> 'Frida'), its whole words
+            close = [style for slug, style in slugs.items() if f"-{slug}-" in f"-{wanted}-"]
         if len(close) != 1:
             close = [slugs[slug] for slug in difflib.get_close_matches(wanted, list(slugs), n=1, cutoff=0.75)]
         return close[0] if close else None
