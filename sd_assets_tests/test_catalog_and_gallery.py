@@ -826,6 +826,7 @@ def test_index_lists_styles_and_a_contact_sheet(tmp_path):
     assert "frida-kahlo/" not in html and "<li>Frida Kahlo (no gallery pages yet): 0 of 2 images</li>" in html
     assert "1 of 2 images" in html and "3 of 6 images of the grid made, across 3 styles" in html
     assert 'Other styles in this store</h2>' in html and '<a href="claude-monet/page-1.html">Claude Monet</a>: 1 image<' in html
+    assert "Their pages are as the style's last run left them: their counts and settings are those of the grid it ran" in html
     cells = re.findall(r'<img src="\.\./images/[0-9a-f]{2}/([0-9a-f]+)\.png"', html)
     assert cells == [banksy[0].key, warhol[0].key], "image_index 0 of each subject in each style"
     assert html.count(">not made yet<") == 1, "Frida Kahlo's cell"
