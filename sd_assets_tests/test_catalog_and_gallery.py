@@ -902,6 +902,40 @@ def test_a_contact_sheet_of_many_subjects_goes_on_pages_written_only_when_they_c
     assert store.exists("gallery/contact/page-1.html") and store.exists("gallery/_contact/page-3.html")
 
 
+def test_a_rebuild_in_chunks_gives_the_rows_reports_and_errors_of_one_read_whole(tmp_path, monkeypatch):
+    # Chunks bound its memory; what it finds must not depend on where a chunk ends: a copy of an
+    # image in another chunk, a misfit, two styles across chunks.
+    def store_at(folder) -> LocalStore:
+        store = LocalStore(folder)
+        for n in range(7):
+            row = _row(f"subject {n}", ("Banksy", "Andy Warhol")[n % 2])
+            _store_image(store, row, f"r{n}")
+            if n == 1:
+                copy = store.read_bytes(image_key_path(row.key))
+                store.write_bytes(f"images/ff/{row.key} (copy).png", copy)  # listed last: another chunk
+        odd = _row("odd seed", "Banksy")
+        misfit = replace(_provenance(odd, "r"), seed="x")
+        store.write_bytes(image_key_path(odd.key), encode_png(Image.new("RGB", (8, 8)), misfit))
+        return store
+
+    whole = catalog.rebuild_catalogs(store_at(tmp_path / "whole"))
+    monkeypatch.setattr(catalog, "REBUILD_CHUNK", 2)
+    chunked_store = store_at(tmp_path / "chunked")
+    chunked = catalog.rebuild_catalogs(chunked_store)
+
+    def rows(folder) -> list[tuple]:
+        table = catalog.read_catalog(LocalStore(folder))
+        return sorted(zip(table["key"], table["style"], table["run_id"]))
+
+    assert rows(tmp_path / "chunked") == rows(tmp_path / "whole") and len(rows(tmp_path / "whole")) == 7
+    assert [(r.catalog, r.rows, r.recovered_from_png) for r in chunked.reports] == [
+        (r.catalog, r.rows, r.recovered_from_png) for r in whole.reports] == [
+        ("catalog/andy-warhol.parquet", 3, 3), ("catalog/banksy.parquet", 4, 4)]  # fmt: skip
+    assert [e.replace(str(tmp_path / "chunked"), "") for e in chunked.errors] == [
+        e.replace(str(tmp_path / "whole"), "") for e in whole.errors] and len(whole.errors) == 1  # fmt: skip
+    assert chunked.images == whole.images == 9
+
+
 def test_rebuild_gives_an_image_copied_under_another_name_one_row(tmp_path):
     # A PNG copied in the store (a sync tool's "copy", a hand-made backup) carries its provenance
     # along: the same content key. The rebuild reads both files, and the catalog gets one row for it.
