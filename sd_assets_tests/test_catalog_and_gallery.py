@@ -949,3 +949,16 @@ def test_rebuild_gives_an_image_copied_under_another_name_one_row(tmp_path):
     [report] = rebuild.reports
     assert (report.rows, report.recovered_from_png) == (1, 1)
     assert catalog.read_catalog(store)["key"].tolist() == [row.key]
+
+
+def test_a_grid_made_in_two_dtypes_says_which_under_its_images_and_its_earlier_images_once(tmp_path):
+    store = LocalStore(tmp_path)
+    rows = [_row(f"subject {i}", "Banksy") for i in range(3)]
+    made = [_made(rows[0], "r1"), {**_made(rows[1], "r2"), "dtype": "bfloat16"}]
+    earlier = {**_made(_row("gone", "Banksy"), "r0", steps=4), "dtype": "bfloat16"}
+    written = gallery.render_style_pages(store, "Banksy", rows, [*made, earlier])
+    page = store.read_text(written.pages[0])
+    assert "· made in bfloat16 on cpu (1 image), float32 on cpu (1 image)</p>" in page
+    assert page.count("</span> · float32 on cpu") == page.count("</span> · bfloat16 on cpu") == 1
+    earlier_page = store.read_text(written.earlier_pages[0])
+    assert earlier_page.count("bfloat16 on cpu") == 1 and "4 steps · 64x64" in earlier_page

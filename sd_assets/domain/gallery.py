@@ -258,8 +258,10 @@ def render_style_pages(
             {"row": row, "src": "../../" + image_key_path(row["key"]), "made": made.get(row["key"]),
              "prompt_parts": _prompt_parts(row["prompt"], row["subject"]), "refused": (refused or {}).get(row["key"]),
              "settings": settings_text(row) if "steps" in row else None,
-             # Where the grid's images were made in several ways, each says which.
-             "made_in": made_in(made[row["key"]]) if len(made_ins) > 1 and row["key"] in made else None}  # fmt: skip
+             # Where the grid's images were made in several ways, each says which (an earlier
+             # image's settings say it already).
+             "made_in": made_in(made[row["key"]]) if len(made_ins) > 1 and "steps" not in row and row["key"] in made
+             else None}  # fmt: skip
             for row in chunk
         ]
 
