@@ -2,6 +2,8 @@
 
 import io
 import json
+import subprocess
+import sys
 
 import pytest
 from PIL import Image, PngImagePlugin
@@ -103,20 +105,30 @@ def test_a_png_from_before_the_safety_checker_was_recorded_says_it_checked_the_i
 
 
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
-def test_provenance_is_read_without_decoding_the_pixels_and_a_decompression_bomb_is_refused(monkeypatch):
+def test_provenance_is_read_without_decoding_the_pixels_and_a_decompression_bomb_is_refused(tmp_path):
     png = encode_png(Image.new("RGB", (8, 8)), PROVENANCE)
-    # A catalog rebuild reads 16 images at once: each of 13000x13000 pixels took 780 MB to decode.
-    huge = claiming_size(png, 13000, 13000)
-
-    def decode(image):
-        raise AssertionError("the pixels were decoded")
-
-    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", decode)
-    assert read_provenance(huge) == read_provenance(png) == PROVENANCE
+    # A catalog rebuild reads 16 images at once: one of 13000x13000 pixels took 676 MB to decode.
+    # This one, of 8000x8000 grey pixels, 64 MB (in a 64 KB file).
+    huge = tmp_path / "huge.png"
+    huge.write_bytes(encode_png(Image.new("L", (8000, 8000)), PROVENANCE))
+    # The process's peak resident memory (VmHWM, kB; ru_maxrss would count the forking pytest's).
+    probe = (
+        "import re, sys, warnings\n"
+        "warnings.simplefilter('ignore')\n"
+        "from sd_assets.domain.pngmeta import read_provenance\n"
+        "def peak():\n"
+        "    return int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1))\n"
+        "data = open(sys.argv[1], 'rb').read()\n"
+        "before = peak()\n"
+        "print(read_provenance(data).key)\n"
+        "print(peak() - before)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe, str(huge)], capture_output=True, text=True, check=True)
+    key, grown_kb = done.stdout.split()
+    assert key == PROVENANCE.key and int(grown_kb) < 16_000, f"{int(grown_kb) // 1000} MB more to read it"
     # Past what Pillow opens: a ValueError, as other files that are not the project's PNGs, not Pillow's own error.
     with pytest.raises(ValueError, match=r"Image size \(400000000 pixels\) exceeds limit"):
         read_provenance(claiming_size(png, 20000, 20000))
-
 
 def test_a_png_cut_short_or_damaged_in_its_pixels_has_no_provenance_to_read():
     # Its text chunks come first and are whole: the image is not, and is made again, not catalogued.
