@@ -283,11 +283,11 @@ def _style_catalogs(
 
 
 def catalog_styles(
-    store: ArtifactStore, unreadable: list[UnreadableCatalog] | None = None, made_in: dict[str, dict] | None = None
+    store: ArtifactStore, unreadable: list[UnreadableCatalog] | None = None, made_in: dict[str, tuple] | None = None
 ) -> dict[str, list[str]]:
     """The content keys of every style's catalog, by style name (reads only those two columns); an
     empty catalog has none to give. ``unreadable``: see ``_style_catalogs``. Given ``made_in``, it
-    is filled with each key's ``{"dtype": ..., "device": ...}`` (two columns more)."""
+    is filled with each key's ``(dtype, device)`` (two columns more)."""
     styles: dict[str, list[str]] = {}
     columns = ["key", "style"] + (["dtype", "device"] if made_in is not None else [])
     for table in _style_catalogs(store, columns, unreadable).values():
@@ -295,8 +295,7 @@ def catalog_styles(
             keys = table["key"].to_pylist()
             styles.setdefault(table["style"][0].as_py(), []).extend(keys)
             if made_in is not None:
-                made = zip(keys, table["dtype"].to_pylist(), table["device"].to_pylist())
-                made_in.update((key, {"dtype": dtype, "device": device}) for key, dtype, device in made)
+                made_in.update(zip(keys, zip(table["dtype"].to_pylist(), table["device"].to_pylist())))
     return styles
 
 

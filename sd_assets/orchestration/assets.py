@@ -598,7 +598,7 @@ def _write_index(
     """Draw and write the gallery index from the catalogs as they are now."""
     # A damaged catalog leaves its style's count unknown, not every style's index out of date.
     unreadable: list[catalog_lib.UnreadableCatalog] = []
-    made_in: dict[str, dict] = {}
+    made_in: dict[str, tuple] = {}
     made = catalog_lib.catalog_styles(artifact_store, unreadable, made_in)
     broken = {entry.slug for entry in unreadable}
     present = {key for keys in made.values() for key in keys}
@@ -620,9 +620,11 @@ def _write_index(
     # hashes them), but for the dtype and device, the pages of its style say which made each.
     first_made = next(((style, r.key) for style, rows in rows_by_style.items() for r in rows if r.key in present), None)
     made_with = catalog_lib.catalog_row(artifact_store, *first_made) if first_made else None
-    made_ins = Counter(
-        gallery.made_in(made_in[r.key]) for rows in rows_by_style.values() for r in rows if r.key in present
-    )
+    # Counted by (dtype, device), worded once each: a grid holds millions of images, of a few such.
+    made_ins: Counter = Counter()
+    for (dtype, device), n in Counter(made_in[r.key] for rows in rows_by_style.values() for r in rows
+                                      if r.key in present).items():  # fmt: skip
+        made_ins[gallery.made_in({"dtype": dtype, "device": device})] += n
     key = gallery.render_index(
         artifact_store, summaries, rows_by_style, present, other_styles=others, model_id=config.model.id,
         refused=refused, grid_settings=gallery.grid_settings_text(made_with, made_ins) if made_with else None,
