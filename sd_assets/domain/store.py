@@ -42,6 +42,12 @@ def is_temporary_file(name: str) -> bool:
     return name.startswith(".") and name.endswith(".tmp")
 
 
+def temporary_file_target(name: str) -> str | None:
+    """The name whose next content the file named ``name`` was made for (``.<name>.<hex>.tmp``,
+    by ``new_temporary_file``); None for any other file."""
+    return name[1:-4].rpartition(".")[0] if is_temporary_file(name) else None
+
+
 class ObjectVersion(NamedTuple):
     """An object's size and a tag that changes with every write (mtime on disk, ETag in S3)."""
 
@@ -317,8 +323,7 @@ class LocalStore(ArtifactStore):
             except OSError:  # no such folder yet: nothing was written there
                 continue
             for entry in entries:
-                name = entry.name
-                if is_temporary_file(name) and name[1:-4].rpartition(".")[0] in names:  # .<name>.<hex>.tmp
+                if temporary_file_target(entry.name) in names:
                     Path(entry.path).unlink(missing_ok=True)
                     removed += 1
         return removed
